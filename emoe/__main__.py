@@ -1,0 +1,3 @@
+from emoe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,53 @@
+"""The ``emoe`` command. Each part registers its own subcommands; nothing heavy is imported
+until a subcommand runs, so ``emoe sim`` starts without loading torch or grpc."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from emoe.core.errors import EmoeError
+
+# (module, what it adds). Each module defines ``register(subparsers)`` which adds its
+# subcommands with ``set_defaults(func=handler)``; handlers take the parsed args and return
+# an exit code. Modules keep heavy imports inside their handlers.
+PARTS = (
+    "emoe.sim.cli",      # sim
+    "emoe.engine.cli",   # model train-tiny, generate, eval, profile, record-routing
+    "emoe.rpc.cli",      # serve, worker, submit, replay
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emoe", description="Memory-efficient, task-aware MoE inference: simulator, engine, gRPC service.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in PARTS:
+        try:
+            part = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:
+                continue
+            raise
+        part.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except EmoeError as exc:
+        print(f"emoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""Errors that carry what was wrong and where, shared by every part of emoe."""
+
+
+class EmoeError(Exception):
+    """Base class: a failure a user can act on. The message says what and where."""
+
+
+class ConfigError(EmoeError):
+    """A bad configuration value: names the field (or file:field) and what is accepted."""
+
+
+class UnknownNameError(ConfigError):
+    """An unknown policy, preset or task name; the message lists the valid ones."""
+
+    def __init__(self, kind: str, name: str, valid: "list[str] | tuple[str, ...]"):
+        self.kind, self.name, self.valid = kind, name, sorted(valid)
+        super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(self.valid)}")
+
+
+class TraceFormatError(EmoeError):
+    """A malformed trace: names the file, the line and the column."""
+
+    def __init__(self, path: str, line: int, column: str, problem: str):
+        self.path, self.line, self.column, self.problem = path, line, column, problem
+        super().__init__(f"{path}:{line}: column {column!r}: {problem}")

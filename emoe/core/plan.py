@@ -1,0 +1,80 @@
+"""The seam between scheduler and backend: a step plan in, a step result out.
+
+    plan = scheduler.next_step(now)
+    result = backend.execute(plan)          # simulator: cost model; real: torch engine
+    scheduler.on_step_done(result)
+
+The scheduler never touches tensors or timers; the backend never decides policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ExpertKey = tuple[int, int]
+"""(layer index, expert index), both zero-based."""
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Prompt tokens [start, start + num_tokens) of a request, run in this step."""
+
+    request_id: str
+    start: int
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What the backend does next.
+
+    ``iterations`` > 1 lets a simulator cover many identical decode iterations at once
+    (no arrival, finish or expert change in between); a real engine is always given 1.
+    ``load``/``evict`` are expert-cache changes to carry out, evictions first.
+    """
+
+    prefill: list[PrefillChunk] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    iterations: int = 1
+    load: list[ExpertKey] = field(default_factory=list)
+    evict: list[ExpertKey] = field(default_factory=list)
+    run_predictor: bool = False
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.prefill or self.decode or self.load or self.evict or self.run_predictor)
+
+
+@dataclass(slots=True)
+class RequestStepOutput:
+    """What one request did in a step."""
+
+    request_id: str
+    new_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str = ""
+    expert_hits: int = 0
+    expert_misses: int = 0
+    weighted_hits: float = 0.0
+    weighted_choices: float = 0.0
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the backend did: timings, per-request outputs and the routing it observed.
+
+    ``routing`` maps request id to per-layer expert-use counts (a [layers, experts] array of
+    token choices made by the router, before any miss handling) for requests whose prefill
+    completed in this step: what a predictor learns from.
+    """
+
+    started_at: float
+    finished_at: float
+    outputs: list[RequestStepOutput] = field(default_factory=list)
+    routing: dict = field(default_factory=dict)
+    compute_s: float = 0.0
+    load_wait_s: float = 0.0
+    predictor_s: float = 0.0
+    bytes_loaded: int = 0

@@ -1,0 +1,1 @@
+"""The torch engine: MoE model, checkpoints, expert cache, continuous batching."""

@@ -1,0 +1,1 @@
+"""gRPC: the scheduler service over the real engine, the worker service, client and replay."""
