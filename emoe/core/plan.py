@@ -28,8 +28,9 @@ class PrefillChunk:
 class StepPlan:
     """What the backend does next.
 
-    ``iterations`` > 1 lets a simulator cover many identical decode iterations at once
-    (no arrival, finish or expert change in between); a real engine is always given 1.
+    ``iterations`` is an upper bound on decode iterations this plan covers: a simulator may run
+    many identical iterations at once and stops early at the first iteration in which a request
+    finishes or a new request arrives (it reports how many it ran); a real engine runs one.
     ``load``/``evict`` are expert-cache changes to carry out, evictions first.
     """
 
@@ -72,6 +73,7 @@ class StepResult:
 
     started_at: float
     finished_at: float
+    iterations: int = 1
     outputs: list[RequestStepOutput] = field(default_factory=list)
     routing: dict = field(default_factory=dict)
     compute_s: float = 0.0
