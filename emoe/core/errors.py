@@ -12,9 +12,11 @@ class ConfigError(EmoeError):
 class UnknownNameError(ConfigError):
     """An unknown policy, preset or task name; the message lists the valid ones."""
 
-    def __init__(self, kind: str, name: str, valid: "list[str] | tuple[str, ...]"):
-        self.kind, self.name, self.valid = kind, name, sorted(valid)
-        super().__init__(f"unknown {kind} {name!r}; valid: {', '.join(self.valid)}")
+    def __init__(self, kind: str, name: str, valid: "list[str] | tuple[str, ...]",
+                 where: str = ""):
+        self.kind, self.name, self.valid, self.where = kind, name, sorted(valid), where
+        prefix = f"{where}: " if where else ""
+        super().__init__(f"{prefix}unknown {kind} {name!r}; valid: {', '.join(self.valid)}")
 
 
 class TraceFormatError(EmoeError):
@@ -23,3 +25,7 @@ class TraceFormatError(EmoeError):
     def __init__(self, path: str, line: int, column: str, problem: str):
         self.path, self.line, self.column, self.problem = path, line, column, problem
         super().__init__(f"{path}:{line}: column {column!r}: {problem}")
+
+
+class RequestError(EmoeError):
+    """A malformed or conflicting request: names the request id and the field."""

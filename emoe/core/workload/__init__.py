@@ -1,0 +1,25 @@
+"""Request workloads: trace readers (Azure LLM trace, generic CSV/JSONL), synthetic
+arrivals, task-mix assignment, windowing and rate scaling. Everything streams Requests in
+arrival order. Formats: docs/trace-format.md."""
+
+from emoe.core.workload.default_trace import DEFAULT_TRACE, make_default_trace
+from emoe.core.workload.reader import (
+    AZURE_COLUMNS,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    read_azure,
+    read_generic_csv,
+    read_generic_jsonl,
+    read_trace,
+    write_trace,
+)
+from emoe.core.workload.synthetic import DEFAULT_INPUT_LENGTHS, LengthDist, synthetic_requests
+from emoe.core.workload.taskmix import TaskMix
+from emoe.core.workload.transforms import scale_rate, window
+
+__all__ = [
+    "AZURE_COLUMNS", "DEFAULT_INPUT_LENGTHS", "DEFAULT_TRACE", "LengthDist", "OPTIONAL_COLUMNS",
+    "REQUIRED_COLUMNS", "TaskMix", "make_default_trace", "read_azure", "read_generic_csv",
+    "read_generic_jsonl", "read_trace", "scale_rate", "synthetic_requests", "window",
+    "write_trace",
+]
