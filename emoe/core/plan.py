@@ -32,6 +32,8 @@ class StepPlan:
     many identical iterations at once and stops early at the first iteration in which a request
     finishes or a new request arrives (it reports how many it ran); a real engine runs one.
     ``load``/``evict`` are expert-cache changes to carry out, evictions first.
+    ``rejected`` and ``aborted`` are (request id, reason) pairs: requests that left the
+    scheduler since the last plan; a backend drops whatever state it holds for them.
     """
 
     prefill: list[PrefillChunk] = field(default_factory=list)
@@ -41,6 +43,7 @@ class StepPlan:
     evict: list[ExpertKey] = field(default_factory=list)
     run_predictor: bool = False
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    aborted: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -69,6 +72,8 @@ class StepResult:
     ``routing`` maps request id to per-layer expert-use counts (a [layers, experts] array of
     token choices made by the router, before any miss handling) for requests whose prefill
     completed in this step: what a predictor learns from.
+    ``fetched_on_miss``/``evicted_on_miss``: experts a backend fetched or evicted on its own
+    during the step, in order (only under the ``lru`` planner's fetch-on-miss rule).
     """
 
     started_at: float
@@ -80,3 +85,5 @@ class StepResult:
     load_wait_s: float = 0.0
     predictor_s: float = 0.0
     bytes_loaded: int = 0
+    fetched_on_miss: list[ExpertKey] = field(default_factory=list)
+    evicted_on_miss: list[ExpertKey] = field(default_factory=list)

@@ -1,0 +1,120 @@
+"""The paper's two formulas: expected tokens per expert (Eq. 2) and a running request's expected
+latency if a new request joins (Eq. 3), plus the cost coefficients Eq. 3 needs.
+
+Eq. 2, per layer and expert i, summed over the tasks in play:
+
+    N_i = sum_tasks (input tokens of the task's requests + T * W_o) * s * f_i
+
+Eq. 3, for running request i when a request with W input tokens is admitted:
+
+    t_i = dE + (W + n_i * G_i) * c + r_i
+
+implemented (in ``emoe.core.policies.BatchEstimate``, where it is evaluated per batch member)
+as ``dE + W * c_prefill + G_i * (o + n_i * c_decode) + r_i``: with the per-iteration overhead
+``o = 0`` and ``c_prefill = c_decode = c`` this is the paper's formula; a non-zero ``o``
+accounts for the fixed cost of each decode iteration that a per-token cost alone misses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from emoe.core.specs import HardwareSpec, ModelSpec
+
+REMAINING_FLOOR = 0.05
+"""G_i is reset to this fraction of its initial value once it counts down to zero (paper)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDemand:
+    """What one task brings to Eq. 2: T requests with these input tokens, W_o output each."""
+
+    requests: int
+    input_tokens: int
+    expected_output_tokens: float
+
+    @property
+    def tokens(self) -> float:
+        return self.input_tokens + self.requests * self.expected_output_tokens
+
+
+def expected_expert_tokens(demand: Mapping[str, TaskDemand],
+                           frequencies: Mapping[str, np.ndarray],
+                           sensitivity: Mapping[str, np.ndarray],
+                           shape: tuple[int, int]) -> np.ndarray:
+    """Eq. 2: ``[layers, experts]`` expected tokens per expert over the tasks in ``demand``.
+
+    ``frequencies[task]`` is ``[layers, experts]`` (rows sum to 1); ``sensitivity[task]`` is
+    ``[layers]`` (0 = the task tolerates wrong routing in that layer).
+    """
+    total = np.zeros(shape)
+    for task, d in demand.items():
+        if d.requests:
+            total += d.tokens * sensitivity[task][:, None] * frequencies[task]
+    return total
+
+
+def top_experts(scores: np.ndarray, slots_per_layer: np.ndarray) -> np.ndarray:
+    """``[layers, experts]`` bool mask of the ``slots_per_layer[l]`` best-scored experts of each
+    layer; ties go to the lower expert index."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :], axis=1)
+    return ranks < slots_per_layer[:, None]
+
+
+def remaining_tokens(expected_output: float, generated: int) -> float:
+    """G_i: tokens still expected; once it reaches 0 it stays at 5% of ``expected_output``."""
+    left = expected_output - generated
+    return left if left > 0 else REMAINING_FLOOR * expected_output
+
+
+class CostEstimate:
+    """c, o and dE for Eq. 3, from the hardware and model specs, refined by observed steps.
+
+    The step-time model is the simulator's (see ``HardwareSpec``) without the attention and
+    weight-read terms; ``observe_step`` keeps an exponentially weighted ratio of measured to
+    modelled compute time and scales c and o by it, so a slower real engine tightens admission.
+    """
+
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec, smoothing: float = 0.05):
+        self._c_prefill = hardware.prefill_s_per_token
+        self._c_decode = hardware.decode_s_per_token
+        self._overhead = hardware.step_overhead_s
+        self.expert_load_s = (hardware.pcie_latency_s
+                              + model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s)
+        self.predictor_s = hardware.predictor_s
+        self._smoothing = smoothing
+        self.scale = 1.0
+
+    @property
+    def c_prefill(self) -> float:
+        return self._c_prefill * self.scale
+
+    @property
+    def c_decode(self) -> float:
+        return self._c_decode * self.scale
+
+    @property
+    def iteration_overhead_s(self) -> float:
+        return self._overhead * self.scale
+
+    def modelled_step_s(self, prefill_tokens: int, decode_tokens: int) -> float:
+        return (self._overhead + prefill_tokens * self._c_prefill
+                + decode_tokens * self._c_decode)
+
+    def observe_step(self, prefill_tokens: int, decode_tokens: int, iterations: int,
+                     compute_s: float) -> None:
+        """Fold in a measured step: ``compute_s`` for ``iterations`` iterations, the first with
+        ``prefill_tokens`` prompt tokens, each with ``decode_tokens`` decode tokens."""
+        modelled = (self.modelled_step_s(prefill_tokens, decode_tokens)
+                    + (iterations - 1) * self.modelled_step_s(0, decode_tokens))
+        if modelled > 0 and compute_s > 0:
+            self.scale += self._smoothing * (compute_s / modelled - self.scale)
+
+    def load_s(self, experts: int) -> float:
+        """dE for loading ``experts`` experts one after another over the host link."""
+        return experts * self.expert_load_s

@@ -1,0 +1,331 @@
+"""Expert planners: which experts are resident on the GPU, and what a backend does on a miss.
+
+A planner owns the resident set, a ``[layers, experts]`` bool array (``resident``). The
+scheduler calls ``plan`` in every step that admits requests; the returned ``ExpertChange``
+becomes the step plan's ``evict``/``load`` lists (evictions first) and ``run_predictor``. A
+backend that starts empty and applies every plan's lists in order holds exactly ``resident``.
+
+Miss semantics, by ``miss_mode`` (how a backend treats a token whose router-chosen expert is
+not resident):
+
+- ``MissMode.NONE`` (``all``): every expert is resident; misses cannot happen.
+- ``MissMode.REROUTE`` (``static``, ``predict-every``, ``emoe``): the token goes to the
+  router's next-ranked *resident* expert of that layer (top-k over resident experts only);
+  nothing is fetched. Backends read ``planner.resident`` (or track the plans' lists).
+- ``MissMode.FETCH`` (``lru``): the backend fetches the missing expert on demand, paying the
+  host-to-device copy inside the step, into its layer's ``slots_per_layer[layer]`` slots; when
+  the layer is full it first evicts the layer's least recently used expert. ``LruExpertCache``
+  implements exactly that rule for backends to use. The backend reports what it did in
+  ``StepResult.fetched_on_miss`` and ``StepResult.evicted_on_miss`` (in order); the planner's
+  ``observe_step`` applies them so ``resident`` stays the backend's truth. An ``lru`` planner
+  never issues loads itself.
+
+Memory: the scheduler reserves ``capacity_bytes`` (``slots_per_layer.sum() * expert_bytes``)
+for experts. The one excursion above it is the ``emoe`` planner's first prompt, which loads
+every expert when ``spare_bytes`` allows; the next admission always runs the predictor, whose
+plan evicts back to capacity before anything else runs.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from emoe.core.errors import ConfigError, UnknownNameError
+from emoe.core.estimates import TaskDemand, expected_expert_tokens, top_experts
+from emoe.core.plan import ExpertKey, StepResult
+from emoe.core.predictor import ExpertPredictor
+from emoe.core.specs import ModelSpec
+
+
+class MissMode(enum.Enum):
+    NONE = "none"
+    REROUTE = "reroute"
+    FETCH = "fetch"
+
+
+@dataclass(slots=True)
+class ExpertChange:
+    """Expert-cache changes for one step: evict, then load; ``run_predictor`` if it ran."""
+
+    load: list[ExpertKey] = field(default_factory=list)
+    evict: list[ExpertKey] = field(default_factory=list)
+    run_predictor: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSetup:
+    """What every planner is built from.
+
+    ``slots_per_layer``: L per layer, ``[layers]`` ints. ``sensitivity``: per task, ``[layers]``
+    weights s (0 = the task tolerates wrong routing there). ``prediction_interval``: p.
+    ``frequencies``: a ``[layers, experts]`` routing-frequency profile for ``static``.
+    """
+
+    slots_per_layer: np.ndarray
+    predictor: ExpertPredictor
+    sensitivity: Mapping[str, np.ndarray]
+    prediction_interval: int = 40
+    frequencies: np.ndarray | None = None
+
+
+DemandFn = Callable[[], Mapping[str, TaskDemand]]
+
+
+def _keys(mask: np.ndarray) -> list[ExpertKey]:
+    return [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask))]
+
+
+class ExpertPlanner(ABC):
+    """Decides the resident expert set. Subclasses implement ``_target``."""
+
+    name: ClassVar[str]
+    miss_mode: ClassVar[MissMode] = MissMode.REROUTE
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        self.model = model
+        self.slots_per_layer = np.asarray(setup.slots_per_layer, dtype=np.int64)
+        self.predictor = setup.predictor
+        self.sensitivity = setup.sensitivity
+        self.resident = np.zeros((model.num_layers, model.num_experts), dtype=bool)
+        self.prompts_admitted = 0
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Expert bytes the scheduler reserves for this planner."""
+        return int(self.slots_per_layer.sum()) * self.model.expert_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return int(self.resident.sum()) * self.model.expert_bytes
+
+    def plan(self, admitted_tasks: Sequence[str], demand: DemandFn,
+             spare_bytes: int) -> ExpertChange:
+        """Expert changes for a step that admits prompts of ``admitted_tasks`` (in order).
+
+        ``demand()``: per task in play after the admissions, Eq. 2's inputs (called only when
+        needed). ``spare_bytes``: GPU memory reserved by nothing (the budget less weights,
+        expert capacity and KV).
+        """
+        first = self.prompts_admitted
+        self.prompts_admitted += len(admitted_tasks)
+        target, predicted = self._target(first, len(admitted_tasks), demand, spare_bytes)
+        if target is None:
+            return ExpertChange(run_predictor=predicted)
+        change = ExpertChange(load=_keys(target & ~self.resident),
+                              evict=_keys(self.resident & ~target), run_predictor=predicted)
+        self.resident = target
+        return change
+
+    @abstractmethod
+    def _target(self, first: int, count: int, demand: DemandFn,
+                spare_bytes: int) -> tuple[np.ndarray | None, bool]:
+        """The new resident set (None: unchanged) and whether the predictor ran, for a step
+        admitting prompts number ``first`` .. ``first + count - 1`` (0-based, in arrival order
+        of admission)."""
+
+    def observe_routing(self, task: str, routing: np.ndarray) -> None:
+        """One completed prefill's ``[layers, experts]`` router-choice counts."""
+        self.predictor.observe(task, routing)
+
+    def observe_step(self, result: StepResult) -> None:
+        """Fold in what the backend did on its own (only ``lru`` fetches on a miss)."""
+
+    def admission_cost(self) -> tuple[float, bool]:
+        """(expected expert loads, whether the predictor runs) if one more prompt is admitted
+        now: dE of Eq. 3."""
+        return 0.0, False
+
+
+class AllExpertsPlanner(ExpertPlanner):
+    """Every expert resident (the no-offloading baseline)."""
+
+    name = "all"
+    miss_mode = MissMode.NONE
+
+    def _target(self, first, count, demand, spare_bytes):
+        if first == 0:
+            return np.ones_like(self.resident), False
+        return None, False
+
+
+class StaticPlanner(ExpertPlanner):
+    """The most frequently used L experts per layer stay pinned (as Fiddler does).
+
+    Frequencies come from ``PlannerSetup.frequencies`` (a routing-trace profile). Without one,
+    the first prompt runs on experts 0..L-1 and the experts are re-pinned once, at the first
+    admission after any routing has been observed, from the predictor's all-task estimate.
+    """
+
+    name = "static"
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        super().__init__(model, setup)
+        self._frequencies = setup.frequencies
+        self._observed = False
+
+    def _target(self, first, count, demand, spare_bytes):
+        if self._frequencies is not None:
+            return (top_experts(self._frequencies, self.slots_per_layer), False) if first == 0 \
+                else (None, False)
+        if first == 0:
+            return top_experts(np.zeros(self.resident.shape), self.slots_per_layer), False
+        if self._observed:
+            self._frequencies = self.predictor.predict("")
+            return top_experts(self._frequencies, self.slots_per_layer), True
+        return None, False
+
+    def observe_routing(self, task: str, routing: np.ndarray) -> None:
+        super().observe_routing(task, routing)
+        self._observed = True
+
+
+class EmoePlanner(ExpertPlanner):
+    """The paper's task-aware loading with periodic prediction.
+
+    Prompt 0 loads every expert when ``spare_bytes`` allows (else experts 0..L-1 per layer).
+    Prompt n >= 1 with ``(n - 1) % p == 0`` runs the predictor: Eq. 2 over the tasks in play,
+    the top ``L`` experts per layer stay or are loaded, the rest are evicted. A layer that is
+    insensitive (s = 0) for every task in play is left alone: nothing is loaded there, and its
+    resident experts are only trimmed to L (lowest Eq. 2 score first, then highest index).
+    Prompts in between run on what is resident.
+    """
+
+    name = "emoe"
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        super().__init__(model, setup)
+        self.prediction_interval = setup.prediction_interval
+        self._loads_per_prediction = 0.0
+
+    def _predicts(self, prompt: int) -> bool:
+        return prompt >= 1 and (prompt - 1) % self.prediction_interval == 0
+
+    def _target(self, first, count, demand, spare_bytes):
+        last = first + count - 1
+        predicted = any(self._predicts(n) for n in range(max(first, 1), last + 1))
+        if predicted:
+            target = self._predicted_target(demand())
+            self._loads_per_prediction = float((target & ~self.resident).sum())
+            return target, True
+        if first == 0:
+            all_bytes = self.model.all_experts_bytes
+            if all_bytes - self.capacity_bytes <= spare_bytes:
+                return np.ones_like(self.resident), False
+            return top_experts(np.zeros(self.resident.shape), self.slots_per_layer), False
+        return None, False
+
+    def _predicted_target(self, demand: Mapping[str, TaskDemand]) -> np.ndarray:
+        in_play = {task: d for task, d in demand.items() if d.requests}
+        frequencies = {task: self.predictor.predict(task) for task in in_play}
+        scores = expected_expert_tokens(in_play, frequencies, self.sensitivity,
+                                        self.resident.shape)
+        target = top_experts(scores, self.slots_per_layer)
+        sensitive = np.zeros(self.model.num_layers, dtype=bool)
+        for task in in_play:
+            sensitive |= self.sensitivity[task] > 0
+        alone = ~sensitive
+        if alone.any():
+            kept = top_experts(np.where(self.resident, scores, -np.inf), self.slots_per_layer)
+            target[alone] = (kept & self.resident)[alone]
+        return target
+
+    def admission_cost(self) -> tuple[float, bool]:
+        if self._predicts(self.prompts_admitted):
+            return self._loads_per_prediction, True
+        return 0.0, False
+
+
+class PredictEveryPlanner(EmoePlanner):
+    """``emoe`` with the predictor run for every prompt (p = 1): the cost of not amortising."""
+
+    name = "predict-every"
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        super().__init__(model, setup)
+        self.prediction_interval = 1
+
+
+class LruPlanner(ExpertPlanner):
+    """On-demand offloading: the backend fetches on a miss and evicts the layer's least recently
+    used expert (see the module docstring); starts with nothing resident."""
+
+    name = "lru"
+    miss_mode = MissMode.FETCH
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        super().__init__(model, setup)
+        self._fetches_per_step = 0.0
+
+    def _target(self, first, count, demand, spare_bytes):
+        return None, False
+
+    def observe_step(self, result: StepResult) -> None:
+        for layer, expert in result.evicted_on_miss:
+            self.resident[layer, expert] = False
+        for layer, expert in result.fetched_on_miss:
+            self.resident[layer, expert] = True
+        if result.fetched_on_miss:
+            overfull = np.nonzero(self.resident.sum(axis=1) > self.slots_per_layer)[0]
+            if overfull.size:
+                raise ValueError(f"backend reported fetches that overfill layer {overfull[0]} "
+                                 f"beyond its {self.slots_per_layer[overfull[0]]} slots")
+        self._fetches_per_step += 0.1 * (len(result.fetched_on_miss) - self._fetches_per_step)
+
+    def admission_cost(self) -> tuple[float, bool]:
+        return self._fetches_per_step, False
+
+
+class LruExpertCache:
+    """The ``lru`` miss rule, for backends: per layer, ``slots`` experts in recency order.
+
+    ``access(layer, expert)`` marks the expert most recently used and returns
+    ``(hit, evicted)``: on a miss the expert is fetched, and when the layer was full
+    ``evicted`` is the least recently used expert it displaced (else None).
+    """
+
+    def __init__(self, slots_per_layer: Sequence[int], resident: np.ndarray | None = None):
+        self.slots_per_layer = [int(s) for s in slots_per_layer]
+        self._layers: list[OrderedDict[int, None]] = [OrderedDict() for _ in self.slots_per_layer]
+        if resident is not None:
+            for layer, expert in zip(*np.nonzero(resident)):
+                self._layers[int(layer)][int(expert)] = None
+
+    def access(self, layer: int, expert: int) -> tuple[bool, int | None]:
+        entries = self._layers[layer]
+        if expert in entries:
+            entries.move_to_end(expert)
+            return True, None
+        evicted = None
+        if len(entries) >= self.slots_per_layer[layer]:
+            evicted, _ = entries.popitem(last=False)
+        entries[expert] = None
+        return False, evicted
+
+    def resident(self, layer: int) -> list[int]:
+        """The layer's resident experts, least recently used first."""
+        return list(self._layers[layer])
+
+
+PLANNERS: dict[str, type[ExpertPlanner]] = {
+    cls.name: cls
+    for cls in (AllExpertsPlanner, LruPlanner, StaticPlanner, PredictEveryPlanner, EmoePlanner)
+}
+
+
+def make_planner(name: str, model: ModelSpec, setup: PlannerSetup) -> ExpertPlanner:
+    try:
+        cls = PLANNERS[name]
+    except KeyError:
+        raise UnknownNameError("expert planner", name, list(PLANNERS)) from None
+    slots = np.asarray(setup.slots_per_layer)
+    if slots.shape != (model.num_layers,) or (slots < 1).any() or (slots > model.num_experts).any():
+        raise ConfigError(f"expert planner {name!r}: slots_per_layer must be {model.num_layers} "
+                          f"values in 1..{model.num_experts}, got {slots.tolist()}")
+    return cls(model, setup)

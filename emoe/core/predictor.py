@@ -1,0 +1,137 @@
+"""Expert predictors: from observed routing, the per-layer expert frequencies of the next prompt.
+
+The scheduler feeds every completed prefill's routing to ``observe`` (a ``[layers, experts]``
+array of router choices, from ``StepResult.routing``) and asks ``predict(task)`` when the
+expert planner reloads. Predictions are ``[layers, experts]`` float arrays whose rows sum to 1.
+
+A learned predictor (e.g. the paper's fine-tuned XLNet, in a later issue) implements the same
+two methods and registers itself with ``register_predictor``; it may live outside emoe.core
+(torch is not importable here) as long as it is registered before the policy is loaded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from emoe.core.errors import ConfigError, UnknownNameError
+
+
+class ExpertPredictor(ABC):
+    """Predicts a task's next-prompt routing frequencies from the routing it has observed."""
+
+    name: ClassVar[str]
+
+    def __init__(self, num_layers: int, num_experts: int):
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+
+    @abstractmethod
+    def observe(self, task: str, routing: np.ndarray) -> None:
+        """Learn from one prompt's routing: ``[layers, experts]`` counts of router choices."""
+
+    @abstractmethod
+    def predict(self, task: str) -> np.ndarray:
+        """``[layers, experts]`` predicted routing frequencies for the task's next prompt.
+
+        Rows sum to 1. A task never observed falls back to what is known of all tasks, and to
+        uniform frequencies before anything has been observed.
+        """
+
+    def _check(self, routing: np.ndarray) -> np.ndarray:
+        routing = np.asarray(routing, dtype=np.float64)
+        if routing.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"routing has shape {routing.shape}, expected "
+                             f"({self.num_layers}, {self.num_experts}) [layers, experts]")
+        return routing
+
+    def _uniform(self) -> np.ndarray:
+        return np.full((self.num_layers, self.num_experts), 1.0 / self.num_experts)
+
+
+class FrequencyPredictor(ExpertPredictor):
+    """Per-task exponentially weighted routing frequencies.
+
+    Each observed prompt's normalised routing moves the task's estimate by ``decay``
+    (``estimate = (1 - decay) * estimate + decay * observed``); the first observation is taken
+    as is. ``decay = 1`` predicts exactly the previous prompt's routing (the paper's input);
+    small values average over many prompts of the task. Observations are queued and folded in
+    together when a prediction needs them, so ``observe`` costs next to nothing.
+    """
+
+    name = "frequency"
+    _FOLD_EVERY = 64
+
+    def __init__(self, num_layers: int, num_experts: int, decay: float = 0.2):
+        super().__init__(num_layers, num_experts)
+        if not 0.0 < decay <= 1.0:
+            raise ConfigError(f"predictor decay must be in (0, 1], got {decay}")
+        self.decay = decay
+        self._estimates: dict[str | None, np.ndarray] = {}
+        self._pending: dict[str | None, list[np.ndarray]] = {}
+
+    def observe(self, task: str, routing: np.ndarray) -> None:
+        routing = self._check(routing)
+        for key in (task, None):
+            queue = self._pending.setdefault(key, [])
+            queue.append(routing)
+            if len(queue) >= self._FOLD_EVERY:
+                self._fold(key)
+
+    def predict(self, task: str) -> np.ndarray:
+        """The task's estimate; for a task never observed, the estimate over all tasks."""
+        for key in (task, None):
+            self._fold(key)
+            if key in self._estimates:
+                return self._estimates[key].copy()
+        return self._uniform()
+
+    def _fold(self, key: str | None) -> None:
+        queue = self._pending.pop(key, None)
+        if not queue:
+            return
+        observed = np.stack(queue)  # [k, layers, experts]
+        totals = observed.sum(axis=2, keepdims=True)
+        observed = np.divide(observed, totals, out=np.full_like(observed, 1.0 / self.num_experts),
+                             where=totals > 0)
+        k = len(queue)
+        weights = self.decay * (1.0 - self.decay) ** np.arange(k - 1, -1, -1)
+        estimate = self._estimates.get(key)
+        if estimate is None:
+            weights[0] = (1.0 - self.decay) ** (k - 1)
+            estimate = np.zeros((self.num_layers, self.num_experts))
+        else:
+            estimate = estimate * (1.0 - self.decay) ** k
+        self._estimates[key] = estimate + np.tensordot(weights, observed, axes=1)
+
+
+class LastPromptPredictor(FrequencyPredictor):
+    """The previous prompt of the same task predicts the next one (observation 1 of the paper)."""
+
+    name = "last-prompt"
+
+    def __init__(self, num_layers: int, num_experts: int):
+        super().__init__(num_layers, num_experts, decay=1.0)
+
+
+PredictorFactory = Callable[[int, int], ExpertPredictor]
+
+PREDICTORS: dict[str, PredictorFactory] = {
+    FrequencyPredictor.name: FrequencyPredictor,
+    LastPromptPredictor.name: LastPromptPredictor,
+}
+
+
+def register_predictor(name: str, factory: PredictorFactory) -> None:
+    """Make ``factory(num_layers, num_experts)`` available to policy files under ``name``."""
+    PREDICTORS[name] = factory
+
+
+def make_predictor(name: str, num_layers: int, num_experts: int) -> ExpertPredictor:
+    try:
+        factory = PREDICTORS[name]
+    except KeyError:
+        raise UnknownNameError("predictor", name, list(PREDICTORS)) from None
+    return factory(num_layers, num_experts)

@@ -1,0 +1,413 @@
+"""The clock-agnostic scheduler: iteration-level continuous batching under token, sequence and
+memory budgets, with a scheduling policy and an expert planner.
+
+The loop, the same for the simulator and the real engine:
+
+    scheduler.add_request(req)                   # whenever a request arrives
+    plan = scheduler.next_step(now, max_iterations=None)   # engine: max_iterations=1
+    if plan.empty: wait for the next arrival     # nothing runs until add_request
+    else:
+        result = backend.execute(plan)
+        finished = scheduler.on_step_done(result)
+
+Contract with the backend (see emoe/core/plan.py for the data):
+
+- At most one plan is in flight; ``on_step_done`` must answer every non-empty plan. An empty
+  plan is not in flight (it may still carry ``rejected``/``aborted`` to drop).
+- Evict ``plan.evict``, then load ``plan.load``; charge the predictor when ``run_predictor``.
+- A plan with prefill chunks has ``iterations == 1``: the chunks and one decode token for every
+  request in ``plan.decode`` run in one iteration; a request whose chunk ends its prompt
+  produces its first token in that iteration. A plan without prefill covers up to
+  ``iterations`` decode iterations: every request in ``plan.decode`` makes one token per
+  iteration. The backend stops early after the first iteration in which a request finishes or a
+  new request arrives, and reports ``StepResult.iterations`` it ran.
+- A request finishes at the last iteration of the step that reports it in ``outputs`` with
+  ``finished=True`` (end of sequence), or when it reaches ``output_tokens`` (its max tokens),
+  which the scheduler knows without being told. ``outputs`` need list only finished requests;
+  listing others (for streamed token ids, expert hit counts) is allowed. The scheduler never
+  reads a request's true output length for anything but that max-tokens cap.
+- ``routing`` carries each completed prefill's ``[layers, experts]`` router-choice counts;
+  ``fetched_on_miss``/``evicted_on_miss`` report fetch-on-miss expert changes (``lru`` only).
+
+Per-step work is O(changes): token counts of running requests are derived from one global
+decode-iteration counter, finishes come from heaps, and the decode list is rebuilt only when the
+running set changes. The ``emoe`` policy's Eq. 3 check is the exception: O(batch) per step
+while requests wait.
+
+Memory: GPU bytes = non-expert weights + ``planner.capacity_bytes`` (reserved for experts) +
+the KV cache of running requests, each reserving ``(input_tokens + output_tokens) *
+kv_bytes_per_token`` at admission (no preemption is ever needed). A request whose reservation
+exceeds what is left beside the weights is rejected when added.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from emoe.core.errors import ConfigError, RequestError
+from emoe.core.estimates import CostEstimate, TaskDemand, remaining_tokens
+from emoe.core.experts import ExpertPlanner, PlannerSetup, make_planner
+from emoe.core.plan import PrefillChunk, StepPlan, StepResult
+from emoe.core.policies import BatchEstimate, make_policy
+from emoe.core.policy_file import PolicyConfig
+from emoe.core.predictor import ExpertPredictor, make_predictor
+from emoe.core.request import Request, RequestStatus
+from emoe.core.specs import HardwareSpec, ModelSpec
+from emoe.core.tasks import get_task
+
+UNBOUNDED_ITERATIONS = 1 << 30
+
+
+class _Entry:
+    """Scheduler-private state of one request."""
+
+    __slots__ = ("request", "expected_output", "kv_bytes", "deadline", "join_iter", "queued")
+
+    def __init__(self, request: Request, expected_output: int, kv_bytes: int, deadline: float):
+        self.request = request
+        self.expected_output = expected_output
+        self.kv_bytes = kv_bytes
+        self.deadline = deadline
+        self.join_iter = -1
+        self.queued = True
+
+
+class Scheduler:
+    """Decides, step by step, what a backend runs. Side-effect free apart from its own state
+    and the status fields of the ``Request`` objects it is given."""
+
+    def __init__(self, model: ModelSpec, hardware: HardwareSpec,
+                 policy: PolicyConfig | None = None, *,
+                 predictor: ExpertPredictor | None = None):
+        config = policy if policy is not None else PolicyConfig()
+        if config.model and model.name and config.model != model.name:
+            raise ConfigError(f"policy: field 'model': tuned for {config.model!r}, "
+                              f"used with {model.name!r}")
+        self.model, self.hardware, self.config = model, hardware, config
+        self.tasks = config.tasks
+        self.policy = make_policy(config.scheduling)
+        self.planner: ExpertPlanner = make_planner(config.planner, model, PlannerSetup(
+            slots_per_layer=config.slots_per_layer(model),
+            predictor=predictor or make_predictor(config.predictor, model.num_layers,
+                                                  model.num_experts),
+            sensitivity=config.layer_sensitivity(model),
+            prediction_interval=config.prediction_interval,
+            frequencies=config.frequencies(model)))
+        self.cost = CostEstimate(model, hardware)
+
+        budget = config.memory_budget_bytes or hardware.gpu_memory_bytes
+        field = "memory_budget_bytes" if config.memory_budget_bytes else "gpu_memory_bytes"
+        if budget < model.non_expert_bytes:
+            raise ConfigError(f"{field}: {budget} B cannot hold the non-expert weights of "
+                              f"{model.name or 'the model'} ({model.non_expert_bytes} B)")
+        if budget < model.non_expert_bytes + self.planner.capacity_bytes:
+            raise ConfigError(
+                f"{field}: {budget} B cannot hold the non-expert weights "
+                f"({model.non_expert_bytes} B) and the {config.planner!r} planner's experts "
+                f"({self.planner.capacity_bytes} B); lower experts_per_layer/expert_budget_bytes")
+        self.memory_budget_bytes = budget
+        self.kv_capacity_bytes = budget - model.non_expert_bytes - self.planner.capacity_bytes
+        self.kv_used_bytes = 0
+
+        self._entries: dict[str, _Entry] = {}
+        self._waiting: list[tuple[float, int, _Entry]] = []
+        self._num_waiting = 0
+        self._seq = 0
+        self._decoding: dict[str, _Entry] = {}
+        self._decode_ids: list[str] = []
+        self._partial: _Entry | None = None
+        self._iters = 0
+        self._max_end: list[tuple[int, int, _Entry]] = []
+        self._expected_end: list[tuple[int, int, _Entry]] = []
+        self._demand: dict[str, list[int]] = {}
+        self._admission_blocked = False
+        self._inflight: StepPlan | None = None
+        self._rejected: list[tuple[str, str]] = []
+        self._aborted: list[tuple[str, str]] = []
+
+    # -- queries ------------------------------------------------------------------------------
+
+    @property
+    def has_work(self) -> bool:
+        """Anything waiting, running or left to report. When False, ``next_step`` returns an
+        empty plan until ``add_request``; the scheduler never needs a timer to wake it."""
+        return bool(self._num_waiting or self._decoding or self._partial
+                    or self._rejected or self._aborted)
+
+    @property
+    def num_waiting(self) -> int:
+        return self._num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return len(self._decoding) + (self._partial is not None)
+
+    @property
+    def memory_used_bytes(self) -> int:
+        """Non-expert weights + resident experts (at least their reservation) + reserved KV."""
+        experts = max(self.planner.capacity_bytes, self.planner.resident_bytes)
+        return self.model.non_expert_bytes + experts + self.kv_used_bytes
+
+    def generated_tokens(self, request_id: str) -> int:
+        """Tokens a live request has produced so far (``Request.generated_tokens`` is brought up
+        to date only when the request leaves the scheduler)."""
+        entry = self._entries.get(request_id)
+        if entry is None:
+            raise RequestError(f"request {request_id!r}: not waiting or running")
+        return self._generated(entry)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; one that can never fit in memory is rejected in the next plan."""
+        where = f"request {request.id!r}"
+        if request.id in self._entries:
+            raise RequestError(f"{where}: id already waiting or running")
+        if request.input_tokens < 1:
+            raise RequestError(f"{where}: field 'input_tokens' must be >= 1, "
+                               f"got {request.input_tokens}")
+        if request.output_tokens < 1:
+            raise RequestError(f"{where}: field 'output_tokens' must be >= 1, "
+                               f"got {request.output_tokens}")
+        task = get_task(request.task, self.tasks)
+        expected = request.expected_output_tokens or task.mean_output_tokens
+        kv_bytes = (request.input_tokens + request.output_tokens) * self.model.kv_bytes_per_token
+        if kv_bytes > self.kv_capacity_bytes:
+            reason = (f"needs {kv_bytes} B of KV cache for {request.input_tokens} input + "
+                      f"{request.output_tokens} output tokens; at most {self.kv_capacity_bytes} B "
+                      f"fit beside the weights")
+            request.status, request.reason = RequestStatus.REJECTED, reason
+            self._rejected.append((request.id, reason))
+            return
+        deadline = request.arrival + request.slo.ttft_s + request.slo.tpot_s * (expected - 1)
+        entry = _Entry(request, expected, kv_bytes, deadline)
+        request.status = RequestStatus.WAITING
+        self._entries[request.id] = entry
+        self._seq += 1
+        key = self.policy.queue_key(request, expected)
+        heapq.heappush(self._waiting, (key, self._seq, entry))
+        self._num_waiting += 1
+        self._admission_blocked = False
+
+    def abort(self, request_id: str, reason: str = "aborted") -> bool:
+        """Stop a waiting or running request; False if it is not live. The next plan lists it
+        in ``aborted`` so the backend frees its state."""
+        entry = self._entries.pop(request_id, None)
+        if entry is None:
+            return False
+        request = entry.request
+        if entry.queued:
+            entry.queued = False
+            self._num_waiting -= 1
+        else:
+            request.generated_tokens = self._generated(entry)
+            self._release(entry)
+        request.status, request.reason = RequestStatus.ABORTED, reason
+        self._aborted.append((request_id, reason))
+        return True
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def next_step(self, now: float, max_iterations: int | None = None) -> StepPlan:
+        """The next step's plan. ``max_iterations`` caps ``plan.iterations`` (1 for an engine
+        that reports after every iteration; None for a simulator)."""
+        if self._inflight is not None:
+            raise RuntimeError("next_step called before on_step_done for the plan in flight")
+        plan = StepPlan(decode=self._decode_ids)
+        if self._rejected:
+            plan.rejected, self._rejected = self._rejected, []
+        if self._aborted:
+            plan.aborted, self._aborted = self._aborted, []
+        budget = self.config.max_batch_tokens - len(self._decoding)
+        if self._partial is not None:
+            entry = self._partial
+            start = entry.request.prefilled_tokens
+            take = min(entry.request.input_tokens - start, budget)
+            plan.prefill.append(PrefillChunk(entry.request.id, start, take))
+            budget -= take
+            if start + take < entry.request.input_tokens:
+                budget = 0
+            else:
+                self._partial = None
+        if self._num_waiting and budget > 0 and not self._admission_blocked:
+            self._admit(now, plan, budget)
+        if plan.prefill:
+            plan.iterations = 1
+        elif self._decoding:
+            plan.iterations = self._iteration_bound(max_iterations)
+        else:
+            return plan
+        self._inflight = plan
+        return plan
+
+    def on_step_done(self, result: StepResult) -> list[Request]:
+        """Fold a step's result in; returns the requests that finished in it."""
+        plan, self._inflight = self._inflight, None
+        if plan is None:
+            raise RuntimeError("on_step_done called with no plan in flight")
+        iterations = result.iterations
+        if not 1 <= iterations <= plan.iterations:
+            raise ValueError(f"step result: iterations {iterations} outside 1..{plan.iterations}")
+        if plan.decode:
+            self._iters += iterations
+        entries = self._entries
+        for request_id, counts in result.routing.items():
+            entry = entries.get(request_id)
+            if entry is not None:
+                self.planner.observe_routing(entry.request.task, counts)
+        self.planner.observe_step(result)
+        if result.compute_s > 0:
+            prefill_tokens = sum(chunk.num_tokens for chunk in plan.prefill)
+            self.cost.observe_step(prefill_tokens, len(plan.decode), iterations,
+                                   result.compute_s)
+
+        finished: list[Request] = []
+        at = result.finished_at
+        for chunk in plan.prefill:
+            entry = entries.get(chunk.request_id)
+            if entry is None or entry.queued:
+                continue
+            request = entry.request
+            request.prefilled_tokens = chunk.start + chunk.num_tokens
+            if request.prefilled_tokens == request.input_tokens:
+                request.first_token_at = at
+                self._start_decoding(entry)
+                if request.output_tokens == 1:
+                    finished.append(self._finish(entry, at, "length"))
+        for output in result.outputs:
+            entry = entries.get(output.request_id)
+            if entry is None:
+                continue
+            request = entry.request
+            request.expert_hits += output.expert_hits
+            request.expert_misses += output.expert_misses
+            request.weighted_hits += output.weighted_hits
+            request.weighted_choices += output.weighted_choices
+            if output.finished and entry.join_iter >= 0:
+                finished.append(self._finish(entry, at, output.finish_reason or "stop"))
+        heap = self._max_end
+        while heap and heap[0][0] <= self._iters:
+            _, _, entry = heapq.heappop(heap)
+            if entry.join_iter >= 0 and entries.get(entry.request.id) is entry:
+                finished.append(self._finish(entry, at, "length"))
+        return finished
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _admit(self, now: float, plan: StepPlan, budget: int) -> None:
+        policy, config = self.policy, self.config
+        seats = config.max_num_seqs - len(self._decoding) - len(plan.prefill)
+        batch = self._batch_estimate(now) if policy.uses_estimates else None
+        admitted: list[_Entry] = []
+        skipped: list[tuple[float, int, _Entry]] = []
+        looked = 0
+        blocked = False
+        while self._waiting and seats > 0 and budget > 0 and looked < config.admission_lookahead:
+            item = heapq.heappop(self._waiting)
+            entry = item[2]
+            if not entry.queued:
+                continue
+            looked += 1
+            request = entry.request
+            fits = self.kv_used_bytes + entry.kv_bytes <= self.kv_capacity_bytes
+            if not fits or not policy.admits(request, entry.expected_output, batch):
+                skipped.append(item)
+                blocked = True
+                if policy.skip_blocked:
+                    continue
+                break
+            entry.queued = False
+            self._num_waiting -= 1
+            request.status, request.admitted_at = RequestStatus.RUNNING, now
+            self.kv_used_bytes += entry.kv_bytes
+            demand = self._demand.setdefault(request.task, [0, 0])
+            demand[0] += 1
+            demand[1] += request.input_tokens
+            take = min(request.input_tokens, budget)
+            plan.prefill.append(PrefillChunk(request.id, 0, take))
+            budget -= take
+            seats -= 1
+            admitted.append(entry)
+            if batch is not None:
+                batch.add(entry.expected_output, entry.deadline, request.input_tokens)
+            if take < request.input_tokens:
+                self._partial = entry
+                break
+        for item in skipped:
+            heapq.heappush(self._waiting, item)
+        self._admission_blocked = blocked and not admitted and not policy.uses_estimates
+        if admitted:
+            change = self.planner.plan(
+                [e.request.task for e in admitted], self._task_demand,
+                self.kv_capacity_bytes - self.kv_used_bytes)
+            plan.load, plan.evict, plan.run_predictor = (change.load, change.evict,
+                                                         change.run_predictor)
+
+    def _batch_estimate(self, now: float) -> BatchEstimate:
+        loads, predicts = self.planner.admission_cost()
+        load_s = self.cost.load_s(loads) + (self.cost.predictor_s if predicts else 0.0)
+        iters = self._iters
+        members = [(remaining_tokens(e.expected_output, 1 + iters - e.join_iter), e.deadline)
+                   for e in self._decoding.values()]
+        if self._partial is not None:
+            members.append((float(self._partial.expected_output), self._partial.deadline))
+        return BatchEstimate(now, self.cost, load_s, members)
+
+    def _task_demand(self) -> dict[str, TaskDemand]:
+        return {task: TaskDemand(count, inputs, self.tasks[task].mean_output_tokens)
+                for task, (count, inputs) in self._demand.items() if count}
+
+    def _iteration_bound(self, max_iterations: int | None) -> int:
+        bound = UNBOUNDED_ITERATIONS if max_iterations is None else max_iterations
+        iters, entries = self._iters, self._entries
+        heap = self._max_end
+        while heap and entries.get(heap[0][2].request.id) is not heap[0][2]:
+            heapq.heappop(heap)
+        if heap:
+            bound = min(bound, heap[0][0] - iters)
+        if self._num_waiting and self.policy.uses_estimates:
+            heap = self._expected_end
+            while heap and (heap[0][0] <= iters
+                            or entries.get(heap[0][2].request.id) is not heap[0][2]):
+                heapq.heappop(heap)
+            if heap:
+                bound = min(bound, heap[0][0] - iters)
+        return max(bound, 1)
+
+    def _start_decoding(self, entry: _Entry) -> None:
+        entry.join_iter = self._iters
+        request = entry.request
+        request.generated_tokens = 1
+        self._decoding[request.id] = entry
+        self._decode_ids = list(self._decoding)
+        self._seq += 1
+        heapq.heappush(self._max_end,
+                       (entry.join_iter + request.output_tokens - 1, self._seq, entry))
+        heapq.heappush(self._expected_end,
+                       (entry.join_iter + math.ceil(entry.expected_output) - 1, self._seq, entry))
+
+    def _generated(self, entry: _Entry) -> int:
+        if entry.join_iter < 0:
+            return 0
+        return min(1 + self._iters - entry.join_iter, entry.request.output_tokens)
+
+    def _finish(self, entry: _Entry, at: float, reason: str) -> Request:
+        request = entry.request
+        request.generated_tokens = self._generated(entry)
+        request.status, request.finished_at, request.reason = RequestStatus.FINISHED, at, reason
+        del self._entries[request.id]
+        self._release(entry)
+        return request
+
+    def _release(self, entry: _Entry) -> None:
+        """Give back a running request's KV reservation and its place in the batch."""
+        request = entry.request
+        self.kv_used_bytes -= entry.kv_bytes
+        self._demand[request.task][0] -= 1
+        self._demand[request.task][1] -= request.input_tokens
+        if self._decoding.pop(request.id, None) is not None:
+            self._decode_ids = list(self._decoding)
+        if self._partial is entry:
+            self._partial = None
+        self._admission_blocked = False

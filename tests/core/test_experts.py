@@ -1,0 +1,187 @@
+import numpy as np
+import pytest
+
+from emoe.core.errors import ConfigError, UnknownNameError
+from emoe.core.estimates import TaskDemand
+from emoe.core.experts import (PLANNERS, LruExpertCache, MissMode, PlannerSetup, make_planner)
+from emoe.core.plan import StepResult
+from emoe.core.predictor import LastPromptPredictor
+from emoe.core.specs import ModelSpec
+
+MODEL = ModelSpec("m", num_layers=2, num_experts=4, top_k=2, expert_bytes=100,
+                  non_expert_bytes=0, kv_bytes_per_token=1)
+ALL_KEYS = [(layer, e) for layer in range(2) for e in range(4)]
+
+
+def planner(name, slots=2, interval=3, sensitivity=None, frequencies=None):
+    sensitivity = sensitivity or {"qa": np.ones(2), "classification": np.zeros(2),
+                                  "summarization": np.array([0.0, 1.0])}
+    return make_planner(name, MODEL, PlannerSetup(
+        slots_per_layer=np.full(2, slots), predictor=LastPromptPredictor(2, 4),
+        sensitivity=sensitivity, prediction_interval=interval, frequencies=frequencies))
+
+
+def demand(**tasks):
+    return lambda: {t: TaskDemand(n, inputs, out) for t, (n, inputs, out) in tasks.items()}
+
+
+QA = demand(qa=(1, 10, 5))
+
+
+def test_registry_names_and_miss_modes():
+    assert sorted(PLANNERS) == ["all", "emoe", "lru", "predict-every", "static"]
+    assert planner("all").miss_mode is MissMode.NONE
+    assert planner("lru").miss_mode is MissMode.FETCH
+    for name in ("static", "predict-every", "emoe"):
+        assert planner(name).miss_mode is MissMode.REROUTE
+    with pytest.raises(UnknownNameError, match="all, emoe, lru, predict-every, static"):
+        planner("fiddler")
+
+
+@pytest.mark.parametrize("slots", [0, 5])
+def test_slots_outside_one_to_num_experts_are_config_errors(slots):
+    with pytest.raises(ConfigError, match="slots_per_layer"):
+        planner("emoe", slots=slots)
+
+
+def test_all_loads_everything_once():
+    p = planner("all")
+    change = p.plan(["qa"], QA, spare_bytes=0)
+    assert sorted(change.load) == ALL_KEYS and not change.evict and not change.run_predictor
+    assert p.plan(["qa"], QA, 0).load == []
+    assert p.resident.all()
+
+
+def test_static_pins_most_frequent_from_profile():
+    freq = np.array([[0.1, 0.4, 0.2, 0.3], [0.5, 0.1, 0.3, 0.1]])
+    p = planner("static", frequencies=freq)
+    change = p.plan(["qa"], QA, 0)
+    assert sorted(change.load) == [(0, 1), (0, 3), (1, 0), (1, 2)]
+    assert p.capacity_bytes == 4 * 100
+    p.observe_routing("qa", np.ones((2, 4)))
+    assert p.plan(["qa"], QA, 0).load == []
+
+
+def test_static_without_profile_repins_once_from_observed_routing():
+    p = planner("static")
+    assert sorted(p.plan(["qa"], QA, 0).load) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert p.plan(["qa"], QA, 0).load == []  # nothing observed yet
+    p.observe_routing("qa", np.array([[0, 0, 5, 4], [9, 0, 0, 3]]))
+    change = p.plan(["qa"], QA, 0)
+    assert change.run_predictor
+    assert sorted(change.load) == [(0, 2), (0, 3), (1, 3)]
+    assert sorted(change.evict) == [(0, 0), (0, 1), (1, 1)]
+    p.observe_routing("qa", np.array([[9, 9, 0, 0], [0, 9, 9, 0]]))
+    assert p.plan(["qa"], QA, 0).load == []
+
+
+def test_emoe_first_prompt_loads_all_when_memory_spare():
+    p = planner("emoe")
+    change = p.plan(["qa"], QA, spare_bytes=400)  # 8 experts - 4 slots = 400 B extra
+    assert sorted(change.load) == ALL_KEYS and not change.run_predictor
+
+
+def test_emoe_first_prompt_without_spare_memory_loads_first_slots():
+    p = planner("emoe")
+    change = p.plan(["qa"], QA, spare_bytes=399)
+    assert sorted(change.load) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_emoe_predicts_every_p_prompts_after_the_first():
+    p = planner("emoe", interval=3)
+    flags = [p.plan(["qa"], QA, 10**6).run_predictor for _ in range(9)]
+    assert flags == [False, True, False, False, True, False, False, True, False]
+
+
+def test_emoe_counts_prompts_admitted_together():
+    p = planner("emoe", interval=3)
+    assert not p.plan(["qa"], QA, 10**6).run_predictor          # prompt 0
+    assert p.plan(["qa", "qa", "qa"], QA, 10**6).run_predictor  # prompts 1-3
+    assert p.plan(["qa", "qa", "qa"], QA, 10**6).run_predictor  # prompts 4-6
+    assert p.plan(["qa"], QA, 10**6).run_predictor              # prompt 7
+    assert not p.plan(["qa"], QA, 10**6).run_predictor          # prompt 8
+
+
+def test_predict_every_predicts_for_every_prompt():
+    p = planner("predict-every", interval=40)
+    flags = [p.plan(["qa"], QA, 10**6).run_predictor for _ in range(4)]
+    assert flags == [False, True, True, True]
+
+
+def test_emoe_keeps_top_l_by_eq2_over_tasks_in_play():
+    sensitivity = {"qa": np.ones(2), "summarization": np.ones(2)}
+    p = planner("emoe", sensitivity=sensitivity)
+    p.plan(["qa"], QA, 10**6)  # loads all
+    p.observe_routing("qa", np.array([[6, 2, 0, 0], [0, 0, 1, 3]]))
+    p.observe_routing("summarization", np.array([[0, 0, 3, 1], [1, 0, 0, 3]]))
+    # qa: 2 requests, 20 + 2*5 = 30 tokens -> layer 0 [22.5, 7.5, 0, 0], layer 1 [0, 0, 7.5, 22.5]
+    # summarization: 1 request, 40 + 1*60 = 100 tokens -> [0, 0, 75, 25], [25, 0, 0, 75]
+    # sums: layer 0 [22.5, 7.5, 75, 25] -> {2, 3}; layer 1 [25, 0, 7.5, 97.5] -> {3, 0}
+    change = p.plan(["qa"], demand(qa=(2, 20, 5), summarization=(1, 40, 60)), 10**6)
+    assert change.run_predictor and change.load == []
+    assert sorted(change.evict) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+    np.testing.assert_array_equal(p.resident, [[0, 0, 1, 1], [1, 0, 0, 1]])
+
+
+def test_emoe_leaves_layers_insensitive_for_every_task_alone():
+    p = planner("emoe")
+    p.plan(["summarization"], demand(summarization=(1, 10, 5)), spare_bytes=0)  # (0,0..1),(1,0..1)
+    p.observe_routing("summarization", np.array([[0, 0, 5, 5], [0, 0, 5, 5]]))
+    # summarization is insensitive in layer 0 only: layer 0 keeps its experts, layer 1 reloads
+    change = p.plan(["summarization"], demand(summarization=(2, 20, 5)), 10**6)
+    assert sorted(change.load) == [(1, 2), (1, 3)]
+    assert sorted(change.evict) == [(1, 0), (1, 1)]
+    # with classification only in play, nothing is loaded anywhere
+    p.observe_routing("classification", np.array([[5, 5, 0, 0], [5, 5, 0, 0]]))
+    for _ in range(2):
+        assert not p.plan(["classification"], demand(classification=(1, 5, 5)), 0).run_predictor
+    change = p.plan(["classification"], demand(classification=(1, 5, 5)), 0)
+    assert change.run_predictor and change.load == [] and change.evict == []
+
+
+def test_emoe_trims_insensitive_layers_to_their_slots_after_loading_all():
+    p = planner("emoe")
+    p.plan(["classification"], demand(classification=(1, 5, 5)), spare_bytes=10**6)
+    change = p.plan(["classification"], demand(classification=(2, 10, 5)), 10**6)
+    assert change.load == []
+    assert sorted(change.evict) == [(0, 2), (0, 3), (1, 2), (1, 3)]
+    assert p.resident_bytes == p.capacity_bytes
+
+
+def test_emoe_admission_cost_reports_next_prediction():
+    p = planner("emoe", interval=2)
+    assert p.admission_cost() == (0.0, False)  # prompt 0
+    p.plan(["qa"], QA, 0)
+    assert p.admission_cost()[1] is True       # prompt 1 predicts
+    p.observe_routing("qa", np.array([[0, 0, 5, 5], [0, 0, 5, 5]]))
+    p.plan(["qa"], QA, 0)
+    assert p.admission_cost() == (0.0, False)  # prompt 2
+    p.plan(["qa"], QA, 0)
+    assert p.admission_cost() == (4.0, True)   # prompt 3 predicts; last prediction loaded 4
+
+
+def test_lru_never_loads_and_mirrors_backend_fetches():
+    p = planner("lru")
+    assert p.plan(["qa"], QA, 10**6).load == []
+    p.observe_step(StepResult(0, 1, fetched_on_miss=[(0, 1), (0, 2), (1, 3)]))
+    p.observe_step(StepResult(1, 2, fetched_on_miss=[(0, 0)], evicted_on_miss=[(0, 1)]))
+    np.testing.assert_array_equal(p.resident, [[1, 0, 1, 0], [0, 0, 0, 1]])
+    with pytest.raises(ValueError, match="overfill layer 0"):
+        p.observe_step(StepResult(2, 3, fetched_on_miss=[(0, 3)]))
+
+
+def test_lru_cache_evicts_least_recently_used_of_the_layer():
+    cache = LruExpertCache([2, 1])
+    assert cache.access(0, 1) == (False, None)
+    assert cache.access(0, 2) == (False, None)
+    assert cache.access(0, 1) == (True, None)
+    assert cache.access(0, 3) == (False, 2)
+    assert cache.resident(0) == [1, 3]
+    assert cache.access(1, 0) == (False, None)
+    assert cache.access(1, 1) == (False, 0)
+
+
+def test_lru_cache_starts_from_resident_set():
+    cache = LruExpertCache([2, 2], resident=np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool))
+    assert cache.access(0, 1) == (True, None)
+    assert cache.access(0, 2) == (False, 0)
