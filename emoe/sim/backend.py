@@ -1,0 +1,228 @@
+"""The simulated backend: carries out a step plan on modelled GPU memory, PCIe link and compute.
+
+``execute`` is plain computation (no SimPy): it returns the step's result, with the simulated
+time at which the step ends; the world (emoe/sim/world.py) waits until then.
+
+What a step costs, in order:
+1. evictions free memory at once;
+2. the predictor, when the plan runs it, takes ``predictor_s`` before anything else;
+3. expert loads are issued on the PCIe link; layer l's compute waits for its loads (the
+   paper's engine guards each layer with an event), so loads overlap with the compute of the
+   layers before them and only the rest is a stall (``load_wait_s``);
+4. compute follows the cost model over prefill tokens, decode tokens and attended context;
+   a decode-only plan runs up to ``plan.iterations`` iterations at once, stopping after the
+   iteration in which the next request arrives (the scheduler's bound already stops at the
+   first iteration in which a request reaches its output length);
+5. under fetch-on-miss (``lru``) each iteration fetches the experts it touches that are not
+   resident, evicting the layer's least recently used, and waits for them as in 3.
+"""
+
+from __future__ import annotations
+
+import math
+from operator import itemgetter
+
+import numpy as np
+
+from emoe.core.experts import LruExpertCache, MissMode
+from emoe.core.plan import ExpertKey, StepPlan, StepResult
+from emoe.core.request import Request
+from emoe.core.specs import HardwareSpec, ModelSpec
+from emoe.sim.cost import CostModel
+from emoe.sim.memory import GpuMemory
+from emoe.sim.pcie import PcieLink
+from emoe.sim.routing import RoutingSource
+
+
+class SimBackend:
+    def __init__(self, *, model: ModelSpec, hardware: HardwareSpec, memory_bytes: int,
+                 routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray):
+        self.model = model
+        self.hardware = hardware
+        self.cost = CostModel(hardware, model)
+        self.memory = GpuMemory(memory_bytes, model)
+        self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
+        self.routing = routing
+        self.miss_mode = miss_mode
+        self.resident = np.zeros((model.num_layers, model.num_experts), dtype=bool)
+        self._version = 0
+        self._lru = LruExpertCache(slots_per_layer) if miss_mode is MissMode.FETCH else None
+        self.predictor_invocations = 0
+        self.live: dict[str, Request] = {}
+        self._decode_ids: list[str] | None = None
+        self._decode_slots = np.zeros(0, dtype=np.intp)
+        # layer l's compute ends (L - l) layer-times after it starts, when it waits for loads
+        self._layers_left = np.arange(model.num_layers, 0, -1, dtype=np.float64)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def admit(self, request: Request) -> None:
+        self.live[request.id] = request
+        self.routing.admit(request)
+
+    def finish(self, requests: list[Request], now: float) -> None:
+        """Free what ended requests hold and write their expert hit counters into them."""
+        held = 0
+        for request in requests:
+            del self.live[request.id]
+            held += (request.input_tokens + request.generated_tokens - 1
+                     if request.generated_tokens else request.prefilled_tokens)
+        self.routing.finish(requests)
+        if held:
+            self.memory.change(now, kv_tokens=-held)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan, now: float, next_arrival: float = math.inf) -> StepResult:
+        hw, model, memory = self.hardware, self.model, self.memory
+        if plan.evict:
+            for layer, expert in plan.evict:
+                self.resident[layer, expert] = False
+            memory.change(now, experts=-len(plan.evict))
+        predictor_s = hw.predictor_s if plan.run_predictor else 0.0
+        self.predictor_invocations += plan.run_predictor
+        start = now + predictor_s
+        ready = self._load(plan.load, now, start)
+        if plan.evict or plan.load:
+            self._version += 1
+
+        prefill_slots = _slots(self.routing.slot, [c.request_id for c in plan.prefill])
+        prefill_tokens = np.fromiter((c.num_tokens for c in plan.prefill), np.int64,
+                                     len(plan.prefill))
+        if plan.decode is not self._decode_ids:
+            self._decode_ids = plan.decode
+            self._decode_slots = _slots(self.routing.slot, plan.decode)
+        decode_slots = self._decode_slots
+        decode = len(decode_slots)
+        prefill = int(prefill_tokens.sum())
+        context = memory.kv_tokens  # the KV held by running requests: what decodes attend to
+
+        result = StepResult(started_at=now, finished_at=now, predictor_s=predictor_s)
+        if self._lru is not None:
+            self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
+                                      prefill_tokens, decode_slots)
+        else:
+            iterations = 1 if plan.prefill else plan.iterations
+            if iterations > 1 and next_arrival < math.inf:
+                iterations = min(iterations, self.cost.iterations_within(
+                    next_arrival - start, decode_tokens=decode, context_tokens=context,
+                    resident_experts=memory.experts))
+            if len(prefill_slots):
+                self.routing.count(prefill_slots, prefill_tokens, False, self.resident,
+                                   self._version)
+            if decode:
+                self.routing.count(decode_slots, iterations, True, self.resident, self._version)
+            first = self.cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
+                                     context_tokens=context, resident_experts=memory.experts)
+            compute = first if iterations == 1 else self.cost.step_s(
+                prefill_tokens=prefill, decode_tokens=decode, context_tokens=context,
+                resident_experts=memory.experts, iterations=iterations)
+            wait = self._load_wait(start, first, ready)
+            result.iterations = iterations
+            result.compute_s = compute
+            result.load_wait_s = wait
+            result.finished_at = start + compute + wait
+        memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
+        result.bytes_loaded += len(plan.load) * model.expert_bytes
+
+        for chunk in plan.prefill:
+            request = self.live[chunk.request_id]
+            if chunk.start + chunk.num_tokens == request.input_tokens:
+                result.routing[chunk.request_id] = self.routing.prefill_counts(request)
+        return result
+
+    def _load(self, keys: list[ExpertKey], now: float, issue_at: float) -> np.ndarray | None:
+        """Issue expert copies; the per-layer time the last one lands (-inf: none)."""
+        if not keys:
+            return None
+        self.memory.change(now, experts=len(keys))
+        ready = np.full(self.model.num_layers, -math.inf)
+        nbytes = self.model.expert_bytes
+        for layer, expert in keys:
+            ready[layer] = self.link.copy(issue_at, nbytes)
+            self.resident[layer, expert] = True
+        return ready
+
+    def _load_wait(self, start: float, compute_s: float, ready: np.ndarray | None) -> float:
+        """Stall of one iteration of ``compute_s`` whose layers wait for loads landing at
+        ``ready``: layer l ends at max(end of layer l - 1, ready[l]) + compute_s / layers."""
+        if ready is None:
+            return 0.0
+        per_layer = compute_s / self.model.num_layers
+        end = max(start + compute_s, float(np.max(ready + self._layers_left * per_layer)))
+        return end - start - compute_s
+
+    def _fetch_on_miss_steps(self, plan: StepPlan, result: StepResult, start: float,
+                             ready: np.ndarray | None, next_arrival: float,
+                             prefill_slots: np.ndarray, prefill_tokens: np.ndarray,
+                             decode_slots: np.ndarray) -> None:
+        """Iteration by iteration: fetch touched experts that are missing, then compute.
+
+        The result reports the step's net expert changes (an expert fetched and evicted again
+        within the step appears in neither list), which is what the planner folds in.
+        """
+        routing, memory, lru = self.routing, self.memory, self._lru
+        resident_before = self.resident.copy()
+        layers = self.model.num_layers
+        nbytes = self.model.expert_bytes
+        decode = len(decode_slots)
+        prefill = int(prefill_tokens.sum())
+        limit = 1 if plan.prefill else plan.iterations
+        t = start
+        compute_total = wait_total = 0.0
+        iteration = 0
+        while True:
+            touched = routing.touched(decode_slots, 1, True) if decode else None
+            if len(prefill_slots):
+                more = routing.touched(prefill_slots, prefill_tokens, False)
+                touched = more if touched is None else touched | more
+                routing.count(prefill_slots, prefill_tokens, False, self.resident,
+                              self._version, served_all=True)
+            if decode:
+                routing.count(decode_slots, 1, True, self.resident, self._version,
+                              served_all=True)
+            iteration_ready = (np.full(layers, -math.inf) if ready is None else ready)
+            ready = None
+            fetched = 0
+            for layer, expert in zip(*np.nonzero(touched)):
+                layer, expert = int(layer), int(expert)
+                hit, evicted = lru.access(layer, expert)
+                if hit:
+                    continue
+                if evicted is not None:
+                    self.resident[layer, evicted] = False
+                    memory.change(t, experts=-1)
+                memory.change(t, experts=1)
+                self.resident[layer, expert] = True
+                iteration_ready[layer] = self.link.copy(t, nbytes)
+                result.bytes_loaded += nbytes
+                fetched += 1
+            if fetched:
+                self._version += 1
+            compute = self.cost.step_s(
+                prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
+                context_tokens=memory.kv_tokens + decode * iteration,
+                resident_experts=memory.experts)
+            wait = self._load_wait(t, compute, iteration_ready)
+            t += compute + wait
+            compute_total += compute
+            wait_total += wait
+            iteration += 1
+            if iteration >= limit or t >= next_arrival:
+                break
+        result.evicted_on_miss = _keys(resident_before & ~self.resident)
+        result.fetched_on_miss = _keys(self.resident & ~resident_before)
+        result.iterations = iteration
+        result.compute_s = compute_total
+        result.load_wait_s = wait_total
+        result.finished_at = t
+
+
+def _keys(mask: np.ndarray) -> list[ExpertKey]:
+    return [(int(layer), int(expert)) for layer, expert in zip(*np.nonzero(mask))]
+
+
+def _slots(slot_of: dict[str, int], request_ids: list[str]) -> np.ndarray:
+    if len(request_ids) > 1:
+        return np.array(itemgetter(*request_ids)(slot_of), dtype=np.intp)
+    return np.array([slot_of[r] for r in request_ids], dtype=np.intp)

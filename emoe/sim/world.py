@@ -1,0 +1,102 @@
+"""The SimPy world: an arrival process and an engine process around the shared scheduler.
+
+    arrivals:  wait until a request's arrival, hand it to the backend and the scheduler
+    engine:    plan = scheduler.next_step(now); result = backend.execute(plan);
+               wait for the step's simulated duration; scheduler.on_step_done(result)
+
+SimPy stays at this edge: the scheduler does not know it is simulated, and the backend is
+plain computation that returns when the step ends.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Callable
+
+import simpy
+
+from emoe.core.errors import EmoeError
+from emoe.core.request import Request
+from emoe.core.scheduler import Scheduler
+from emoe.sim.backend import SimBackend
+
+
+class SimulationError(EmoeError):
+    """The simulated system got stuck or broke an invariant; names the time and the state."""
+
+
+class World:
+    """``max_iterations`` caps each step's decode iterations (1: step like a real engine;
+    None: macro-step, the fast default)."""
+
+    def __init__(self, scheduler: Scheduler, backend: SimBackend, requests: Iterable[Request],
+                 on_end: Callable[[Request], None], max_iterations: int | None = None):
+        self.env = simpy.Environment()
+        self.scheduler = scheduler
+        self.backend = backend
+        self._requests: Iterator[Request] = iter(requests)
+        self._on_end = on_end
+        self._max_iterations = max_iterations
+        self.next_arrival = math.inf
+        self.arrivals_done = False
+        self.steps = 0
+        self._idle: simpy.Event | None = None
+
+    def run(self) -> float:
+        """Simulate until every request has ended; returns the simulated elapsed time."""
+        self.env.process(self._arrivals())
+        engine = self.env.process(self._engine())
+        self.env.run(until=engine)
+        if self.backend.live:
+            rid, request = next(iter(self.backend.live.items()))
+            raise SimulationError(f"t={self.env.now:.3f}s: {len(self.backend.live)} requests "
+                                  f"never ended, e.g. {rid!r} ({request.status.value})")
+        return self.env.now
+
+    def _arrivals(self):
+        env, scheduler, backend = self.env, self.scheduler, self.backend
+        request = next(self._requests, None)
+        self.next_arrival = request.arrival if request is not None else math.inf
+        while request is not None:
+            if request.arrival > env.now:
+                yield env.timeout(request.arrival - env.now)
+            backend.admit(request)
+            scheduler.add_request(request)
+            request = next(self._requests, None)
+            self.next_arrival = request.arrival if request is not None else math.inf
+            if self._idle is not None and (request is None or request.arrival > env.now):
+                self._idle.succeed()
+                self._idle = None
+        self.arrivals_done = True
+
+    def _engine(self):
+        env, scheduler, backend = self.env, self.scheduler, self.backend
+        while True:
+            plan = scheduler.next_step(env.now, self._max_iterations)
+            if plan.rejected or plan.aborted:
+                self._end([backend.live[rid] for rid, _ in plan.rejected + plan.aborted])
+            if plan.empty:
+                if self.arrivals_done:
+                    if scheduler.has_work:
+                        raise SimulationError(
+                            f"t={env.now:.3f}s: the scheduler plans nothing with "
+                            f"{scheduler.num_waiting} requests waiting and "
+                            f"{scheduler.num_running} running")
+                    return
+                self._idle = env.event()
+                yield self._idle
+                continue
+            result = backend.execute(plan, env.now, self.next_arrival)
+            self.steps += 1
+            yield env.timeout(result.finished_at - env.now)
+            finished = scheduler.on_step_done(result)
+            if finished:
+                self._end(finished)
+
+    def _end(self, requests: list[Request]) -> None:
+        self.backend.finish(requests, self.env.now)
+        for request in requests:
+            assert request.status.terminal, f"request {request.id!r} ended as {request.status}"
+            self._on_end(request)
+

@@ -1,0 +1,86 @@
+"""``emoe sim`` end to end on small traces."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from emoe.cli import main
+
+AZURE_CONV = Path(__file__).resolve().parents[3] / "shared/traces/azure-llm-2023/AzureLLMInferenceTrace_conv.csv"
+
+
+def write_trace(path: Path, rows: int = 60) -> Path:
+    tasks = ["qa", "classification", "conversation", "summarization", "similarity"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["arrival_s", "input_tokens", "output_tokens", "task"])
+        for i in range(rows):
+            w.writerow([f"{0.25 * i:.3f}", 50 + 7 * i, 5 + i % 40, tasks[i % 5]])
+    return path
+
+
+def test_single_run_writes_per_request_results_and_summary(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.csv")
+    out, summary = tmp_path / "requests.parquet", tmp_path / "summary.json"
+    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
+               "--seed", "3", "--out", str(out), "--json", str(summary), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "SIMULATED" in printed and "synthetic" in printed and "in expectation" in printed
+    assert "60 requests" in printed
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.num_rows == 60
+    assert {"queueing_s", "ttft_s", "tpot_s", "e2e_s", "slo_met", "expert_hits",
+            "expert_misses"} <= set(table.column_names)
+    runs = json.loads(summary.read_text())
+    assert runs[0]["name"] == "fcfs/emoe" and runs[0]["finished"] == 60
+    assert runs[0]["system"]["synthetic_routing"] is True
+
+
+def test_grid_of_policies_writes_one_file_per_run_and_plots(tmp_path, capsys):
+    trace = write_trace(tmp_path / "trace.csv", rows=40)
+    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs,emoe", "--experts",
+               "static,emoe", "-p", "10,40", "--out", str(tmp_path / "r.csv"),
+               "--plots", str(tmp_path / "plots"), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert len(list(tmp_path.glob("r-*.csv"))) == 8
+    for name in ("fcfs/static", "emoe/emoe"):
+        assert name in printed
+    assert (tmp_path / "plots" / "overview.png").stat().st_size > 10_000
+    assert (tmp_path / "plots" / "slo_by_task.png").exists()
+
+
+def test_default_study_compares_planners_on_the_built_in_trace(tmp_path, capsys):
+    rc = main(["sim", "--duration", "60", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    for name in ("fcfs/lru", "fcfs/static", "fcfs/predict-every", "fcfs/emoe", "emoe/emoe"):
+        assert name in printed
+    assert "planner 'all') needs" in printed  # why the no-offloading baseline is left out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experts", "fifo"], "unknown expert planner 'fifo'; valid: all, emoe, lru"),
+    (["--scheduler", "rr"], "unknown scheduling policy 'rr'; valid: edf, emoe, fcfs, sjf"),
+    (["--gpu", "v100"], "unknown gpu 'v100'; valid: a100-40gb, h100-80gb"),
+    (["--memory-budget", "2GiB"], "cannot hold the non-expert weights"),
+    (["--experts", "all"], "'all' planner's experts"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, args, message):
+    trace = write_trace(tmp_path / "trace.csv", rows=5)
+    rc = main(["sim", "--trace", str(trace), "--no-progress", *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not AZURE_CONV.exists(), reason="shared Azure trace not present")
+def test_azure_trace_window(capsys):
+    rc = main(["sim", "--trace", str(AZURE_CONV), "--duration", "30", "--experts", "emoe",
+               "--scheduler", "fcfs", "--no-progress"])
+    assert rc == 0
+    assert "requests over" in capsys.readouterr().out
