@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sim test bench clean
+.PHONY: setup sim test bench clean protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ sim: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# Regenerate the gRPC stubs in emoe/rpc/v1 from protos/ (commit them; a test checks they are fresh).
+protos: $(STAMP)
+	$(PY) -m emoe.rpc.protogen
 
 clean:
 	rm -rf $(VENV) out

@@ -1,0 +1,22 @@
+"""The engine's ``emoe`` subcommands: a table of (name, module, help).
+
+Each module defines ``add_arguments(parser)`` and ``run(args) -> int`` and imports torch only
+inside ``run``, so building the parser stays cheap. Adding a command is one line here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("generate", "emoe.engine.generate_cmd", "generate tokens from a Hugging Face checkpoint folder"),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    for name, module, help_text in COMMANDS:
+        command = importlib.import_module(module)
+        parser = subparsers.add_parser(name, help=help_text, description=help_text)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)

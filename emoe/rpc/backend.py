@@ -1,0 +1,68 @@
+"""What the server's engine loop drives: an engine that holds prompts and runs step plans.
+
+Three implementations: the torch engine in this process (``emoe.rpc.local``), a remote engine
+worker over gRPC (``emoe.rpc.remote``) and one that does no model work (``emoe.rpc.fake``,
+for tests and the service benchmark).
+
+The loop calls ``add_request``/``remove_request`` only between steps, never while
+``execute`` runs; a backend may apply them at once or with the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from emoe.core.plan import ExpertKey, StepPlan, StepResult
+from emoe.core.specs import ModelSpec
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Resolved sampling parameters: every field has its value (server defaults applied)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BackendInfo:
+    """The model a backend serves. ``tokenizer_json`` is a Hugging Face tokenizer.json (empty:
+    token ids only); ``max_running`` is how many requests the engine holds at once."""
+
+    model: ModelSpec
+    vocab_size: int
+    max_context: int
+    eos_token_id: int
+    tokenizer_json: str
+    max_running: int
+    resident: tuple[ExpertKey, ...] = ()
+    instance_id: str = ""
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot run steps (a worker died or restarted); its requests are lost."""
+
+
+class Backend(Protocol):
+    name: str
+
+    async def start(self) -> BackendInfo:
+        """Loads and warms up the model (or connects); returns what it serves."""
+
+    def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
+        """Registers a request's prompt; the scheduler's plans then prefill and decode it."""
+
+    def remove_request(self, request_id: str) -> None:
+        """Forgets a request, finished or not, freeing its KV memory. Unknown ids are ignored."""
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        """Runs one step. Raises BackendUnavailable when the engine is gone."""
+
+    async def close(self) -> None:
+        """Releases the engine or connection."""

@@ -1,0 +1,248 @@
+"""``emoe serve``, ``emoe worker``, ``emoe submit`` and ``emoe replay``.
+
+grpc, torch and the engine are imported inside the handlers, so ``emoe --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from emoe.core.errors import ConfigError
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+TOKEN_ENV = "EMOE_AUTH_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the scheduler service over an in-process engine or remote workers",
+        description="Run the gRPC scheduler service. By default it drives an in-process engine "
+                    "on the reference model; --worker HOST:PORT (repeatable) drives remote "
+                    "engine workers instead.")
+    _listen_args(serve)
+    _engine_args(serve)
+    serve.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                       help="a remote engine worker to drive (repeatable); no in-process engine")
+    serve.add_argument("--worker-token-file", type=Path,
+                       help="bearer token the workers expect (first line of the file)")
+    serve.add_argument("--worker-ca", type=Path, help="CA certificate (PEM) to reach workers over TLS")
+    serve.add_argument("--policy", type=Path, help="policy file (emoe-policy JSON) to schedule by")
+    serve.add_argument("--gpu", default="a100-40gb",
+                       help="hardware preset for the scheduler's memory and cost estimates")
+    serve.add_argument("--default-task", default="conversation",
+                       help="task of requests whose prompt matches no task keyword")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="waiting requests accepted before RESOURCE_EXHAUSTED")
+    serve.add_argument("--default-max-tokens", type=int, default=128)
+    serve.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                       help="Prometheus metrics port on --host (0: no metrics endpoint)")
+    serve.set_defaults(func=_serve)
+
+    worker = subparsers.add_parser("worker", help="serve one engine to a remote scheduler",
+                                   description="Serve an engine (emoe.v1.WorkerService) for "
+                                               "`emoe serve --worker HOST:PORT`.")
+    _listen_args(worker, default_port=DEFAULT_PORT + 1)
+    _engine_args(worker)
+    worker.set_defaults(func=_worker)
+
+    submit = subparsers.add_parser("submit", help="send one prompt and print the streamed text")
+    submit.add_argument("prompt", help="prompt text")
+    _target_args(submit)
+    submit.add_argument("--task", default="", help="task name (default: detected by the server)")
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    submit.add_argument("--top-p", type=float)
+    submit.add_argument("--top-k", type=int)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--ttft", type=float, help="time-to-first-token SLO, seconds")
+    submit.add_argument("--tpot", type=float, help="time-per-output-token SLO, seconds")
+    submit.add_argument("--priority", type=int, default=0, help="larger is more urgent")
+    submit.add_argument("--request-id", default="")
+    submit.add_argument("--timeout", type=float, help="deadline for the whole call, seconds")
+    submit.set_defaults(func=_submit)
+
+    replay = subparsers.add_parser(
+        "replay", help="replay a request trace against a running service",
+        description="Send a trace's requests at their recorded arrival times, prompts sized to "
+                    "the trace's input tokens and outputs forced to its output tokens; write "
+                    "per-request results in the simulator's columns and print the summary.")
+    replay.add_argument("--trace", type=Path, required=True, help="trace file (CSV or JSONL)")
+    _target_args(replay)
+    replay.add_argument("--rate-scale", type=float, default=1.0,
+                        help="multiply the arrival rate (2 = twice as fast)")
+    replay.add_argument("--limit", type=int, help="replay at most this many requests")
+    replay.add_argument("--seed", type=int, default=0, help="seed for the synthetic prompts")
+    replay.add_argument("--out", type=Path, help="per-request results (CSV)")
+    replay.set_defaults(func=_replay)
+
+
+def _listen_args(p: argparse.ArgumentParser, default_port: int = DEFAULT_PORT) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=default_port)
+    p.add_argument("--auth-token-file", type=Path,
+                   help=f"require this bearer token (first line of the file; or ${TOKEN_ENV})")
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); needs --tls-key")
+    p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    p.add_argument("--drain-grace", type=float, default=30.0,
+                   help="seconds streams in flight get to finish after SIGTERM")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path,
+                   help="Hugging Face model folder (default: the reference model emoe-tiny)")
+    p.add_argument("--backend", choices=("engine", "fake"), default="engine",
+                   help="'fake' does no model work (for tests and benchmarks)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="weights dtype (default: as stored)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="KV cache slots")
+    p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--fake-step-delay", type=float, default=0.0,
+                   help="seconds per step of the fake backend")
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of `emoe serve`")
+    p.add_argument("--auth-token-file", type=Path,
+                   help=f"bearer token to send (first line of the file; or ${TOKEN_ENV})")
+    p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect over TLS")
+
+
+def _token(path: Path | None) -> str | None:
+    if path is not None:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read token file: {exc.strerror}") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"{path}: the token file is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _read(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _listen(args: argparse.Namespace):
+    from emoe.rpc.server import Listen
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    return Listen(host=args.host, port=args.port, auth_token=_token(args.auth_token_file),
+                  tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def _local_backend(args: argparse.Namespace):
+    if args.backend == "fake":
+        from emoe.rpc.fake import FakeBackend
+
+        return FakeBackend(step_delay_s=args.fake_step_delay, max_running=args.max_batch_size)
+    from emoe.rpc.local import REFERENCE_CHECKPOINT, LocalEngineBackend
+
+    checkpoint = args.checkpoint or REFERENCE_CHECKPOINT
+    if not (checkpoint / "config.json").is_file():
+        hint = ("the reference model is not built yet: train it (emoe model train-tiny) or "
+                if args.checkpoint is None else "")
+        raise ConfigError(f"--checkpoint: {checkpoint} has no config.json; {hint}"
+                          "name a Hugging Face model folder")
+    return LocalEngineBackend(checkpoint, device=args.device, dtype=args.dtype,
+                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from emoe.core.policy_file import PolicyConfig
+    from emoe.core.specs import get_hardware
+    from emoe.rpc.remote import RemoteBackend
+    from emoe.rpc.server import SchedulerServer, run_until_signal
+
+    _setup_logging(args.log_level)
+    policy = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
+    if args.worker:
+        token, ca = _token(args.worker_token_file), _read(args.worker_ca)
+        backends = [RemoteBackend(target, auth_token=token, root_certificates=ca)
+                    for target in args.worker]
+    else:
+        backends = [_local_backend(args)]
+    server = SchedulerServer(
+        backends, policy, get_hardware(args.gpu), _listen(args), default_task=args.default_task,
+        max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+        metrics_port=args.metrics_port or None, remote_workers=tuple(args.worker))
+    return asyncio.run(run_until_signal(server, args.drain_grace))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from emoe.rpc.server import WorkerServer, run_until_signal
+
+    _setup_logging(args.log_level)
+    return asyncio.run(run_until_signal(WorkerServer(_local_backend(args), _listen(args)),
+                                        args.drain_grace))
+
+
+def _client(args: argparse.Namespace):
+    from emoe.rpc.client import EmoeClient
+
+    return EmoeClient(args.target, auth_token=_token(args.auth_token_file),
+                      root_certificates=_read(args.tls_ca))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import grpc
+
+    from emoe.rpc.client import generate_request
+    from emoe.rpc.v1 import scheduler_pb2 as pb
+
+    request = generate_request(
+        args.prompt, request_id=args.request_id, task=args.task, ttft_s=args.ttft,
+        tpot_s=args.tpot, max_tokens=args.max_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed, priority=args.priority)
+
+    async def run() -> int:
+        async with _client(args) as client:
+            try:
+                async for response in client.stream(request, timeout=args.timeout):
+                    sys.stdout.write(response.text)
+                    sys.stdout.flush()
+                    if response.HasField("completion"):
+                        c = response.completion
+                        print(f"\n[{response.request_id}] task={c.task} "
+                              f"finish={pb.FinishReason.Name(c.finish_reason)} "
+                              f"prompt_tokens={c.prompt_tokens} output_tokens={c.output_tokens} "
+                              f"ttft={c.timings.ttft_s:.3f}s total={c.timings.total_s:.3f}s "
+                              f"slo_met={c.slo_met}", file=sys.stderr)
+            except grpc.aio.AioRpcError as exc:
+                print(f"\nemoe submit: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+        return 0
+
+    return asyncio.run(run())
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from emoe.rpc.replay import replay_file
+
+    if args.rate_scale <= 0:
+        raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
+    async def run() -> int:  # the client's channel belongs to this event loop
+        return await replay_file(args.trace, _client(args), rate_scale=args.rate_scale,
+                                 limit=args.limit, seed=args.seed, out=args.out)
+
+    return asyncio.run(run())

@@ -1,0 +1,83 @@
+"""The torch engine in this process, as a backend.
+
+Steps run on one dedicated thread, so the event loop stays responsive while torch computes;
+the loop never adds or removes requests while a step runs (see backend.py), so the engine is
+only ever touched by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from emoe.core.errors import ConfigError
+from emoe.core.plan import StepPlan, StepResult
+from emoe.rpc.backend import BackendInfo, SamplingParams
+
+REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "engine" / "reference" / "emoe-tiny"
+WARMUP_PROMPT = [0, 3, 4, 5]
+
+
+class LocalEngineBackend:
+    """``checkpoint``: a Hugging Face model folder (config.json, safetensors, tokenizer.json)."""
+
+    def __init__(self, checkpoint: Path, device: str = "cpu", dtype: str | None = None,
+                 max_batch_size: int = 16, max_seq_len: int | None = None):
+        self.name = f"local:{checkpoint.name}"
+        self._checkpoint = checkpoint
+        self._device, self._dtype = device, dtype
+        self._max_batch_size, self._max_seq_len = max_batch_size, max_seq_len
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-engine")
+        self._engine = None
+
+    async def start(self) -> BackendInfo:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._load)
+
+    def _load(self) -> BackendInfo:
+        from emoe.engine.engine import Engine
+        from emoe.engine.sampling import SamplingParams as EngineSampling
+
+        folder = self._checkpoint
+        tokenizer_file = folder / "tokenizer.json"
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"checkpoint: {folder} has no config.json (a Hugging Face model folder "
+                              "with config.json, *.safetensors and tokenizer.json is expected)")
+        engine = Engine.from_pretrained(folder, device=self._device, dtype=self._dtype,
+                                        max_batch_size=self._max_batch_size,
+                                        max_seq_len=self._max_seq_len)
+        engine.generate([WARMUP_PROMPT], EngineSampling(max_new_tokens=2))
+        self._engine = engine
+        cfg = engine.config
+        dtype = str(engine.dtype).removeprefix("torch.")
+        model = cfg.to_model_spec(folder.name, dtype=dtype,
+                                  provenance=f"computed from {folder / 'config.json'}")
+        eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+        return BackendInfo(
+            model=model, vocab_size=cfg.vocab_size, max_context=engine.max_seq_len, eos_token_id=eos,
+            tokenizer_json=tokenizer_file.read_text() if tokenizer_file.is_file() else "",
+            max_running=engine.cache.num_slots,
+            resident=tuple((layer, e) for layer in range(cfg.num_layers)
+                           for e in range(cfg.num_experts)),
+            instance_id=uuid.uuid4().hex)
+
+    def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
+        from emoe.engine.sampling import SamplingParams as EngineSampling
+
+        self._engine.add_request(request_id, prompt, EngineSampling(
+            max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+            stop_token_ids=sampling.stop_token_ids, ignore_eos=sampling.ignore_eos))
+
+    def remove_request(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._engine.execute, plan)
+
+    async def close(self) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._engine = None

@@ -1,0 +1,225 @@
+"""What the service measures: per-task counts, durations and SLO attainment (GetStats) and
+the same in Prometheus format on a port of its own.
+
+Durations are measured by the server from the moment it accepts a request. GetStats keeps
+the most recent ``window`` finished requests per task for its percentiles; Prometheus keeps
+histograms.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from emoe.core.plan import StepPlan, StepResult
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0)
+TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"  # LENGTH or STOP
+    ABORTED = "aborted"    # Abort, cancelled call, deadline
+    FAILED = "failed"      # rejected by the scheduler, lost with a worker
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """A request that reached a terminal status. Times are None when never reached."""
+
+    task: str
+    outcome: Outcome
+    output_tokens: int
+    queue_s: float | None
+    ttft_s: float | None
+    tpot_s: float | None
+    total_s: float
+    slo_met: bool
+
+
+@dataclass(slots=True)
+class _TaskStats:
+    window: int
+    submitted: int = 0
+    finished: int = 0
+    aborted: int = 0
+    failed: int = 0
+    slo_met: int = 0
+    output_tokens: int = 0
+    queue: deque = field(init=False)
+    ttft: deque = field(init=False)
+    tpot: deque = field(init=False)
+    total: deque = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("queue", "ttft", "tpot", "total"):
+            setattr(self, name, deque(maxlen=self.window))
+
+
+@dataclass(frozen=True, slots=True)
+class Durations:
+    count: int
+    mean_s: float
+    p50_s: float
+    p90_s: float
+    p99_s: float
+    max_s: float
+
+    @classmethod
+    def of(cls, samples: deque) -> "Durations":
+        if not samples:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        a = np.fromiter(samples, dtype=float)
+        p50, p90, p99 = np.percentile(a, (50, 90, 99))
+        return cls(len(a), float(a.mean()), float(p50), float(p90), float(p99), float(a.max()))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSnapshot:
+    task: str
+    submitted: int
+    finished: int
+    aborted: int
+    failed: int
+    slo_met: int
+    output_tokens: int
+    queue: Durations
+    ttft: Durations
+    tpot: Durations
+    total: Durations
+
+    @property
+    def slo_attainment(self) -> float:
+        return self.slo_met / self.finished if self.finished else 0.0
+
+
+@dataclass(slots=True)
+class ExpertCounters:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class ServiceMetrics:
+    """Records request outcomes and steps; serves GetStats and a Prometheus registry.
+
+    ``load`` returns (waiting, running, resident experts, resident expert bytes) now; it is
+    read when Prometheus scrapes and when stats are asked for.
+    """
+
+    def __init__(self, tasks: list[str], load: Callable[[], tuple[int, int, int, int]],
+                 window: int = 10_000):
+        self._started = time.monotonic()
+        self._window = window
+        self._tasks: dict[str, _TaskStats] = {t: _TaskStats(window) for t in tasks}
+        self.experts = ExpertCounters()
+        self.load = load
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._waiting = Gauge("emoe_requests_waiting", "Requests accepted, not yet scheduled",
+                              registry=r)
+        self._waiting.set_function(lambda: self.load()[0])
+        self._running = Gauge("emoe_requests_running", "Requests in the running batch", registry=r)
+        self._running.set_function(lambda: self.load()[1])
+        self._resident = Gauge("emoe_experts_resident", "Experts resident in GPU memory", registry=r)
+        self._resident.set_function(lambda: self.load()[2])
+        self._expert_bytes = Gauge("emoe_expert_memory_bytes", "GPU memory held by resident experts",
+                                   registry=r)
+        self._expert_bytes.set_function(lambda: self.load()[3])
+        self._requests = Counter("emoe_requests", "Requests that reached a terminal status",
+                                 ("task", "outcome"), registry=r)
+        self._slo_met = Counter("emoe_slo_met", "Finished requests that met their SLO", ("task",),
+                                registry=r)
+        self._attainment = Gauge("emoe_slo_attainment", "SLO attainment of finished requests",
+                                 ("task",), registry=r)
+        self._ttft = Histogram("emoe_ttft_seconds", "Time to first token", ("task",),
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self._tpot = Histogram("emoe_tpot_seconds", "Mean time per output token after the first",
+                               ("task",), buckets=TPOT_BUCKETS, registry=r)
+        self._e2e = Histogram("emoe_e2e_latency_seconds", "Accepted to finished", ("task",),
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self._queue = Histogram("emoe_queue_seconds", "Accepted to first scheduled", ("task",),
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self._expert_hits = Counter("emoe_expert_hits", "Router choices served by a resident expert",
+                                    registry=r)
+        self._expert_misses = Counter("emoe_expert_misses", "Router choices of a non-resident expert",
+                                      registry=r)
+        self._expert_loads = Counter("emoe_expert_loads", "Experts copied to GPU memory", registry=r)
+        self._expert_evictions = Counter("emoe_expert_evictions", "Experts evicted from GPU memory",
+                                         registry=r)
+        self._hit_rate = Gauge("emoe_expert_hit_rate", "Expert hits / (hits + misses) since start",
+                               registry=r)
+        self._hit_rate.set_function(lambda: self.experts.hit_rate)
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self._started
+
+    def _task(self, task: str) -> _TaskStats:
+        stats = self._tasks.get(task)
+        if stats is None:
+            stats = self._tasks[task] = _TaskStats(self._window)
+        return stats
+
+    def submitted(self, task: str) -> None:
+        self._task(task).submitted += 1
+
+    def finished(self, record: RequestRecord) -> None:
+        stats = self._task(record.task)
+        task = record.task
+        self._requests.labels(task, record.outcome.value).inc()
+        if record.outcome is Outcome.FAILED:
+            stats.failed += 1
+            return
+        if record.outcome is Outcome.ABORTED:
+            stats.aborted += 1
+            return
+        stats.finished += 1
+        stats.output_tokens += record.output_tokens
+        stats.total.append(record.total_s)
+        self._e2e.labels(task).observe(record.total_s)
+        if record.queue_s is not None:
+            stats.queue.append(record.queue_s)
+            self._queue.labels(task).observe(record.queue_s)
+        if record.ttft_s is not None:
+            stats.ttft.append(record.ttft_s)
+            self._ttft.labels(task).observe(record.ttft_s)
+        if record.tpot_s is not None:
+            stats.tpot.append(record.tpot_s)
+            self._tpot.labels(task).observe(record.tpot_s)
+        if record.slo_met:
+            stats.slo_met += 1
+            self._slo_met.labels(task).inc()
+        self._attainment.labels(task).set(stats.slo_met / stats.finished)
+
+    def step(self, plan: StepPlan, result: StepResult) -> None:
+        hits = sum(o.expert_hits for o in result.outputs)
+        misses = sum(o.expert_misses for o in result.outputs)
+        e = self.experts
+        e.hits += hits
+        e.misses += misses
+        e.loads += len(plan.load)
+        e.evictions += len(plan.evict)
+        self._expert_hits.inc(hits)
+        self._expert_misses.inc(misses)
+        self._expert_loads.inc(len(plan.load))
+        self._expert_evictions.inc(len(plan.evict))
+
+    def tasks(self) -> list[TaskSnapshot]:
+        return [TaskSnapshot(task, s.submitted, s.finished, s.aborted, s.failed, s.slo_met,
+                             s.output_tokens, Durations.of(s.queue), Durations.of(s.ttft),
+                             Durations.of(s.tpot), Durations.of(s.total))
+                for task, s in self._tasks.items()]

@@ -1,0 +1,249 @@
+"""The gRPC servers: the scheduler service (``emoe serve``) and an engine worker (``emoe worker``).
+
+Both are grpc.aio servers with the standard health service (NOT_SERVING until the engine is
+warm, while no engine can serve, and while draining), server reflection, optional bearer-token
+auth and TLS, and the error interceptor. SIGTERM (or SIGINT) drains: health goes NOT_SERVING,
+new requests are refused with UNAVAILABLE, and streams in flight get ``grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from emoe.core.policy_file import PolicyConfig
+from emoe.core.specs import HardwareSpec
+from emoe.rpc.auth import BearerTokenInterceptor
+from emoe.rpc.backend import Backend, BackendInfo
+from emoe.rpc.errors import ErrorInterceptor
+from emoe.rpc.metrics import ServiceMetrics
+from emoe.rpc.replica import Replica, Scheduler, SchedulerFactory
+from emoe.rpc.service import SchedulerService, ServiceConfig
+from emoe.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from emoe.rpc.worker import WorkerService
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
+HEALTH_POLL_S = 0.05
+SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where and how a server listens. TLS when both ``tls_cert`` and ``tls_key`` are given."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    auth_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+def build_server(listen: Listen, services: tuple[str, ...]
+                 ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
+    """A grpc.aio server with auth, error mapping, health (NOT_SERVING) and reflection, bound
+    to ``listen``; returns it, the bound port and its health servicer."""
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if listen.auth_token:
+        interceptors.append(BearerTokenInterceptor(listen.auth_token))
+    interceptors.append(ErrorInterceptor())
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((*services, reflection.SERVICE_NAME,
+                                         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                                        server)
+    address = f"{listen.host}:{listen.port}"
+    if listen.tls_cert is not None and listen.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(listen.tls_key.read_bytes(), listen.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    elif listen.tls_cert is not None or listen.tls_key is not None:
+        raise ValueError("TLS needs both a certificate and a key")
+    else:
+        port = server.add_insecure_port(address)
+    return server, port, health
+
+
+async def _set_health(health: health_aio.HealthServicer, services: tuple[str, ...],
+                      serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *services):
+        await health.set(name, status)
+
+
+def scheduler_factory(policy: PolicyConfig, hardware: HardwareSpec) -> SchedulerFactory:
+    """Builds the core scheduler for an engine, capping the running batch at its KV slots."""
+
+    def make(info: BackendInfo) -> Scheduler:
+        from emoe.core.scheduler import Scheduler as CoreScheduler
+
+        config = policy
+        if info.max_running < policy.max_num_seqs:
+            config = dataclasses.replace(policy, max_num_seqs=info.max_running)
+        return CoreScheduler(info.model, hardware, config)
+
+    return make
+
+
+class SchedulerServer:
+    """The scheduler service over one or more engine backends (one replica each)."""
+
+    def __init__(self, backends: list[Backend], policy: PolicyConfig, hardware: HardwareSpec,
+                 listen: Listen = Listen(), *, default_task: str = "conversation",
+                 max_queue: int = 1024, default_max_tokens: int = 128,
+                 metrics_port: int | None = None, remote_workers: tuple[str, ...] = ()):
+        self.listen = listen
+        replicas: list[Replica] = []
+        self.metrics = ServiceMetrics(list(policy.tasks), load=lambda: self.service.load())
+        make_scheduler = scheduler_factory(policy, hardware)
+        for backend in backends:
+            replicas.append(Replica(backend, make_scheduler, self.metrics))
+        if default_task not in policy.tasks:
+            default_task = next(iter(policy.tasks))
+        config = ServiceConfig(tasks=dict(policy.tasks), default_task=default_task,
+                               policy=policy.scheduling, max_queue=max_queue,
+                               default_max_tokens=default_max_tokens)
+        self.service = SchedulerService(config, replicas, self.metrics, list(remote_workers))
+        self._metrics_port = metrics_port
+        self._metrics_http = None
+        self._server: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._watch: asyncio.Task | None = None
+        self._serving = False
+        self.port = 0
+        self.metrics_port = 0
+        self.failed: BaseException | None = None
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        services = (SCHEDULER_SERVICE,)
+        self._server, self.port, self._health = build_server(self.listen, services)
+        scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.service, self._server)
+        await _set_health(self._health, services, False)
+        await self._server.start()
+        if self._metrics_port is not None:
+            httpd, _ = start_http_server(self._metrics_port, addr=self.listen.host,
+                                         registry=self.metrics.registry)
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_address[1]
+        for replica in self.service.replicas:
+            await replica.start()
+        self._watch = asyncio.create_task(self._watch_health(), name="health-watch")
+
+    async def wait_serving(self) -> None:
+        while not self._serving:
+            if self.failed is not None:
+                raise self.failed
+            await asyncio.sleep(0.01)
+
+    async def _watch_health(self) -> None:
+        """Keeps health in step with the replicas: SERVING while any engine can serve."""
+        while True:
+            for replica in self.service.replicas:
+                if replica.failure is not None:
+                    self.failed = replica.failure
+                    log.error("engine %s cannot start: %s", replica.name, replica.failure)
+                    self.stopped.set()
+                    return
+            serving = self.service.serving
+            if serving and not self.service.model_known:
+                self.service.model_ready()
+            if serving != self._serving:
+                self._serving = serving
+                await _set_health(self._health, (SCHEDULER_SERVICE,), serving)
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING, refuse new requests, let streams in flight finish, then stop."""
+        self.service.start_draining()
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._health.enter_graceful_shutdown()
+        if not await self.service.wait_drained(grace_s):
+            log.warning("drain: %d requests still in flight after %.1f s; ending them",
+                        self.service.in_flight, grace_s)
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        for replica in self.service.replicas:
+            await replica.close()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        self.stopped.set()
+
+
+class WorkerServer:
+    """One engine served to a remote scheduler."""
+
+    def __init__(self, backend: Backend, listen: Listen = Listen()):
+        self.backend = backend
+        self.listen = listen
+        self._server: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self.port = 0
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        services = (WORKER_SERVICE,)
+        info = await self.backend.start()
+        self._server, self.port, self._health = build_server(self.listen, services)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(self.backend, info),
+                                                            self._server)
+        await self._server.start()
+        await _set_health(self._health, services, True)
+
+    async def drain(self, grace_s: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace=grace_s)
+        await self.backend.close()
+        self.stopped.set()
+
+    async def stop(self) -> None:
+        await self.drain(0.0)
+
+
+async def run_until_signal(server: SchedulerServer | WorkerServer, grace_s: float) -> int:
+    """Starts ``server`` and runs it until SIGTERM/SIGINT (then drains) or a startup failure."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    log.info("listening on %s:%d", server.listen.host, server.port)
+    stop_wait = asyncio.create_task(stop.wait())
+    stopped_wait = asyncio.create_task(server.stopped.wait())
+    await asyncio.wait((stop_wait, stopped_wait), return_when=asyncio.FIRST_COMPLETED)
+    stop_wait.cancel()
+    stopped_wait.cancel()
+    if isinstance(server, SchedulerServer) and server.failed is not None:
+        await server.stop()
+        raise server.failed
+    log.info("draining (grace %.1f s)", grace_s)
+    await server.drain(grace_s)
+    return 0

@@ -1,0 +1,52 @@
+"""Trace replay: arrival times, forced output lengths, the simulator's columns and summary."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from emoe.core.metrics import REQUEST_COLUMNS
+from emoe.rpc.client import EmoeClient
+from emoe.rpc.fake import FakeBackend
+from emoe.rpc.replay import replay_file
+
+from .conftest import serving
+
+pytestmark = pytest.mark.anyio
+
+TRACE = [  # arrival_s, input_tokens, output_tokens, task
+    (0.00, 12, 5, "qa"), (0.05, 30, 1, "classification"), (0.10, 7, 9, "summarization"),
+    (0.10, 100, 10, "conversation"),  # does not fit the 64-token context: prompt shortened
+    (0.20, 3, 4, "similarity"), (0.30, 20, 3, "qa"), (0.40, 9, 7, "qa"), (2.00, 5, 5, "qa"),
+]
+
+
+async def test_replay_sends_at_arrival_times_and_writes_simulator_columns(tmp_path, capsys):
+    trace = tmp_path / "trace.csv"
+    with trace.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arrival_s", "input_tokens", "output_tokens", "task"])
+        writer.writerows(TRACE)
+    out = tmp_path / "results.csv"
+    async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
+        client = EmoeClient(f"127.0.0.1:{server.port}")
+        assert await replay_file(trace, client, rate_scale=2.0, limit=7, out=out) == 0
+    with out.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == REQUEST_COLUMNS
+    assert len(rows) == 7  # the limit
+    by_id = {int(r["id"]): r for r in rows}
+    for i, (arrival, input_tokens, output_tokens, task) in enumerate(TRACE[:7]):
+        row = by_id[i]
+        assert row["status"] == "finished" and row["task"] == task
+        # EOS after the first token is ignored: every output is the trace's length
+        assert int(row["generated_tokens"]) == int(row["output_tokens"]) == output_tokens
+        assert float(row["arrival_s"]) >= arrival / 2.0 - 1e-3
+        assert float(row["arrival_s"]) <= float(row["first_token_at_s"]) <= float(row["finished_at_s"])
+        assert int(row["input_tokens"]) == (64 - output_tokens if input_tokens + output_tokens > 64
+                                            else input_tokens)
+    assert float(by_id[6]["arrival_s"]) < 1.0  # the 2.0 s arrival was past the limit
+    printed = capsys.readouterr().out
+    assert "replay trace.csv" in printed and "7" in printed
