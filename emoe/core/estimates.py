@@ -9,10 +9,11 @@ Eq. 3, for running request i when a request with W input tokens is admitted:
 
     t_i = dE + (W + n_i * G_i) * c + r_i
 
-implemented (in ``emoe.core.policies.BatchEstimate``, where it is evaluated per batch member)
-as ``dE + W * c_prefill + G_i * (o + n_i * c_decode) + r_i``: with the per-iteration overhead
+implemented (in ``emoe.core.policies.BatchEstimate``) as
+``dE + W * c_prefill + G_i * (o + n_i * c_decode) + r_i``: with the per-iteration overhead
 ``o = 0`` and ``c_prefill = c_decode = c`` this is the paper's formula; a non-zero ``o``
 accounts for the fixed cost of each decode iteration that a per-token cost alone misses.
+``DecodeTargets`` holds G_i and each decoding request's SLO target for it.
 """
 
 from __future__ import annotations
@@ -61,15 +62,55 @@ def top_experts(scores: np.ndarray, slots_per_layer: np.ndarray) -> np.ndarray:
     """``[layers, experts]`` bool mask of the ``slots_per_layer[l]`` best-scored experts of each
     layer; ties go to the lower expert index."""
     order = np.argsort(-scores, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.arange(scores.shape[1])[None, :], axis=1)
+    ranks = np.argsort(order, axis=1)  # the inverse permutation: each expert's rank
     return ranks < slots_per_layer[:, None]
 
 
-def remaining_tokens(expected_output: float, generated: int) -> float:
-    """G_i: tokens still expected; once it reaches 0 it stays at 5% of ``expected_output``."""
-    left = expected_output - generated
-    return left if left > 0 else REMAINING_FLOOR * expected_output
+class DecodeTargets:
+    """G_i and the SLO target of every decoding request, as arrays for Eq. 3.
+
+    A request that produced its first token at F with TPOT SLO ``tpot`` meets its SLO (its TTFT
+    is settled by then) when it ends by ``F + tpot * (tokens - 1)``. With ``g`` tokens generated
+    and G still expected, that target is ``F + tpot * (g + G - 1)``: fixed while G counts down,
+    ``tpot`` later per token once G rests at its floor. ``join``/``leave`` are O(1).
+    """
+
+    _JOIN, _EXPECTED, _FIRST, _TPOT = range(4)
+
+    def __init__(self) -> None:
+        self._slot: dict[str, int] = {}
+        self._ids: list[str] = []
+        self._data = np.empty((4, 64))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def join(self, request_id: str, join_iter: int, expected_output: float,
+             first_token_at: float, tpot_s: float) -> None:
+        """A request produced its first token at ``first_token_at``, in global decode
+        iteration ``join_iter`` (its token count is ``1 + iterations - join_iter``)."""
+        size = len(self._ids)
+        if size == self._data.shape[1]:
+            self._data = np.concatenate([self._data, np.empty_like(self._data)], axis=1)
+        self._data[:, size] = (join_iter, expected_output, first_token_at, tpot_s)
+        self._slot[request_id] = size
+        self._ids.append(request_id)
+
+    def leave(self, request_id: str) -> None:
+        slot = self._slot.pop(request_id)
+        last = self._ids.pop()
+        if last != request_id:
+            self._data[:, slot] = self._data[:, len(self._ids)]
+            self._ids[slot] = last
+            self._slot[last] = slot
+
+    def at(self, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+        """(G, SLO target time) per decoding request after ``iterations`` decode iterations."""
+        join, expected, first, tpot = self._data[:, :len(self._ids)]
+        generated = (iterations + 1) - join
+        left = expected - generated
+        remaining = np.where(left > 0, left, REMAINING_FLOOR * expected)
+        return remaining, first + tpot * (generated + remaining - 1)
 
 
 class CostEstimate:

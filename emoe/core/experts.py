@@ -16,9 +16,10 @@ not resident):
   host-to-device copy inside the step, into its layer's ``slots_per_layer[layer]`` slots; when
   the layer is full it first evicts the layer's least recently used expert. ``LruExpertCache``
   implements exactly that rule for backends to use. The backend reports what it did in
-  ``StepResult.fetched_on_miss`` and ``StepResult.evicted_on_miss`` (in order); the planner's
-  ``observe_step`` applies them so ``resident`` stays the backend's truth. An ``lru`` planner
-  never issues loads itself.
+  ``StepResult.fetched_on_miss`` and ``StepResult.evicted_on_miss``, either every fetch and
+  eviction as it happened or only the step's net changes; the planner's ``observe_step``
+  applies them so ``resident`` stays the backend's truth. An ``lru`` planner never issues
+  loads itself.
 
 Memory: the scheduler reserves ``capacity_bytes`` (``slots_per_layer.sum() * expert_bytes``)
 for experts. The one excursion above it is the ``emoe`` planner's first prompt, which loads
@@ -267,11 +268,23 @@ class LruPlanner(ExpertPlanner):
         return None, False
 
     def observe_step(self, result: StepResult) -> None:
-        for layer, expert in result.evicted_on_miss:
-            self.resident[layer, expert] = False
-        for layer, expert in result.fetched_on_miss:
-            self.resident[layer, expert] = True
-        if result.fetched_on_miss:
+        """Apply the backend's fetches and evictions. An expert is only fetched when absent and
+        only evicted when present, so its fetches and evictions alternate and its state after
+        the step is its state before plus fetches less evictions, in whatever order they came:
+        a full record and a net one give the same resident set."""
+        net: dict[ExpertKey, int] = {}
+        for key in result.fetched_on_miss:
+            net[key] = net.get(key, 0) + 1
+        for key in result.evicted_on_miss:
+            net[key] = net.get(key, 0) - 1
+        for (layer, expert), change in net.items():
+            state = int(self.resident[layer, expert]) + change
+            if state not in (0, 1):
+                what = "fetched while resident" if state > 1 else "evicted while not resident"
+                raise ValueError(f"backend reported expert ({layer}, {expert}) {what} "
+                                 f"({change:+d} over the step)")
+            self.resident[layer, expert] = state == 1
+        if net:
             overfull = np.nonzero(self.resident.sum(axis=1) > self.slots_per_layer)[0]
             if overfull.size:
                 raise ValueError(f"backend reported fetches that overfill layer {overfull[0]} "

@@ -8,16 +8,20 @@ first, ties by arrival) and, for ``emoe``, the paper's SLO-protecting check (``a
 - ``sjf``: shortest expected output first (``expected_output_tokens`` or the task mean).
 - ``edf``: earliest first-token deadline (arrival + TTFT SLO) first.
 - ``emoe``: Algorithm 1 as corrected in docs/scheduler.md: requests in order of first-token
-  deadline; a request S is admitted if the token budget allows and no running request that
-  currently meets its SLO would miss it by Eq. 3; a request that fails is skipped and the next
-  one considered (at most ``admission_lookahead`` per step).
+  deadline, those whose deadline has passed behind those that can still meet it; a request S
+  is admitted if the token budget allows and no running request that currently meets its SLO
+  target would miss it by Eq. 3; a request that fails is skipped and the next one considered
+  (at most ``admission_lookahead`` per step).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC
-from bisect import bisect_left, insort
+from bisect import bisect_right
 from typing import ClassVar
+
+import numpy as np
 
 from emoe.core.errors import UnknownNameError
 from emoe.core.estimates import CostEstimate
@@ -27,45 +31,69 @@ from emoe.core.request import Request
 class BatchEstimate:
     """The running batch as Eq. 3 sees it during one step's admissions.
 
-    Each member has G (tokens still expected, ``remaining``) and a deadline: the absolute time
-    by which it finishes if it meets its SLO, ``arrival + ttft + tpot * (expected output - 1)``.
-    ``load_s`` is dE: the expert loading (and predictor time) this step's admissions cause.
+    Each member has G (tokens still expected, ``remaining``) and a target: the time by which it
+    must end to meet its SLO (see ``DecodeTargets``). ``load_s`` is dE: the expert loading (and
+    predictor time) this step's admissions cause.
+
+    Member i's margin is ``target_i - now - G_i (o + n_i c)``: it currently meets its target when
+    the margin is >= 0. A candidate S with G_S and W_S delays every member by
+    ``dE + W c_prefill`` (W: the input tokens of S and of those admitted before it in this
+    step), and a member with G_i <= G_S by ``G_i c`` more (S outlives it: n_i + 1). Sorted by G,
+    the members S outlives are a prefix, so a prefix minimum of ``margin - G c`` and a suffix
+    minimum of ``margin`` over the members that meet their targets answer each candidate in
+    O(log batch); they are rebuilt (vectorised) only after a member is added.
     """
 
-    __slots__ = ("now", "cost", "load_s", "new_input_tokens", "_members", "_sorted_remaining")
+    __slots__ = ("now", "cost", "load_s", "new_input_tokens", "_remaining", "_targets",
+                 "_added", "_sorted", "_outlived_min", "_outliving_min")
 
     def __init__(self, now: float, cost: CostEstimate, load_s: float,
-                 members: list[tuple[float, float]]):
+                 remaining: np.ndarray, targets: np.ndarray):
         self.now = now
         self.cost = cost
         self.load_s = load_s
         self.new_input_tokens = 0
-        self._members = members
-        self._sorted_remaining = sorted(remaining for remaining, _ in members)
+        self._remaining = np.asarray(remaining, dtype=np.float64)
+        self._targets = np.asarray(targets, dtype=np.float64)
+        self._added: list[tuple[float, float]] = []
+        self._sorted: list[float] | None = None
 
-    def add(self, remaining: float, deadline: float, input_tokens: int) -> None:
-        self._members.append((remaining, deadline))
-        insort(self._sorted_remaining, remaining)
+    def add(self, remaining: float, target: float, input_tokens: int) -> None:
+        """A member that is not decoding yet (admitted in this step, or part-way through its
+        prompt) joins the batch for the next candidates' checks."""
+        self._added.append((remaining, target))
         self.new_input_tokens += input_tokens
+        self._sorted = None
 
     def protects_slos_with(self, remaining: float, input_tokens: int) -> bool:
         """True when admitting a request (G = ``remaining``, W = ``input_tokens``) makes no
-        member that meets its deadline now miss it, by Eq. 3."""
-        c_d = self.cost.c_decode
-        overhead = self.cost.iteration_overhead_s
+        member that meets its target now miss it, by Eq. 3."""
+        if self._sorted is None:
+            self._prepare()
+        outlived = bisect_right(self._sorted, remaining)
         delay = self.load_s + (self.new_input_tokens + input_tokens) * self.cost.c_prefill
-        ordered = self._sorted_remaining
-        size = len(ordered)
-        for g, deadline in self._members:
-            finishing_after = size - bisect_left(ordered, g)
-            slack = deadline - self.now
-            if g * (overhead + finishing_after * c_d) > slack:
-                continue
-            if remaining >= g:
-                finishing_after += 1
-            if delay + g * (overhead + finishing_after * c_d) > slack:
-                return False
-        return True
+        return min(self._outlived_min[outlived], self._outliving_min[outlived]) >= delay
+
+    def _prepare(self) -> None:
+        if self._added:
+            remaining, targets = zip(*self._added)
+            self._remaining = np.concatenate([self._remaining, remaining])
+            self._targets = np.concatenate([self._targets, targets])
+            self._added = []
+        g = self._remaining
+        c = self.cost.c_decode
+        order = np.argsort(g, kind="stable")
+        ordered = g[order]
+        finishing_after = len(g) - np.searchsorted(ordered, g, side="left")
+        margin = self._targets - self.now - g * (self.cost.iteration_overhead_s
+                                                 + finishing_after * c)
+        meets = margin >= 0
+        # members S outlives (ordered[:k]) lose G_i c more; the others only the delay
+        outlived = np.where(meets, margin - g * c, np.inf)[order]
+        outliving = np.where(meets, margin, np.inf)[order]
+        self._sorted = ordered.tolist()
+        self._outlived_min = [math.inf, *np.minimum.accumulate(outlived).tolist()]
+        self._outliving_min = [*np.minimum.accumulate(outliving[::-1])[::-1].tolist(), math.inf]
 
 
 class SchedulingPolicy(ABC):
@@ -73,7 +101,10 @@ class SchedulingPolicy(ABC):
     skip_blocked: ClassVar[bool] = False
     """Keep considering later requests when one cannot be admitted (else stop at it)."""
     uses_estimates: ClassVar[bool] = False
-    """The scheduler builds a ``BatchEstimate`` for ``admits`` (costs O(batch) per step)."""
+    """The scheduler builds a ``BatchEstimate`` for ``admits``."""
+    defers_late: ClassVar[bool] = False
+    """``queue_key`` is a first-token deadline; requests past it (they can no longer meet
+    their SLO) wait behind every request that still can."""
 
     def queue_key(self, request: Request, expected_output: float) -> float:
         return request.arrival
@@ -104,6 +135,7 @@ class EmoePolicy(EdfPolicy):
     name = "emoe"
     skip_blocked = True
     uses_estimates = True
+    defers_late = True
 
     def admits(self, request: Request, expected_output: float, batch: BatchEstimate | None) -> bool:
         return batch is None or batch.protects_slos_with(expected_output, request.input_tokens)

@@ -92,19 +92,26 @@ class FrequencyPredictor(ExpertPredictor):
         queue = self._pending.pop(key, None)
         if not queue:
             return
-        observed = np.stack(queue)  # [k, layers, experts]
-        totals = observed.sum(axis=2, keepdims=True)
-        observed = np.divide(observed, totals, out=np.full_like(observed, 1.0 / self.num_experts),
-                             where=totals > 0)
+        estimate = self._estimates.get(key)
+        if len(queue) == 1 and estimate is not None:  # the common case under frequent prediction
+            self._estimates[key] = (estimate * (1.0 - self.decay)
+                                    + self.decay * self._normalised(queue[0]))
+            return
+        observed = self._normalised(np.stack(queue))  # [k, layers, experts]
         k = len(queue)
         weights = self.decay * (1.0 - self.decay) ** np.arange(k - 1, -1, -1)
-        estimate = self._estimates.get(key)
         if estimate is None:
             weights[0] = (1.0 - self.decay) ** (k - 1)
             estimate = np.zeros((self.num_layers, self.num_experts))
         else:
             estimate = estimate * (1.0 - self.decay) ** k
         self._estimates[key] = estimate + np.tensordot(weights, observed, axes=1)
+
+    def _normalised(self, counts: np.ndarray) -> np.ndarray:
+        """Counts over the last axis (experts) as frequencies; uniform where none."""
+        totals = counts.sum(axis=-1, keepdims=True)
+        return np.divide(counts, totals, out=np.full_like(counts, 1.0 / self.num_experts),
+                         where=totals > 0)
 
 
 class LastPromptPredictor(FrequencyPredictor):

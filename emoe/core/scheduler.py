@@ -31,8 +31,9 @@ Contract with the backend (see emoe/core/plan.py for the data):
 
 Per-step work is O(changes): token counts of running requests are derived from one global
 decode-iteration counter, finishes come from heaps, and the decode list is rebuilt only when the
-running set changes. The ``emoe`` policy's Eq. 3 check is the exception: O(batch) per step
-while requests wait.
+running set changes. The ``emoe`` policy's Eq. 3 check costs a few vectorised operations per
+step while requests wait, and O(log batch) per candidate. State is bounded by the live
+(waiting and running) requests: heaps drop stale items once those outnumber the live ones.
 
 Memory: GPU bytes = non-expert weights + ``planner.capacity_bytes`` (reserved for experts) +
 the KV cache of running requests, each reserving ``(input_tokens + output_tokens) *
@@ -46,7 +47,7 @@ import heapq
 import math
 
 from emoe.core.errors import ConfigError, RequestError
-from emoe.core.estimates import CostEstimate, TaskDemand, remaining_tokens
+from emoe.core.estimates import CostEstimate, DecodeTargets, TaskDemand
 from emoe.core.experts import ExpertPlanner, PlannerSetup, make_planner
 from emoe.core.plan import PrefillChunk, StepPlan, StepResult
 from emoe.core.policies import BatchEstimate, make_policy
@@ -62,13 +63,13 @@ UNBOUNDED_ITERATIONS = 1 << 30
 class _Entry:
     """Scheduler-private state of one request."""
 
-    __slots__ = ("request", "expected_output", "kv_bytes", "deadline", "join_iter", "queued")
+    __slots__ = ("request", "expected_output", "kv_bytes", "target", "join_iter", "queued")
 
-    def __init__(self, request: Request, expected_output: int, kv_bytes: int, deadline: float):
+    def __init__(self, request: Request, expected_output: int, kv_bytes: int, target: float):
         self.request = request
         self.expected_output = expected_output
         self.kv_bytes = kv_bytes
-        self.deadline = deadline
+        self.target = target
         self.join_iter = -1
         self.queued = True
 
@@ -112,6 +113,7 @@ class Scheduler:
 
         self._entries: dict[str, _Entry] = {}
         self._waiting: list[tuple[float, int, _Entry]] = []
+        self._late: list[tuple[float, int, _Entry]] = []
         self._num_waiting = 0
         self._seq = 0
         self._decoding: dict[str, _Entry] = {}
@@ -120,6 +122,7 @@ class Scheduler:
         self._iters = 0
         self._max_end: list[tuple[int, int, _Entry]] = []
         self._expected_end: list[tuple[int, int, _Entry]] = []
+        self._targets = DecodeTargets()
         self._demand: dict[str, list[int]] = {}
         self._admission_blocked = False
         self._inflight: StepPlan | None = None
@@ -180,8 +183,10 @@ class Scheduler:
             request.status, request.reason = RequestStatus.REJECTED, reason
             self._rejected.append((request.id, reason))
             return
-        deadline = request.arrival + request.slo.ttft_s + request.slo.tpot_s * (expected - 1)
-        entry = _Entry(request, expected, kv_bytes, deadline)
+        # Eq. 3's target until the first token (then DecodeTargets'): the end of a request that
+        # meets both SLOs with its expected output
+        target = request.arrival + request.slo.ttft_s + request.slo.tpot_s * (expected - 1)
+        entry = _Entry(request, expected, kv_bytes, target)
         request.status = RequestStatus.WAITING
         self._entries[request.id] = entry
         self._seq += 1
@@ -200,6 +205,8 @@ class Scheduler:
         if entry.queued:
             entry.queued = False
             self._num_waiting -= 1
+            for heap in (self._waiting, self._late):
+                _compact(heap, self._num_waiting, _is_queued)
         else:
             request.generated_tokens = self._generated(entry)
             self._release(entry)
@@ -299,12 +306,18 @@ class Scheduler:
         policy, config = self.policy, self.config
         seats = config.max_num_seqs - len(self._decoding) - len(plan.prefill)
         batch = self._batch_estimate(now) if policy.uses_estimates else None
+        waiting, late = self._waiting, self._late
+        if policy.defers_late:
+            while waiting and waiting[0][0] < now:
+                heapq.heappush(late, heapq.heappop(waiting))
         admitted: list[_Entry] = []
-        skipped: list[tuple[float, int, _Entry]] = []
+        skipped: list[tuple[list, tuple[float, int, _Entry]]] = []
         looked = 0
         blocked = False
-        while self._waiting and seats > 0 and budget > 0 and looked < config.admission_lookahead:
-            item = heapq.heappop(self._waiting)
+        while (waiting or late) and seats > 0 and budget > 0 \
+                and looked < config.admission_lookahead:
+            heap = waiting if waiting else late
+            item = heapq.heappop(heap)
             entry = item[2]
             if not entry.queued:
                 continue
@@ -312,7 +325,7 @@ class Scheduler:
             request = entry.request
             fits = self.kv_used_bytes + entry.kv_bytes <= self.kv_capacity_bytes
             if not fits or not policy.admits(request, entry.expected_output, batch):
-                skipped.append(item)
+                skipped.append((heap, item))
                 blocked = True
                 if policy.skip_blocked:
                     continue
@@ -330,12 +343,12 @@ class Scheduler:
             seats -= 1
             admitted.append(entry)
             if batch is not None:
-                batch.add(entry.expected_output, entry.deadline, request.input_tokens)
+                batch.add(entry.expected_output, entry.target, request.input_tokens)
             if take < request.input_tokens:
                 self._partial = entry
                 break
-        for item in skipped:
-            heapq.heappush(self._waiting, item)
+        for heap, item in skipped:
+            heapq.heappush(heap, item)
         self._admission_blocked = blocked and not admitted and not policy.uses_estimates
         if admitted:
             change = self.planner.plan(
@@ -347,12 +360,10 @@ class Scheduler:
     def _batch_estimate(self, now: float) -> BatchEstimate:
         loads, predicts = self.planner.admission_cost()
         load_s = self.cost.load_s(loads) + (self.cost.predictor_s if predicts else 0.0)
-        iters = self._iters
-        members = [(remaining_tokens(e.expected_output, 1 + iters - e.join_iter), e.deadline)
-                   for e in self._decoding.values()]
+        batch = BatchEstimate(now, self.cost, load_s, *self._targets.at(self._iters))
         if self._partial is not None:
-            members.append((float(self._partial.expected_output), self._partial.deadline))
-        return BatchEstimate(now, self.cost, load_s, members)
+            batch.add(self._partial.expected_output, self._partial.target, 0)
+        return batch
 
     def _task_demand(self) -> dict[str, TaskDemand]:
         return {task: TaskDemand(count, inputs, self.tasks[task].mean_output_tokens)
@@ -384,8 +395,11 @@ class Scheduler:
         self._seq += 1
         heapq.heappush(self._max_end,
                        (entry.join_iter + request.output_tokens - 1, self._seq, entry))
-        heapq.heappush(self._expected_end,
-                       (entry.join_iter + math.ceil(entry.expected_output) - 1, self._seq, entry))
+        if self.policy.uses_estimates:
+            heapq.heappush(self._expected_end, (entry.join_iter + math.ceil(entry.expected_output)
+                                                - 1, self._seq, entry))
+            self._targets.join(request.id, entry.join_iter, entry.expected_output,
+                               request.first_token_at, request.slo.tpot_s)
 
     def _generated(self, entry: _Entry) -> int:
         if entry.join_iter < 0:
@@ -408,6 +422,29 @@ class Scheduler:
         self._demand[request.task][1] -= request.input_tokens
         if self._decoding.pop(request.id, None) is not None:
             self._decode_ids = list(self._decoding)
+            live = len(self._decoding)
+            _compact(self._max_end, live, self._is_decoding)
+            if self.policy.uses_estimates:
+                self._targets.leave(request.id)
+                _compact(self._expected_end, live, self._is_expected_later)
         if self._partial is entry:
             self._partial = None
         self._admission_blocked = False
+
+    def _is_decoding(self, item: tuple[int, int, _Entry]) -> bool:
+        return self._decoding.get(item[2].request.id) is item[2]
+
+    def _is_expected_later(self, item: tuple[int, int, _Entry]) -> bool:
+        return item[0] > self._iters and self._is_decoding(item)
+
+
+def _is_queued(item: tuple[float, int, _Entry]) -> bool:
+    return item[2].queued
+
+
+def _compact(heap: list, live: int, keep) -> None:
+    """Drop a heap's stale items once they outnumber its live ones (amortised O(1) per item),
+    so the scheduler holds nothing of requests that have left."""
+    if len(heap) > 2 * live:
+        heap[:] = [item for item in heap if keep(item)]
+        heapq.heapify(heap)

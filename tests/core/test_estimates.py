@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from emoe.core.estimates import (CostEstimate, TaskDemand, expected_expert_tokens,
-                                 remaining_tokens, top_experts)
+from emoe.core.estimates import (CostEstimate, DecodeTargets, TaskDemand,
+                                 expected_expert_tokens, top_experts)
 from emoe.core.specs import HardwareSpec, ModelSpec
 
 
@@ -33,12 +33,6 @@ def test_top_experts_per_layer_breaks_ties_by_lower_index():
                                   [[True, True, True], [True, False, False]])
 
 
-def test_remaining_tokens_counts_down_then_floors_at_five_percent():
-    assert remaining_tokens(100, 30) == 70
-    assert remaining_tokens(100, 100) == pytest.approx(5.0)
-    assert remaining_tokens(100, 250) == pytest.approx(5.0)
-
-
 def _specs():
     model = ModelSpec("m", num_layers=2, num_experts=4, top_k=2, expert_bytes=1000,
                       non_expert_bytes=1, kv_bytes_per_token=1)
@@ -64,3 +58,34 @@ def test_cost_estimate_scales_toward_observed_step_times():
     assert cost.iteration_overhead_s == pytest.approx(0.015)
     cost.observe_step(100, 4, 3, compute_s=2 * modelled)
     assert cost.scale == pytest.approx(1.75)
+
+
+def test_decode_targets_follow_g_and_the_tpot_slo():
+    t = DecodeTargets()
+    t.join("a", join_iter=0, expected_output=4, first_token_at=1.0, tpot_s=0.1)
+    t.join("b", join_iter=2, expected_output=20, first_token_at=2.0, tpot_s=0.5)
+    t.join("c", join_iter=2, expected_output=8, first_token_at=2.0, tpot_s=0.5)
+    t.leave("a")
+    t.join("a", join_iter=0, expected_output=4, first_token_at=1.0, tpot_s=0.1)
+    t.leave("b")
+    assert len(t) == 2
+    remaining, targets = t.at(iterations=2)
+    # c: 1 token, G = 7, target 2 + 0.5 * 7; a: 3 tokens, G = 1, target 1 + 0.1 * 3
+    np.testing.assert_allclose(remaining, [7, 1])
+    np.testing.assert_allclose(targets, [5.5, 1.3])
+    remaining, targets = t.at(iterations=10)
+    # a: 11 tokens, G rests at 0.2, target moves on with every token: 1 + 0.1 * (11 + 0.2 - 1)
+    # c: 9 tokens of 8 expected, G rests at 0.4
+    np.testing.assert_allclose(remaining, [0.4, 0.2])
+    np.testing.assert_allclose(targets, [2 + 0.5 * 8.4, 1 + 0.1 * 10.2])
+
+
+def test_decode_targets_grow_past_their_initial_capacity():
+    t = DecodeTargets()
+    for i in range(200):
+        t.join(str(i), join_iter=i, expected_output=10, first_token_at=0.0, tpot_s=1.0)
+    for i in range(0, 200, 2):
+        t.leave(str(i))
+    remaining, _ = t.at(iterations=200)
+    # odd i left; generated 201 - i, so G = i - 191 for i = 193 .. 199, else the floor 0.5
+    assert sorted(remaining.tolist()) == [0.5] * 96 + [2.0, 4.0, 6.0, 8.0]

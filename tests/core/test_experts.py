@@ -170,6 +170,44 @@ def test_lru_never_loads_and_mirrors_backend_fetches():
         p.observe_step(StepResult(2, 3, fetched_on_miss=[(0, 3)]))
 
 
+def test_lru_applies_a_full_record_of_fetches_and_evictions_within_a_step():
+    p = planner("lru")  # 2 slots per layer
+    p.observe_step(StepResult(0, 1, fetched_on_miss=[(0, 0), (0, 1)]))
+    # one step, in order: fetch 2 (evict 0), fetch 3 (evict 2), fetch 0 (evict 1)
+    record = StepResult(1, 2, fetched_on_miss=[(0, 2), (0, 3), (0, 0)],
+                        evicted_on_miss=[(0, 0), (0, 2), (0, 1)])
+    p.observe_step(record)
+    np.testing.assert_array_equal(p.resident[0], [1, 0, 0, 1])
+
+
+def test_lru_net_and_full_records_give_the_same_resident_set():
+    full, net = planner("lru"), planner("lru")
+    for p in (full, net):
+        p.observe_step(StepResult(0, 1, fetched_on_miss=[(1, 0), (1, 1)]))
+    cache = LruExpertCache([2, 2], resident=full.resident)
+    cache.access(1, 0)
+    fetched, evicted = [], []
+    for expert in (2, 3, 1, 2):
+        hit, victim = cache.access(1, expert)
+        if victim is not None:
+            evicted.append((1, victim))
+        if not hit:
+            fetched.append((1, expert))
+    full.observe_step(StepResult(1, 2, fetched_on_miss=fetched, evicted_on_miss=evicted))
+    net.observe_step(StepResult(1, 2, fetched_on_miss=[(1, 2)], evicted_on_miss=[(1, 0)]))
+    np.testing.assert_array_equal(full.resident, net.resident)
+    assert sorted(cache.resident(1)) == [1, 2]
+    np.testing.assert_array_equal(full.resident[1], [0, 1, 1, 0])
+
+
+def test_lru_rejects_an_impossible_record():
+    p = planner("lru")
+    with pytest.raises(ValueError, match=r"expert \(0, 1\) evicted while not resident"):
+        p.observe_step(StepResult(0, 1, evicted_on_miss=[(0, 1)]))
+    with pytest.raises(ValueError, match=r"expert \(0, 1\) fetched while resident"):
+        p.observe_step(StepResult(0, 1, fetched_on_miss=[(0, 1), (0, 1)]))
+
+
 def test_lru_cache_evicts_least_recently_used_of_the_layer():
     cache = LruExpertCache([2, 1])
     assert cache.access(0, 1) == (False, None)

@@ -293,3 +293,35 @@ def test_backend_residency_follows_plans():
     run(s, requests, backend)
     assert backend.resident == {tuple(k) for k in np.argwhere(s.planner.resident)}
     assert len(backend.resident) == 8
+
+
+# -- bounded state ----------------------------------------------------------------------------
+
+def held(s):
+    """Items in the scheduler's per-request containers."""
+    return {"waiting": len(s._waiting) + len(s._late), "max_end": len(s._max_end),
+            "expected_end": len(s._expected_end), "targets": len(s._targets),
+            "decoding": len(s._decoding), "entries": len(s._entries)}
+
+
+@pytest.mark.parametrize("scheduling", ["fcfs", "emoe"])
+def test_state_is_bounded_by_live_requests(scheduling):
+    rng = np.random.default_rng(3)
+    s = scheduler(scheduling=scheduling, max_num_seqs=4)
+    requests = [make_request(str(i), float(t), input_tokens=int(rng.integers(1, 30)),
+                             output_tokens=int(rng.integers(1, 30)))
+                for i, t in enumerate(np.cumsum(rng.exponential(0.02, 1500)))]
+    worst = []
+
+    class Checking(LoopBackend):
+        def execute(self, plan, now, next_arrival, by_id):
+            if requests[int(now * 7) % len(requests)].status is RequestStatus.WAITING:
+                s.abort(requests[int(now * 7) % len(requests)].id)
+            live = len(s._entries)  # waiting, prefilling or decoding
+            worst.append(max(held(s).values()) - 2 * live)
+            return super().execute(plan, now, next_arrival, by_id)
+
+    run(s, requests, Checking(eos_at={r.id: 2 for r in requests[::3]}))
+    assert sum(r.status is RequestStatus.ABORTED for r in requests) > 10
+    assert max(worst) <= 0
+    assert held(s) == dict.fromkeys(held(s), 0)
