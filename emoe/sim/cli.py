@@ -96,6 +96,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--json", type=Path, default=None, help="run summaries as JSON")
     run.add_argument("--plots", type=Path, default=None, metavar="DIR",
                      help="write comparison plots (PNG) to DIR")
+    run.add_argument("--export-policy", type=Path, default=None, metavar="FILE",
+                     help="write the best run's policy file (highest SLO attainment, then "
+                          "accuracy proxy, then goodput) for `emoe serve --policy`")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
@@ -153,7 +156,17 @@ def run_sim(args: argparse.Namespace) -> int:
         written = write_plots([o.summary for o in outcomes], args.plots,
                               title=f"{model.name} on {hardware.name}, {workload.describe()}")
         print("plots: " + ", ".join(str(p) for p in written), file=sys.stdout)
+    if args.export_policy is not None:
+        best = max(outcomes, key=_ranking)
+        best.config.policy(best.model).to_file(args.export_policy)
+        print(f"policy: {best.summary.name} (best SLO attainment) written to {args.export_policy}")
     return 0
+
+
+def _ranking(outcome) -> tuple[float, float, float]:
+    summary = outcome.summary
+    accuracy = summary.accuracy_proxy if summary.accuracy_proxy is not None else 1.0
+    return (summary.slo_attainment, accuracy, summary.goodput_rps)
 
 
 def _configs(base, args: argparse.Namespace) -> list:

@@ -84,3 +84,23 @@ def test_azure_trace_window(capsys):
                "--scheduler", "fcfs", "--no-progress"])
     assert rc == 0
     assert "requests over" in capsys.readouterr().out
+
+
+def test_exported_policy_is_the_best_run_and_replays_identically(tmp_path, capsys):
+    from emoe.core.policy_file import PolicyConfig
+
+    trace = write_trace(tmp_path / "trace.csv", rows=40)
+    policy, grid, again = tmp_path / "best.json", tmp_path / "grid.json", tmp_path / "again.json"
+    assert main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "lru,emoe",
+                 "--json", str(grid), "--export-policy", str(policy), "--no-progress"]) == 0
+    runs = {run["name"]: run for run in json.loads(grid.read_text())}
+    assert runs["fcfs/emoe"]["slo_attainment"] > runs["fcfs/lru"]["slo_attainment"]
+    exported = PolicyConfig.from_file(policy)
+    assert (exported.scheduling, exported.planner) == ("fcfs", "emoe")
+    assert "written to" in capsys.readouterr().out
+
+    assert main(["sim", "--trace", str(trace), "--policy", str(policy), "--json", str(again),
+                 "--no-progress"]) == 0
+    replayed = json.loads(again.read_text())[0]
+    for key in ("slo_attainment", "finished", "hit_rate", "accuracy_proxy"):
+        assert replayed[key] == runs["fcfs/emoe"][key]
