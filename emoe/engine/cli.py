@@ -11,6 +11,7 @@ import importlib
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("generate", "emoe.engine.generate_cmd", "generate tokens from a Hugging Face checkpoint folder"),
+    ("model", "emoe.engine.reference.cli", "train or evaluate the reference model (train-tiny, eval-tiny)"),
 )
 
 
