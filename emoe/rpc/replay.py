@@ -3,8 +3,8 @@
 Each trace request is sent at its recorded arrival time (divided by ``rate_scale``) as token
 ids: ``input_tokens`` random non-special ids, ``max_tokens = output_tokens`` with EOS ignored,
 so the service generates exactly the trace's output length. A request that does not fit the
-model's context has its prompt shortened to fit (counted and reported). Results are the
-simulator's per-request columns (emoe.core.metrics) and its summary table, times in seconds
+model's context is shortened to fit, prompt first, then output (counted and reported). Results
+are the simulator's per-request columns (emoe.core.metrics) and its summary table, times in seconds
 from the replay's start:
 
     arrival_s         when the request was sent
@@ -47,14 +47,14 @@ class _Replay:
         self.start = 0.0
 
     def prompt(self, request: Request) -> list[int]:
-        room = self.model.max_context - request.output_tokens
-        n = request.input_tokens
-        if n > room:
-            n = max(room, 1)
+        context = self.model.max_context
+        if request.input_tokens + request.output_tokens > context:
+            request.output_tokens = min(request.output_tokens, context - 1)
+            request.input_tokens = min(request.input_tokens, context - request.output_tokens)
             self.shortened += 1
-            request.input_tokens = n
         high = max(self.model.vocab_size - 1, FIRST_NON_SPECIAL_ID)
-        return [self.rng.randint(FIRST_NON_SPECIAL_ID, high) for _ in range(n)]
+        return [self.rng.randint(FIRST_NON_SPECIAL_ID, high)
+                for _ in range(request.input_tokens)]
 
     async def send(self, request: Request, prompt: list[int]) -> Request:
         message = generate_request(
@@ -112,7 +112,8 @@ async def replay(requests: Iterable[Request], client: EmoeClient, metrics: Metri
     while pending:
         await asyncio.wait(set(pending))
     if run.shortened:
-        log.warning("%d prompts were shortened to fit the model's context of %d tokens",
+        log.warning("%d requests were shortened (prompt first, then output) to fit the "
+                    "model's context of %d tokens",
                     run.shortened, info.model.max_context)
     return time.monotonic() - run.start
 

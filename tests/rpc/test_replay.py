@@ -50,3 +50,17 @@ async def test_replay_sends_at_arrival_times_and_writes_simulator_columns(tmp_pa
     assert float(by_id[6]["arrival_s"]) < 1.0  # the 2.0 s arrival was past the limit
     printed = capsys.readouterr().out
     assert "replay trace.csv" in printed and "7" in printed
+
+
+async def test_replay_fits_an_output_longer_than_the_context(tmp_path):
+    trace = tmp_path / "long.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens,task\n0.0,40,100,conversation\n")
+    out = tmp_path / "results.csv"
+    async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
+        client = EmoeClient(f"127.0.0.1:{server.port}")
+        assert await replay_file(trace, client, out=out) == 0
+    with out.open() as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "finished"
+    assert (int(row["input_tokens"]), int(row["output_tokens"])) == (1, 63)
+    assert int(row["generated_tokens"]) == 63

@@ -45,15 +45,17 @@ class SystemCounters:
 
     ``elapsed_s``: the run's duration (simulated or wall-clock); when None, the span from the
     first arrival to the last request's end is used. ``synthetic_routing``: whether expert
-    hits and misses came from synthetic routing rather than recorded routing traces.
+    hits and misses came from synthetic routing rather than recorded routing traces. The
+    memory, PCIe and predictor counters are None where the caller did not measure them (a
+    replay client cannot see the server's GPU).
     """
 
     elapsed_s: float | None = None
-    peak_gpu_bytes: int = 0
-    mean_gpu_bytes: float = 0.0
-    pcie_bytes: int = 0
-    pcie_busy_s: float = 0.0
-    predictor_invocations: int = 0
+    peak_gpu_bytes: int | None = None
+    mean_gpu_bytes: float | None = None
+    pcie_bytes: int | None = None
+    pcie_busy_s: float | None = None
+    predictor_invocations: int | None = None
     synthetic_routing: bool = False
 
 

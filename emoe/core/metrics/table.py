@@ -46,9 +46,9 @@ def format_summary(s: Summary) -> str:
         "",
         f"experts: hit rate {_pct(s.hit_rate)} ({s.expert_hits} hits, {s.expert_misses} misses),"
         f" accuracy proxy {_pct(s.accuracy_proxy)}; routing {routing}",
-        f"GPU memory: peak {sys.peak_gpu_bytes / GIB:.2f} GiB, mean {sys.mean_gpu_bytes / GIB:.2f}"
-        f" GiB; PCIe: {sys.pcie_bytes / GIB:.2f} GiB moved, busy {sys.pcie_busy_s:.1f} s; "
-        f"predictor: {sys.predictor_invocations} calls",
+        f"GPU memory: peak {_gib(sys.peak_gpu_bytes)}, mean {_gib(sys.mean_gpu_bytes)}; "
+        f"PCIe: {_gib(sys.pcie_bytes)} moved, busy {_num(sys.pcie_busy_s, 1)} s; "
+        f"predictor: {_count(sys.predictor_invocations)} calls",
     ]
     if s.not_finished:
         lines.append("not finished: " + ", ".join(f"{reason} {n}"
@@ -70,8 +70,8 @@ def format_comparison(summaries: Sequence[Summary]) -> str:
              _num(s.goodput_rps, 3), _num(s.throughput_rps, 3), _num(s.tokens_per_s, 1),
              _num(s.ttft.p50, 3), _num(s.ttft.p99, 3), _num(s.tpot.p50 * 1e3, 1),
              _num(s.tpot.p99 * 1e3, 1), _num(s.e2e.p99, 2), _pct(s.hit_rate, sign=False),
-             _pct(s.accuracy_proxy, sign=False), f"{s.system.peak_gpu_bytes / GIB:.2f}",
-             f"{s.system.pcie_bytes / GIB:.2f}", str(s.system.predictor_invocations)]
+             _pct(s.accuracy_proxy, sign=False), _num(_in_gib(s.system.peak_gpu_bytes), 2),
+             _num(_in_gib(s.system.pcie_bytes), 2), _count(s.system.predictor_invocations)]
             for i, s in enumerate(summaries)]
     return format_table(COMPARISON_HEADERS, rows)
 
@@ -87,3 +87,15 @@ def _num(value: float | None, digits: int) -> str:
 
 def _pct(value: float | None, sign: bool = True) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}{'%' if sign else ''}"
+
+
+def _in_gib(value: float | None) -> float | None:
+    return None if value is None else value / GIB
+
+
+def _gib(value: float | None) -> str:
+    return "not measured" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
