@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup sim test bench clean protos
+.PHONY: setup sim test clean protos
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
