@@ -1,11 +1,13 @@
 """Decode and prefill throughput of the emoe engine vs transformers' generate() on one checkpoint.
 
-    .venv/bin/python benchmarks/engine_throughput.py [--checkpoint DIR] [--threads 2]
+    .venv/bin/python benchmarks/engine_throughput.py [--checkpoint DIR | --random] [--threads 2]
 
 Without --checkpoint it uses the reference model in emoe/engine/reference/emoe-tiny when that
-exists, else a random Mixtral-layout model (6 layers, hidden 256, 8 experts of 512, top-2,
-vocab 4096) saved to a temp folder. Both sides run float32 on CPU, greedy, same prompts; each
-number is the median of --repeats timed runs (interleaved emoe/transformers) after a warm-up.
+exists (--random skips it), else a random Mixtral-layout model (6 layers, hidden 256, 8 experts
+of 512, top-2, vocab 4096) saved to a temp folder. Both sides run float32 on CPU, greedy, the
+same prompts and number of new tokens; transformers with its KV cache and default (sdpa)
+attention. Each number is the median of --repeats timed runs (interleaved emoe/transformers)
+after a warm-up of each. The prefill prompt is cut to the model's context when that is shorter.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def _median_times(ours, theirs, repeats: int) -> tuple[float, float]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--checkpoint", type=Path)
+    p.add_argument("--random", action="store_true", help="use the random model even if the reference exists")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -55,7 +58,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from transformers import AutoModelForCausalLM
 
-    folder = args.checkpoint or (REFERENCE if (REFERENCE / "config.json").is_file() else None)
+    folder = args.checkpoint
+    if folder is None and not args.random and (REFERENCE / "config.json").is_file():
+        folder = REFERENCE
     if folder is None:
         folder = Path(tempfile.mkdtemp()) / "random-moe"
         save_hf(MoEModel(RANDOM).init_weights(generator=torch.Generator().manual_seed(0)), folder)
@@ -79,20 +84,20 @@ def main() -> None:
                 lambda: engine.generate(prompts.tolist(), sampling),
                 lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),
                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                    do_sample=False, pad_token_id=0), args.repeats)
+                                    do_sample=False, use_cache=True, pad_token_id=0), args.repeats)
         tokens = batch * args.new_tokens
         rows.append((f"decode batch {batch} ({args.prompt_len}-token prompts, {args.new_tokens} new)",
                      tokens / ours, tokens / theirs))
 
-    prompt = torch.randint(3, cfg.vocab_size, (1, args.prefill_len), generator=g)
-    engine = Engine(model, max_batch_size=1, max_seq_len=args.prefill_len + 1, prefill_chunk=args.prefill_len)
+    prefill_len = min(args.prefill_len, cfg.max_position_embeddings - 1)
+    prompt = torch.randint(3, cfg.vocab_size, (1, prefill_len), generator=g)
+    engine = Engine(model, max_batch_size=1, max_seq_len=prefill_len + 1, prefill_chunk=prefill_len)
     with torch.inference_mode():
         ours, theirs = _median_times(
-            lambda: engine.generate(prompt.tolist(), SamplingParams(max_new_tokens=1)),
+            lambda: engine.generate(prompt.tolist(), SamplingParams(max_new_tokens=1, ignore_eos=True)),
             lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1,
-                                do_sample=False, pad_token_id=0), args.repeats)
-    rows.append((f"prefill {args.prefill_len}-token prompt (+1 token)", args.prefill_len / ours,
-                 args.prefill_len / theirs))
+                                do_sample=False, use_cache=True, pad_token_id=0), args.repeats)
+    rows.append((f"prefill {prefill_len}-token prompt (+1 token)", prefill_len / ours, prefill_len / theirs))
 
     print(f"{'':52s} {'emoe tok/s':>11s} {'hf tok/s':>10s} {'speedup':>8s}")
     for name, a, b in rows:

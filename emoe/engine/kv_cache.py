@@ -5,12 +5,15 @@ layer, allocated once at engine start (``k``/``v`` [L, S, Hkv, P, D]). A request
 when its prefill starts and gives it back when it finishes, so memory is bounded by the slot
 count and never fragments; nothing is allocated per step.
 
-A step's tokens are flat: the batch's decode tokens first (one per request, attended together
-with a length mask), then each prefill chunk (attended causally against its own slot's prefix).
+A step's tokens are flat: the batch's decode tokens first (one per request, attended together:
+a view of the cache when their slots are one ascending range, with a length mask unless all have
+the same length), then each prefill chunk (attended causally against its own slot's prefix).
+Decode reads only the filled positions (up to the batch's longest context), never ``max_seq_len``.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +35,7 @@ class SlotKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, Hkv, P, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, S, Hkv, P, D]
         self.num_slots, self.max_seq_len = num_slots, max_seq_len
-        self._free = list(range(num_slots - 1, -1, -1))
+        self._free = list(range(num_slots))  # a min-heap: requests get the lowest free slots
 
     @property
     def num_free(self) -> int:
@@ -45,12 +48,12 @@ class SlotKVCache:
     def allocate(self) -> int:
         if not self._free:
             raise CacheFullError(f"all {self.num_slots} KV slots are in use")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
     def release(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
 
 @dataclass(frozen=True)
@@ -79,12 +82,21 @@ class StepBatch:
             positions.extend(range(start, start + n))
         self.positions = torch.tensor(positions, dtype=torch.long, device=device)  # [N]
         if self.num_decode:
-            self.context = max(positions[:self.num_decode]) + 1
+            lengths = [pos + 1 for pos in positions[:self.num_decode]]
+            self.context = max(lengths)
         if self.num_decode > 1:
-            self.decode_slots = torch.tensor([s for s, _ in decode], device=device)  # [B]
-            lengths = self.positions[:self.num_decode] + 1  # [B]
-            self.decode_mask = (torch.arange(self.context, device=device)[None, :]
-                                < lengths[:, None])[:, None, None, :]  # [B, 1, 1, C]
+            slots = [slot for slot, _ in decode]
+            self.decode_slots = torch.tensor(slots, device=device)  # [B]
+            # slots forming one ascending range (the common case: the cache hands out the lowest
+            # free slot) are read through a view of the cache; any other order is gathered
+            first = slots[0]
+            self.decode_range = (slice(first, first + len(slots))
+                                 if slots == list(range(first, first + len(slots))) else None)
+            self.decode_mask = None  # equal lengths attend to the whole context
+            if min(lengths) < self.context:
+                limit = self.positions[:self.num_decode, None] + 1  # [B, 1]
+                self.decode_mask = (torch.arange(self.context, device=device)[None, :]
+                                    < limit)[:, None, None, :]  # [B, 1, 1, C]
 
     @property
     def num_tokens(self) -> int:
@@ -104,10 +116,15 @@ class StepBatch:
                 q[:1, :, None, :], kc[slot:slot + 1, :, :self.context], vc[slot:slot + 1, :, :self.context],
                 enable_gqa=gqa)[:, :, 0])  # [1, Hq, D]
         elif nd:
-            kc[self.decode_slots, :, self.positions[:nd]] = k[:nd]
-            vc[self.decode_slots, :, self.positions[:nd]] = v[:nd]
-            kd = kc[self.decode_slots, :, :self.context]  # [B, Hkv, C, D]
-            vd = vc[self.decode_slots, :, :self.context]  # [B, Hkv, C, D]
+            positions = self.positions[:nd]  # [B]
+            kc[self.decode_slots, :, positions] = k[:nd]
+            vc[self.decode_slots, :, positions] = v[:nd]
+            if self.decode_range is not None:
+                kd = kc[self.decode_range, :, :self.context]  # [B, Hkv, C, D] (a view)
+                vd = vc[self.decode_range, :, :self.context]  # [B, Hkv, C, D]
+            else:
+                kd = kc[:, :, :self.context].index_select(0, self.decode_slots)  # [B, Hkv, C, D]
+                vd = vc[:, :, :self.context].index_select(0, self.decode_slots)  # [B, Hkv, C, D]
             outs.append(F.scaled_dot_product_attention(q[:nd, :, None, :], kd, vd, attn_mask=self.decode_mask,
                                                        enable_gqa=gqa)[:, :, 0])  # [B, Hq, D]
         for s in self.segments:

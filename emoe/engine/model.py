@@ -74,14 +74,16 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = emb.cos(), emb.sin()
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # [..., D]
+        """positions [...] -> cos, signed sin [..., 1, D] for :func:`apply_rotary` (once per forward)."""
+        half = self.head_dim // 2
+        sin = self.sin[positions]  # [..., D]
+        sin[..., :half].neg_()  # rotate_half(x) * sin == roll(x, D/2) * [-sin_lo, sin_hi]
+        return self.cos[positions].unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [..., heads, D], cos/sin [..., D]."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rotary(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """x [..., heads, D], cos/signed_sin [..., 1, D] from :class:`RotaryEmbedding`."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -136,10 +138,10 @@ class ExpertWeights(nn.Module):
 
 def route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     """Top-k softmax routing: router_logits [T, E] -> gate weights [T, K] (float32), ids [T, K]."""
-    probs = router_logits.float().softmax(dim=-1)  # [T, E]
-    weights, ids = probs.topk(top_k, dim=-1)  # [T, K] x2
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if normalize:  # renormalised top-k of the softmax == softmax over the top-k logits
+        top_logits, ids = router_logits.float().topk(top_k, dim=-1)  # [T, K] x2
+        return top_logits.softmax(dim=-1), ids
+    weights, ids = router_logits.float().softmax(dim=-1).topk(top_k, dim=-1)  # [T, K] x2
     return weights, ids
 
 
@@ -273,7 +275,7 @@ class MoEModel(nn.Module):
         """input_ids [B, T] -> logits [B, T, V] (and per-layer router logits [B*T, E])."""
         x = self.embed_tokens(input_ids)  # [B, T, H]
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        cos, sin = self.rotary(positions, x.dtype)  # [T, D] x2
+        cos, sin = self.rotary(positions, x.dtype)  # [T, 1, D] x2
         router_logits = []
         for layer in self.layers:
             x, rl = layer(x, cos, sin, None)
@@ -291,7 +293,7 @@ class MoEModel(nn.Module):
         router logits [N, E]).
         """
         x = self.embed_tokens(input_ids)  # [N, H]
-        cos, sin = self.rotary(positions, x.dtype)  # [N, D] x2
+        cos, sin = self.rotary(positions, x.dtype)  # [N, 1, D] x2
         router_logits = []
         for layer in self.layers:
             x, rl = layer(x, cos, sin, kv)

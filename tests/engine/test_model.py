@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
@@ -98,3 +99,24 @@ def test_training_forward_backward_reaches_experts_router_and_shared_expert():
     moe = model.layers[1].moe
     for p in (moe.experts.w1, moe.experts.w2, moe.gate.weight, moe.shared.gate.weight, model.embed_tokens.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("slots, lengths", [
+    ([0, 1, 2], [4, 4, 4]),  # one ascending slot range, equal lengths: a view of the cache, no mask
+    ([1, 2, 3], [3, 6, 4]),  # ascending range, different lengths: a view with a length mask
+    ([2, 0, 3], [5, 2, 6]),  # out of order with a gap: gathered rows
+])
+def test_batched_decode_over_slot_layouts(slots, lengths):
+    """Decode tokens in any slot order attend to their own slot's prefix only."""
+    model = _model()
+    cache = SlotKVCache(CFG, 4, 16)
+    gen = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, CFG.vocab_size, (n + 1,), generator=gen) for n in lengths]
+    with torch.no_grad():
+        for slot, seq in zip(slots, seqs):  # prefill all but the last token into the slot
+            n = len(seq) - 1
+            model.forward_step(seq[:-1], torch.arange(n), StepBatch(cache, [], [(slot, 0, n)], "cpu"))
+        batch = StepBatch(cache, [(slot, len(seq) - 1) for slot, seq in zip(slots, seqs)], [], "cpu")
+        logits = model.forward_step(torch.stack([seq[-1] for seq in seqs]), batch.positions, batch)  # [3, V]
+        for row, seq in enumerate(seqs):
+            torch.testing.assert_close(logits[row], model(seq[None])[0, -1], atol=1e-5, rtol=0)
