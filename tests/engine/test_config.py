@@ -7,7 +7,7 @@ import pytest
 from emoe.core.errors import ConfigError
 from emoe.engine.config import MoEConfig
 
-from conftest import FAMILIES, make_hf_model
+from .conftest import FAMILIES, make_hf_model
 
 
 def test_from_transformers_configs(family):

@@ -10,7 +10,7 @@ from emoe.engine.engine import Engine
 from emoe.engine.kv_cache import SlotKVCache, StepBatch
 from emoe.engine.sampling import SamplingParams
 
-from conftest import VOCAB
+from .conftest import VOCAB
 
 ATOL = 1e-4
 
