@@ -11,6 +11,9 @@ import importlib
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("generate", "emoe.engine.generate_cmd", "generate tokens from a Hugging Face checkpoint folder"),
+    ("eval", "emoe.engine.evaluate", "accuracy of expert offloading policies and budgets vs all experts"),
+    ("profile", "emoe.engine.profile", "measure step time, expert copies and memory for the simulator"),
+    ("record-routing", "emoe.engine.routing", "record a routing trace of the reference tasks"),
     ("model", "emoe.engine.reference.cli", "train or evaluate the reference model (train-tiny, eval-tiny)"),
 )
 

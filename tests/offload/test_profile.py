@@ -1,0 +1,32 @@
+"""``emoe profile`` output loads through emoe.core.profile and feeds the simulator's specs."""
+
+from __future__ import annotations
+
+from emoe.core.profile import load_profile, write_profile
+from emoe.core.specs import get_hardware, get_model
+from emoe.engine.profile import profile_model
+
+from .conftest import TINY, tiny_model
+
+
+def test_profile_round_trips_through_core_profile(tmp_path):
+    profile = profile_model(tiny_model(), "tiny", repeats=1, max_batch_size=4,
+                            prefill_tokens=(4, 16, 32), decode_batch=(1, 4),
+                            decode_context=(8, 24))
+    path = tmp_path / "profile.json"
+    write_profile(profile, path)
+    loaded = load_profile(path)
+    assert len(loaded.samples) == 3 + 2 * 2
+    assert {s.prefill_tokens for s in loaded.samples} == {0, 4, 16, 32}
+    assert {s.decode_tokens for s in loaded.samples} == {0, 1, 4}
+    assert all(s.seconds > 0 for s in loaded.samples)
+    assert loaded.memory["expert_bytes"] == 3 * TINY.hidden_size * TINY.intermediate_size * 4
+    assert loaded.memory["kv_bytes_per_token"] == TINY.kv_bytes_per_token("float32")
+    assert loaded.pcie_bandwidth_bytes_per_s > 0 and loaded.pcie_latency_s >= 0
+    assert "emoe profile" in loaded.provenance and loaded.device
+    coefficients = loaded.coefficients()
+    assert set(coefficients) == {"step_overhead_s", "prefill_s_per_token", "decode_s_per_token",
+                                 "attention_s_per_context_token"}
+    hardware, model = loaded.apply(get_hardware("a100-40gb"), get_model("mixtral-8x7b"))
+    assert hardware.pcie_bandwidth_bytes_per_s == loaded.pcie_bandwidth_bytes_per_s
+    assert model.expert_bytes == loaded.memory["expert_bytes"]
