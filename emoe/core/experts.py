@@ -23,8 +23,14 @@ not resident):
 
 Memory: the scheduler reserves ``capacity_bytes`` (``slots_per_layer.sum() * expert_bytes``)
 for experts. The one excursion above it is the ``emoe`` planner's first prompt, which loads
-every expert when ``spare_bytes`` allows; the next admission always runs the predictor, whose
-plan evicts back to capacity before anything else runs.
+every expert only when its capacity allows: with an elastic expert memory (the default, the
+simulator) when ``spare_bytes`` covers the excess, with a fixed slot pool
+(``PlannerSetup.fixed_slots``: the real engine's expert cache, exactly ``slots_per_layer``
+slots per layer) only in layers whose slots hold every expert. Otherwise it fills every slot.
+The next admission always runs the predictor, whose plan evicts back to capacity before
+anything else runs. No plan of any planner but ``lru`` (which starts empty and fetches) leaves
+a layer with zero resident experts, and none exceeds ``slots_per_layer`` in a layer when
+``fixed_slots`` is set.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ class PlannerSetup:
     ``slots_per_layer``: L per layer, ``[layers]`` ints. ``sensitivity``: per task, ``[layers]``
     weights s (0 = the task tolerates wrong routing there). ``prediction_interval``: p.
     ``frequencies``: a ``[layers, experts]`` routing-frequency profile for ``static``.
+    ``fixed_slots``: the backend's expert memory is a fixed pool of exactly ``slots_per_layer``
+    slots per layer (the real engine), so no plan may hold more; False (the simulator): expert
+    memory may grow into memory nobody reserved (``spare_bytes``) for the ``emoe`` first prompt.
     """
 
     slots_per_layer: np.ndarray
@@ -74,6 +83,7 @@ class PlannerSetup:
     sensitivity: Mapping[str, np.ndarray]
     prediction_interval: int = 40
     frequencies: np.ndarray | None = None
+    fixed_slots: bool = False
 
 
 DemandFn = Callable[[], Mapping[str, TaskDemand]]
@@ -94,6 +104,7 @@ class ExpertPlanner(ABC):
         self.slots_per_layer = np.asarray(setup.slots_per_layer, dtype=np.int64)
         self.predictor = setup.predictor
         self.sensitivity = setup.sensitivity
+        self.fixed_slots = setup.fixed_slots
         self.resident = np.zeros((model.num_layers, model.num_experts), dtype=bool)
         self.prompts_admitted = 0
 
@@ -190,11 +201,18 @@ class StaticPlanner(ExpertPlanner):
 class EmoePlanner(ExpertPlanner):
     """The paper's task-aware loading with periodic prediction.
 
-    Prompt 0 loads every expert when ``spare_bytes`` allows (else experts 0..L-1 per layer).
+    Prompt 0 (when its step does not also run the predictor) loads every expert where the
+    planner's capacity allows: with ``fixed_slots``, in the layers whose slots hold every
+    expert; otherwise everywhere when ``spare_bytes`` covers the excess over
+    ``capacity_bytes``. Where it does not, it fills every slot, experts 0..L-1 of the layer.
     Prompt n >= 1 with ``(n - 1) % p == 0`` runs the predictor: Eq. 2 over the tasks in play,
     the top ``L`` experts per layer stay or are loaded, the rest are evicted. A layer that is
     insensitive (s = 0) for every task in play is left alone: nothing is loaded there, and its
-    resident experts are only trimmed to L (lowest Eq. 2 score first, then highest index).
+    resident experts are only trimmed to L (lowest Eq. 2 score first, then highest index). A
+    layer is never emptied: if such a layer holds nothing yet (a cold start, when the first
+    admission step already runs the predictor) its L slots are filled with the experts the
+    predictor ranks highest for the tasks in play (their frequencies weighted by Eq. 2's
+    tokens without s; uniform, i.e. expert order, before any observation).
     Prompts in between run on what is resident.
     """
 
@@ -216,11 +234,16 @@ class EmoePlanner(ExpertPlanner):
             self._loads_per_prediction = float((target & ~self.resident).sum())
             return target, True
         if first == 0:
-            all_bytes = self.model.all_experts_bytes
-            if all_bytes - self.capacity_bytes <= spare_bytes:
-                return np.ones_like(self.resident), False
-            return top_experts(np.zeros(self.resident.shape), self.slots_per_layer), False
+            return self._first_target(spare_bytes), False
         return None, False
+
+    def _first_target(self, spare_bytes: int) -> np.ndarray:
+        """Prompt 0's resident set: every expert where capacity allows, else every slot."""
+        if not self.fixed_slots and \
+                self.model.all_experts_bytes - self.capacity_bytes <= spare_bytes:
+            return np.ones_like(self.resident)
+        # top_experts with L >= experts selects the whole layer
+        return top_experts(np.zeros(self.resident.shape), self.slots_per_layer)
 
     def _predicted_target(self, demand: Mapping[str, TaskDemand]) -> np.ndarray:
         in_play = {task: d for task, d in demand.items() if d.requests}
@@ -235,6 +258,11 @@ class EmoePlanner(ExpertPlanner):
         if alone.any():
             kept = top_experts(np.where(self.resident, scores, -np.inf), self.slots_per_layer)
             target[alone] = (kept & self.resident)[alone]
+            empty = alone & ~self.resident.any(axis=1)
+            if empty.any():
+                ones = {task: np.ones(self.model.num_layers) for task in in_play}
+                usage = expected_expert_tokens(in_play, frequencies, ones, self.resident.shape)
+                target[empty] = top_experts(usage, self.slots_per_layer)[empty]
         return target
 
     def admission_cost(self) -> tuple[float, bool]:

@@ -38,7 +38,10 @@ step while requests wait, and O(log batch) per candidate. State is bounded by th
 Memory: GPU bytes = non-expert weights + ``planner.capacity_bytes`` (reserved for experts) +
 the KV cache of running requests, each reserving ``(input_tokens + output_tokens) *
 kv_bytes_per_token`` at admission (no preemption is ever needed). A request whose reservation
-exceeds what is left beside the weights is rejected when added.
+exceeds what is left beside the weights is rejected when added. ``fixed_expert_slots=True``
+tells the planner the backend's expert memory is a fixed pool of exactly the planner's slots
+(the real engine): it then never plans more resident experts than slots, not even for the
+``emoe`` first prompt (see ``emoe.core.experts``).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class Scheduler:
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec,
                  policy: PolicyConfig | None = None, *,
-                 predictor: ExpertPredictor | None = None):
+                 predictor: ExpertPredictor | None = None, fixed_expert_slots: bool = False):
         config = policy if policy is not None else PolicyConfig()
         if config.model and model.name and config.model != model.name:
             raise ConfigError(f"policy: field 'model': tuned for {config.model!r}, "
@@ -94,7 +97,7 @@ class Scheduler:
                                                   model.num_experts),
             sensitivity=config.layer_sensitivity(model),
             prediction_interval=config.prediction_interval,
-            frequencies=config.frequencies(model)))
+            frequencies=config.frequencies(model), fixed_slots=fixed_expert_slots))
         self.cost = CostEstimate(model, hardware)
 
         budget = config.memory_budget_bytes or hardware.gpu_memory_bytes

@@ -13,12 +13,13 @@ MODEL = ModelSpec("m", num_layers=2, num_experts=4, top_k=2, expert_bytes=100,
 ALL_KEYS = [(layer, e) for layer in range(2) for e in range(4)]
 
 
-def planner(name, slots=2, interval=3, sensitivity=None, frequencies=None):
+def planner(name, slots=2, interval=3, sensitivity=None, frequencies=None, fixed_slots=False):
     sensitivity = sensitivity or {"qa": np.ones(2), "classification": np.zeros(2),
                                   "summarization": np.array([0.0, 1.0])}
     return make_planner(name, MODEL, PlannerSetup(
         slots_per_layer=np.full(2, slots), predictor=LastPromptPredictor(2, 4),
-        sensitivity=sensitivity, prediction_interval=interval, frequencies=frequencies))
+        sensitivity=sensitivity, prediction_interval=interval, frequencies=frequencies,
+        fixed_slots=fixed_slots))
 
 
 def demand(**tasks):
@@ -146,6 +147,61 @@ def test_emoe_trims_insensitive_layers_to_their_slots_after_loading_all():
     assert change.load == []
     assert sorted(change.evict) == [(0, 2), (0, 3), (1, 2), (1, 3)]
     assert p.resident_bytes == p.capacity_bytes
+
+
+def test_emoe_cold_start_prediction_fills_layers_insensitive_for_every_task():
+    # prompts 0 and 1 in one step: the predictor runs while nothing is resident yet
+    p = planner("emoe", interval=3)
+    change = p.plan(["classification", "classification"],
+                    demand(classification=(2, 10, 5)), spare_bytes=0)
+    assert change.run_predictor and not change.evict
+    # no observation yet: uniform frequencies -> expert order fills the slots
+    assert sorted(change.load) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    np.testing.assert_array_equal(p.resident.sum(axis=1), [2, 2])
+
+
+def test_emoe_cold_start_fill_ranks_by_the_predictors_frequencies():
+    p = planner("emoe", interval=3)
+    p.observe_routing("classification", np.array([[0, 0, 5, 5], [0, 5, 5, 0]]))
+    p.observe_routing("summarization", np.array([[0, 9, 0, 1], [0, 0, 1, 9]]))
+    # layer 0 is insensitive for both tasks and empty: filled by frequency weighted by tokens
+    # (classification 10 + 2*5 = 20 -> [0, 0, 10, 10]; summarization 10 + 5 = 15 ->
+    # [0, 13.5, 0, 1.5]: sum [0, 13.5, 10, 11.5] -> {1, 3}); layer 1 follows Eq. 2
+    # (summarization only, s = 1 there: [0, 0, 1.5, 13.5] -> {2, 3})
+    change = p.plan(["classification", "summarization"],
+                    demand(classification=(2, 10, 5), summarization=(1, 10, 5)), spare_bytes=0)
+    assert change.run_predictor
+    assert sorted(change.load) == [(0, 1), (0, 3), (1, 2), (1, 3)]
+
+
+def test_emoe_never_empties_a_layer_on_any_admission_pattern():
+    rng = np.random.default_rng(1)
+    tasks = ["qa", "classification", "summarization"]
+    for trial in range(30):
+        fixed = bool(trial % 2)
+        p = planner(["emoe", "predict-every"][trial % 3 == 0], interval=int(rng.integers(1, 4)),
+                    fixed_slots=fixed)
+        if trial % 5:
+            p.observe_routing("classification", rng.integers(0, 9, (2, 4)))
+        for _ in range(8):
+            admitted = list(rng.choice(tasks, int(rng.integers(1, 4))))
+            p.plan(admitted, demand(**{t: (admitted.count(t), 10, 5) for t in set(admitted)}),
+                   spare_bytes=int(rng.choice([0, 10**6])))
+            per_layer = p.resident.sum(axis=1)
+            assert (per_layer >= 1).all(), (trial, per_layer)
+            if fixed:
+                assert (per_layer <= p.slots_per_layer).all(), (trial, per_layer)
+            p.observe_routing(admitted[0], rng.integers(0, 9, (2, 4)))
+
+
+def test_emoe_first_prompt_with_fixed_slots_fills_the_slots_whatever_memory_is_spare():
+    p = planner("emoe", fixed_slots=True)
+    change = p.plan(["qa"], QA, spare_bytes=10**9)
+    assert sorted(change.load) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert p.resident_bytes == p.capacity_bytes
+    # slots for every expert: the fixed pool holds them all
+    p = planner("emoe", slots=4, fixed_slots=True)
+    assert sorted(p.plan(["qa"], QA, spare_bytes=0).load) == ALL_KEYS
 
 
 def test_emoe_admission_cost_reports_next_prediction():
