@@ -30,7 +30,12 @@ class PlanError(EmoeError):
 
 
 class ExpertPlanHandler(Protocol):
-    """Carries out a plan's expert loads/evictions (an offloading executor's cache)."""
+    """Carries out a plan's expert loads/evictions (an offloading executor's cache).
+
+    A handler may also have ``finish_step(plan, result)`` (``OffloadedExperts`` does): the
+    engine calls it at the end of every step, so the step's per-request expert hits/misses,
+    fetches/evictions on miss and load waits are in the ``StepResult`` it returns.
+    """
 
     def apply(self, load: list[ExpertKey], evict: list[ExpertKey]) -> tuple[int, float]:
         """Evict then load; returns (bytes loaded, seconds waited for loads)."""
@@ -145,6 +150,7 @@ class Engine:
         result = StepResult(started_at=started, finished_at=started, bytes_loaded=bytes_loaded,
                             load_wait_s=load_wait)
         if not decode and not chunks:
+            self._finish_experts(plan, result)
             result.finished_at = self.clock()
             return result
         for seq, chunk in chunks:
@@ -156,8 +162,14 @@ class Engine:
             outputs, routing = self._run(decode, chunks)
         result.compute_s = time.perf_counter() - t0
         result.outputs, result.routing = outputs, routing
+        self._finish_experts(plan, result)
         result.finished_at = self.clock()
         return result
+
+    def _finish_experts(self, plan: StepPlan, result: StepResult) -> None:
+        finish = getattr(self.expert_handler, "finish_step", None)
+        if finish is not None:
+            finish(plan, result)
 
     def _decodable(self, request_id: str) -> EngineRequest:
         seq = self.seqs.get(request_id)

@@ -33,7 +33,9 @@ class SamplingParams:
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
     """The model a backend serves. ``tokenizer_json`` is a Hugging Face tokenizer.json (empty:
-    token ids only); ``max_running`` is how many requests the engine holds at once."""
+    token ids only); ``max_running`` is how many requests the engine holds at once;
+    ``expert_slots`` the size of an offloading engine's expert cache (0: every expert stays
+    resident); ``resident`` the experts resident once it is warm."""
 
     model: ModelSpec
     vocab_size: int
@@ -43,6 +45,7 @@ class BackendInfo:
     max_running: int
     resident: tuple[ExpertKey, ...] = ()
     instance_id: str = ""
+    expert_slots: int = 0
 
 
 class BackendUnavailable(Exception):

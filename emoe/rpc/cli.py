@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                "`emoe serve --worker HOST:PORT`.")
     _listen_args(worker, default_port=DEFAULT_PORT + 1)
     _engine_args(worker)
+    worker.add_argument("--policy", type=Path,
+                        help="policy file whose planner the engine serves (planner other than "
+                             "'all': the engine keeps its experts in a cache); give `emoe serve` "
+                             "the same file")
     worker.set_defaults(func=_worker)
 
     submit = subparsers.add_parser("submit", help="send one prompt and print the streamed text")
@@ -105,6 +109,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--fake-step-delay", type=float, default=0.0,
                    help="seconds per step of the fake backend")
+    p.add_argument("--expert-budget", metavar="BUDGET",
+                   help="expert cache size when the policy's planner is not 'all': bytes "
+                        "(64MiB) or a fraction of all experts (0.5, 50%%); default: the "
+                        "policy's experts_per_layer / expert_budget_bytes")
+    p.add_argument("--miss", choices=("reroute", "fetch", "drop"),
+                   help="what a token whose expert is not resident does (default: fetch for "
+                        "the lru planner, reroute otherwise)")
 
 
 def _target_args(p: argparse.ArgumentParser) -> None:
@@ -145,11 +156,26 @@ def _listen(args: argparse.Namespace):
                   tls_cert=args.tls_cert, tls_key=args.tls_key)
 
 
-def _local_backend(args: argparse.Namespace):
+def _offload(args: argparse.Namespace, policy):
+    """The engine's expert cache for ``policy`` (None: planner 'all', every expert resident)."""
+    from emoe.rpc.offload import OffloadConfig, miss_policy, parse_budget
+
+    if policy.planner == "all":
+        for flag, value in (("--expert-budget", args.expert_budget), ("--miss", args.miss)):
+            if value is not None:
+                raise ConfigError(f"{flag}: the policy's planner is 'all' (every expert resident); "
+                                  "give a --policy file with another planner")
+        return None
+    miss_policy(policy.planner, args.miss)  # fail before the model loads
+    return OffloadConfig(policy, parse_budget(args.expert_budget), args.miss)
+
+
+def _local_backend(args: argparse.Namespace, policy=None):
     if args.backend == "fake":
         from emoe.rpc.fake import FakeBackend
 
         return FakeBackend(step_delay_s=args.fake_step_delay, max_running=args.max_batch_size)
+    from emoe.core.policy_file import PolicyConfig
     from emoe.rpc.local import REFERENCE_CHECKPOINT, LocalEngineBackend
 
     checkpoint = args.checkpoint or REFERENCE_CHECKPOINT
@@ -158,8 +184,10 @@ def _local_backend(args: argparse.Namespace):
                 if args.checkpoint is None else "")
         raise ConfigError(f"--checkpoint: {checkpoint} has no config.json; {hint}"
                           "name a Hugging Face model folder")
+    offload = _offload(args, policy if policy is not None else PolicyConfig())
     return LocalEngineBackend(checkpoint, device=args.device, dtype=args.dtype,
-                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+                              max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                              offload=offload)
 
 
 def _setup_logging(level: str) -> None:
@@ -175,11 +203,15 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level)
     policy = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
     if args.worker:
+        for flag, value in (("--expert-budget", args.expert_budget), ("--miss", args.miss)):
+            if value is not None:
+                raise ConfigError(f"{flag}: with --worker the workers hold the experts; give it "
+                                  "(and the same --policy) to `emoe worker`")
         token, ca = _token(args.worker_token_file), _read(args.worker_ca)
         backends = [RemoteBackend(target, auth_token=token, root_certificates=ca)
                     for target in args.worker]
     else:
-        backends = [_local_backend(args)]
+        backends = [_local_backend(args, policy)]
     server = SchedulerServer(
         backends, policy, get_hardware(args.gpu), _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
@@ -190,8 +222,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from emoe.rpc.server import WorkerServer, run_until_signal
 
+    from emoe.core.policy_file import PolicyConfig
+
     _setup_logging(args.log_level)
-    return asyncio.run(run_until_signal(WorkerServer(_local_backend(args), _listen(args)),
+    policy = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
+    return asyncio.run(run_until_signal(WorkerServer(_local_backend(args, policy), _listen(args)),
                                         args.drain_grace))
 
 

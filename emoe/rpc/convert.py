@@ -56,7 +56,8 @@ def result_to_proto(r: StepResult) -> wpb.ExecuteStepResponse:
             expert_misses=o.expert_misses, weighted_hits=o.weighted_hits,
             weighted_choices=o.weighted_choices) for o in r.outputs],
         compute_s=r.compute_s, load_wait_s=r.load_wait_s, predictor_s=r.predictor_s,
-        bytes_loaded=r.bytes_loaded)
+        bytes_loaded=r.bytes_loaded, fetched_on_miss=_keys(list(r.fetched_on_miss)),
+        evicted_on_miss=_keys(list(r.evicted_on_miss)))
     for request_id, counts in r.routing.items():
         a = np.asarray(counts)
         response.routing[request_id].CopyFrom(wpb.RoutingCounts(
@@ -76,7 +77,9 @@ def result_from_proto(m: wpb.ExecuteStepResponse, started_at: float, finished_at
         routing={rid: np.asarray(c.counts, dtype=np.int64).reshape(c.num_layers, c.num_experts)
                  for rid, c in m.routing.items()},
         compute_s=m.compute_s, load_wait_s=m.load_wait_s, predictor_s=m.predictor_s,
-        bytes_loaded=m.bytes_loaded)
+        bytes_loaded=m.bytes_loaded,
+        fetched_on_miss=[(k.layer, k.expert) for k in m.fetched_on_miss],
+        evicted_on_miss=[(k.layer, k.expert) for k in m.evicted_on_miss])
 
 
 def info_to_proto(info: BackendInfo) -> wpb.WorkerInfo:
@@ -90,7 +93,7 @@ def info_to_proto(info: BackendInfo) -> wpb.WorkerInfo:
         expert_bytes=model.expert_bytes, non_expert_bytes=model.non_expert_bytes,
         kv_bytes_per_token=model.kv_bytes_per_token, hidden_size=model.hidden_size,
         tokenizer_json=info.tokenizer_json, resident=_keys(list(info.resident)),
-        max_running=info.max_running)
+        max_running=info.max_running, expert_slots=info.expert_slots)
 
 
 def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
@@ -103,4 +106,4 @@ def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
                        eos_token_id=m.model.eos_token_id, tokenizer_json=m.tokenizer_json,
                        max_running=m.max_running,
                        resident=tuple((k.layer, k.expert) for k in m.resident),
-                       instance_id=m.instance_id)
+                       instance_id=m.instance_id, expert_slots=m.expert_slots)

@@ -15,22 +15,31 @@ from pathlib import Path
 from emoe.core.errors import ConfigError
 from emoe.core.plan import StepPlan, StepResult
 from emoe.rpc.backend import BackendInfo, SamplingParams
+from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "engine" / "reference" / "emoe-tiny"
 WARMUP_PROMPT = [0, 3, 4, 5]
 
 
 class LocalEngineBackend:
-    """``checkpoint``: a Hugging Face model folder (config.json, safetensors, tokenizer.json)."""
+    """``checkpoint``: a Hugging Face model folder (config.json, safetensors, tokenizer.json).
+
+    With ``offload`` (a policy whose planner is not ``all``) the engine keeps its experts in
+    an ``OffloadedExperts`` slot cache and carries out each plan's load/evict lists; ``experts``
+    is that executor once started (None: every expert resident).
+    """
 
     def __init__(self, checkpoint: Path, device: str = "cpu", dtype: str | None = None,
-                 max_batch_size: int = 16, max_seq_len: int | None = None):
+                 max_batch_size: int = 16, max_seq_len: int | None = None,
+                 offload: OffloadConfig | None = None):
         self.name = f"local:{checkpoint.name}"
         self._checkpoint = checkpoint
         self._device, self._dtype = device, dtype
         self._max_batch_size, self._max_seq_len = max_batch_size, max_seq_len
+        self._offload = offload if offload is not None and offload.enabled else None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-engine")
         self._engine = None
+        self.experts = None
 
     async def start(self) -> BackendInfo:
         loop = asyncio.get_running_loop()
@@ -45,9 +54,12 @@ class LocalEngineBackend:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"checkpoint: {folder} has no config.json (a Hugging Face model folder "
                               "with config.json, *.safetensors and tokenizer.json is expected)")
-        engine = Engine.from_pretrained(folder, device=self._device, dtype=self._dtype,
-                                        max_batch_size=self._max_batch_size,
-                                        max_seq_len=self._max_seq_len)
+        if self._offload is None:
+            engine = Engine.from_pretrained(folder, device=self._device, dtype=self._dtype,
+                                            max_batch_size=self._max_batch_size,
+                                            max_seq_len=self._max_seq_len)
+        else:
+            engine = self._offloaded_engine(folder)
         engine.generate([WARMUP_PROMPT], EngineSampling(max_new_tokens=2))
         self._engine = engine
         cfg = engine.config
@@ -55,13 +67,46 @@ class LocalEngineBackend:
         model = cfg.to_model_spec(folder.name, dtype=dtype,
                                   provenance=f"computed from {folder / 'config.json'}")
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
+        if self.experts is None:
+            resident = tuple((layer, e) for layer in range(cfg.num_layers)
+                             for e in range(cfg.num_experts))
+        else:
+            self._reset_experts()
+            resident = tuple(sorted(self.experts.cache.resident()))
         return BackendInfo(
             model=model, vocab_size=cfg.vocab_size, max_context=engine.max_seq_len, eos_token_id=eos,
             tokenizer_json=tokenizer_file.read_text() if tokenizer_file.is_file() else "",
-            max_running=engine.cache.num_slots,
-            resident=tuple((layer, e) for layer in range(cfg.num_layers)
-                           for e in range(cfg.num_experts)),
-            instance_id=uuid.uuid4().hex)
+            max_running=engine.cache.num_slots, resident=resident, instance_id=uuid.uuid4().hex,
+            expert_slots=0 if self.experts is None else self.experts.cache.num_slots)
+
+    def _offloaded_engine(self, folder: Path):
+        from emoe.engine.checkpoint import load_model
+        from emoe.engine.engine import Engine
+        from emoe.engine.offload.budget import ExpertBudget
+        from emoe.engine.offload.executor import OffloadedExperts
+
+        offload = self._offload
+        miss = miss_policy(offload.policy.planner, offload.miss)
+        model = load_model(folder, device="cpu", dtype=self._dtype)
+        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        spec = model.config.to_model_spec(folder.name, dtype=dtype)
+        _, per_layer = engine_slots(offload, spec)
+        slots = int(per_layer.sum())
+        self.experts = OffloadedExperts.install(
+            model, ExpertBudget(bytes=slots * spec.expert_bytes), miss, device=self._device,
+            slots_per_layer=per_layer.tolist())
+        return Engine(model, max_batch_size=self._max_batch_size, max_seq_len=self._max_seq_len,
+                      expert_handler=self.experts)
+
+    def _reset_experts(self) -> None:
+        """Empties the expert cache after warm-up: the scheduler's planner starts from none."""
+        from emoe.core.experts import LruExpertCache
+
+        experts = self.experts
+        experts.cache.apply(sorted(experts.cache.resident()), [])
+        if experts.lru is not None:
+            experts.lru = LruExpertCache(experts.slots_per_layer)
+        experts.fetches = 0
 
     def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
         from emoe.engine.sampling import SamplingParams as EngineSampling

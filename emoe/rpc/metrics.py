@@ -211,12 +211,14 @@ class ServiceMetrics:
         e = self.experts
         e.hits += hits
         e.misses += misses
-        e.loads += len(plan.load)
-        e.evictions += len(plan.evict)
+        loads = len(plan.load) + len(result.fetched_on_miss)  # planned + fetched on a miss
+        evictions = len(plan.evict) + len(result.evicted_on_miss)
+        e.loads += loads
+        e.evictions += evictions
         self._expert_hits.inc(hits)
         self._expert_misses.inc(misses)
-        self._expert_loads.inc(len(plan.load))
-        self._expert_evictions.inc(len(plan.evict))
+        self._expert_loads.inc(loads)
+        self._expert_evictions.inc(evictions)
 
     def tasks(self) -> list[TaskSnapshot]:
         return [TaskSnapshot(task, s.submitted, s.finished, s.aborted, s.failed, s.slo_met,

@@ -247,9 +247,10 @@ class Replica:
                 self.running += 1
         result = await self.backend.execute(plan)
         finished = scheduler.on_step_done(result)
-        for key in plan.evict:
+        for key in (*plan.evict, *result.evicted_on_miss):
             self._resident.discard(key)
         self._resident.update(plan.load)
+        self._resident.update(result.fetched_on_miss)
         self._metrics.step(plan, result)
         self._deliver(result)
         for request in finished:  # e.g. max tokens reached, which the scheduler knows itself

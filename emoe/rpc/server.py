@@ -92,15 +92,21 @@ async def _set_health(health: health_aio.HealthServicer, services: tuple[str, ..
 
 
 def scheduler_factory(policy: PolicyConfig, hardware: HardwareSpec) -> SchedulerFactory:
-    """Builds the core scheduler for an engine, capping the running batch at its KV slots."""
+    """Builds the core scheduler for an engine, capping the running batch at its KV slots;
+    over an offloading engine (``info.expert_slots``) its expert and memory budgets are the
+    engine's (``emoe.rpc.offload.scheduler_policy``)."""
 
     def make(info: BackendInfo) -> Scheduler:
         from emoe.core.scheduler import Scheduler as CoreScheduler
+        from emoe.rpc.offload import scheduler_policy
 
-        config = policy
+        # An offloading engine: plan for its expert slots, KV cache and real byte sizes.
+        config = scheduler_policy(policy, info.model, info.expert_slots,
+                                  info.max_running * info.max_context * info.model.kv_bytes_per_token)
         if info.max_running < policy.max_num_seqs:
-            config = dataclasses.replace(policy, max_num_seqs=info.max_running)
-        return CoreScheduler(info.model, hardware, config)
+            config = dataclasses.replace(config, max_num_seqs=info.max_running)
+        return CoreScheduler(info.model, hardware, config,
+                             fixed_expert_slots=bool(info.expert_slots) and policy.planner != "all")
 
     return make
 

@@ -61,3 +61,34 @@ def test_bad_combinations_are_refused():
         OffloadSession(tiny_model(), SessionConfig(planner="emoe", budget="50%", miss="fetch"))
     with pytest.raises(ExpertBudgetError, match="needs 100%"):
         OffloadSession(tiny_model(), SessionConfig(planner="all", budget="50%"))
+
+
+@pytest.mark.parametrize("planner", ["emoe", "predict-every"])
+def test_all_arrivals_at_once_fill_every_layer_of_the_fixed_pool(planner):
+    # the first step admits qa, classification and summarization (prompts 0-2) and runs the
+    # predictor; layer 0 is insensitive for all three, yet must get its slots, never none
+    session = OffloadSession(tiny_model(1), SessionConfig(planner=planner, budget="50%",
+                                                          max_batch_size=3))
+    assert (session.sensitivity["qa"][0], session.sensitivity["classification"][0],
+            session.sensitivity["summarization"][0]) == (0.0, 0.0, 0.0)
+    per_layer = []
+    original = session.engine.execute
+
+    def execute(plan):
+        result = original(plan)
+        per_layer.append(np.bincount([l for l, _ in session.experts.cache.resident()],
+                                     minlength=TINY.num_layers).tolist())
+        return result
+
+    session.engine.execute = execute
+    stats = session.run(requests(), arrivals_per_step=None)
+    assert per_layer[0] == [2, 2, 2]  # every slot of every layer filled from the first step
+    assert all(min(counts) >= 1 for counts in per_layer)
+    assert all(r.finish_reason for r in stats.requests.values())
+    session.experts.cache.check_invariants()
+
+
+def test_scheduler_gets_the_engines_whole_kv_cache():
+    session = OffloadSession(tiny_model(), SessionConfig(planner="emoe", budget="50%"))
+    assert session.scheduler.kv_capacity_bytes == session.engine.cache.nbytes
+    assert session.scheduler.planner.fixed_slots

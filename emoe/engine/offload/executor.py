@@ -78,6 +78,9 @@ class OffloadedExperts:
         self.evicted: list[ExpertKey] = []
         self.fetches = 0  # experts copied in on a miss, all steps
         self.wait_s = 0.0
+        # finish_step's weighting: request id -> task, task -> [L] sensitivity
+        self.tasks: Mapping[str, str] | None = None
+        self.sensitivity: Mapping[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -123,12 +126,11 @@ class OffloadedExperts:
         submitted = self.cache.apply(evict, load)
         return submitted, time.perf_counter() - t0
 
-    def finish_step(self, plan: StepPlan, result: StepResult,
-                    tasks: Mapping[str, str] | None = None,
-                    sensitivity: Mapping[str, np.ndarray] | None = None) -> None:
+    def finish_step(self, plan: StepPlan, result: StepResult) -> None:
         """Fold the step's expert activity into ``result``: fetches/evictions on miss, time
-        waited for loads, and per request the hits and choices over its tokens (weighted by
-        the task's per-layer sensitivity where ``tasks``/``sensitivity`` are given).
+        waited for loads, and per request the hits and choices over its tokens, weighted by
+        the task's per-layer sensitivity where ``self.tasks``/``self.sensitivity`` are set
+        (else unweighted). ``Engine.execute`` calls this once for every step.
 
         Token rows follow the engine's batch order: one per decode request, then each prefill
         chunk's tokens.
@@ -148,14 +150,10 @@ class OffloadedExperts:
                                f"forward ran {hits.shape[0]}")
         starts = np.concatenate(([0], np.cumsum(rows)[:-1]))  # [R]
         per_request = np.add.reduceat(hits, starts, axis=0)  # [R, L] hits per layer
-        ones = np.ones(hits.shape[1])
-        weights = np.stack([sensitivity.get(tasks.get(rid, ""), ones)
-                            if tasks is not None and sensitivity is not None else ones
-                            for rid in rids])  # [R, L]
         choices = rows * self.top_k  # [R] per layer
         total_hits = per_request.sum(axis=1)  # [R]
-        weighted_hits = (per_request * weights).sum(axis=1)  # [R]
-        weighted_choices = weights.sum(axis=1) * choices  # [R]
+        weighted_hits, weighted_choices = self._weighted(rids, per_request, choices,
+                                                         self.tasks, self.sensitivity)
         outputs = {o.request_id: o for o in result.outputs}
         for i, rid in enumerate(rids):
             out = outputs.get(rid)
@@ -165,6 +163,17 @@ class OffloadedExperts:
             out.expert_misses += int(choices[i]) * hits.shape[1] - int(total_hits[i])
             out.weighted_hits += float(weighted_hits[i])
             out.weighted_choices += float(weighted_choices[i])
+
+    @staticmethod
+    def _weighted(rids: list[str], per_request: np.ndarray, choices: np.ndarray,
+                  tasks: Mapping[str, str] | None, sensitivity: Mapping[str, np.ndarray] | None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Per request: hits and choices weighted by its task's per-layer sensitivity."""
+        ones = np.ones(per_request.shape[1])
+        weights = np.stack([sensitivity.get(tasks.get(rid, ""), ones)
+                            if tasks is not None and sensitivity is not None else ones
+                            for rid in rids])  # [R, L]
+        return (per_request * weights).sum(axis=1), weights.sum(axis=1) * choices  # [R] x2
 
     # ------------------------------------------------------------------ compute
     def _slot_table(self) -> Tensor:

@@ -6,16 +6,16 @@ continuous-batching ``Engine`` that carries out each plan's expert loads/evictio
 them, and a ``Scheduler`` configured with the planner. ``run`` feeds it requests and drives
 
     plan = scheduler.next_step(now, max_iterations=1)
-    result = engine.execute(plan)
-    experts.finish_step(plan, result)        # hits, fetches on miss, load waits
+    result = engine.execute(plan)            # the experts fold in hits, fetches, load waits
     scheduler.on_step_done(result)
 
 A routing calibration (a routing trace of other prompts) warms the predictor of ``emoe`` and
 ``predict-every`` and pins ``static``'s experts, as a deployment would from its own history.
 
 Memory given to the scheduler: non-expert weights + the slot pool + the engine's KV cache.
-The slot pool is fixed, so the ``emoe`` planner's first-prompt "load every expert" excursion
-cannot happen here: the scheduler's KV capacity is capped below the bytes it would need.
+The slot pool is fixed; the scheduler is told so (``fixed_expert_slots``), and its planner
+never plans more resident experts than the pool's slots (the ``emoe`` first prompt fills every
+slot rather than loading every expert).
 """
 
 from __future__ import annotations
@@ -144,12 +144,11 @@ class OffloadSession:
                              max_seq_len=config.max_seq_len, prefill_chunk=config.prefill_chunk,
                              expert_handler=self.experts)
         capacity = slots * self.spec.expert_bytes
-        kv_capacity = self.engine.cache.nbytes
-        if capacity < self.spec.all_experts_bytes:
-            kv_capacity = min(kv_capacity, self.spec.all_experts_bytes - capacity - 1)
-        self.policy.memory_budget_bytes = self.spec.non_expert_bytes + capacity + kv_capacity
+        self.policy.memory_budget_bytes = (self.spec.non_expert_bytes + capacity
+                                           + self.engine.cache.nbytes)
         self.hardware = _hardware(self.policy.memory_budget_bytes, profile, self.spec)
-        self.scheduler = Scheduler(self.spec, self.hardware, self.policy)
+        self.scheduler = Scheduler(self.spec, self.hardware, self.policy,
+                                   fixed_expert_slots=self.experts is not None)
         if calibration is not None:
             for routing in calibration.requests.values():
                 self.scheduler.planner.predictor.observe(
@@ -162,7 +161,7 @@ class OffloadSession:
         """Run ``requests`` to completion with greedy decoding.
 
         Requests arrive in order, ``arrivals_per_step`` before each engine step (None: all at
-        once), as a live stream would trickle in; so the first prompt is planned alone.
+        once), as a live stream would trickle in. Any value is safe for every planner.
         """
         stats = RunStats(requests={})
         tasks, prompt_lengths = {}, {}
@@ -173,6 +172,8 @@ class OffloadSession:
                                        where=f"request {r.request_id!r}")
             stats.requests[r.request_id] = RequestRecord(r.task)
             tasks[r.request_id], prompt_lengths[r.request_id] = r.task, len(r.prompt_ids)
+        if self.experts is not None:
+            self.experts.tasks, self.experts.sensitivity = tasks, self.sensitivity
         start = time.perf_counter()
         while pending or self.scheduler.has_work:
             for _ in range(len(pending) if arrivals_per_step is None else arrivals_per_step):
@@ -189,8 +190,6 @@ class OffloadSession:
                 continue
             t0 = time.perf_counter()
             result = self.engine.execute(plan)
-            if self.experts is not None:
-                self.experts.finish_step(plan, result, tasks, self.sensitivity)
             if recorder is not None:
                 recorder.end_step(plan, tasks, prompt_lengths)
             step_s = time.perf_counter() - t0

@@ -12,7 +12,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("instance_id", "model", "expert_bytes", "non_expert_bytes", "kv_bytes_per_token", "hidden_size", "tokenizer_json", "resident", "max_running")
+    __slots__ = ("instance_id", "model", "expert_bytes", "non_expert_bytes", "kv_bytes_per_token", "hidden_size", "tokenizer_json", "resident", "max_running", "expert_slots")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class WorkerInfo(_message.Message):
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_SLOTS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: _scheduler_pb2.ModelInfo
     expert_bytes: int
@@ -31,7 +32,8 @@ class WorkerInfo(_message.Message):
     tokenizer_json: str
     resident: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     max_running: int
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[_Union[_scheduler_pb2.ModelInfo, _Mapping]] = ..., expert_bytes: _Optional[int] = ..., non_expert_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., max_running: _Optional[int] = ...) -> None: ...
+    expert_slots: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[_Union[_scheduler_pb2.ModelInfo, _Mapping]] = ..., expert_bytes: _Optional[int] = ..., non_expert_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., max_running: _Optional[int] = ..., expert_slots: _Optional[int] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("instance_id",)
@@ -132,7 +134,7 @@ class RoutingCounts(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteStepResponse(_message.Message):
-    __slots__ = ("step_s", "iterations", "outputs", "routing", "compute_s", "load_wait_s", "predictor_s", "bytes_loaded")
+    __slots__ = ("step_s", "iterations", "outputs", "routing", "compute_s", "load_wait_s", "predictor_s", "bytes_loaded", "fetched_on_miss", "evicted_on_miss")
     class RoutingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,8 @@ class ExecuteStepResponse(_message.Message):
     LOAD_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     PREDICTOR_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_ON_MISS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_ON_MISS_FIELD_NUMBER: _ClassVar[int]
     step_s: float
     iterations: int
     outputs: _containers.RepeatedCompositeFieldContainer[RequestStepOutput]
@@ -156,4 +160,6 @@ class ExecuteStepResponse(_message.Message):
     load_wait_s: float
     predictor_s: float
     bytes_loaded: int
-    def __init__(self, step_s: _Optional[float] = ..., iterations: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., routing: _Optional[_Mapping[str, RoutingCounts]] = ..., compute_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., predictor_s: _Optional[float] = ..., bytes_loaded: _Optional[int] = ...) -> None: ...
+    fetched_on_miss: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    evicted_on_miss: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    def __init__(self, step_s: _Optional[float] = ..., iterations: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., routing: _Optional[_Mapping[str, RoutingCounts]] = ..., compute_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., predictor_s: _Optional[float] = ..., bytes_loaded: _Optional[int] = ..., fetched_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., evicted_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
