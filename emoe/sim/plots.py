@@ -33,7 +33,11 @@ def write_plots(summaries: Sequence[Summary], directory: Path, title: str = "") 
     ]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
     for ax, (label, values) in zip(axes.flat, panels):
-        ax.bar(x, values, color="tab:blue")
+        bars = ax.bar(x, values, color="tab:blue")
+        ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if _spans_decades(values):
+            ax.set_yscale("log")
+            label += ", log scale"
         ax.set_title(label)
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
@@ -60,3 +64,10 @@ def write_plots(summaries: Sequence[Summary], directory: Path, title: str = "") 
     fig.savefig(by_task, dpi=110)
     plt.close(fig)
     return [overview, by_task]
+
+
+def _spans_decades(values: Sequence[float], decades: float = 2.0) -> bool:
+    """Whether the positive values span more than ``decades`` orders of magnitude, so that a
+    linear axis would flatten all but the largest bars."""
+    positive = [v for v in values if v > 0 and not math.isnan(v)]
+    return len(positive) > 1 and math.log10(max(positive) / min(positive)) > decades

@@ -104,3 +104,11 @@ def test_exported_policy_is_the_best_run_and_replays_identically(tmp_path, capsy
     replayed = json.loads(again.read_text())[0]
     for key in ("slo_attainment", "finished", "hit_rate", "accuracy_proxy"):
         assert replayed[key] == runs["fcfs/emoe"][key]
+
+
+def test_plot_axes_switch_to_log_scale_only_when_values_span_decades():
+    from emoe.sim.plots import _spans_decades
+
+    assert _spans_decades([0.1, 0.116, 420.0])
+    assert not _spans_decades([28.6, 30.2, 1770.0])
+    assert not _spans_decades([0.0, 5.0, float("nan")])
