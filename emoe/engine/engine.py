@@ -20,6 +20,7 @@ import torch
 
 from emoe.core.errors import ConfigError, EmoeError
 from emoe.core.plan import ExpertKey, PrefillChunk, RequestStepOutput, StepPlan, StepResult
+from emoe.engine import cpu_kernels
 from emoe.engine.kv_cache import SlotKVCache, StepBatch
 from emoe.engine.model import MoEModel
 from emoe.engine.sampling import SamplingParams, sample
@@ -92,6 +93,8 @@ class Engine:
         if prefill_chunk < 1:
             raise ConfigError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
         self.max_seq_len, self.prefill_chunk = max_seq_len, prefill_chunk
+        if self.device.type == "cpu":
+            cpu_kernels.keep_freed_host_memory()
         self.cache = SlotKVCache(cfg, max_batch_size, max_seq_len, self.dtype, self.device)
         self.expert_handler, self.clock = expert_handler, clock
         self.seqs: dict[str, EngineRequest] = {}

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emoe.core.errors import EmoeError
+from emoe.engine import cpu_kernels
 from emoe.engine.config import MoEConfig
 
 
@@ -131,6 +132,9 @@ class StepBatch:
             end, rows = s.start + s.num_tokens, slice(s.offset, s.offset + s.num_tokens)
             kc[s.slot, :, s.start:end] = k[rows].transpose(0, 1)
             vc[s.slot, :, s.start:end] = v[rows].transpose(0, 1)
+            if cpu_kernels.prefill_attention_applies(q[rows], kc, vc):
+                outs.append(cpu_kernels.prefill_attention(q[rows], kc[s.slot], vc[s.slot], s.start))  # [n, Hq, D]
+                continue
             qp = q[rows].transpose(0, 1)[None]  # [1, Hq, n, D]
             kp, vp = kc[s.slot, :, :end][None], vc[s.slot, :, :end][None]  # [1, Hkv, end, D] x2
             if s.start == 0:

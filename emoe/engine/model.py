@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emoe.engine import cpu_kernels
 from emoe.engine.config import MoEConfig
 
 
@@ -37,6 +38,13 @@ class ExpertExecutor(Protocol):
     def __call__(self, hidden: Tensor, router_logits: Tensor, layer: int) -> Tensor:
         """hidden [T, H], router_logits [T, E] -> [T, H]."""
         ...
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose matmul goes through :func:`emoe.engine.cpu_kernels.linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_kernels.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -92,10 +100,10 @@ class Attention(nn.Module):
         c = config
         self.layer, self.num_heads, self.num_kv_heads, self.head_dim = layer, c.num_heads, c.num_kv_heads, c.head_dim
         self.clip_qkv = c.clip_qkv
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_out_bias)
+        self.q_proj = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_out_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
@@ -149,10 +157,13 @@ def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, 
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with experts stacked along dim 0 of w1/w3/w2.
 
     x [T, H], weights [T, K], ids [T, K] index w1/w3 [E, F, H] and w2 [E, H, F] (an offloading
-    executor passes slot indices into its slot pool). Token-expert pairs are grouped by expert
-    (one stable sort) and each used expert runs once on its tokens; a single token (batch-1
-    decode) skips the grouping.
+    executor passes slot indices into its slot pool). On the CPU, a few tokens go through the
+    fused kernel of :mod:`emoe.engine.cpu_kernels`. Otherwise token-expert pairs are grouped by
+    expert (one stable sort) and each used expert runs once on its tokens; a single token
+    (batch-1 decode) skips the grouping.
     """
+    if cpu_kernels.fused_expert_mlp_applies(x, w1, w3, w2):
+        return cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
     num_tokens, top_k = ids.shape
     if num_tokens == 1:
         out = None
@@ -168,10 +179,11 @@ def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, 
     xs = x[token_idx]  # [T*K, H]
     outs = []
     start = 0
+    linear = cpu_kernels.linear
     for e, n in enumerate(counts):
         if n:
             xe = xs[start:start + n]  # [n, H]
-            outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))  # [n, H]
+            outs.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))  # [n, H]
             start += n
     ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*K, H]
     return torch.zeros_like(x).index_add_(0, token_idx, ys)  # [T, H]
@@ -194,10 +206,10 @@ class SharedExpert(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.gate = nn.Linear(hidden_size, 1, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate = Linear(hidden_size, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, H]
@@ -208,7 +220,7 @@ class MoEBlock(nn.Module):
     def __init__(self, config: MoEConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = ExpertWeights(config.num_experts, config.hidden_size, config.intermediate_size)
         self.shared = (SharedExpert(config.hidden_size, config.shared_expert_intermediate_size)
                        if config.shared_expert_intermediate_size else None)
@@ -245,7 +257,7 @@ class MoEModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
 

@@ -42,8 +42,9 @@ def test_eval_is_exact_at_full_budget_and_under_fetch(setup):
                                       "conversation"}
     for r in rows:
         if r.budget == "100%" or r.policy == "lru":
-            # all experts resident, or every miss fetched: the all-experts output, exactly
-            assert r.agreement == 1.0 and r.perplexity_change_pct == 0.0, r
+            # all experts resident, or every miss fetched: the all-experts output (fetch waves
+            # sum experts in another order and batch size, so up to float rounding)
+            assert r.agreement == 1.0 and abs(r.perplexity_change_pct) < 1e-3, r
     emoe_half = [r for r in rows if (r.policy, r.budget) == ("emoe", "50%")]
     assert all(r.hit_rate < 1.0 for r in emoe_half)
     assert any(r.perplexity_change_pct != 0.0 for r in emoe_half)

@@ -1,0 +1,160 @@
+"""The CPU fast paths agree with the plain torch computations they replace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emoe.engine import cpu_kernels
+from emoe.engine.config import MoEConfig
+from emoe.engine.kv_cache import SlotKVCache, StepBatch
+from emoe.engine.model import MoEModel, expert_mlp, route
+
+
+def _plain(fn, *args):
+    """fn(*args) with every CPU kernel switched off."""
+    saved = cpu_kernels.ENABLED
+    cpu_kernels.ENABLED = False
+    try:
+        return fn(*args)
+    finally:
+        cpu_kernels.ENABLED = saved
+
+
+def test_padded_rows_is_a_coarse_grid():
+    sizes = range(1, 5000)
+    padded = [cpu_kernels.padded_rows(r) for r in sizes]
+    assert all(p >= r for p, r in zip(padded, sizes))
+    assert all(p <= r * 1.25 for p, r in zip(padded, sizes) if r >= 256)
+    assert all(a <= b for a, b in zip(padded, padded[1:]))
+    assert all(cpu_kernels.padded_rows(p) == p for p in padded)
+    assert len(set(padded)) <= 40
+
+
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 100, 257])
+def test_linear_matches_f_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 48, generator=g), torch.randn(40, 48, generator=g), torch.randn(40, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        x3 = x.view(1, rows, 48)
+        out = cpu_kernels.linear(x3, w)
+        assert out.shape == (1, rows, 40)
+        torch.testing.assert_close(out, F.linear(x3, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_keeps_autograd():
+    x = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    cpu_kernels.linear(x, w).sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def _experts(num_experts=6, hidden=40, ffn=56, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=g) * 0.2 for shape in
+                 ((num_experts, ffn, hidden), (num_experts, ffn, hidden), (num_experts, hidden, ffn)))
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 2), (2, 2), (8, 2), (33, 1), (64, 3)])
+def test_fused_expert_mlp_matches_grouped_torch(tokens, top_k):
+    w1, w3, w2 = _experts()
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 40, generator=g)
+    weights, ids = route(torch.randn(tokens, 6, generator=g), top_k, normalize=False)
+    with torch.inference_mode():
+        assert cpu_kernels.fused_expert_mlp_applies(x, w1, w3, w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_expert_mlp_counts_a_repeated_expert_twice():
+    """An offloading executor may map two choices of a token to one slot."""
+    w1, w3, w2 = _experts()
+    x = torch.randn(3, 40)
+    ids = torch.tensor([[2, 2], [0, 5], [5, 5]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.25, 0.25]])
+    with torch.inference_mode():
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_expert_mlp_declines_what_it_cannot_run():
+    w1, w3, w2 = _experts()
+    x = torch.randn(4, 40)
+    assert not cpu_kernels.fused_expert_mlp_applies(x.double(), w1.double(), w3.double(), w2.double())
+    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(cpu_kernels.FUSED_MAX_TOKENS + 1, 40), w1, w3, w2)
+    assert not cpu_kernels.fused_expert_mlp_applies(x, w1.transpose(1, 2).contiguous().transpose(1, 2), w3, w2)
+    with torch.enable_grad():
+        assert not cpu_kernels.fused_expert_mlp_applies(x, w1.requires_grad_(), w3, w2)
+
+
+def _reference_attention(q, k, v, start):
+    """sdpa over one sequence: q [n, Hq, D] at positions start.., k/v [Hkv, start+n, D]."""
+    n, end = q.shape[0], start + q.shape[0]
+    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]  # [n, end]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None, :, :end], v[None, :, :end],
+                                         attn_mask=mask, enable_gqa=q.shape[1] != k.shape[0])
+    return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+@pytest.mark.parametrize("n,start,heads,kv_heads", [(16, 0, 4, 2), (100, 0, 4, 4), (300, 0, 6, 2),
+                                                    (40, 37, 4, 2), (130, 200, 2, 1)])
+def test_prefill_attention_matches_sdpa(n, start, heads, kv_heads, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 64)  # several blocks, each seeing more keys
+    g = torch.Generator().manual_seed(n + start)
+    positions = start + n + 70  # cache room past the prompt, holding stale values
+    k = torch.randn(kv_heads, positions, 16, generator=g)
+    v = torch.randn(kv_heads, positions, 16, generator=g)
+    k[:, start + n:] = 1e4  # whatever sits past the prompt must not be attended
+    v[:, start + n:] = 1e4
+    q = torch.randn(n, heads, 16, generator=g)
+    with torch.inference_mode():
+        assert cpu_kernels.prefill_attention_applies(q, k, v)
+        out = cpu_kernels.prefill_attention(q, k, v, start)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, start), rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_bounds_scores_held_at_once(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 2 * 40 * 8)  # 8-row blocks
+    q, k, v = torch.randn(40, 4, 8), torch.randn(2, 40, 8), torch.randn(2, 40, 8)
+    with torch.inference_mode():
+        out = cpu_kernels.prefill_attention(q, k, v, 0)
+    torch.testing.assert_close(out, _reference_attention(q, k, v, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_step_with_and_without_kernels_agree():
+    """A step mixing decode tokens with a long prefill chunk takes every fast path."""
+    config = MoEConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                       num_kv_heads=2, num_experts=4, top_k=2, max_position_embeddings=256)
+    model = MoEModel(config).init_weights(std=0.2, generator=torch.Generator().manual_seed(0)).eval()
+    ids = torch.randint(0, 64, (232,), generator=torch.Generator().manual_seed(1))
+
+    def step(enabled: bool) -> torch.Tensor:
+        saved = cpu_kernels.ENABLED
+        cpu_kernels.ENABLED = enabled
+        try:
+            cache = SlotKVCache(config, num_slots=3, max_seq_len=256)
+            with torch.inference_mode():
+                first = StepBatch(cache, [], [(0, 0, 20), (1, 0, 30)], "cpu")
+                model.forward_step(ids[:50], first.positions, first)
+                batch = StepBatch(cache, [(0, 20), (1, 30)], [(2, 0, 180)], "cpu")
+                return model.forward_step(ids[50:232], batch.positions, batch)  # [182, V]
+        finally:
+            cpu_kernels.ENABLED = saved
+
+    torch.testing.assert_close(step(True), step(False), rtol=1e-4, atol=1e-4)
+
+
+def test_environment_switch_turns_kernels_off():
+    code = "import emoe.engine.cpu_kernels as k; print(k.ENABLED)"
+    env = {**os.environ, "EMOE_CPU_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
