@@ -56,44 +56,61 @@ def test_linear_keeps_autograd():
 
 
 def _experts(num_experts=6, hidden=40, ffn=56, seed=0):
+    """gate_up [E, 2F, H], w2 [E, H, F]."""
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(shape, generator=g) * 0.2 for shape in
-                 ((num_experts, ffn, hidden), (num_experts, ffn, hidden), (num_experts, hidden, ffn)))
+    return (torch.randn(num_experts, 2 * ffn, hidden, generator=g) * 0.2,
+            torch.randn(num_experts, hidden, ffn, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("tokens,top_k", [(1, 2), (2, 2), (8, 2), (33, 1), (64, 3)])
 def test_fused_expert_mlp_matches_grouped_torch(tokens, top_k):
-    w1, w3, w2 = _experts()
+    gate_up, w2 = _experts()
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 40, generator=g)
     weights, ids = route(torch.randn(tokens, 6, generator=g), top_k, normalize=False)
     with torch.inference_mode():
-        assert cpu_kernels.fused_expert_mlp_applies(x, w1, w3, w2)
-        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
-        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+        assert cpu_kernels.fused_expert_mlp_applies(x, gate_up, w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
+        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_expert_mlp_counts_a_repeated_expert_twice():
     """An offloading executor may map two choices of a token to one slot."""
-    w1, w3, w2 = _experts()
+    gate_up, w2 = _experts()
     x = torch.randn(3, 40)
     ids = torch.tensor([[2, 2], [0, 5], [5, 5]])
     weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.25, 0.25]])
     with torch.inference_mode():
-        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
-        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
+        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_expert_mlp_declines_what_it_cannot_run():
-    w1, w3, w2 = _experts()
+    gate_up, w2 = _experts()
     x = torch.randn(4, 40)
-    assert not cpu_kernels.fused_expert_mlp_applies(x.double(), w1.double(), w3.double(), w2.double())
-    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(cpu_kernels.FUSED_MAX_TOKENS + 1, 40), w1, w3, w2)
-    assert not cpu_kernels.fused_expert_mlp_applies(x, w1.transpose(1, 2).contiguous().transpose(1, 2), w3, w2)
+    applies = cpu_kernels.fused_expert_mlp_applies
+    assert not applies(x.double(), gate_up.double(), w2.double())
+    assert not applies(torch.randn(cpu_kernels.FUSED_MAX_TOKENS + 1, 40), gate_up, w2)
+    assert not applies(x, gate_up.transpose(1, 2).contiguous().transpose(1, 2), w2)
     with torch.enable_grad():
-        assert not cpu_kernels.fused_expert_mlp_applies(x, w1.requires_grad_(), w3, w2)
+        assert not applies(x, gate_up.requires_grad_(), w2)
+
+
+def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots():
+    """The offload slot pool packs gate, up and down of a slot in one row."""
+    gate_up, w2 = _experts()
+    pool = torch.cat([gate_up.flatten(1), w2.flatten(1)], dim=1)  # [S, 2FH + HF]
+    pooled_gate_up = pool[:, :gate_up[0].numel()].view_as(gate_up)
+    pooled_w2 = pool[:, gate_up[0].numel():].view_as(w2)
+    x = torch.randn(5, 40)
+    weights, ids = route(torch.randn(5, 6), 2, normalize=True)
+    with torch.inference_mode():
+        assert cpu_kernels.fused_expert_mlp_applies(x, pooled_gate_up, pooled_w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, pooled_gate_up, pooled_w2)
+        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def _reference_attention(q, k, v, start):
@@ -105,8 +122,8 @@ def _reference_attention(q, k, v, start):
     return out[0].transpose(0, 1)  # [n, Hq, D]
 
 
-@pytest.mark.parametrize("n,start,heads,kv_heads", [(16, 0, 4, 2), (100, 0, 4, 4), (300, 0, 6, 2),
-                                                    (40, 37, 4, 2), (130, 200, 2, 1)])
+@pytest.mark.parametrize("n,start,heads,kv_heads", [(48, 0, 4, 2), (100, 0, 4, 4), (300, 0, 6, 2),
+                                                    (50, 37, 4, 2), (130, 200, 2, 1)])
 def test_prefill_attention_matches_sdpa(n, start, heads, kv_heads, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "QUERY_BLOCK", 64)  # several blocks, each seeing more keys
     g = torch.Generator().manual_seed(n + start)

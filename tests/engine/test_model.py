@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from emoe.engine import cpu_kernels
 from emoe.engine.config import MoEConfig
 from emoe.engine.kv_cache import SlotKVCache, StepBatch
 from emoe.engine.model import MoEModel, ResidentExperts, expert_mlp, route
@@ -20,8 +21,9 @@ def _model(cfg: MoEConfig = CFG) -> MoEModel:
 
 
 @settings(max_examples=25, deadline=None)
-@given(tokens=st.integers(1, 20), experts=st.integers(1, 6), seed=st.integers(0, 2**16))
-def test_expert_mlp_matches_naive_loop(tokens, experts, seed):
+@given(tokens=st.integers(1, 80), experts=st.integers(1, 6), seed=st.integers(0, 2**16),
+       kernels=st.booleans())
+def test_expert_mlp_matches_naive_loop(tokens, experts, seed, kernels):
     g = torch.Generator().manual_seed(seed)
     top_k = min(2, experts)
     h, f = 8, 6
@@ -34,7 +36,12 @@ def test_expert_mlp_matches_naive_loop(tokens, experts, seed):
         for k in range(top_k):
             e = ids[t, k]
             expected[t] += weights[t, k] * (w2[e] @ (F.silu(w1[e] @ x[t]) * (w3[e] @ x[t])))
-    torch.testing.assert_close(expert_mlp(x, weights, ids, w1, w3, w2), expected, atol=1e-5, rtol=1e-5)
+    saved, cpu_kernels.ENABLED = cpu_kernels.ENABLED, kernels  # the CPU kernels, or plain torch
+    try:
+        got = expert_mlp(x, weights, ids, torch.cat([w1, w3], dim=1), w2)
+    finally:
+        cpu_kernels.ENABLED = saved
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_route_renormalises_only_when_asked():
@@ -97,7 +104,7 @@ def test_training_forward_backward_reaches_experts_router_and_shared_expert():
     loss = loss + sum(rl.softmax(-1).pow(2).sum() for rl in router_logits) * 1e-3
     loss.backward()
     moe = model.layers[1].moe
-    for p in (moe.experts.w1, moe.experts.w2, moe.gate.weight, moe.shared.gate.weight, model.embed_tokens.weight):
+    for p in (moe.experts.gate_up, moe.experts.w2, moe.gate.weight, moe.shared.gate.weight, model.embed_tokens.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 
