@@ -9,12 +9,12 @@ measured on, that kernel is slow for both of the engine's shapes (docs/engine.md
   each used expert's weights once for all of its tokens. It runs on up to
   ``FUSED_MAX_TOKENS`` tokens.
 * **Many rows (prefill).** With ``ONEDNN_MIN_ROWS`` rows or more, :func:`linear` calls oneDNN,
-  which PyTorch ships and which uses AVX-512 where MKL does not. It is about 2x faster here. Below
-  that, its ~10 us call overhead loses to sgemm. :func:`prefill_attention` builds causal
+  which PyTorch ships and whose JIT-compiled kernels use AVX-512 here: about 2x sgemm's
+  throughput. Below that, its ~10 us call overhead loses to sgemm. :func:`prefill_attention` builds causal
   attention over a prefill chunk from the same oneDNN matmuls; it is 1.4x faster than
   PyTorch's flash attention for CPU at 512 tokens.
 
-Both paths run only for float32 tensors on the CPU, outside autograd. Set
+These paths run only for float32 tensors on the CPU, outside autograd. Set
 ``EMOE_CPU_KERNELS=0`` (or ``cpu_kernels.ENABLED = False``) to run plain torch everywhere, to
 compare or debug.
 """
@@ -185,7 +185,18 @@ def _flat(w: Tensor) -> tuple[np.ndarray, int]:
     return w.as_strided((rows, w.shape[2]), (w.shape[2], 1), w.storage_offset()).numpy(), step
 
 
-@numba.njit(fastmath={"nnan", "ninf", "nsz", "arcp", "reassoc"}, nogil=True, cache=True)
+def _compile(fn):
+    """numba-compile ``fn`` on first call, reusing the machine code on disk where numba finds a
+    writable cache folder (next to this file, else the user's cache) and not caching otherwise.
+    """
+    options = dict(fastmath={"nnan", "ninf", "nsz", "arcp", "reassoc"}, nogil=True)
+    try:
+        return numba.njit(cache=True, **options)(fn)
+    except RuntimeError:  # no cache location: a read-only install without a writable home
+        return numba.njit(**options)(fn)
+
+
+@_compile
 def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, gate_up, step_gate_up, w2, step_w2,
                        out):  # pragma: no cover - compiled by numba
     """out[t] += sum_k gates[t, k] * expert_{ids[t, k]}(x[t]); each used expert is read once.

@@ -175,3 +175,19 @@ def test_environment_switch_turns_kernels_off():
     env = {**os.environ, "EMOE_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_kernel_compiles_without_a_disk_cache(monkeypatch):
+    """Where numba finds no writable cache folder, the kernel still compiles (uncached)."""
+    import numba
+
+    real_njit = numba.njit
+
+    def njit(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+    add = cpu_kernels._compile(lambda a, b: a + b)
+    assert add(2, 3) == 5
