@@ -7,7 +7,7 @@ measured on, that kernel is slow for both of the engine's shapes (docs/engine.md
   packing the weight matrix it then reads once. :func:`fused_expert_mlp` is one numba-compiled
   pass over the routed experts instead: gate, up, SiLU, down and the gate-weighted sum, reading
   each used expert's weights once for all of its tokens. It runs on up to
-  ``FUSED_MAX_TOKENS`` tokens.
+  ``FUSED_MAX_TOKENS`` tokens at one torch thread (a share of that at more threads).
 * **Many rows (prefill).** With ``ONEDNN_MIN_ROWS`` rows or more, :func:`linear` calls oneDNN,
   which PyTorch ships and whose JIT-compiled kernels use AVX-512 here: about 2x sgemm's
   throughput. Below that, its ~10 us call overhead loses to sgemm. :func:`prefill_attention` builds causal
@@ -151,8 +151,12 @@ def _causal_mask(rows: int, cols: int) -> Tensor:
 
 
 def fused_expert_mlp_applies(x: Tensor, gate_up: Tensor, w2: Tensor) -> bool:
-    """Whether :func:`fused_expert_mlp` may run on these tensors."""
-    return (x.shape[0] <= FUSED_MAX_TOKENS and _plain_cpu_float32(x, gate_up, w2)
+    """Whether :func:`fused_expert_mlp` may run on these tensors.
+
+    The kernel runs on one thread while torch's matmuls use all of torch's threads, so the
+    token limit is divided among them (measured at 1 and 2 threads: the crossover halves).
+    """
+    return (x.shape[0] * torch.get_num_threads() <= FUSED_MAX_TOKENS and _plain_cpu_float32(x, gate_up, w2)
             and _rows_contiguous(gate_up) and _rows_contiguous(w2))
 
 

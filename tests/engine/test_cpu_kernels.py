@@ -26,6 +26,13 @@ def _plain(fn, *args):
         cpu_kernels.ENABLED = saved
 
 
+@pytest.fixture
+def torch_threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
 def test_padded_rows_is_a_coarse_grid():
     sizes = range(1, 5000)
     padded = [cpu_kernels.padded_rows(r) for r in sizes]
@@ -69,10 +76,20 @@ def test_fused_expert_mlp_matches_grouped_torch(tokens, top_k):
     x = torch.randn(tokens, 40, generator=g)
     weights, ids = route(torch.randn(tokens, 6, generator=g), top_k, normalize=False)
     with torch.inference_mode():
-        assert cpu_kernels.fused_expert_mlp_applies(x, gate_up, w2)
         fused = cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
         plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_expert_mlp_shares_its_token_limit_among_threads(torch_threads):
+    gate_up, w2 = _experts()
+    limit = cpu_kernels.FUSED_MAX_TOKENS
+    torch_threads(1)
+    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit, 40), gate_up, w2)
+    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit + 1, 40), gate_up, w2)
+    torch_threads(2)
+    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2, 40), gate_up, w2)
+    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2 + 1, 40), gate_up, w2)
 
 
 def test_fused_expert_mlp_counts_a_repeated_expert_twice():
@@ -87,19 +104,21 @@ def test_fused_expert_mlp_counts_a_repeated_expert_twice():
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_expert_mlp_declines_what_it_cannot_run():
+def test_fused_expert_mlp_declines_what_it_cannot_run(torch_threads):
+    torch_threads(1)
     gate_up, w2 = _experts()
+    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(4, 40), gate_up, w2)
     x = torch.randn(4, 40)
     applies = cpu_kernels.fused_expert_mlp_applies
     assert not applies(x.double(), gate_up.double(), w2.double())
-    assert not applies(torch.randn(cpu_kernels.FUSED_MAX_TOKENS + 1, 40), gate_up, w2)
     assert not applies(x, gate_up.transpose(1, 2).contiguous().transpose(1, 2), w2)
     with torch.enable_grad():
         assert not applies(x, gate_up.requires_grad_(), w2)
 
 
-def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots():
+def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots(torch_threads):
     """The offload slot pool packs gate, up and down of a slot in one row."""
+    torch_threads(1)
     gate_up, w2 = _experts()
     pool = torch.cat([gate_up.flatten(1), w2.flatten(1)], dim=1)  # [S, 2FH + HF]
     pooled_gate_up = pool[:, :gate_up[0].numel()].view_as(gate_up)
