@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--calibration", default=str(ROOT / "traces/routing-emoe-tiny.parquet"))
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: on a shared 2-core box a second OpenMP thread "

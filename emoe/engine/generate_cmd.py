@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: as stored")
+                   help="default: as stored; half precision runs as float32 on CPU")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 

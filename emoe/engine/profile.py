@@ -168,7 +168,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="model folder (config.json, *.safetensors)")
     p.add_argument("-o", "--output", required=True, help="profile file to write (JSON)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: as stored; half precision runs as float32 on CPU")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice)")

@@ -104,7 +104,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("engine", "fake"), default="engine",
                    help="'fake' does no model work (for tests and benchmarks)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", help="compute dtype (default: as stored; half precision runs as float32 on CPU)")
     p.add_argument("--max-batch-size", type=int, default=16, help="KV cache slots")
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
     p.add_argument("--fake-step-delay", type=float, default=0.0,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emoe.core.errors import ConfigError
-from emoe.engine.checkpoint import CheckpointError, load_config, load_model, save_hf
+from emoe.engine.checkpoint import CheckpointError, default_dtype, load_config, load_model, save_hf
 from emoe.engine.config import MoEConfig
 from emoe.engine.model import MoEModel
 
@@ -138,3 +138,16 @@ def test_unknown_architecture_lists_supported(saved):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="model_type 'llama' is not supported; supported: mixtral, qwen2_moe, olmoe"):
         load_config(folder)
+
+
+def test_half_precision_runs_as_float32_on_cpu_unless_asked(saved):
+    assert default_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert default_dtype(torch.float16, torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    assert default_dtype(torch.float32, "cuda") == torch.float32
+    _, folder = saved
+    half = load_model(folder, dtype="bfloat16")
+    half_folder = folder.parent / "half"
+    save_hf(half, half_folder)
+    assert load_model(half_folder).embed_tokens.weight.dtype == torch.float32
+    assert load_model(half_folder, dtype="bfloat16").embed_tokens.weight.dtype == torch.bfloat16

@@ -4,6 +4,7 @@ model of the same architecture written here."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import pytest
@@ -81,6 +82,9 @@ async def test_concurrent_requests_batch_and_all_finish(checkpoint):
 async def test_abort_and_deadline_free_the_engine(checkpoint, how):
     engine_backend = backend(checkpoint)
     async with serving([engine_backend]) as server, connected(server) as client:
+        engine = engine_backend._engine
+        execute = engine.execute
+        engine.execute = lambda plan: (time.sleep(0.01), execute(plan))[1]  # outlasts the deadline
         longest = offline_context(checkpoint) - 3
         call = client.stream(generate_request([3, 4, 5], request_id="long", max_tokens=longest,
                                               ignore_eos=True),

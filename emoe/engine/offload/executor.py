@@ -72,8 +72,10 @@ class OffloadedExperts:
         self.slots_per_layer = per_layer
         self.lru = LruExpertCache(per_layer) if miss is MissPolicy.FETCH else None
         self._table = cache.table.to(cache.device)  # [L, E] device copy of the slot table
+        self._not_resident = torch.zeros(self._table.shape, device=cache.device)  # [L, E] 0 or -inf
+        self._resident_count: list[int] = []  # per layer
         self._table_version = -1
-        self._hits: list[Tensor] = []  # per layer of the current forward: [T] hits out of top_k
+        self._hits: list[Tensor] = []  # per layer of the current forward: [T, K] choice resident
         self.fetched: list[ExpertKey] = []  # net cache changes by fetch-on-miss in this step
         self.evicted: list[ExpertKey] = []
         self.fetches = 0  # experts copied in on a miss, all steps
@@ -141,44 +143,47 @@ class OffloadedExperts:
         self.fetched, self.evicted, self.wait_s = [], [], 0.0
         if not self._hits:
             return
-        hits = torch.stack(self._hits, dim=1).cpu().numpy()  # [T, L]
+        hits = torch.stack(self._hits, dim=1).sum(dim=2).tolist()  # [T][L] hits per token and layer
         self._hits = []
         rids = list(plan.decode) + [c.request_id for c in plan.prefill]
-        rows = np.array([1] * len(plan.decode) + [c.num_tokens for c in plan.prefill])  # [R]
-        if int(rows.sum()) != hits.shape[0]:
-            raise RuntimeError(f"finish_step: plan has {int(rows.sum())} token rows, the "
-                               f"forward ran {hits.shape[0]}")
-        starts = np.concatenate(([0], np.cumsum(rows)[:-1]))  # [R]
-        per_request = np.add.reduceat(hits, starts, axis=0)  # [R, L] hits per layer
-        choices = rows * self.top_k  # [R] per layer
-        total_hits = per_request.sum(axis=1)  # [R]
-        weighted_hits, weighted_choices = self._weighted(rids, per_request, choices,
-                                                         self.tasks, self.sensitivity)
+        sizes = [1] * len(plan.decode) + [c.num_tokens for c in plan.prefill]  # token rows
+        if sum(sizes) != len(hits):
+            raise RuntimeError(f"finish_step: plan has {sum(sizes)} token rows, the "
+                               f"forward ran {len(hits)}")
+        num_layers = len(hits[0])
         outputs = {o.request_id: o for o in result.outputs}
-        for i, rid in enumerate(rids):
+        row = 0
+        for rid, n in zip(rids, sizes):
+            layer_hits = hits[row] if n == 1 else [sum(col) for col in zip(*hits[row:row + n])]  # [L]
+            row += n
             out = outputs.get(rid)
             if out is None:
                 continue
-            out.expert_hits += int(total_hits[i])
-            out.expert_misses += int(choices[i]) * hits.shape[1] - int(total_hits[i])
-            out.weighted_hits += float(weighted_hits[i])
-            out.weighted_choices += float(weighted_choices[i])
+            choices = n * self.top_k  # per layer
+            total = sum(layer_hits)
+            out.expert_hits += total
+            out.expert_misses += choices * num_layers - total
+            weights = self._layer_weights(rid)
+            if weights is None:
+                out.weighted_hits += float(total)
+                out.weighted_choices += float(choices * num_layers)
+            else:
+                out.weighted_hits += float(sum(h * w for h, w in zip(layer_hits, weights)))
+                out.weighted_choices += float(choices * sum(weights))
 
-    @staticmethod
-    def _weighted(rids: list[str], per_request: np.ndarray, choices: np.ndarray,
-                  tasks: Mapping[str, str] | None, sensitivity: Mapping[str, np.ndarray] | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-        """Per request: hits and choices weighted by its task's per-layer sensitivity."""
-        ones = np.ones(per_request.shape[1])
-        weights = np.stack([sensitivity.get(tasks.get(rid, ""), ones)
-                            if tasks is not None and sensitivity is not None else ones
-                            for rid in rids])  # [R, L]
-        return (per_request * weights).sum(axis=1), weights.sum(axis=1) * choices  # [R] x2
+    def _layer_weights(self, request_id: str) -> np.ndarray | None:
+        """The request's task's per-layer sensitivity [L], or None (unweighted)."""
+        if self.tasks is None or self.sensitivity is None:
+            return None
+        return self.sensitivity.get(self.tasks.get(request_id, ""))
 
     # ------------------------------------------------------------------ compute
     def _slot_table(self) -> Tensor:
         if self._table_version != self.cache.version:
             self._table.copy_(self.cache.table)
+            resident = self._table >= 0  # [L, E]
+            self._not_resident = torch.zeros_like(self._not_resident).masked_fill_(~resident, float("-inf"))
+            self._resident_count = resident.sum(dim=1).tolist()
             self._table_version = self.cache.version
         return self._table  # [L, E]
 
@@ -189,11 +194,17 @@ class OffloadedExperts:
         t0 = time.perf_counter()
         self.cache.wait_layer(layer)
         self.wait_s += time.perf_counter() - t0
-        gates, ids = route(router_logits, self.top_k, self.normalize)  # [T, K] x2
         slot_of = self._slot_table()[layer]  # [E]
+        if self.miss is MissPolicy.REROUTE and self.normalize:
+            # renormalised routing over the resident experts is the router's own when every
+            # choice is resident, so one path serves both; the router's choices count hits
+            ids = router_logits.float().topk(self.top_k, dim=-1).indices  # [T, K]
+            self._hits.append(slot_of[ids] >= 0)  # [T, K]
+            return self._reroute(hidden, router_logits, None, slot_of, layer, self.cache.slots_in(layer))
+        gates, ids = route(router_logits, self.top_k, self.normalize)  # [T, K] x2
         slots = slot_of[ids]  # [T, K]
         hit = slots >= 0  # [T, K]
-        self._hits.append(hit.sum(dim=1))  # [T]
+        self._hits.append(hit)  # [T, K], counted per step in finish_step
         if self.miss is MissPolicy.FETCH:
             return self._fetch(hidden, gates, ids, layer)
         resident = self.cache.slots_in(layer)
@@ -201,7 +212,7 @@ class OffloadedExperts:
             return self._compute(hidden, gates, slots, resident)
         if self.miss is MissPolicy.DROP:
             return self._compute(hidden, gates, slots, resident, hit)
-        return self._reroute(hidden, router_logits, gates, slot_of, resident)
+        return self._reroute(hidden, router_logits, gates, slot_of, layer, resident)
 
     def _compute(self, x: Tensor, gates: Tensor, slots: Tensor, used: list[int],
                  valid: Tensor | None = None) -> Tensor:
@@ -220,16 +231,19 @@ class OffloadedExperts:
         finally:
             c.unpin(used)
 
-    def _reroute(self, x: Tensor, router_logits: Tensor, gates: Tensor, slot_of: Tensor,
-                 used: list[int]) -> Tensor:
-        resident = slot_of >= 0  # [E]
-        k = min(self.top_k, int(resident.sum()))
+    def _reroute(self, x: Tensor, router_logits: Tensor, gates: Tensor | None, slot_of: Tensor,
+                 layer: int, used: list[int]) -> Tensor:
+        """Each token's top-k among the layer's resident experts, weighted p_i / sum_used p_j
+        times the router's own top-k mass (``gates`` [T, K]; 1 with renormalised routing,
+        where gates may be None; docs/offloading.md)."""
+        k = min(self.top_k, self._resident_count[layer])
         if k == 0:
             return torch.zeros_like(x)
-        probs = router_logits.float().softmax(dim=-1).masked_fill(~resident, -1.0)  # [T, E]
-        used_p, used_ids = probs.topk(k, dim=-1)  # [T, k] x2
-        mass = used_p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # [T, 1]
-        weights = used_p * (gates.sum(dim=-1, keepdim=True) / mass)  # [T, k]
+        masked = router_logits.float() + self._not_resident[layer]  # [T, E]
+        top_logits, used_ids = masked.topk(k, dim=-1)  # [T, k] x2
+        weights = top_logits.softmax(dim=-1)  # [T, k]: p_i / sum_used p_j
+        if not self.normalize:  # renormalised routing has top-k mass 1
+            weights = weights * gates.sum(dim=-1, keepdim=True)
         return self._compute(x, weights, slot_of[used_ids], used)  # [T, H]
 
     def _fetch(self, x: Tensor, gates: Tensor, ids: Tensor, layer: int) -> Tensor:
