@@ -170,9 +170,19 @@ class Engine:
         return result
 
     def _finish_experts(self, plan: StepPlan, result: StepResult) -> None:
+        """Expert hits of the step's requests: the handler's own accounting, or with every
+        expert resident, each token's top-k choices in every layer."""
         finish = getattr(self.expert_handler, "finish_step", None)
         if finish is not None:
             finish(plan, result)
+            return
+        per_token = self.config.top_k * self.config.num_layers
+        tokens = {rid: 1 for rid in plan.decode} | {c.request_id: c.num_tokens for c in plan.prefill}
+        for out in result.outputs:
+            hits = tokens.get(out.request_id, 0) * per_token
+            out.expert_hits += hits
+            out.weighted_hits += hits
+            out.weighted_choices += hits
 
     def _decodable(self, request_id: str) -> EngineRequest:
         seq = self.seqs.get(request_id)

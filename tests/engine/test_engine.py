@@ -84,6 +84,19 @@ def test_routing_counts_prompt_choices(model):
         np.testing.assert_array_equal(counts[layer], expected)
 
 
+def test_resident_experts_count_every_choice_as_a_hit(model):
+    engine = Engine(model, max_batch_size=2, prefill_chunk=5)
+    engine.add_request("a", [5, 6, 7, 8, 9, 10, 11], GREEDY)
+    engine.add_request("b", [5, 6], GREEDY)
+    engine.execute(StepPlan(prefill=[PrefillChunk("a", 0, 5), PrefillChunk("b", 0, 2)]))
+    step = engine.execute(StepPlan(decode=["b"], prefill=[PrefillChunk("a", 5, 2)]))
+    per_token = CFG.top_k * CFG.num_layers
+    outputs = {o.request_id: o for o in step.outputs}
+    assert (outputs["a"].expert_hits, outputs["b"].expert_hits) == (2 * per_token, per_token)
+    assert all(o.expert_misses == 0 and o.weighted_hits == o.weighted_choices == o.expert_hits
+               for o in step.outputs)
+
+
 def test_plan_errors_name_the_request(model):
     engine = Engine(model, max_batch_size=1)
     engine.add_request("x", [1, 2, 3], GREEDY)
