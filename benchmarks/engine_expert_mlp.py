@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     e, h, f, k = 8, args.hidden, args.ffn, 2
-    gate_up, w2 = torch.randn(e, 2 * f, h, generator=g) * 0.05, torch.randn(e, h, f, generator=g) * 0.05
+    w1, w3, w2 = (torch.randn(shape, generator=g) * 0.05 for shape in ((e, f, h), (e, f, h), (e, h, f)))
     print(f"8 experts, hidden {h}, ffn {f}, top-2, float32, {args.threads} thread(s)")
     print(f"{'tokens':>6s} {'fused us':>9s} {'grouped us':>11s} {'plain torch us':>15s}")
     fused_max = cpu_kernels.FUSED_MAX_TOKENS
@@ -56,9 +56,9 @@ def main() -> None:
         for tokens in (1, 8, 16, 32, 64, 128, 512):
             x = torch.randn(tokens, h, generator=g)
             weights, ids = route(torch.randn(tokens, e, generator=g), k, True)
-            call = lambda: expert_mlp(x, weights, ids, gate_up, w2)  # noqa: E731
+            call = lambda: expert_mlp(x, weights, ids, w1, w3, w2)  # noqa: E731
             iters = max(5, args.iters * 8 // tokens)
-            fused = _best_us(lambda: cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2), iters)
+            fused = _best_us(lambda: cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2), iters)
             try:
                 cpu_kernels.FUSED_MAX_TOKENS = 0
                 grouped = _best_us(call, iters)

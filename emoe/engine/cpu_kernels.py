@@ -150,14 +150,14 @@ def _causal_mask(rows: int, cols: int) -> Tensor:
     return torch.full((rows, cols), float("-inf")).triu_(1)
 
 
-def fused_expert_mlp_applies(x: Tensor, gate_up: Tensor, w2: Tensor) -> bool:
+def fused_expert_mlp_applies(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> bool:
     """Whether :func:`fused_expert_mlp` may run on these tensors.
 
     The kernel runs on one thread while torch's matmuls use all of torch's threads, so the
     token limit is divided among them (measured at 1 and 2 threads: the crossover halves).
     """
-    return (x.shape[0] * torch.get_num_threads() <= FUSED_MAX_TOKENS and _plain_cpu_float32(x, gate_up, w2)
-            and _rows_contiguous(gate_up) and _rows_contiguous(w2))
+    return (x.shape[0] * torch.get_num_threads() <= FUSED_MAX_TOKENS and _plain_cpu_float32(x, w1, w3, w2)
+            and all(_rows_contiguous(w) for w in (w1, w3, w2)))
 
 
 def _rows_contiguous(w: Tensor) -> bool:
@@ -165,16 +165,16 @@ def _rows_contiguous(w: Tensor) -> bool:
     return w.stride(2) == 1 and w.stride(1) == w.shape[2] and w.stride(0) % w.shape[2] == 0
 
 
-def fused_expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, w2: Tensor) -> Tensor:
+def fused_expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
     """The routed-expert output of :func:`emoe.engine.model.expert_mlp`, computed in one pass.
 
-    x [T, H] float32, weights [T, K], ids [T, K] into gate_up [E, 2F, H] and w2 [E, H, F] -> [T, H].
+    x [T, H] float32, weights [T, K], ids [T, K] into w1/w3 [E, F, H] and w2 [E, H, F] -> [T, H].
     Check :func:`fused_expert_mlp_applies` first.
     """
     out = torch.zeros_like(x)  # [T, H]
     _expert_mlp_kernel(x.contiguous().numpy(), weights.float().contiguous().numpy(),
-                       ids.long().contiguous().numpy(), gate_up.shape[0], w2.shape[2], x.shape[1],
-                       *_flat(gate_up), *_flat(w2), out.numpy())
+                       ids.long().contiguous().numpy(), w1.shape[0], w1.shape[1], x.shape[1],
+                       *_flat(w1), *_flat(w3), *_flat(w2), out.numpy())
     return out
 
 
@@ -201,13 +201,12 @@ def _compile(fn):
 
 
 @_compile
-def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, gate_up, step_gate_up, w2, step_w2,
+def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, w1, step1, w3, step3, w2, step2,
                        out):  # pragma: no cover - compiled by numba
     """out[t] += sum_k gates[t, k] * expert_{ids[t, k]}(x[t]); each used expert is read once.
 
-    Expert e's gate rows [F, H] start at row e * step_gate_up of gate_up, its up rows F after
-    them, and its down matrix [H, F] at row e * step_w2 of w2. Floating-point contraction is
-    off, so a token's sum over experts rounds as the separate products do in torch.
+    Expert e's gate and up matrices [F, H] start at row e * step1 of w1 and e * step3 of w3,
+    its down matrix [H, F] at row e * step2 of w2.
     """
     num_tokens, top_k = ids.shape
     act = np.empty((num_tokens * top_k, ffn), dtype=np.float32)  # SiLU(gate) * up per token
@@ -225,7 +224,7 @@ def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, gate_up, step_ga
         if m == 0:
             continue
         for f in range(ffn):
-            gate_row, up_row = gate_up[e * step_gate_up + f], gate_up[e * step_gate_up + ffn + f]
+            gate_row, up_row = w1[e * step1 + f], w3[e * step3 + f]
             for j in range(m):
                 xr = x[rows[j]]
                 g = np.float32(0.0)
@@ -235,7 +234,7 @@ def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, gate_up, step_ga
                     u += up_row[h] * xr[h]
                 act[j, f] = g / (one + np.exp(-g)) * u
         for h in range(hidden):
-            down_row = w2[e * step_w2 + h]
+            down_row = w2[e * step2 + h]
             for j in range(m):
                 s = np.float32(0.0)
                 for f in range(ffn):

@@ -131,28 +131,17 @@ class Attention(nn.Module):
 
 
 class ExpertWeights(nn.Module):
-    """One layer's routed experts, stacked: gate_up [E, 2F, H] (gate rows, then up rows), w2 [E, H, F].
-
-    ``w1`` and ``w3`` (Mixtral's names for gate and up, [E, F, H]) are views of gate_up's halves;
-    one matrix per expert lets a single matmul compute both.
-    """
+    """One layer's routed experts, stacked: w1/w3 [E, F, H] (gate/up), w2 [E, H, F] (down)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w1 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.w3 = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     @property
     def num_experts(self) -> int:
-        return self.gate_up.shape[0]
-
-    @property
-    def w1(self) -> Tensor:
-        return self.gate_up[:, :self.w2.shape[2]]  # [E, F, H]
-
-    @property
-    def w3(self) -> Tensor:
-        return self.gate_up[:, self.w2.shape[2]:]  # [E, F, H]
+        return self.w1.shape[0]
 
 
 def route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
@@ -164,45 +153,40 @@ def route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, T
     return weights, ids
 
 
-def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, w2: Tensor) -> Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with experts stacked along dim 0.
+def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with experts stacked along dim 0 of w1/w3/w2.
 
-    x [T, H], weights [T, K], ids [T, K] index gate_up [E, 2F, H] (gate rows, then up rows) and
-    w2 [E, H, F] (an offloading executor passes slot indices into its slot pool). On the CPU, a
-    few tokens go through the fused kernel of :mod:`emoe.engine.cpu_kernels`. Otherwise
-    token-expert pairs are grouped by expert (one stable sort) and each used expert runs once on
-    its tokens; a single token (batch-1 decode) skips the grouping.
+    x [T, H], weights [T, K], ids [T, K] index w1/w3 [E, F, H] and w2 [E, H, F] (an offloading
+    executor passes slot indices into its slot pool). On the CPU, a few tokens go through the
+    fused kernel of :mod:`emoe.engine.cpu_kernels`. Otherwise token-expert pairs are grouped by
+    expert (one stable sort) and each used expert runs once on its tokens; a single token
+    (batch-1 decode) skips the grouping.
     """
-    if cpu_kernels.fused_expert_mlp_applies(x, gate_up, w2):
-        return cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
+    if cpu_kernels.fused_expert_mlp_applies(x, w1, w3, w2):
+        return cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
     num_tokens, top_k = ids.shape
     if num_tokens == 1:
         out = None
         gates = weights[0].to(x.dtype)  # [K]
         for k, e in enumerate(ids[0].tolist()):
-            y = _expert(x, gate_up[e], w2[e], F.linear) * gates[k]  # [1, H]
+            y = F.linear(F.silu(F.linear(x, w1[e])) * F.linear(x, w3[e]), w2[e]) * gates[k]  # [1, H]
             out = y if out is None else out + y
         return out
     flat_ids = ids.flatten()  # [T*K]
     order = flat_ids.argsort(stable=True)  # [T*K]
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=w1.shape[0]).tolist()
     token_idx = order // top_k  # [T*K]
     xs = x[token_idx]  # [T*K, H]
     outs = []
     start = 0
+    linear = cpu_kernels.linear
     for e, n in enumerate(counts):
         if n:
-            outs.append(_expert(xs[start:start + n], gate_up[e], w2[e], cpu_kernels.linear))  # [n, H]
+            xe = xs[start:start + n]  # [n, H]
+            outs.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))  # [n, H]
             start += n
     ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*K, H]
     return torch.zeros_like(x).index_add_(0, token_idx, ys)  # [T, H]
-
-
-def _expert(x: Tensor, gate_up: Tensor, w2: Tensor, linear: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """One SwiGLU expert: x [n, H], gate_up [2F, H], w2 [H, F] -> [n, H]."""
-    h = linear(x, gate_up)  # [n, 2F]
-    ffn = w2.shape[1]
-    return linear(F.silu(h[:, :ffn]) * h[:, ffn:], w2)  # [n, H]
 
 
 class ResidentExperts:
@@ -214,7 +198,7 @@ class ResidentExperts:
     def __call__(self, hidden: Tensor, router_logits: Tensor, layer: int) -> Tensor:
         gates, ids = route(router_logits, self.top_k, self.normalize)  # [T, K] x2
         w = self.weights
-        return expert_mlp(hidden, gates, ids, w.gate_up, w.w2)  # [T, H]
+        return expert_mlp(hidden, gates, ids, w.w1, w.w3, w.w2)  # [T, H]
 
 
 class SharedExpert(nn.Module):
@@ -290,10 +274,6 @@ class MoEModel(nn.Module):
                     p.fill_(1.0)
                 elif name.endswith(".bias"):
                     p.zero_()
-                elif name.endswith("experts.gate_up"):  # drawn as w1, then w3, as in checkpoints
-                    ffn = p.shape[1] // 2
-                    for half in (p[:, :ffn], p[:, ffn:]):
-                        half.copy_(torch.randn(half.shape, generator=generator, dtype=torch.float32) * std)
                 else:
                     p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
         return self

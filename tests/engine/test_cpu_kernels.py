@@ -63,72 +63,72 @@ def test_linear_keeps_autograd():
 
 
 def _experts(num_experts=6, hidden=40, ffn=56, seed=0):
-    """gate_up [E, 2F, H], w2 [E, H, F]."""
+    """w1, w3 [E, F, H], w2 [E, H, F]."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_experts, 2 * ffn, hidden, generator=g) * 0.2,
-            torch.randn(num_experts, hidden, ffn, generator=g) * 0.2)
+    return tuple(torch.randn(shape, generator=g) * 0.2 for shape in
+                 ((num_experts, ffn, hidden), (num_experts, ffn, hidden), (num_experts, hidden, ffn)))
 
 
 @pytest.mark.parametrize("tokens,top_k", [(1, 2), (2, 2), (8, 2), (33, 1), (64, 3)])
 def test_fused_expert_mlp_matches_grouped_torch(tokens, top_k):
-    gate_up, w2 = _experts()
+    w1, w3, w2 = _experts()
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 40, generator=g)
     weights, ids = route(torch.randn(tokens, 6, generator=g), top_k, normalize=False)
     with torch.inference_mode():
-        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
-        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_expert_mlp_shares_its_token_limit_among_threads(torch_threads):
-    gate_up, w2 = _experts()
+    w1, w3, w2 = _experts()
     limit = cpu_kernels.FUSED_MAX_TOKENS
     torch_threads(1)
-    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit, 40), gate_up, w2)
-    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit + 1, 40), gate_up, w2)
+    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit, 40), w1, w3, w2)
+    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit + 1, 40), w1, w3, w2)
     torch_threads(2)
-    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2, 40), gate_up, w2)
-    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2 + 1, 40), gate_up, w2)
+    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2, 40), w1, w3, w2)
+    assert not cpu_kernels.fused_expert_mlp_applies(torch.randn(limit // 2 + 1, 40), w1, w3, w2)
 
 
 def test_fused_expert_mlp_counts_a_repeated_expert_twice():
     """An offloading executor may map two choices of a token to one slot."""
-    gate_up, w2 = _experts()
+    w1, w3, w2 = _experts()
     x = torch.randn(3, 40)
     ids = torch.tensor([[2, 2], [0, 5], [5, 5]])
     weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.25, 0.25]])
     with torch.inference_mode():
-        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, gate_up, w2)
-        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_expert_mlp_declines_what_it_cannot_run(torch_threads):
     torch_threads(1)
-    gate_up, w2 = _experts()
-    assert cpu_kernels.fused_expert_mlp_applies(torch.randn(4, 40), gate_up, w2)
+    w1, w3, w2 = _experts()
     x = torch.randn(4, 40)
     applies = cpu_kernels.fused_expert_mlp_applies
-    assert not applies(x.double(), gate_up.double(), w2.double())
-    assert not applies(x, gate_up.transpose(1, 2).contiguous().transpose(1, 2), w2)
+    assert applies(x, w1, w3, w2)
+    assert not applies(x.double(), w1.double(), w3.double(), w2.double())
+    assert not applies(x, w1.transpose(1, 2).contiguous().transpose(1, 2), w3, w2)
     with torch.enable_grad():
-        assert not applies(x, gate_up.requires_grad_(), w2)
+        assert not applies(x, w1.requires_grad_(), w3, w2)
 
 
 def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots(torch_threads):
     """The offload slot pool packs gate, up and down of a slot in one row."""
     torch_threads(1)
-    gate_up, w2 = _experts()
-    pool = torch.cat([gate_up.flatten(1), w2.flatten(1)], dim=1)  # [S, 2FH + HF]
-    pooled_gate_up = pool[:, :gate_up[0].numel()].view_as(gate_up)
-    pooled_w2 = pool[:, gate_up[0].numel():].view_as(w2)
+    w1, w3, w2 = _experts()
+    pool = torch.cat([w1.flatten(1), w3.flatten(1), w2.flatten(1)], dim=1)  # [S, 3FH]
+    size = w1[0].numel()
+    pooled = (pool[:, :size].view_as(w1), pool[:, size:2 * size].view_as(w3), pool[:, 2 * size:].view_as(w2))
     x = torch.randn(5, 40)
     weights, ids = route(torch.randn(5, 6), 2, normalize=True)
     with torch.inference_mode():
-        assert cpu_kernels.fused_expert_mlp_applies(x, pooled_gate_up, pooled_w2)
-        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, pooled_gate_up, pooled_w2)
-        plain = _plain(expert_mlp, x, weights, ids, gate_up, w2)
+        assert cpu_kernels.fused_expert_mlp_applies(x, *pooled)
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, *pooled)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 

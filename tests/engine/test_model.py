@@ -38,7 +38,7 @@ def test_expert_mlp_matches_naive_loop(tokens, experts, seed, kernels):
             expected[t] += weights[t, k] * (w2[e] @ (F.silu(w1[e] @ x[t]) * (w3[e] @ x[t])))
     saved, cpu_kernels.ENABLED = cpu_kernels.ENABLED, kernels  # the CPU kernels, or plain torch
     try:
-        got = expert_mlp(x, weights, ids, torch.cat([w1, w3], dim=1), w2)
+        got = expert_mlp(x, weights, ids, w1, w3, w2)
     finally:
         cpu_kernels.ENABLED = saved
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -104,7 +104,7 @@ def test_training_forward_backward_reaches_experts_router_and_shared_expert():
     loss = loss + sum(rl.softmax(-1).pow(2).sum() for rl in router_logits) * 1e-3
     loss.backward()
     moe = model.layers[1].moe
-    for p in (moe.experts.gate_up, moe.experts.w2, moe.gate.weight, moe.shared.gate.weight, model.embed_tokens.weight):
+    for p in (moe.experts.w1, moe.experts.w2, moe.gate.weight, moe.shared.gate.weight, model.embed_tokens.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 

@@ -45,7 +45,6 @@ class SlotCache:
         self.pool = torch.empty((num_slots, store.layout.numel), dtype=store.layout.dtype,
                                 device=self.device)  # [S, N]
         self.w1, self.w3, self.w2 = store.layout.views(self.pool)  # [S, F, H], [S, F, H], [S, H, F]
-        self.gate_up = store.layout.gate_up(self.pool)  # [S, 2F, H]: w1 and w3 of each slot
         self.stream = stream if stream is not None else copy_stream_for(self.device)
         self.table = torch.full((store.num_layers, store.num_experts), -1,
                                 dtype=torch.long)  # [L, E] slot of each expert, -1 = not resident

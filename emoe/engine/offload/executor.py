@@ -107,7 +107,7 @@ class OffloadedExperts:
                                  non_expert_bytes=non_expert,
                                  device_memory_bytes=device_memory_bytes)
         for b in blocks:
-            for name in ("gate_up", "w2"):
+            for name in ("w1", "w3", "w2"):
                 shape = getattr(b.experts, name).shape[1:]
                 setattr(b.experts, name, nn.Parameter(torch.empty(0, *shape, dtype=store.layout.dtype),
                                                       requires_grad=False))
@@ -222,11 +222,11 @@ class OffloadedExperts:
         c.pin(used)
         try:
             if valid is None:
-                return expert_mlp(x, gates, slots, c.gate_up, c.w2)  # [T, H]
+                return expert_mlp(x, gates, slots, c.w1, c.w3, c.w2)  # [T, H]
             tok, k = valid.nonzero(as_tuple=True)  # [P] x2
             if tok.numel() == 0:
                 return torch.zeros_like(x)
-            y = expert_mlp(x[tok], gates[tok, k, None], slots[tok, k, None], c.gate_up, c.w2)  # [P, H]
+            y = expert_mlp(x[tok], gates[tok, k, None], slots[tok, k, None], c.w1, c.w3, c.w2)  # [P, H]
             return torch.zeros_like(x).index_add_(0, tok, y)  # [T, H]
         finally:
             c.unpin(used)

@@ -39,11 +39,6 @@ class ExpertLayout:
         w2 = rows[:, 2 * f * h :].view(s, h, f)  # [S, H, F]
         return w1, w3, w2
 
-    def gate_up(self, rows: torch.Tensor) -> torch.Tensor:
-        """gate_up [S, 2F, H] (w1 rows, then w3 rows) view of packed rows [S, N]."""
-        s, h, f = rows.shape[0], self.hidden_size, self.ffn_size
-        return rows[:, : 2 * f * h].view(s, 2 * f, h)  # [S, 2F, H]
-
 
 class ExpertStore:
     """All experts of all MoE layers, resident in host memory."""
