@@ -193,7 +193,7 @@ def _compile(fn):
     """numba-compile ``fn`` on first call, reusing the machine code on disk where numba finds a
     writable cache folder (next to this file, else the user's cache) and not caching otherwise.
     """
-    options = dict(fastmath={"nnan", "ninf", "nsz", "arcp", "reassoc"}, nogil=True)
+    options = dict(fastmath={"reassoc", "nsz"}, nogil=True)  # vectorised sums; NaN and inf kept
     try:
         return numba.njit(cache=True, **options)(fn)
     except RuntimeError:  # no cache location: a read-only install without a writable home

@@ -210,3 +210,15 @@ def test_kernel_compiles_without_a_disk_cache(monkeypatch):
     monkeypatch.setattr(numba, "njit", njit)
     add = cpu_kernels._compile(lambda a, b: a + b)
     assert add(2, 3) == 5
+
+
+def test_fused_expert_mlp_propagates_nan_and_overflow_like_torch():
+    w1, w3, w2 = _experts()
+    x = torch.randn(3, 40)
+    x[1, 0], x[2, 0] = float("nan"), 1e30
+    weights, ids = route(torch.randn(3, 6), 2, normalize=True)
+    with torch.inference_mode():
+        fused = cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert fused[1].isnan().all() and fused[0].isfinite().all()
