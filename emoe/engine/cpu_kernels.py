@@ -91,6 +91,7 @@ def padded_rows(rows: int) -> int:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x [..., In], weight [Out, In] -> [..., Out]."""
+    # _plain_cpu_float32's checks, inlined: this runs for every matmul of every step
     if (ENABLED and _ONEDNN and x.dtype is torch.float32 and x.device.type == "cpu"
             and weight.dtype is torch.float32 and weight.is_contiguous() and x.shape[-1]
             and (bias is None or bias.dtype is torch.float32)
