@@ -85,7 +85,9 @@ def padded_rows(rows: int) -> int:
     the matmul itself) and caches about a thousand. Padding the varying dimension to this grid
     bounds the shapes a model ever uses, so after warm-up every call hits the cache.
     """
-    step = max(32, 1 << max(0, rows.bit_length() - 3))
+    step = 32
+    while step * 8 <= rows:
+        step *= 2
     return -(-rows // step) * step
 
 
@@ -118,37 +120,31 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     which positions 0..start+n-1 are filled -> [n, Hq, D]. Query heads are grouped onto key heads
     (GQA). Queries run in blocks of up to ``QUERY_BLOCK`` whose scores fit
     ``SCORE_BLOCK_ELEMENTS``; each block reads only the keys it can see, which skips about a
-    quarter of a 512-token prompt's scores. Block rows and key counts are padded to
-    :func:`padded_rows` (keys up to P); padded keys are masked and padded rows dropped. Check
+    quarter of a 512-token prompt's scores, and the softmax (:func:`_causal_softmax`) skips the
+    keys each query cannot see instead of masking them. Block rows and key counts are padded to
+    :func:`padded_rows` (keys up to P); padded rows are dropped. Check
     :func:`prefill_attention_applies` first.
     """
     n, num_heads, head_dim = q.shape
     num_kv_heads, positions = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
     block = max(1, min(n, QUERY_BLOCK, SCORE_BLOCK_ELEMENTS // (group * (start + n))))
+    scale = np.float32(head_dim ** -0.5)
     out = q.new_empty(n, num_heads, head_dim)  # [n, Hq, D]
     matmul = torch.ops.mkldnn._linear_pointwise
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         rows, keys = padded_rows(hi - lo), min(padded_rows(start + hi), positions)
-        qb = F.pad((q[lo:hi] * head_dim ** -0.5).transpose(0, 1), (0, 0, 0, rows - (hi - lo)))  # [Hq, rows, D]
-        mask = _causal_mask(rows, keys - start - lo)  # [rows, keys - start - lo]
+        qb = F.pad(q[lo:hi].transpose(0, 1), (0, 0, 0, rows - (hi - lo))).contiguous()  # [Hq, rows, D]
         for h in range(num_kv_heads):
             heads = slice(h * group, (h + 1) * group)
-            qh = qb[heads].reshape(group * rows, head_dim)  # [G*rows, D]
-            scores = matmul(qh, k[h, :keys], None, "none", [], "").view(group, rows, keys)  # [G, rows, keys]
-            scores[:, :, start + lo:] += mask  # the block's own and padded keys
-            probs = scores.softmax(dim=-1).view(group * rows, keys)  # [G*rows, keys]
+            qh = qb[heads].view(group * rows, head_dim)  # [G*rows, D]
+            probs = matmul(qh, k[h, :keys], None, "none", [], "")  # [G*rows, keys]
+            _causal_softmax(probs.numpy(), rows, start + lo, scale)
             vt = v[h, :keys].t().contiguous()  # [D, keys]
             o = matmul(probs, vt, None, "none", [], "").view(group, rows, head_dim)  # [G, rows, D]
             out[lo:hi, heads] = o[:, :hi - lo].transpose(0, 1)
     return out
-
-
-@functools.lru_cache(maxsize=16)
-def _causal_mask(rows: int, cols: int) -> Tensor:
-    """[rows, cols] float32: 0 where col <= row, -inf after (a query sees no later key)."""
-    return torch.full((rows, cols), float("-inf")).triu_(1)
 
 
 def fused_expert_mlp_applies(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> bool:
@@ -179,6 +175,38 @@ def fused_expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Te
     return out
 
 
+def grouped_expert_mlp_applies(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> bool:
+    """Whether :func:`grouped_expert_mlp` may run on these tensors."""
+    return _ONEDNN and _plain_cpu_float32(x, w1, w3, w2) and all(_rows_contiguous(w) for w in (w1, w3, w2))
+
+
+def grouped_expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, w2: Tensor) -> Tensor:
+    """The routed-expert output of :func:`emoe.engine.model.expert_mlp` for many tokens.
+
+    Token-expert pairs are grouped by expert into one gathered batch in which each expert's
+    group is already padded to :func:`padded_rows` (with ``ONEDNN_MIN_ROWS`` rows or more), so
+    each expert runs its three oneDNN matmuls with no padding copies. Padding rows repeat a real
+    token and are dropped when the gate-weighted outputs are summed per token. Same arguments as
+    :func:`fused_expert_mlp`; check :func:`grouped_expert_mlp_applies` first.
+    """
+    num_tokens = x.shape[0]
+    source, target, gates, sizes = _group_by_expert(ids.long().contiguous().numpy(),
+                                                    weights.float().contiguous().numpy(), w1.shape[0],
+                                                    ONEDNN_MIN_ROWS)
+    xs = x.index_select(0, torch.from_numpy(source))  # [R, H], each expert's rows together
+    outs = []
+    start = 0
+    for e, n in enumerate(sizes.tolist()):
+        if n:
+            xe = xs[start:start + n]  # [n, H]
+            h = F.silu(linear(xe, w1[e]), inplace=True).mul_(linear(xe, w3[e]))  # [n, F]
+            outs.append(linear(h, w2[e]))  # [n, H]
+            start += n
+    ys = torch.cat(outs).mul_(torch.from_numpy(gates)[:, None])  # [R, H]
+    # padding rows land on an extra row that is cut off
+    return x.new_zeros(num_tokens + 1, x.shape[1]).index_add_(0, torch.from_numpy(target), ys)[:num_tokens]
+
+
 def _flat(w: Tensor) -> tuple[np.ndarray, int]:
     """A stack of matrices [E, R, C] as (one C-contiguous [rows, C] array, rows from w[e] to w[e+1]).
 
@@ -190,15 +218,56 @@ def _flat(w: Tensor) -> tuple[np.ndarray, int]:
     return w.as_strided((rows, w.shape[2]), (w.shape[2], 1), w.storage_offset()).numpy(), step
 
 
-def _compile(fn):
+def _compile(fn, fastmath: frozenset[str] = frozenset({"reassoc", "nsz"})):
     """numba-compile ``fn`` on first call, reusing the machine code on disk where numba finds a
     writable cache folder (next to this file, else the user's cache) and not caching otherwise.
+
+    By default sums may be reassociated (so that they vectorise) while NaN and inf are kept, and
+    multiply-adds are not fused, so products and sums round as torch's do.
     """
-    options = dict(fastmath={"reassoc", "nsz"}, nogil=True)  # vectorised sums; NaN and inf kept
     try:
-        return numba.njit(cache=True, **options)(fn)
+        return numba.njit(cache=True, fastmath=set(fastmath), nogil=True)(fn)
     except RuntimeError:  # no cache location: a read-only install without a writable home
-        return numba.njit(**options)(fn)
+        return numba.njit(fastmath=set(fastmath), nogil=True)(fn)
+
+
+_padded_rows_compiled = numba.njit(padded_rows)
+
+
+@_compile
+def _group_by_expert(ids, gates, num_experts, min_rows):  # pragma: no cover - compiled by numba
+    """Rows of the padded, grouped batch of :func:`grouped_expert_mlp`.
+
+    ids/gates [T, K] -> source [R] (the token each row reads), target [R] (the token it adds
+    to; T for padding rows), row_gates [R] (0 for padding) and the group size of each expert
+    [E] (its pair count, padded to :func:`padded_rows` from ``min_rows`` pairs).
+    """
+    num_tokens, top_k = ids.shape
+    counts = np.zeros(num_experts, dtype=np.int64)
+    for t in range(num_tokens):
+        for k in range(top_k):
+            counts[ids[t, k]] += 1
+    sizes = counts.copy()
+    starts = np.zeros(num_experts, dtype=np.int64)  # each group's first row
+    total = 0
+    for e in range(num_experts):
+        if counts[e] >= min_rows:
+            sizes[e] = _padded_rows_compiled(counts[e])
+        starts[e] = total
+        total += sizes[e]
+    source = np.empty(total, dtype=np.int64)
+    target = np.empty(total, dtype=np.int64)
+    row_gates = np.zeros(total, dtype=np.float32)
+    fill = starts.copy()
+    for t in range(num_tokens):  # token order within each group, as a stable sort gives
+        for k in range(top_k):
+            e, r = ids[t, k], fill[ids[t, k]]
+            source[r], target[r], row_gates[r] = t, t, gates[t, k]
+            fill[e] = r + 1
+    for e in range(num_experts):
+        for r in range(fill[e], starts[e] + sizes[e]):
+            source[r], target[r] = source[starts[e]], num_tokens
+    return source, target, row_gates, sizes
 
 
 @_compile
@@ -241,3 +310,76 @@ def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, w1, step1, w3, s
                 for f in range(ffn):
                     s += down_row[f] * act[j, f]
                 out[rows[j], h] += row_gates[j] * s
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)  # ln 2 = hi + lo, hi exact in 9 bits
+_EXP_MIN = np.float32(-87.0)  # exp() below this is taken as 0 (float32's smallest normal is e^-87.3)
+
+
+@_compile
+def _causal_softmax(scores, rows, first_position, scale):  # pragma: no cover - compiled by numba
+    """In place over scores [G*rows, keys] of a query block: row r holds the raw scores of the
+    query at position ``first_position + r % rows``, which sees keys 0..that position. Each row
+    becomes softmax(scale * scores) over the keys it sees, and 0 for the keys after.
+
+    NaN or +inf in what a row sees makes the whole row NaN, as torch's softmax does.
+    """
+    num_rows, keys = scores.shape
+    bits = np.empty(keys + 1, dtype=np.int32)  # 2^n of each exp(), then the row max, as float32 bits
+    powers = bits[:keys].view(np.float32)
+    row_max = bits[keys:].view(np.float32)
+    for r in range(num_rows):
+        s = scores[r]
+        seen = min(keys, first_position + r % rows + 1)
+        bits[keys] = _row_max_bits(s, seen)
+        _exp_parts(s, seen, row_max[0], scale, bits)
+        total = np.float32(0.0)
+        for j in range(seen):
+            s[j] *= powers[j]
+            total += s[j]
+        inv = np.float32(1.0) / total
+        for j in range(seen):
+            s[j] *= inv
+        for j in range(seen, keys):
+            s[j] = np.float32(0.0)
+
+
+@_compile
+def _row_max_bits(s, n):  # pragma: no cover - compiled by numba
+    """The float32 bits of max(s[:n]), through an integer key that orders like the floats.
+
+    LLVM vectorises integer max reductions but not float ones without the no-NaN function
+    attribute, which numba cannot set; this is 4x faster. A NaN in s may or may not win; the
+    caller's exp() turns a NaN into a NaN row either way.
+    """
+    ints = s.view(np.int32)
+    top = np.int32(-2147483648)
+    for j in range(n):
+        key = ints[j] ^ ((ints[j] >> 31) & np.int32(0x7FFFFFFF))  # flip negatives' magnitude bits
+        top = key if key > top else top
+    return top ^ ((top >> 31) & np.int32(0x7FFFFFFF))
+
+
+@functools.partial(_compile, fastmath=frozenset({"contract"}))
+def _exp_parts(s, n, shift, scale, bits):  # pragma: no cover - compiled by numba
+    """exp((s[j] - shift) * scale) for j < n, split as s[j] * 2^bits[j] (bits: float32 bits of 2^k).
+
+    Cody-Waite reduction and Cephes' expf polynomial, vectorised by LLVM (numba's exp() is a
+    scalar libm call); within 1.02 ulp of exp() over [-87, 0], measured. Multiply-adds may fuse,
+    sums are not reordered. Exponents below _EXP_MIN give 0.
+    """
+    for j in range(n):
+        t = (s[j] - shift) * scale
+        u = _EXP_MIN if t < _EXP_MIN else t  # a NaN t stays NaN
+        k = np.floor(u * _LOG2E + np.float32(0.5))
+        f = u - k * _LN2_HI - k * _LN2_LO
+        p = np.float32(1.9875691500e-4)
+        p = p * f + np.float32(1.3981999507e-3)
+        p = p * f + np.float32(8.3334519073e-3)
+        p = p * f + np.float32(4.1665795894e-2)
+        p = p * f + np.float32(1.6666665459e-1)
+        p = p * f + np.float32(5.0000001201e-1)
+        s[j] = p * f * f + f + np.float32(1.0)
+        bits[j] = 0 if t < _EXP_MIN else (np.int32(k) + np.int32(127)) << 23
+

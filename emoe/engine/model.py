@@ -157,13 +157,15 @@ def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, 
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) with experts stacked along dim 0 of w1/w3/w2.
 
     x [T, H], weights [T, K], ids [T, K] index w1/w3 [E, F, H] and w2 [E, H, F] (an offloading
-    executor passes slot indices into its slot pool). On the CPU, a few tokens go through the
-    fused kernel of :mod:`emoe.engine.cpu_kernels`. Otherwise token-expert pairs are grouped by
-    expert (one stable sort) and each used expert runs once on its tokens; a single token
-    (batch-1 decode) skips the grouping.
+    executor passes slot indices into its slot pool). On the CPU, :mod:`emoe.engine.cpu_kernels`
+    runs a few tokens through its fused kernel and more through its grouped oneDNN path.
+    Otherwise token-expert pairs are grouped by expert (one stable sort) and each used expert
+    runs once on its tokens; a single token (batch-1 decode) skips the grouping.
     """
     if cpu_kernels.fused_expert_mlp_applies(x, w1, w3, w2):
         return cpu_kernels.fused_expert_mlp(x, weights, ids, w1, w3, w2)
+    if cpu_kernels.grouped_expert_mlp_applies(x, w1, w3, w2):
+        return cpu_kernels.grouped_expert_mlp(x, weights, ids, w1, w3, w2)
     num_tokens, top_k = ids.shape
     if num_tokens == 1:
         out = None
@@ -179,11 +181,10 @@ def expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: Tensor, 
     xs = x[token_idx]  # [T*K, H]
     outs = []
     start = 0
-    linear = cpu_kernels.linear
     for e, n in enumerate(counts):
         if n:
             xe = xs[start:start + n]  # [n, H]
-            outs.append(linear(F.silu(linear(xe, w1[e])) * linear(xe, w3[e]), w2[e]))  # [n, H]
+            outs.append(F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e]))  # [n, H]
             start += n
     ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)  # [T*K, H]
     return torch.zeros_like(x).index_add_(0, token_idx, ys)  # [T, H]

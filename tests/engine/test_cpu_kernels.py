@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,90 @@ def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots(torch_threads)
         fused = cpu_kernels.fused_expert_mlp(x, weights, ids, *pooled)
         plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(20, 2), (64, 2), (300, 2), (129, 3)])
+def test_grouped_expert_mlp_matches_plain_torch(tokens, top_k, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_ROWS", 16)  # small groups unpadded, larger padded
+    w1, w3, w2 = _experts()
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 40, generator=g)
+    weights, ids = route(torch.randn(tokens, 6, generator=g), top_k, normalize=False)
+    with torch.inference_mode():
+        assert cpu_kernels.grouped_expert_mlp_applies(x, w1, w3, w2)
+        grouped = cpu_kernels.grouped_expert_mlp(x, weights, ids, w1, w3, w2)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_group_by_expert_pads_large_groups_with_rows_that_add_nowhere():
+    ids = torch.tensor([[0, 2]] * 50 + [[2, 1]] * 3)  # expert 0: 50 pairs, 1: 3, 2: 53
+    gates = torch.rand(53, 2)
+    source, target, row_gates, sizes = cpu_kernels._group_by_expert(ids.numpy(), gates.numpy(), 4, 48)
+    assert sizes.tolist() == [cpu_kernels.padded_rows(50), 3, cpu_kernels.padded_rows(53), 0]
+    starts = [0, sizes[0], sizes[0] + sizes[1]]
+    for e, count, start in zip(range(3), (50, 3, 53), starts):
+        rows = slice(start, start + count)
+        tokens = [t for t in range(53) for k in range(2) if ids[t, k] == e]
+        assert source[rows].tolist() == target[rows].tolist() == tokens  # in token order
+        want = [gates[t, k].item() for t in range(53) for k in range(2) if ids[t, k] == e]
+        assert row_gates[rows].tolist() == pytest.approx(want)
+        padding = slice(start + count, start + sizes[e])
+        assert (target[padding] == 53).all() and (row_gates[padding] == 0).all()
+        assert set(source[padding].tolist()) <= set(tokens)  # padding reads a token of the group
+
+
+def test_grouped_expert_mlp_keeps_nan_to_its_token_and_reads_a_slot_pool(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_ROWS", 8)
+    w1, w3, w2 = _experts()
+    pool = torch.cat([w1.flatten(1), w3.flatten(1), w2.flatten(1)], dim=1)  # [S, 3FH], as offloading packs it
+    size = w1[0].numel()
+    pooled = (pool[:, :size].view_as(w1), pool[:, size:2 * size].view_as(w3), pool[:, 2 * size:].view_as(w2))
+    x = torch.randn(40, 40)
+    x[0, 3] = float("nan")  # the first row of its groups: what padding rows copy
+    weights, ids = route(torch.randn(40, 6), 2, normalize=True)
+    with torch.inference_mode():
+        assert cpu_kernels.grouped_expert_mlp_applies(x, *pooled)
+        grouped = cpu_kernels.grouped_expert_mlp(x, weights, ids, *pooled)
+        plain = _plain(expert_mlp, x, weights, ids, w1, w3, w2)
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert grouped[0].isnan().all() and grouped[1:].isfinite().all()
+
+
+def test_exp_parts_is_within_an_ulp_of_exp():
+    x = np.linspace(-87, 0, 200_001, dtype=np.float32)
+    s, bits = x.copy(), np.zeros(len(x) + 1, dtype=np.int32)
+    cpu_kernels._exp_parts(s, len(x), np.float32(0), np.float32(1), bits)
+    got = s * bits[:len(x)].view(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    assert (np.abs(got - exact) / np.spacing(exact.astype(np.float32))).max() <= 1.05
+    edge = np.array([-np.inf, -200.0, 3.0, np.nan], dtype=np.float32)  # shifted by 3
+    bits = np.zeros(5, dtype=np.int32)
+    cpu_kernels._exp_parts(edge, 4, np.float32(3), np.float32(1), bits)
+    got = edge * bits[:4].view(np.float32)
+    assert got[:3].tolist() == [0.0, 0.0, 1.0] and np.isnan(got[3])
+
+
+def test_row_max_bits_orders_like_floats():
+    rows = [np.random.default_rng(i).normal(size=37).astype(np.float32) * 10 for i in range(20)]
+    rows += [np.array([-3.0, -0.0, -7.0], np.float32), np.array([-np.inf, -1e30], np.float32),
+             np.array([np.inf, 2.0], np.float32), np.array([5.0], np.float32)]
+    for row in rows:
+        top = np.array([cpu_kernels._row_max_bits(row, len(row))], dtype=np.int32).view(np.float32)[0]
+        assert top == row.max()
+
+
+def test_prefill_attention_keeps_nan_where_a_query_sees_it():
+    q, k, v = torch.randn(64, 4, 8), torch.randn(2, 64, 8), torch.randn(2, 64, 8)
+    with torch.inference_mode():
+        clean = cpu_kernels.prefill_attention(q, k, v, 0)
+        q[5, 1, 0] = float("nan")  # query 5, head 1
+        k[0, 20, 0] = float("nan")  # key 20 of kv head 0 (query heads 0 and 1)
+        out = cpu_kernels.prefill_attention(q, k, v, 0)
+    assert out[20:, :2].isnan().all() and out[5, 1].isnan().all()
+    keep = torch.ones(64, 4, dtype=torch.bool)
+    keep[20:, :2] = keep[5, 1] = False
+    torch.testing.assert_close(out[keep], clean[keep], rtol=1e-5, atol=1e-5)
 
 
 def _reference_attention(q, k, v, start):
