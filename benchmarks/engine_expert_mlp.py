@@ -7,8 +7,9 @@ shape) it times, per call:
 
 * ``fused``: the numba kernel of emoe/engine/cpu_kernels.py (what ``expert_mlp`` runs up to
   ``FUSED_MAX_TOKENS`` tokens);
-* ``grouped``: tokens grouped by expert, one oneDNN matmul per expert and matrix where it has
-  at least ``ONEDNN_MIN_ROWS`` rows (what ``expert_mlp`` runs above that);
+* ``grouped``: ``grouped_expert_mlp``, tokens grouped by expert into one padded batch, one
+  oneDNN matmul per expert and matrix where it has at least ``ONEDNN_MIN_ROWS`` rows (what
+  ``expert_mlp`` runs above ``FUSED_MAX_TOKENS``);
 * ``plain torch``: the grouped path with the CPU kernels off (``EMOE_CPU_KERNELS=0``), i.e.
   one ``F.linear`` (MKL) per expert and matrix.
 

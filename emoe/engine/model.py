@@ -55,6 +55,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if cpu_kernels.rms_norm_applies(x, self.weight):
+                return cpu_kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # half precision: normalise in float32, round, then scale (as transformers does)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
@@ -148,8 +150,8 @@ def route(router_logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, T
     """Top-k softmax routing: router_logits [T, E] -> gate weights [T, K] (float32), ids [T, K]."""
     if normalize:  # renormalised top-k of the softmax == softmax over the top-k logits
         top_logits, ids = router_logits.float().topk(top_k, dim=-1)  # [T, K] x2
-        return top_logits.softmax(dim=-1), ids
-    weights, ids = router_logits.float().softmax(dim=-1).topk(top_k, dim=-1)  # [T, K] x2
+        return cpu_kernels.softmax(top_logits), ids
+    weights, ids = cpu_kernels.softmax(router_logits.float()).topk(top_k, dim=-1)  # [T, K] x2
     return weights, ids
 
 

@@ -63,6 +63,42 @@ def test_linear_keeps_autograd():
     assert x.grad is not None and w.grad is not None
 
 
+@pytest.mark.parametrize("shape", [(1, 128), (512, 128), (3, 7, 40)])
+def test_rms_norm_matches_torch(shape):
+    g = torch.Generator().manual_seed(len(shape))
+    x, w = torch.randn(shape, generator=g) * 3, torch.rand(shape[-1], generator=g)
+    with torch.inference_mode():
+        assert cpu_kernels.rms_norm_applies(x, w)
+        out = cpu_kernels.rms_norm(x, w, 1e-5)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, F.rms_norm(x, (shape[-1],), w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_rms_norm_reads_strided_rows_and_declines_what_it_cannot_run():
+    wide, w = torch.randn(6, 80), torch.rand(40)
+    x = wide[:, 20:60]  # rows 80 floats apart
+    with torch.inference_mode():
+        torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, (40,), w, 1e-6),
+                                   rtol=1e-6, atol=1e-6)
+    assert not cpu_kernels.rms_norm_applies(x.double(), w.double())
+    with torch.enable_grad():
+        assert not cpu_kernels.rms_norm_applies(x, w.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("rows,cols", [(512, 8), (64, 2), (8, 8), (300, 60)])
+def test_softmax_matches_torch(rows, cols):
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) * 4
+    with torch.inference_mode():
+        out = cpu_kernels.softmax(x)
+    torch.testing.assert_close(out, x.softmax(dim=-1), rtol=1e-6, atol=1e-7)
+
+
+def test_softmax_keeps_autograd():
+    x = torch.randn(128, 8, requires_grad=True)
+    (cpu_kernels.softmax(x)[:, 0]).sum().backward()
+    assert x.grad is not None
+
+
 def _experts(num_experts=6, hidden=40, ffn=56, seed=0):
     """w1, w3 [E, F, H], w2 [E, H, F]."""
     g = torch.Generator().manual_seed(seed)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.experts import LruExpertCache
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
+from emoe.engine import cpu_kernels
 from emoe.engine.model import MoEModel, expert_mlp, route
 from emoe.engine.offload.budget import ExpertBudget
 from emoe.engine.offload.cache import SlotCache
@@ -241,7 +242,7 @@ class OffloadedExperts:
             return torch.zeros_like(x)
         masked = router_logits.float() + self._not_resident[layer]  # [T, E]
         top_logits, used_ids = masked.topk(k, dim=-1)  # [T, k] x2
-        weights = top_logits.softmax(dim=-1)  # [T, k]: p_i / sum_used p_j
+        weights = cpu_kernels.softmax(top_logits)  # [T, k]: p_i / sum_used p_j
         if not self.normalize:  # renormalised routing has top-k mass 1
             weights = weights * gates.sum(dim=-1, keepdim=True)
         return self._compute(x, weights, slot_of[used_ids], used)  # [T, H]
