@@ -231,13 +231,13 @@ def grouped_expert_mlp(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, w3: 
     xs = x.index_select(0, torch.from_numpy(source))  # [R, H], each expert's rows together
     outs = []
     start = 0
-    for e, n in enumerate(sizes.tolist()):
+    for n, gate_w, up_w, down_w in zip(sizes.tolist(), w1.unbind(0), w3.unbind(0), w2.unbind(0)):
         if n:
             # the group's rows are on the grid already, and all checks of linear() hold
             mm = _onednn_matmul if n >= ONEDNN_MIN_ROWS else F.linear
             xe = xs[start:start + n]  # [n, H]
-            h = F.silu(mm(xe, w1[e]), inplace=True).mul_(mm(xe, w3[e]))  # [n, F]
-            outs.append(mm(h, w2[e]))  # [n, H]
+            h = F.silu(mm(xe, gate_w), inplace=True).mul_(mm(xe, up_w))  # [n, F]
+            outs.append(mm(h, down_w))  # [n, H]
             start += n
     ys = torch.cat(outs).mul_(torch.from_numpy(gates)[:, None])  # [R, H]
     # padding rows land on an extra row that is cut off
