@@ -1,4 +1,4 @@
-"""CPU fast paths for the engine's matmuls, each with plain torch as the fallback.
+"""CPU fast paths for the engine, each with plain torch as the fallback.
 
 On CPU, PyTorch sends float32 matmuls to MKL's sgemm. On the AMD EPYC boxes this project is
 measured on, that kernel is slow for both of the engine's shapes (docs/engine.md has the numbers):
@@ -10,9 +10,13 @@ measured on, that kernel is slow for both of the engine's shapes (docs/engine.md
   ``FUSED_MAX_TOKENS`` tokens at one torch thread (a share of that at more threads).
 * **Many rows (prefill).** With ``ONEDNN_MIN_ROWS`` rows or more, :func:`linear` calls oneDNN,
   which PyTorch ships and whose JIT-compiled kernels use AVX-512 here: about 2x sgemm's
-  throughput. Below that, its ~10 us call overhead loses to sgemm. :func:`prefill_attention` builds causal
-  attention over a prefill chunk from the same oneDNN matmuls; it is 1.4x faster than
-  PyTorch's flash attention for CPU at 512 tokens.
+  throughput. Below that, its ~10 us call overhead loses to sgemm. :func:`grouped_expert_mlp`
+  runs experts on one gathered batch whose groups are already padded for it, and
+  :func:`prefill_attention` builds causal attention over a prefill chunk from the same matmuls
+  with a numba softmax that skips the keys a query cannot see.
+
+Smaller ops where torch's CPU kernels are slow for the engine's shapes: :func:`rms_norm` (one
+pass per row instead of six ops) and :func:`softmax` (router rows shorter than a vector).
 
 These paths run only for float32 tensors on the CPU, outside autograd. Set
 ``EMOE_CPU_KERNELS=0`` (or ``cpu_kernels.ENABLED = False``) to run plain torch everywhere, to
