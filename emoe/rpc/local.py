@@ -18,7 +18,6 @@ from emoe.rpc.backend import BackendInfo, SamplingParams
 from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "engine" / "reference" / "emoe-tiny"
-WARMUP_PROMPT = [0, 3, 4, 5]
 
 
 class LocalEngineBackend:
@@ -47,7 +46,6 @@ class LocalEngineBackend:
 
     def _load(self) -> BackendInfo:
         from emoe.engine.engine import Engine
-        from emoe.engine.sampling import SamplingParams as EngineSampling
 
         folder = self._checkpoint
         tokenizer_file = folder / "tokenizer.json"
@@ -60,7 +58,7 @@ class LocalEngineBackend:
                                             max_seq_len=self._max_seq_len)
         else:
             engine = self._offloaded_engine(folder)
-        engine.generate([WARMUP_PROMPT], EngineSampling(max_new_tokens=2))
+        engine.warm_up()
         self._engine = engine
         cfg = engine.config
         dtype = str(engine.dtype).removeprefix("torch.")

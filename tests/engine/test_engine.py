@@ -185,3 +185,25 @@ def test_bfloat16_engine_runs(model):
     low.load_state_dict(model.state_dict())
     out = Engine(low, max_batch_size=2).generate(_prompts(2, seed=5), GREEDY)
     assert all(len(o.token_ids) == 6 for o in out)
+
+
+@pytest.mark.parametrize("max_seq_len", [3, 64])
+def test_warm_up_runs_the_prefill_kernels_and_leaves_no_request(model, max_seq_len, monkeypatch):
+    from emoe.engine import cpu_kernels
+
+    calls = {"grouped": 0, "attention": 0}
+    for name, key in (("grouped_expert_mlp", "grouped"), ("prefill_attention", "attention")):
+        real = getattr(cpu_kernels, name)
+
+        def counted(*args, real=real, key=key):
+            calls[key] += 1
+            return real(*args)
+
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    monkeypatch.setattr(cpu_kernels, "FUSED_MAX_TOKENS", 16)  # a 32-token prefill goes grouped
+    monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_ROWS", 16)
+    engine = Engine(model, max_batch_size=2, max_seq_len=max_seq_len)
+    engine.warm_up()
+    assert engine.num_requests == 0 and engine.cache.num_free == 2
+    long_enough = max_seq_len > 2 * 16 and cpu_kernels._ONEDNN  # oneDNN ships with x86 torch
+    assert (calls["grouped"] > 0 and calls["attention"] > 0) == long_enough
