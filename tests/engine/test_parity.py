@@ -67,6 +67,22 @@ def test_cached_decode_batched_different_lengths(hf_checkpoints, family):
             torch.testing.assert_close(out[row], expected[i][pos], atol=ATOL, rtol=0)
 
 
+def test_long_prompt_in_two_chunks_takes_the_cpu_prefill_paths(hf_checkpoints, family):
+    """A 200-token prompt in chunks of 120 and 80: long enough for the CPU prefill kernels
+    (causal attention, grouped experts, RMSNorm, router softmax) when they apply."""
+    hf, folder = hf_checkpoints[family]
+    model = load_model(folder)
+    ids = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(6)).tolist()
+    expected = _hf_logits(hf, ids)  # [200, V]
+    cache = SlotKVCache(model.config, num_slots=1, max_seq_len=256)
+    slot = cache.allocate()
+    with torch.inference_mode():
+        for start, n in ((0, 120), (120, 80)):
+            batch = StepBatch(cache, [], [(slot, start, n)], "cpu")
+            got = model.forward_step(torch.tensor(ids[start:start + n]), batch.positions, batch)
+            torch.testing.assert_close(got, expected[start:start + n], atol=ATOL, rtol=0)
+
+
 def test_engine_greedy_matches_transformers_generate(hf_checkpoints, family):
     hf, folder = hf_checkpoints[family]
     engine = Engine.from_pretrained(folder, max_batch_size=2, prefill_chunk=8)
