@@ -287,6 +287,8 @@ def _group_by_expert(ids, gates, num_experts, min_rows):  # pragma: no cover - c
     counts = np.zeros(num_experts, dtype=np.int64)
     for t in range(num_tokens):
         for k in range(top_k):
+            if not 0 <= ids[t, k] < num_experts:  # numba does not check bounds: it would write past
+                raise IndexError("expert_mlp: an expert id is outside the stacked experts")
             counts[ids[t, k]] += 1
     sizes = counts.copy()
     starts = np.zeros(num_experts, dtype=np.int64)  # each group's first row
@@ -320,6 +322,10 @@ def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, w1, step1, w3, s
     its down matrix [H, F] at row e * step2 of w2.
     """
     num_tokens, top_k = ids.shape
+    for t in range(num_tokens):
+        for k in range(top_k):
+            if not 0 <= ids[t, k] < num_experts:
+                raise IndexError("expert_mlp: an expert id is outside the stacked experts")
     act = np.empty((num_tokens * top_k, ffn), dtype=np.float32)  # SiLU(gate) * up per token
     rows = np.empty(num_tokens * top_k, dtype=np.int64)  # this expert's tokens
     row_gates = np.empty(num_tokens * top_k, dtype=np.float32)

@@ -200,6 +200,17 @@ def test_group_by_expert_pads_large_groups_with_rows_that_add_nowhere():
         assert set(source[padding].tolist()) <= set(tokens)  # padding reads a token of the group
 
 
+@pytest.mark.parametrize("bad_id", [-1, 6])
+@pytest.mark.parametrize("kernel", ["grouped_expert_mlp", "fused_expert_mlp"])
+def test_expert_kernels_reject_an_expert_id_out_of_range(bad_id, kernel):
+    """numba does not check bounds; the kernels check ids themselves, as torch's indexing would."""
+    w1, w3, w2 = _experts()
+    ids = torch.zeros(80, 2, dtype=torch.long)
+    ids[5, 1] = bad_id
+    with torch.inference_mode(), pytest.raises(IndexError, match="outside the stacked experts"):
+        getattr(cpu_kernels, kernel)(torch.randn(80, 40), torch.rand(80, 2), ids, w1, w3, w2)
+
+
 def test_grouped_expert_mlp_keeps_nan_to_its_token_and_reads_a_slot_pool(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_ROWS", 8)
     w1, w3, w2 = _experts()
