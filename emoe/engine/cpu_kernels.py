@@ -96,7 +96,8 @@ def padded_rows(rows: int) -> int:
 
 
 def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x [R, In] @ weight[Out, In].T through oneDNN; R should be on the :func:`padded_rows` grid."""
+    """x [R, In] @ weight[Out, In].T through oneDNN, with no checks: float32 CPU tensors outside
+    autograd, R on the :func:`padded_rows` grid (else oneDNN compiles a kernel for a new shape)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
@@ -170,7 +171,6 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     block = max(1, min(n, QUERY_BLOCK, SCORE_BLOCK_ELEMENTS // (group * (start + n))))
     scale = np.float32(head_dim ** -0.5)
     out = q.new_empty(n, num_heads, head_dim)  # [n, Hq, D]
-    matmul = torch.ops.mkldnn._linear_pointwise
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         rows, keys = padded_rows(hi - lo), min(padded_rows(start + hi), positions)
@@ -178,10 +178,10 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
         for h in range(num_kv_heads):
             heads = slice(h * group, (h + 1) * group)
             qh = qb[heads].view(group * rows, head_dim)  # [G*rows, D]
-            probs = matmul(qh, k[h, :keys], None, "none", [], "")  # [G*rows, keys]
+            probs = _onednn_matmul(qh, k[h, :keys])  # [G*rows, keys]
             _causal_softmax(probs.numpy(), rows, start + lo, scale)
             vt = v[h, :keys].t()  # [D, keys], a transposed view: oneDNN reads it in place
-            o = matmul(probs, vt, None, "none", [], "").view(group, rows, head_dim)  # [G, rows, D]
+            o = _onednn_matmul(probs, vt).view(group, rows, head_dim)  # [G, rows, D]
             out[lo:hi, heads] = o[:, :hi - lo].transpose(0, 1)
     return out
 
