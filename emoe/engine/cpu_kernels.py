@@ -162,14 +162,16 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
     ``SCORE_BLOCK_ELEMENTS``; each block reads only the keys it can see, which skips about a
     quarter of a 512-token prompt's scores, and the softmax (:func:`_causal_softmax`) skips the
     keys each query cannot see instead of masking them. Block rows and key counts are padded to
-    :func:`padded_rows` (keys up to P); padded rows are dropped. Check
-    :func:`prefill_attention_applies` first.
+    :func:`padded_rows` (keys up to P); padded rows are dropped. Padded keys get probability 0,
+    and v's unfilled positions among them are zeroed first: an earlier request's values may sit
+    there, and 0 * NaN would be NaN. Check :func:`prefill_attention_applies` first.
     """
     n, num_heads, head_dim = q.shape
     num_kv_heads, positions = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
     block = max(1, min(n, QUERY_BLOCK, SCORE_BLOCK_ELEMENTS // (group * (start + n))))
     scale = np.float32(head_dim ** -0.5)
+    v[:, start + n:min(padded_rows(start + n), positions)] = 0  # positions not written yet
     out = q.new_empty(n, num_heads, head_dim)  # [n, Hq, D]
     for lo in range(0, n, block):
         hi = min(n, lo + block)

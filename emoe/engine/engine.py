@@ -131,7 +131,8 @@ class Engine:
     def abort(self, request_id: str) -> None:
         seq = self.seqs.pop(request_id, None)
         if seq is not None and seq.slot is not None:
-            self.cache.release(seq.slot)
+            # positions written: the prefilled prompt, then one per decoded token (a bound)
+            self.cache.release(seq.slot, written=seq.prefilled + len(seq.output))
 
     @property
     def num_requests(self) -> int:

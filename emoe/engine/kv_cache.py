@@ -3,7 +3,10 @@
 Each running request owns one slot: ``max_seq_len`` positions of keys and values in every
 layer, allocated once at engine start (``k``/``v`` [L, S, Hkv, P, D]). A request takes a slot
 when its prefill starts and gives it back when it finishes, so memory is bounded by the slot
-count and never fragments; nothing is allocated per step.
+count and never fragments; nothing is allocated per step. Giving a slot back zeroes the
+positions its request wrote, so every position no running request has written holds zeros:
+attention gives such positions weight 0 (a shorter request in a decode batch, padded keys),
+and 0 x a NaN left by an earlier request would still be NaN.
 
 A step's tokens are flat: the batch's decode tokens first (one per request, attended together:
 a view of the cache when their slots are one ascending range, with a length mask unless all have
@@ -51,9 +54,12 @@ class SlotKVCache:
             raise CacheFullError(f"all {self.num_slots} KV slots are in use")
         return heapq.heappop(self._free)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, written: int | None = None) -> None:
+        """Give ``slot`` back, zeroing its first ``written`` positions (all if None)."""
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
+        self.k[:, slot, :, :written].zero_()
+        self.v[:, slot, :, :written].zero_()
         heapq.heappush(self._free, slot)
 
 

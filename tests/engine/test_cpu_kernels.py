@@ -290,6 +290,17 @@ def test_prefill_attention_matches_sdpa(n, start, heads, kv_heads, monkeypatch):
     torch.testing.assert_close(out, _reference_attention(q, k, v, start), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n,start", [(100, 0), (70, 30)])
+def test_prefill_attention_ignores_nan_left_in_the_cache_by_an_earlier_request(n, start):
+    g = torch.Generator().manual_seed(n)
+    q, k, v = torch.randn(n, 4, 16, generator=g), torch.randn(2, 200, 16, generator=g), torch.randn(2, 200, 16, generator=g)
+    expected = _reference_attention(q, k, v, start)
+    k[:, start + n:], v[:, start + n:] = float("nan"), float("nan")  # stale, past this prompt
+    with torch.inference_mode():
+        out = cpu_kernels.prefill_attention(q, k, v, start)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_attention_bounds_scores_held_at_once(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "SCORE_BLOCK_ELEMENTS", 2 * 40 * 8)  # 8-row blocks
     q, k, v = torch.randn(40, 4, 8), torch.randn(2, 40, 8), torch.randn(2, 40, 8)

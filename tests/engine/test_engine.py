@@ -207,3 +207,18 @@ def test_warm_up_runs_the_prefill_kernels_and_leaves_no_request(model, max_seq_l
     assert engine.num_requests == 0 and engine.cache.num_free == 2
     long_enough = max_seq_len > 2 * 16 and cpu_kernels._ONEDNN  # oneDNN ships with x86 torch
     assert (calls["grouped"] > 0 and calls["attention"] > 0) == long_enough
+
+
+def test_a_finished_request_leaves_zeros_so_stale_nan_cannot_reach_the_next(model):
+    """Attention gives a shorter request's unwritten positions weight 0, and 0 x NaN is NaN: a
+    slot given back is zeroed where its request wrote."""
+    engine = Engine(model, max_batch_size=2, max_seq_len=64)
+    engine.generate([list(range(1, 30))], GREEDY)
+    assert engine.cache.k.abs().sum() == 0 and engine.cache.v.abs().sum() == 0
+    slot = engine.cache.allocate()
+    engine.cache.k[:, slot, :, :40] = float("nan")  # as if a broken request had run in the slot
+    engine.cache.v[:, slot, :, :40] = float("nan")
+    engine.cache.release(slot, written=40)
+    short, long = [5, 6, 7], list(range(1, 30))
+    outs = engine.generate([short, long], GREEDY)  # decode batch of unequal lengths
+    assert outs[0].token_ids == _alone(model, short) and outs[1].token_ids == _alone(model, long)
