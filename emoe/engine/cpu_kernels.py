@@ -103,18 +103,18 @@ def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``: x [..., In], weight [Out, In] -> [..., Out]."""
-    # _plain_cpu_float32's checks, inlined: this runs for every matmul of every step
-    if (ENABLED and _ONEDNN and x.dtype is torch.float32 and x.device.type == "cpu"
-            and weight.dtype is torch.float32 and weight.is_contiguous() and x.shape[-1]
+    # _plain_cpu_float32's checks, inlined and after the row count (decode steps stop there):
+    # this runs for every matmul of every step
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (rows >= ONEDNN_MIN_ROWS and ENABLED and _ONEDNN and x.dtype is torch.float32
+            and x.device.type == "cpu" and weight.dtype is torch.float32 and weight.is_contiguous()
             and (bias is None or bias.dtype is torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        rows = x.numel() // x.shape[-1]
-        if rows >= ONEDNN_MIN_ROWS:
-            x2, pad = x.reshape(rows, x.shape[-1]), padded_rows(rows) - rows  # [rows, In]
-            if pad:
-                x2 = F.pad(x2, (0, 0, 0, pad))  # [R, In]
-            out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")  # [R, Out]
-            return (out[:rows] if pad else out).view(*x.shape[:-1], weight.shape[0])
+        x2, pad = x.reshape(rows, x.shape[-1]), padded_rows(rows) - rows  # [rows, In]
+        if pad:
+            x2 = F.pad(x2, (0, 0, 0, pad))  # [R, In]
+        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")  # [R, Out]
+        return (out[:rows] if pad else out).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
