@@ -95,10 +95,11 @@ def padded_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _onednn_matmul(x: Tensor, weight: Tensor) -> Tensor:
-    """x [R, In] @ weight[Out, In].T through oneDNN, with no checks: float32 CPU tensors outside
-    autograd, R on the :func:`padded_rows` grid (else oneDNN compiles a kernel for a new shape)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+def _onednn_matmul(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [R, In] @ weight[Out, In].T (+ bias) through oneDNN, with no checks: float32 CPU
+    tensors outside autograd, R on the :func:`padded_rows` grid (else oneDNN compiles a kernel
+    for a new shape)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -113,7 +114,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         x2, pad = x.reshape(rows, x.shape[-1]), padded_rows(rows) - rows  # [rows, In]
         if pad:
             x2 = F.pad(x2, (0, 0, 0, pad))  # [R, In]
-        out = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")  # [R, Out]
+        out = _onednn_matmul(x2, weight, bias)  # [R, Out]
         return (out[:rows] if pad else out).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
@@ -278,6 +279,16 @@ _padded_rows_compiled = numba.njit(padded_rows)
 
 
 @_compile
+def _check_expert_ids(ids, num_experts):  # pragma: no cover - compiled by numba
+    """Raise IndexError for an id outside [0, num_experts): numba does not check bounds, and
+    the kernels would read or write past their arrays."""
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            if not 0 <= ids[t, k] < num_experts:
+                raise IndexError("expert_mlp: an expert id is outside the stacked experts")
+
+
+@_compile
 def _group_by_expert(ids, gates, num_experts, min_rows):  # pragma: no cover - compiled by numba
     """Rows of the padded, grouped batch of :func:`grouped_expert_mlp`.
 
@@ -286,11 +297,10 @@ def _group_by_expert(ids, gates, num_experts, min_rows):  # pragma: no cover - c
     [E] (its pair count, padded to :func:`padded_rows` from ``min_rows`` pairs).
     """
     num_tokens, top_k = ids.shape
+    _check_expert_ids(ids, num_experts)
     counts = np.zeros(num_experts, dtype=np.int64)
     for t in range(num_tokens):
         for k in range(top_k):
-            if not 0 <= ids[t, k] < num_experts:  # numba does not check bounds: it would write past
-                raise IndexError("expert_mlp: an expert id is outside the stacked experts")
             counts[ids[t, k]] += 1
     sizes = counts.copy()
     starts = np.zeros(num_experts, dtype=np.int64)  # each group's first row
@@ -324,10 +334,7 @@ def _expert_mlp_kernel(x, gates, ids, num_experts, ffn, hidden, w1, step1, w3, s
     its down matrix [H, F] at row e * step2 of w2.
     """
     num_tokens, top_k = ids.shape
-    for t in range(num_tokens):
-        for k in range(top_k):
-            if not 0 <= ids[t, k] < num_experts:
-                raise IndexError("expert_mlp: an expert id is outside the stacked experts")
+    _check_expert_ids(ids, num_experts)
     act = np.empty((num_tokens * top_k, ffn), dtype=np.float32)  # SiLU(gate) * up per token
     rows = np.empty(num_tokens * top_k, dtype=np.int64)  # this expert's tokens
     row_gates = np.empty(num_tokens * top_k, dtype=np.float32)

@@ -106,6 +106,14 @@ def _experts(num_experts=6, hidden=40, ffn=56, seed=0):
                  ((num_experts, ffn, hidden), (num_experts, ffn, hidden), (num_experts, hidden, ffn)))
 
 
+def _slot_pool(w1, w3, w2):
+    """w1/w3/w2 as views of one [S, 3FH] pool holding a slot's gate, up and down in one row, as
+    the offload slot pool packs them: each stack is strided between slots."""
+    pool = torch.cat([w1.flatten(1), w3.flatten(1), w2.flatten(1)], dim=1)  # [S, 3FH]
+    size = w1[0].numel()
+    return pool[:, :size].view_as(w1), pool[:, size:2 * size].view_as(w3), pool[:, 2 * size:].view_as(w2)
+
+
 @pytest.mark.parametrize("tokens,top_k", [(1, 2), (2, 2), (8, 2), (33, 1), (64, 3)])
 def test_fused_expert_mlp_matches_grouped_torch(tokens, top_k):
     w1, w3, w2 = _experts()
@@ -157,9 +165,7 @@ def test_fused_expert_mlp_reads_a_slot_pool_strided_between_slots(torch_threads)
     """The offload slot pool packs gate, up and down of a slot in one row."""
     torch_threads(1)
     w1, w3, w2 = _experts()
-    pool = torch.cat([w1.flatten(1), w3.flatten(1), w2.flatten(1)], dim=1)  # [S, 3FH]
-    size = w1[0].numel()
-    pooled = (pool[:, :size].view_as(w1), pool[:, size:2 * size].view_as(w3), pool[:, 2 * size:].view_as(w2))
+    pooled = _slot_pool(w1, w3, w2)
     x = torch.randn(5, 40)
     weights, ids = route(torch.randn(5, 6), 2, normalize=True)
     with torch.inference_mode():
@@ -214,9 +220,7 @@ def test_expert_kernels_reject_an_expert_id_out_of_range(bad_id, kernel):
 def test_grouped_expert_mlp_keeps_nan_to_its_token_and_reads_a_slot_pool(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "ONEDNN_MIN_ROWS", 8)
     w1, w3, w2 = _experts()
-    pool = torch.cat([w1.flatten(1), w3.flatten(1), w2.flatten(1)], dim=1)  # [S, 3FH], as offloading packs it
-    size = w1[0].numel()
-    pooled = (pool[:, :size].view_as(w1), pool[:, size:2 * size].view_as(w3), pool[:, 2 * size:].view_as(w2))
+    pooled = _slot_pool(w1, w3, w2)
     x = torch.randn(40, 40)
     x[0, 3] = float("nan")  # the first row of its groups: what padding rows copy
     weights, ids = route(torch.randn(40, 6), 2, normalize=True)
