@@ -52,7 +52,8 @@ class StepPlan:
 
 @dataclass(slots=True)
 class RequestStepOutput:
-    """What one request did in a step."""
+    """What one request did in a step. A request that failed on its own (``error``: what went
+    wrong, e.g. its logits held NaN) is ``finished`` with ``finish_reason`` "error"."""
 
     request_id: str
     new_tokens: int = 0
@@ -63,6 +64,7 @@ class RequestStepOutput:
     expert_misses: int = 0
     weighted_hits: float = 0.0
     weighted_choices: float = 0.0
+    error: str = ""
 
 
 @dataclass(slots=True)

@@ -101,6 +101,12 @@ class _TensorReader:
             tensor = self._open(path).get_tensor(key)
         except Exception as exc:
             raise CheckpointError(f"{path}: cannot read tensor {key!r} (truncated file?): {exc}") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = ~torch.isfinite(tensor)
+            first = [int(i) for i in bad.nonzero()[0]]
+            raise CheckpointError(f"{path.name}: tensor {key!r} holds {int(bad.sum())} NaN or "
+                                  f"infinite values (first at index {first}): a corrupt or "
+                                  "diverged checkpoint")
         self.used.add(key)
         return tensor
 

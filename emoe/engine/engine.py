@@ -23,7 +23,7 @@ from emoe.core.plan import ExpertKey, PrefillChunk, RequestStepOutput, StepPlan,
 from emoe.engine import cpu_kernels
 from emoe.engine.kv_cache import SlotKVCache, StepBatch
 from emoe.engine.model import MoEModel
-from emoe.engine.sampling import SamplingParams, sample
+from emoe.engine.sampling import SamplingError, SamplingParams, sample
 
 
 class PlanError(EmoeError):
@@ -72,6 +72,7 @@ class Generation:
     prompt_ids: list[int]
     token_ids: list[int]
     finish_reason: str
+    error: str = ""  # why the request failed, when finish_reason is "error"
 
 
 class Engine:
@@ -133,6 +134,15 @@ class Engine:
         if seq is not None and seq.slot is not None:
             # positions written: the prefilled prompt, then one per decoded token (a bound)
             self.cache.release(seq.slot, written=seq.prefilled + len(seq.output))
+
+    def reset(self) -> None:
+        """Drops every request, e.g. after a step that raised part-way; raises EmoeError if a
+        KV slot is still held afterwards."""
+        for request_id in list(self.seqs):
+            self.abort(request_id)
+        if self.cache.num_free != self.cache.num_slots:
+            raise EmoeError(f"KV cache: {self.cache.num_slots - self.cache.num_free} slots still "
+                            "held with no request in the engine")
 
     @property
     def num_requests(self) -> int:
@@ -241,20 +251,34 @@ class Engine:
 
         outputs = {}
         for seq, token in zip(sampled, tokens):
-            seq.output.append(token)
-            out = RequestStepOutput(seq.request_id, new_tokens=1, token_ids=[token])
-            if token in seq.stop_ids:
-                out.finished, out.finish_reason = True, "stop"
-            elif len(seq.output) >= seq.sampling.max_new_tokens or seq.num_tokens > self.max_seq_len:
-                out.finished, out.finish_reason = True, "length"
+            try:
+                out = self._advance(seq, token)
+            except Exception as exc:  # noqa: BLE001 - a request's own failure ends it alone
+                out = RequestStepOutput(seq.request_id, finished=True, finish_reason="error",
+                                        error=str(exc) if isinstance(exc, SamplingError)
+                                        else f"{type(exc).__name__}: {exc}")
             if out.finished:
                 self.abort(seq.request_id)
             outputs[seq.request_id] = out
+            if out.error:
+                continue
             if seq.routing is not None and seq.prefill_done and len(seq.output) == 1:
                 routing[seq.request_id] = seq.routing.cpu().numpy()
         for seq, _ in chunks:
             outputs.setdefault(seq.request_id, RequestStepOutput(seq.request_id))
         return list(outputs.values()), routing
+
+    def _advance(self, seq: EngineRequest, token: int | SamplingError) -> RequestStepOutput:
+        """Appends a sampled token and decides whether the request stops."""
+        if isinstance(token, SamplingError):
+            raise token
+        seq.output.append(token)
+        out = RequestStepOutput(seq.request_id, new_tokens=1, token_ids=[token])
+        if token in seq.stop_ids:
+            out.finished, out.finish_reason = True, "stop"
+        elif len(seq.output) >= seq.sampling.max_new_tokens or seq.num_tokens > self.max_seq_len:
+            out.finished, out.finish_reason = True, "length"
+        return out
 
     # ---- convenience -----------------------------------------------------------------------
 
@@ -284,7 +308,7 @@ class Engine:
                 gen = results[out.request_id]
                 gen.token_ids.extend(out.token_ids)
                 if out.finished:
-                    gen.finish_reason = out.finish_reason
+                    gen.finish_reason, gen.error = out.finish_reason, out.error
                     pending.discard(out.request_id)
         return [results[rid] for rid in order]
 

@@ -49,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     outputs = engine.generate(prompts, sampling)
     elapsed = time.perf_counter() - start
-    for out in outputs:
+    for n, out in enumerate(outputs, 1):
         record = {"prompt_ids": out.prompt_ids, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
+        if out.error:
+            record["error"] = out.error
+            print(f"emoe generate: prompt {n} failed: {out.error}", file=sys.stderr)
         if tokenizer is not None:
             record["text"] = tokenizer.decode(out.token_ids)
         print(json.dumps(record) if args.json else record.get("text", " ".join(map(str, out.token_ids))))
     total = sum(len(o.token_ids) for o in outputs)
     print(f"{total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tokens/s)", file=sys.stderr)
-    return 0
+    return 1 if any(o.error for o in outputs) else 0

@@ -1,7 +1,14 @@
 """Per-request sampling parameters and the batched sampler.
 
 Every sampled request owns a ``torch.Generator`` seeded from its ``seed``, so its tokens do
-not depend on which other requests share the batch.
+not depend on which other requests share the batch. A row that cannot be sampled (its logits
+hold NaN or inf) gives a :class:`SamplingError` for that row alone.
+
+Temperature rule: 0 is greedy, and so is any temperature below ``GREEDY_BELOW`` (1e-5): at
+such a temperature every token but the most likely has probability below e^-100000 per unit
+of logit gap, so sampling is the argmax in all but exact ties, and dividing by it overflows
+float32. Other temperatures divide the logits after their maximum is subtracted, so no
+accepted temperature can make inf or NaN out of finite logits.
 """
 
 from __future__ import annotations
@@ -12,12 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from emoe.core.errors import ConfigError
+from emoe.core.errors import ConfigError, EmoeError
+
+GREEDY_BELOW = 1e-5
+
+
+class SamplingError(EmoeError):
+    """One row of a batch could not be sampled; the other rows are unaffected."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed None = nondeterministic."""
+    """temperature 0 (or below ``GREEDY_BELOW``) = greedy; top_k 0 = off; top_p 1 = off;
+    seed None = nondeterministic."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -47,7 +61,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:
@@ -60,17 +74,23 @@ class SamplingParams:
         return g
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] -> one token id per row, row i drawn with params[i] and generators[i]."""
-    tokens = logits.argmax(dim=-1).tolist()
+def sample(logits: Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int | SamplingError]:
+    """logits [B, V] -> one token id per row, row i drawn with params[i] and generators[i];
+    a :class:`SamplingError` for a row whose logits are not all finite."""
+    tokens: list[int | SamplingError] = logits.argmax(dim=-1).tolist()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()  # [B]
     for i, p in enumerate(params):
-        if not p.greedy:
+        if not finite[i]:
+            tokens[i] = SamplingError("sampling: the request's logits hold NaN or inf (the "
+                                      "model's numerics failed on its tokens)")
+        elif not p.greedy:
             tokens[i] = _sample_row(logits[i].float(), p, generators[i])
     return tokens
 
 
 def _sample_row(logits: Tensor, p: SamplingParams, generator: torch.Generator) -> int:
-    logits = logits / p.temperature  # [V]
+    logits = (logits - logits.max()) / p.temperature  # [V], <= 0: no overflow to +inf
     if p.top_k and p.top_k < logits.shape[0]:
         kth = logits.topk(p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)

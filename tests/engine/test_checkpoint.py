@@ -122,6 +122,18 @@ def test_missing_key_named(saved):
         load_model(folder)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_named_at_load(saved, value):
+    _, folder = saved
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.block_sparse_moe.experts.2.w2.weight"][3, 4] = value
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor 'model.layers.1."
+                                              "block_sparse_moe.experts.2.w2.weight' holds 1 NaN "
+                                              "or infinite values \\(first at index \\[3, 4\\]\\)"):
+        load_model(folder)
+
+
 def test_extra_keys_rejected(saved):
     _, folder = saved
     config = json.loads((folder / "config.json").read_text())

@@ -180,6 +180,58 @@ def test_top_k_one_is_greedy_and_top_p_keeps_mass(model):
     assert SamplingParams(temperature=2.0, top_k=1).greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 9.9e-6])
+def test_a_temperature_below_the_greedy_threshold_is_greedy(temperature):
+    from emoe.engine.sampling import GREEDY_BELOW, sample
+
+    p = SamplingParams(temperature=temperature, seed=0)
+    assert temperature < GREEDY_BELOW and p.greedy and p.generator(torch.device("cpu")) is None
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]])
+    assert sample(logits, [p], [None]) == [1]
+
+
+def test_sampling_at_small_temperatures_never_makes_nan():
+    from emoe.engine.sampling import sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1e34], [1e34, -1e34, 0.0, 5.0]])
+    for t in (1e-5, 1e-4):  # dividing unshifted logits by these overflows float32
+        p = SamplingParams(temperature=t, top_p=0.9, top_k=3, seed=0)
+        g = [torch.Generator().manual_seed(0) for _ in range(2)]
+        assert sample(logits, [p, p], g) == [1, 0]
+
+
+def test_a_row_with_non_finite_logits_fails_alone():
+    from emoe.engine.sampling import SamplingError, sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, float("nan"), 1.0], [float("inf"), 0.0, 0.0]])
+    p = SamplingParams(temperature=1.0, seed=0)
+    out = sample(logits, [GREEDY, p, GREEDY], [None, torch.Generator().manual_seed(0), None])
+    assert out[0] == 1 and all(isinstance(o, SamplingError) for o in out[1:])
+    assert "NaN or inf" in str(out[1])
+
+
+def test_a_request_with_nan_logits_ends_alone_with_an_error(model):
+    poisoned = MoEModel(CFG)
+    poisoned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        poisoned.embed_tokens.weight[13] = float("nan")
+    engine = Engine(poisoned, max_batch_size=3)
+    out = engine.generate([[5, 6, 7], [5, 13, 7], [8, 9]], GREEDY)
+    assert [o.finish_reason for o in out] == ["length", "error", "length"]
+    assert "NaN" in out[1].error and out[1].token_ids == []
+    assert out[0].token_ids == _alone(model, [5, 6, 7]) and out[2].token_ids == _alone(model, [8, 9])
+    assert engine.num_requests == 0 and engine.cache.num_free == 3
+
+
+def test_reset_drops_every_request_and_frees_every_slot(model):
+    engine = Engine(model, max_batch_size=2)
+    for rid, prompt in (("a", [1, 2, 3]), ("b", [4, 5])):
+        engine.add_request(rid, prompt, GREEDY)
+    engine.execute(StepPlan(prefill=[PrefillChunk("a", 0, 3), PrefillChunk("b", 0, 1)]))
+    engine.reset()
+    assert engine.num_requests == 0 and engine.cache.num_free == 2
+
+
 def test_bfloat16_engine_runs(model):
     low = MoEModel(CFG).to(torch.bfloat16)
     low.load_state_dict(model.state_dict())
