@@ -48,11 +48,14 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable
+
+import numpy as np
 
 from emoe.core.errors import ConfigError, RequestError
 from emoe.core.estimates import CostEstimate, DecodeTargets, TaskDemand
 from emoe.core.experts import ExpertPlanner, PlannerSetup, make_planner
-from emoe.core.plan import PrefillChunk, StepPlan, StepResult
+from emoe.core.plan import ExpertKey, PrefillChunk, StepPlan, StepResult
 from emoe.core.policies import BatchEstimate, make_policy
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.predictor import ExpertPredictor, make_predictor
@@ -216,6 +219,15 @@ class Scheduler:
         request.status, request.reason = RequestStatus.ABORTED, reason
         self._aborted.append((request_id, reason))
         return True
+
+    def set_resident_experts(self, resident: Iterable[ExpertKey]) -> None:
+        """Start the planner from the experts a backend already holds (one that reconnects, or
+        recovers from a failed step, with a warm expert cache): its next plan is relative to
+        them. Call before the first plan of a fresh scheduler."""
+        mask = np.zeros_like(self.planner.resident)
+        for layer, expert in resident:
+            mask[layer, expert] = True
+        self.planner.resident = mask
 
     # -- the step -----------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ worker over gRPC (``emoe.rpc.remote``) and one that does no model work (``emoe.r
 for tests and the service benchmark).
 
 The loop calls ``add_request``/``remove_request`` only between steps, never while
-``execute`` runs; a backend may apply them at once or with the next step.
+``execute`` runs; a backend may apply them at once or with the next step. After a step that
+raised, the loop calls ``recover``: the backend drops every request and reports the experts
+it holds, which the scheduler then starts from (the engine's state is the truth).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class BackendUnavailable(Exception):
 
 class Backend(Protocol):
     name: str
+    draining: bool
+    """True while the engine finishes what it holds but takes no new requests."""
 
     async def start(self) -> BackendInfo:
         """Loads and warms up the model (or connects); returns what it serves."""
@@ -66,6 +70,15 @@ class Backend(Protocol):
 
     async def execute(self, plan: StepPlan) -> StepResult:
         """Runs one step. Raises BackendUnavailable when the engine is gone."""
+
+    async def recover(self) -> tuple[ExpertKey, ...]:
+        """After a step that raised: drops every request, brings the engine back to a state it
+        can run steps from, and returns its resident experts. Raises BackendUnavailable when
+        the engine is gone, anything else when it cannot be brought back."""
+
+    async def check(self) -> None:
+        """Between steps: raises BackendUnavailable when the engine stops answering; updates
+        ``draining``."""
 
     async def close(self) -> None:
         """Releases the engine or connection."""

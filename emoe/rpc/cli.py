@@ -40,8 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=1024,
                        help="waiting requests accepted before RESOURCE_EXHAUSTED")
     serve.add_argument("--default-max-tokens", type=int, default=128)
+    serve.add_argument("--max-message-bytes", type=_positive_int, default=4 << 20,
+                       help="largest request message accepted (default 4 MiB); larger ones "
+                            "are refused with RESOURCE_EXHAUSTED before any work")
+    serve.add_argument("--max-prompt-chars", type=_positive_int,
+                       help="longest text prompt, checked before tokenizing (default: 16 "
+                            "characters per token of the model's context)")
+    serve.add_argument("--step-timeout", type=float, default=60.0,
+                       help="with --worker: seconds a step may take before its worker is "
+                            "marked down (default 60)")
+    serve.add_argument("--worker-timeout", type=float, default=3.0,
+                       help="with --worker: seconds a worker may leave a health check "
+                            "unanswered before it is marked down (default 3)")
     serve.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
-                       help="Prometheus metrics port on --host (0: no metrics endpoint)")
+                       help="Prometheus metrics port (0: no metrics endpoint); HTTPS with "
+                            "--tls-cert, and only for admin tokens with --auth-token-file")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address the metrics endpoint binds (default 127.0.0.1)")
     serve.set_defaults(func=_serve)
 
     worker = subparsers.add_parser("worker", help="serve one engine to a remote scheduler",
@@ -69,6 +84,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--priority", type=int, default=0, help="larger is more urgent")
     submit.add_argument("--request-id", default="")
     submit.add_argument("--timeout", type=float, help="deadline for the whole call, seconds")
+    submit.add_argument("--wait-ready", type=float, default=60.0, metavar="SECONDS",
+                        help="wait up to this long for the server to be ready (0: do not wait)")
     submit.set_defaults(func=_submit)
 
     replay = subparsers.add_parser(
@@ -83,6 +100,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--limit", type=int, help="replay at most this many requests")
     replay.add_argument("--seed", type=int, default=0, help="seed for the synthetic prompts")
     replay.add_argument("--out", type=Path, help="per-request results (CSV)")
+    replay.add_argument("--wait-ready", type=float, default=60.0, metavar="SECONDS",
+                        help="wait up to this long for the server to be ready (0: do not wait)")
     replay.set_defaults(func=_replay)
 
 
@@ -90,7 +109,9 @@ def _listen_args(p: argparse.ArgumentParser, default_port: int = DEFAULT_PORT) -
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=default_port)
     p.add_argument("--auth-token-file", type=Path,
-                   help=f"require this bearer token (first line of the file; or ${TOKEN_ENV})")
+                   help="require a bearer token listed in this file: one per line, 'TOKEN' "
+                        "or 'NAME TOKEN [admin]' (docs/rpc.md); or one token in "
+                        f"${TOKEN_ENV}")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); needs --tls-key")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--drain-grace", type=float, default=30.0,
@@ -121,21 +142,37 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of `emoe serve`")
     p.add_argument("--auth-token-file", type=Path,
-                   help=f"bearer token to send (first line of the file; or ${TOKEN_ENV})")
+                   help=f"bearer token to send (the file's first token; or ${TOKEN_ENV})")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect over TLS")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _token(path: Path | None) -> str | None:
+    """The bearer token a client sends."""
+    from emoe.rpc.auth import client_token
+
     if path is not None:
-        try:
-            lines = path.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read token file: {exc.strerror}") from None
-        token = lines[0].strip() if lines else ""
-        if not token:
-            raise ConfigError(f"{path}: the token file is empty")
-        return token
+        return client_token(path)
     return os.environ.get(TOKEN_ENV) or None
+
+
+def _tokens(path: Path | None):
+    """The tokens a server accepts (None: auth off)."""
+    from emoe.rpc.auth import TokenTable
+
+    if path is not None:
+        return TokenTable.from_file(path)
+    token = os.environ.get(TOKEN_ENV)
+    return TokenTable.single(token) if token else None
 
 
 def _read(path: Path | None) -> bytes | None:
@@ -152,8 +189,9 @@ def _listen(args: argparse.Namespace):
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
-    return Listen(host=args.host, port=args.port, auth_token=_token(args.auth_token_file),
-                  tls_cert=args.tls_cert, tls_key=args.tls_key)
+    return Listen(host=args.host, port=args.port, auth=_tokens(args.auth_token_file),
+                  tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  max_message_bytes=getattr(args, "max_message_bytes", None))
 
 
 def _offload(args: argparse.Namespace, policy):
@@ -208,14 +246,17 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{flag}: with --worker the workers hold the experts; give it "
                                   "(and the same --policy) to `emoe worker`")
         token, ca = _token(args.worker_token_file), _read(args.worker_ca)
-        backends = [RemoteBackend(target, auth_token=token, root_certificates=ca)
+        backends = [RemoteBackend(target, auth_token=token, root_certificates=ca,
+                                  step_timeout_s=args.step_timeout,
+                                  liveness_timeout_s=args.worker_timeout)
                     for target in args.worker]
     else:
         backends = [_local_backend(args, policy)]
     server = SchedulerServer(
         backends, policy, get_hardware(args.gpu), _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
-        metrics_port=args.metrics_port or None, remote_workers=tuple(args.worker))
+        max_prompt_chars=args.max_prompt_chars, metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host, remote_workers=tuple(args.worker))
     return asyncio.run(run_until_signal(server, args.drain_grace))
 
 
@@ -237,6 +278,17 @@ def _client(args: argparse.Namespace):
                       root_certificates=_read(args.tls_ca))
 
 
+async def _wait_ready(client, seconds: float) -> None:
+    """Waits for the server's health to say SERVING; a clear error after ``seconds``."""
+    if seconds <= 0:
+        return
+    try:
+        await client.wait_serving(timeout=seconds)
+    except TimeoutError:
+        raise ConfigError(f"--target {client.target}: not ready (health SERVING) within "
+                          f"{seconds:g} s (--wait-ready)") from None
+
+
 def _submit(args: argparse.Namespace) -> int:
     import grpc
 
@@ -251,6 +303,7 @@ def _submit(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
             try:
+                await _wait_ready(client, args.wait_ready)
                 async for response in client.stream(request, timeout=args.timeout):
                     sys.stdout.write(response.text)
                     sys.stdout.flush()
@@ -277,7 +330,9 @@ def _replay(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     async def run() -> int:  # the client's channel belongs to this event loop
-        return await replay_file(args.trace, _client(args), rate_scale=args.rate_scale,
+        client = _client(args)
+        await _wait_ready(client, args.wait_ready)
+        return await replay_file(args.trace, client, rate_scale=args.rate_scale,
                                  limit=args.limit, seed=args.seed, out=args.out)
 
     return asyncio.run(run())

@@ -60,6 +60,7 @@ class EmoeClient:
     def __init__(self, target: str, *, auth_token: str | None = None,
                  root_certificates: bytes | None = None,
                  options: Sequence[tuple[str, object]] = ()):
+        self.target = target
         if root_certificates is not None:
             self.channel = grpc.aio.secure_channel(
                 target, grpc.ssl_channel_credentials(root_certificates), options=options)

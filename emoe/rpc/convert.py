@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from emoe.core.plan import PrefillChunk, RequestStepOutput, StepPlan, StepResult
@@ -27,16 +29,20 @@ def sampling_from_proto(m: spb.SamplingParams) -> SamplingParams:
                           stop_token_ids=tuple(m.stop_token_ids), ignore_eos=m.ignore_eos)
 
 
-def _keys(keys: list[tuple[int, int]]) -> list[wpb.ExpertKey]:
+def keys_to_proto(keys: Iterable[tuple[int, int]]) -> list[wpb.ExpertKey]:
     return [wpb.ExpertKey(layer=layer, expert=expert) for layer, expert in keys]
+
+
+def keys_from_proto(keys: Iterable[wpb.ExpertKey]) -> tuple[tuple[int, int], ...]:
+    return tuple((k.layer, k.expert) for k in keys)
 
 
 def plan_to_proto(plan: StepPlan) -> wpb.StepPlan:
     return wpb.StepPlan(
         prefill=[wpb.PrefillChunk(request_id=c.request_id, start=c.start, num_tokens=c.num_tokens)
                  for c in plan.prefill],
-        decode=plan.decode, iterations=plan.iterations, load=_keys(plan.load),
-        evict=_keys(plan.evict), run_predictor=plan.run_predictor)
+        decode=plan.decode, iterations=plan.iterations, load=keys_to_proto(plan.load),
+        evict=keys_to_proto(plan.evict), run_predictor=plan.run_predictor)
 
 
 def plan_from_proto(m: wpb.StepPlan) -> StepPlan:
@@ -54,10 +60,10 @@ def result_to_proto(r: StepResult) -> wpb.ExecuteStepResponse:
             request_id=o.request_id, new_tokens=o.new_tokens, token_ids=o.token_ids,
             finished=o.finished, finish_reason=o.finish_reason, expert_hits=o.expert_hits,
             expert_misses=o.expert_misses, weighted_hits=o.weighted_hits,
-            weighted_choices=o.weighted_choices) for o in r.outputs],
+            weighted_choices=o.weighted_choices, error=o.error) for o in r.outputs],
         compute_s=r.compute_s, load_wait_s=r.load_wait_s, predictor_s=r.predictor_s,
-        bytes_loaded=r.bytes_loaded, fetched_on_miss=_keys(list(r.fetched_on_miss)),
-        evicted_on_miss=_keys(list(r.evicted_on_miss)))
+        bytes_loaded=r.bytes_loaded, fetched_on_miss=keys_to_proto(r.fetched_on_miss),
+        evicted_on_miss=keys_to_proto(r.evicted_on_miss))
     for request_id, counts in r.routing.items():
         a = np.asarray(counts)
         response.routing[request_id].CopyFrom(wpb.RoutingCounts(
@@ -73,7 +79,7 @@ def result_from_proto(m: wpb.ExecuteStepResponse, started_at: float, finished_at
             request_id=o.request_id, new_tokens=o.new_tokens, token_ids=list(o.token_ids),
             finished=o.finished, finish_reason=o.finish_reason, expert_hits=o.expert_hits,
             expert_misses=o.expert_misses, weighted_hits=o.weighted_hits,
-            weighted_choices=o.weighted_choices) for o in m.outputs],
+            weighted_choices=o.weighted_choices, error=o.error) for o in m.outputs],
         routing={rid: np.asarray(c.counts, dtype=np.int64).reshape(c.num_layers, c.num_experts)
                  for rid, c in m.routing.items()},
         compute_s=m.compute_s, load_wait_s=m.load_wait_s, predictor_s=m.predictor_s,
@@ -92,7 +98,7 @@ def info_to_proto(info: BackendInfo) -> wpb.WorkerInfo:
                             eos_token_id=info.eos_token_id),
         expert_bytes=model.expert_bytes, non_expert_bytes=model.non_expert_bytes,
         kv_bytes_per_token=model.kv_bytes_per_token, hidden_size=model.hidden_size,
-        tokenizer_json=info.tokenizer_json, resident=_keys(list(info.resident)),
+        tokenizer_json=info.tokenizer_json, resident=keys_to_proto(info.resident),
         max_running=info.max_running, expert_slots=info.expert_slots)
 
 
@@ -105,5 +111,5 @@ def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
     return BackendInfo(model=model, vocab_size=m.model.vocab_size, max_context=m.model.max_context,
                        eos_token_id=m.model.eos_token_id, tokenizer_json=m.tokenizer_json,
                        max_running=m.max_running,
-                       resident=tuple((k.layer, k.expert) for k in m.resident),
+                       resident=keys_from_proto(m.resident),
                        instance_id=m.instance_id, expert_slots=m.expert_slots)

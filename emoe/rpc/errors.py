@@ -4,12 +4,15 @@ Service code raises a :class:`ServiceError` subclass (or lets an ``EmoeError`` t
 :class:`ErrorInterceptor` turns it into a status with a message that says what was wrong and,
 for bad input, names the field (also sent as trailing metadata ``emoe-field``). Anything else
 is logged with its traceback and reaches the client as INTERNAL with an incident id: never
-UNKNOWN, never a stack trace.
+UNKNOWN, never a stack trace. The interceptor also parses request messages itself, so one that
+is not valid protobuf is INVALID_ARGUMENT. Messages never echo more than ``MAX_ECHO_CHARS`` of
+a client's input (:func:`clip`), and no status message exceeds ``MAX_DETAILS_CHARS``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +25,15 @@ from emoe.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 FIELD_METADATA_KEY = "emoe-field"
+MAX_ECHO_CHARS = 64
+MAX_DETAILS_CHARS = 1024
+
+
+def clip(value: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``value`` quoted for an error message, cut to ``limit`` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 class ServiceError(Exception):
@@ -62,6 +74,17 @@ class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class RequestFailed(ServiceError):
+    """One request failed on its own inside the engine (its logits held NaN, its sampling or
+    decoding raised); the requests beside it were unaffected."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """(code, details, trailing metadata) for an exception raised by a handler."""
     if isinstance(exc, ServiceError):
@@ -76,15 +99,40 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, st
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     code, details, trailing = status_of(exc)
+    if len(details) > MAX_DETAILS_CHARS:
+        details = details[:MAX_DETAILS_CHARS - 3] + "..."
     if trailing:
         context.set_trailing_metadata(trailing)
     await context.abort(code, details)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _parser(deserializer: Callable[[bytes], Any] | None,
+            max_bytes: int | None) -> Callable[[bytes], Any]:
+    """Parses a request inside the handler, so a malformed message is INVALID_ARGUMENT
+    (gRPC's own deserialisation failure reaches the client as UNKNOWN) and one over
+    ``max_bytes`` is RESOURCE_EXHAUSTED before it is parsed."""
+
+    def parse(raw: bytes) -> Any:
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise ResourceExhausted(f"request: {len(raw)} bytes; at most {max_bytes} are "
+                                    "accepted (--max-message-bytes)")
+        if deserializer is None:
+            return raw
         try:
-            return await behavior(request, context)
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError and others
+            message = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+            name = message.full_name if message is not None else "request"
+            raise InvalidArgument("request", f"not a valid {name} protobuf message "
+                                             f"({type(exc).__name__})") from None
+    return parse
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], parse: Callable[[bytes], Any]
+                ) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(parse(raw), context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
@@ -93,10 +141,14 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaita
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_stream(behavior: Callable[..., Any], parse: Callable[[bytes], Any]) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behavior):
+        # a handler that writes with context.write (grpc_health's Watch) and returns nothing
+        return _wrap_unary(behavior, parse)
+
+    async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for message in behavior(request, context):
+            async for message in behavior(parse(raw), context):
                 yield message
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -106,24 +158,25 @@ def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
     return wrapped
 
 
-def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap(handler: grpc.RpcMethodHandler, max_bytes: int | None) -> grpc.RpcMethodHandler:
+    parse = _parser(handler.request_deserializer, max_bytes)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            _wrap_unary(handler.unary_unary, parse),
             response_serializer=handler.response_serializer)
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream),
-            request_deserializer=handler.request_deserializer,
+            _wrap_stream(handler.unary_stream, parse),
             response_serializer=handler.response_serializer)
     return handler
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary-unary and unary-stream handlers to status codes."""
+    """Maps exceptions of unary-unary and unary-stream handlers to status codes, and refuses
+    request messages over ``max_message_bytes``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int | None = None) -> None:
+        self._max_bytes = max_message_bytes
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -137,5 +190,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        wrapped = self._wrapped[method] = _wrap(handler)
+        wrapped = self._wrapped[method] = _wrap(handler, self._max_bytes)
         return wrapped

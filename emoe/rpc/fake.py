@@ -53,6 +53,7 @@ class FakeBackend:
     ``emit_eos_after`` = n makes the (n+1)-th token of every request EOS unless ignore_eos."""
 
     name = "fake"
+    draining = False
 
     def __init__(self, step_delay_s: float = 0.0, max_context: int = 4096, max_running: int = 256,
                  emit_eos_after: int | None = None):
@@ -113,6 +114,13 @@ class FakeBackend:
             reason = "length"
         return RequestStepOutput(request_id=request_id, new_tokens=1, token_ids=[token],
                                  finished=bool(reason), finish_reason=reason)
+
+    async def recover(self) -> tuple:
+        self._requests.clear()
+        return ()
+
+    async def check(self) -> None:
+        """In-process: answers whenever the loop asks."""
 
     async def close(self) -> None:
         self._requests.clear()

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from emoe.core.errors import ConfigError
-from emoe.core.plan import StepPlan, StepResult
+from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.rpc.backend import BackendInfo, SamplingParams
 from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
 
@@ -39,6 +39,7 @@ class LocalEngineBackend:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-engine")
         self._engine = None
         self.experts = None
+        self.draining = False
 
     async def start(self) -> BackendInfo:
         loop = asyncio.get_running_loop()
@@ -52,6 +53,7 @@ class LocalEngineBackend:
         if not (folder / "config.json").is_file():
             raise ConfigError(f"checkpoint: {folder} has no config.json (a Hugging Face model folder "
                               "with config.json, *.safetensors and tokenizer.json is expected)")
+        tokenizer_json = _tokenizer_json(tokenizer_file)
         if self._offload is None:
             engine = Engine.from_pretrained(folder, device=self._device, dtype=self._dtype,
                                             max_batch_size=self._max_batch_size,
@@ -66,14 +68,13 @@ class LocalEngineBackend:
                                   provenance=f"computed from {folder / 'config.json'}")
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
         if self.experts is None:
-            resident = tuple((layer, e) for layer in range(cfg.num_layers)
-                             for e in range(cfg.num_experts))
+            resident = self._all_experts()
         else:
             self._reset_experts()
             resident = tuple(sorted(self.experts.cache.resident()))
         return BackendInfo(
             model=model, vocab_size=cfg.vocab_size, max_context=engine.max_seq_len, eos_token_id=eos,
-            tokenizer_json=tokenizer_file.read_text() if tokenizer_file.is_file() else "",
+            tokenizer_json=tokenizer_json,
             max_running=engine.cache.num_slots, resident=resident, instance_id=uuid.uuid4().hex,
             expert_slots=0 if self.experts is None else self.experts.cache.num_slots)
 
@@ -121,6 +122,38 @@ class LocalEngineBackend:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self._engine.execute, plan)
 
+    async def recover(self) -> tuple[ExpertKey, ...]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._recover)
+
+    def _recover(self) -> tuple[ExpertKey, ...]:
+        self._engine.reset()
+        if self.experts is None:
+            return self._all_experts()
+        return tuple(sorted(self.experts.resync()))
+
+    def _all_experts(self) -> tuple[ExpertKey, ...]:
+        cfg = self._engine.config
+        return tuple((layer, e) for layer in range(cfg.num_layers) for e in range(cfg.num_experts))
+
+    async def check(self) -> None:
+        """In-process: answers whenever the loop asks."""
+
     async def close(self) -> None:
         self._thread.shutdown(wait=True, cancel_futures=True)
         self._engine = None
+
+
+def _tokenizer_json(path: Path) -> str:
+    """The checkpoint's tokenizer.json, checked to load ("" when there is none)."""
+    from emoe.rpc.text import load_tokenizer
+
+    if not path.is_file():
+        return ""
+    try:
+        text = path.read_text()
+        load_tokenizer(text)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises its own exception type
+        raise ConfigError(f"{path}: not a tokenizer.json the tokenizers library can load: "
+                          f"{exc}") from None
+    return text

@@ -2,8 +2,9 @@
 the same in Prometheus format on a port of its own.
 
 Durations are measured by the server from the moment it accepts a request. GetStats keeps
-the most recent ``window`` finished requests per task for its percentiles; Prometheus keeps
-histograms.
+the most recent ``window`` finished requests per task and identity (the request's owner) for
+its percentiles, and reports one identity's requests or, for an admin, everyone's; Prometheus
+keeps histograms over all requests.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class RequestRecord:
     tpot_s: float | None
     total_s: float
     slo_met: bool
+    owner: str = ""
 
 
 @dataclass(slots=True)
@@ -73,10 +75,10 @@ class Durations:
     max_s: float
 
     @classmethod
-    def of(cls, samples: deque) -> "Durations":
-        if not samples:
+    def of(cls, *samples: deque) -> "Durations":
+        a = np.fromiter((x for d in samples for x in d), dtype=float)
+        if not a.size:
             return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
-        a = np.fromiter(samples, dtype=float)
         p50, p90, p99 = np.percentile(a, (50, 90, 99))
         return cls(len(a), float(a.mean()), float(p50), float(p90), float(p99), float(a.max()))
 
@@ -124,7 +126,9 @@ class ServiceMetrics:
                  window: int = 10_000):
         self._started = time.monotonic()
         self._window = window
-        self._tasks: dict[str, _TaskStats] = {t: _TaskStats(window) for t in tasks}
+        self._task_names = list(tasks)
+        self._tasks: dict[tuple[str, str], _TaskStats] = {}  # (owner, task) ->
+        self._attained: dict[str, list[int]] = {}  # task -> [SLO met, finished]
         self.experts = ExpertCounters()
         self.load = load
         self.registry = CollectorRegistry()
@@ -168,17 +172,19 @@ class ServiceMetrics:
     def uptime_s(self) -> float:
         return time.monotonic() - self._started
 
-    def _task(self, task: str) -> _TaskStats:
-        stats = self._tasks.get(task)
+    def _task(self, task: str, owner: str) -> _TaskStats:
+        stats = self._tasks.get((owner, task))
         if stats is None:
-            stats = self._tasks[task] = _TaskStats(self._window)
+            stats = self._tasks[owner, task] = _TaskStats(self._window)
+            if task not in self._task_names:
+                self._task_names.append(task)
         return stats
 
-    def submitted(self, task: str) -> None:
-        self._task(task).submitted += 1
+    def submitted(self, task: str, owner: str = "") -> None:
+        self._task(task, owner).submitted += 1
 
     def finished(self, record: RequestRecord) -> None:
-        stats = self._task(record.task)
+        stats = self._task(record.task, record.owner)
         task = record.task
         self._requests.labels(task, record.outcome.value).inc()
         if record.outcome is Outcome.FAILED:
@@ -203,7 +209,10 @@ class ServiceMetrics:
         if record.slo_met:
             stats.slo_met += 1
             self._slo_met.labels(task).inc()
-        self._attainment.labels(task).set(stats.slo_met / stats.finished)
+        met_finished = self._attained.setdefault(task, [0, 0])  # all identities
+        met_finished[0] += record.slo_met
+        met_finished[1] += 1
+        self._attainment.labels(task).set(met_finished[0] / met_finished[1])
 
     def step(self, plan: StepPlan, result: StepResult) -> None:
         hits = sum(o.expert_hits for o in result.outputs)
@@ -220,8 +229,15 @@ class ServiceMetrics:
         self._expert_loads.inc(loads)
         self._expert_evictions.inc(evictions)
 
-    def tasks(self) -> list[TaskSnapshot]:
-        return [TaskSnapshot(task, s.submitted, s.finished, s.aborted, s.failed, s.slo_met,
-                             s.output_tokens, Durations.of(s.queue), Durations.of(s.ttft),
-                             Durations.of(s.tpot), Durations.of(s.total))
-                for task, s in self._tasks.items()]
+    def tasks(self, owner: str | None = None) -> list[TaskSnapshot]:
+        """Per task, the requests of ``owner`` (None: of every identity)."""
+        snapshots = []
+        for task in self._task_names:
+            parts = [s for (o, t), s in self._tasks.items()
+                     if t == task and (owner is None or o == owner)]
+            snapshots.append(TaskSnapshot(
+                task, *(sum(getattr(s, name) for s in parts) for name in
+                        ("submitted", "finished", "aborted", "failed", "slo_met", "output_tokens")),
+                *(Durations.of(*(getattr(s, name) for s in parts))
+                  for name in ("queue", "ttft", "tpot", "total"))))
+        return snapshots

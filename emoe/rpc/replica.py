@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
+from collections.abc import Iterable
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,13 +25,16 @@ from typing import Protocol
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.core.request import SLO, Request
 from emoe.rpc.backend import Backend, BackendInfo, BackendUnavailable, SamplingParams
-from emoe.rpc.errors import ResourceExhausted, ServiceError, Unavailable
+from emoe.core.errors import EmoeError
+from emoe.rpc.errors import (InvalidArgument, RequestFailed, ResourceExhausted, ServiceError,
+                             Unavailable)
 from emoe.rpc.metrics import Outcome, RequestRecord, ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL_S = 0.5
 IDLE_POLL_S = 0.05
+PROBE_INTERVAL_S = 1.0  # an idle replica asks its engine this often whether it still answers
 
 
 class Scheduler(Protocol):
@@ -41,6 +46,7 @@ class Scheduler(Protocol):
     def next_step(self, now: float, max_iterations: int | None = None) -> StepPlan: ...
     def on_step_done(self, result: StepResult) -> list[Request]: ...
     def abort(self, request_id: str, reason: str = "aborted") -> bool: ...
+    def set_resident_experts(self, resident: Iterable[ExpertKey]) -> None: ...
 
 
 SchedulerFactory = Callable[[BackendInfo], Scheduler]
@@ -48,9 +54,12 @@ SchedulerFactory = Callable[[BackendInfo], Scheduler]
 
 @dataclass(slots=True)
 class Submission:
-    """A validated request, ready for an engine."""
+    """A validated request, ready for an engine. ``key`` names it to the scheduler and the
+    engine (``owner/request_id``: unique, though two identities may use the same id)."""
 
+    key: str
     request_id: str
+    owner: str
     task: str
     prompt: list[int]
     sampling: SamplingParams
@@ -84,8 +93,8 @@ class RequestStream:
     done: bool = False
 
     @property
-    def request_id(self) -> str:
-        return self.submission.request_id
+    def key(self) -> str:
+        return self.submission.key
 
     def timings(self) -> tuple[float | None, float | None, float | None, float]:
         """(queue, ttft, tpot, total) in seconds from acceptance; None where not reached."""
@@ -109,7 +118,7 @@ class Replica:
     """One engine (in-process or a remote worker) with its own scheduler and loop.
 
     ``on_terminal`` (set by the service) is called once per request when it reaches its
-    terminal event.
+    terminal event. ``accepting``: it takes new requests; else ``status`` says why not.
     """
 
     def __init__(self, backend: Backend, make_scheduler: SchedulerFactory, metrics: ServiceMetrics):
@@ -119,6 +128,7 @@ class Replica:
         self.on_terminal: Callable[[RequestStream], None] = lambda stream: None
         self.info: BackendInfo | None = None
         self.healthy = False
+        self.down_reason = "starting"
         self._scheduler: Scheduler | None = None
         self._streams: dict[str, RequestStream] = {}
         self._inbox: deque[RequestStream] = deque()
@@ -139,6 +149,17 @@ class Replica:
         return len(self._streams)
 
     @property
+    def accepting(self) -> bool:
+        return self.healthy and not self.backend.draining
+
+    @property
+    def status(self) -> str:
+        """Why the replica takes no new requests ("" when it does)."""
+        if not self.healthy:
+            return self.down_reason
+        return f"engine {self.name} is draining" if self.backend.draining else ""
+
+    @property
     def resident_experts(self) -> int:
         return len(self._resident)
 
@@ -156,10 +177,10 @@ class Replica:
         self._task = asyncio.create_task(self._run(), name=f"engine-loop[{self.name}]")
 
     def submit(self, submission: Submission) -> RequestStream:
-        if not self.healthy:
-            raise Unavailable(f"engine {self.name} is not serving")
+        if not self.accepting:
+            raise Unavailable(f"engine {self.name} is not serving: {self.status}")
         stream = RequestStream(submission, self)
-        self._streams[submission.request_id] = stream
+        self._streams[submission.key] = stream
         self._inbox.append(stream)
         self.waiting += 1
         self._wake.set()
@@ -171,7 +192,7 @@ class Replica:
         if stream.done:
             return
         self._end(stream, outcome, event)
-        self._aborts.append(stream.request_id)
+        self._aborts.append(stream.key)
         self._wake.set()
 
     async def close(self) -> None:
@@ -181,7 +202,7 @@ class Replica:
             self._task.cancel()
             try:
                 await self._task
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, Exception):  # a startup failure: reported by `failure`
                 pass
         self._fail_all(Unavailable("server shutting down"))
         await self.backend.close()
@@ -196,28 +217,70 @@ class Replica:
             try:
                 await self._step()
             except BackendUnavailable as exc:
-                log.warning("engine %s lost: %s", self.name, exc)
-                self.healthy = False
-                self._fail_all(Unavailable(f"engine {self.name} lost: {exc}"))
-            except Exception:  # noqa: BLE001 - a bug must not leave streams hanging
-                log.exception("engine loop %s failed; its requests are failed", self.name)
-                self._fail_all(ServiceError("engine loop failed; see the server log"))
+                self._lost(exc)
+            except Exception:  # noqa: BLE001 - a failed step must not leave streams hanging
+                incident = uuid.uuid4().hex[:12]
+                log.exception("engine %s: a step failed (incident %s); recovering", self.name,
+                              incident)
+                if not await self._recover(incident):
+                    return
 
     async def _connect(self) -> None:
         try:
             self.info = await self.backend.start()
         except BackendUnavailable as exc:
             log.info("engine %s not available yet: %s", self.name, exc)
+            self.down_reason = f"engine {self.name} not available: {exc}"
             await asyncio.sleep(RECONNECT_INTERVAL_S)
             return
-        self._resident = set(self.info.resident)
-        self._reset_scheduler()
+        self._reset_scheduler(self.info.resident)
         self.healthy = True
+        self.down_reason = ""
         log.info("engine %s serving %s", self.name, self.info.model.name)
 
-    def _reset_scheduler(self) -> None:
+    def _lost(self, exc: BackendUnavailable) -> None:
+        log.warning("engine %s lost: %s", self.name, exc)
+        self.healthy = False
+        self.down_reason = f"engine {self.name} lost: {exc}"
+        self._fail_all(Unavailable(self.down_reason))
+
+    async def _recover(self, incident: str) -> bool:
+        """After a step that raised: fails the requests it ran, resynchronises scheduler and
+        engine from the engine's state and queues the waiting requests again. False when the
+        engine cannot be brought back (the replica is then down for good)."""
+        failed = ServiceError(f"internal error in an engine step (incident {incident}; see the "
+                              "server log): this request was in it and did not complete; the "
+                              "server recovered")
+        running = [s for s in self._streams.values() if s.scheduled_at is not None]
+        for stream in running:
+            self._end(stream, Outcome.FAILED, failed)
+        self._inbox = deque(self._streams.values())  # the waiting ones, in submission order
+        self._aborts.clear()
+        try:
+            resident = await self.backend.recover()
+        except BackendUnavailable as exc:
+            self._lost(exc)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the engine cannot be trusted any more
+            log.exception("engine %s cannot recover (incident %s)", self.name, incident)
+            self.healthy = False
+            self.down_reason = (f"engine {self.name} cannot recover from a failed step "
+                                f"(incident {incident}): {type(exc).__name__}: {exc}")
+            self._fail_all(Unavailable(self.down_reason))
+            return False
+        self._reset_scheduler(resident)
+        log.warning("engine %s recovered from incident %s: %d running requests failed, %d "
+                    "waiting requests queued again", self.name, incident, len(running),
+                    len(self._inbox))
+        return True
+
+    def _reset_scheduler(self, resident: Iterable[ExpertKey]) -> None:
+        """A fresh scheduler over what the engine holds now."""
         assert self.info is not None
         self._scheduler = self._make_scheduler(self.info)
+        self._resident = set(resident)
+        if self.info.expert_slots:
+            self._scheduler.set_resident_experts(self._resident)
 
     async def _step(self) -> None:
         scheduler = self._scheduler
@@ -234,10 +297,12 @@ class Replica:
             self._wake.clear()
             if self._inbox or self._aborts:
                 return
+            idle = not scheduler.has_work
             try:
-                await asyncio.wait_for(self._wake.wait(), IDLE_POLL_S if scheduler.has_work else None)
+                await asyncio.wait_for(self._wake.wait(), PROBE_INTERVAL_S if idle else IDLE_POLL_S)
             except TimeoutError:
-                pass
+                if idle:
+                    await self.backend.check()
             return
         for chunk in plan.prefill:
             stream = self._streams.get(chunk.request_id)
@@ -271,16 +336,32 @@ class Replica:
             if stream.done:
                 continue
             s = stream.submission
-            self.backend.add_request(s.request_id, s.prompt, s.sampling)
-            scheduler.add_request(Request(
-                id=s.request_id, arrival=s.accepted_at, task=s.task, input_tokens=len(s.prompt),
-                output_tokens=s.sampling.max_tokens, slo=s.slo, priority=s.priority))
+            try:
+                self.backend.add_request(s.key, s.prompt, s.sampling)
+                scheduler.add_request(Request(
+                    id=s.key, arrival=s.accepted_at, task=s.task,
+                    input_tokens=len(s.prompt), output_tokens=s.sampling.max_tokens, slo=s.slo,
+                    priority=s.priority))
+            except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails alone
+                log.warning("request %s refused by engine %s: %s", s.key, self.name, exc)
+                self.backend.remove_request(s.key)
+                self._end(stream, Outcome.FAILED,
+                          InvalidArgument("prompt", f"the engine refused the request: {exc}")
+                          if isinstance(exc, EmoeError) else
+                          RequestFailed(f"the engine could not take the request: {exc}"))
 
     def _deliver(self, result: StepResult) -> None:
         now = time.monotonic()
         for out in result.outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
+                continue
+            if out.error:
+                log.warning("request %s failed in engine %s: %s", out.request_id, self.name,
+                            out.error)
+                self._end(stream, Outcome.FAILED, RequestFailed(
+                    f"this request failed in the engine (the others were unaffected): {out.error}"))
+                self.backend.remove_request(out.request_id)
                 continue
             stream.expert_hits += out.expert_hits
             stream.expert_misses += out.expert_misses
@@ -298,7 +379,7 @@ class Replica:
         stream.done = True
         if stream.finished_at is None:
             stream.finished_at = time.monotonic()
-        del self._streams[stream.request_id]
+        del self._streams[stream.key]
         if stream.scheduled_at is None:
             self.waiting -= 1
         else:
@@ -307,7 +388,7 @@ class Replica:
             stream.events.put_nowait(event)
         queue, ttft, tpot, total = stream.timings()
         self._metrics.finished(RequestRecord(
-            task=stream.submission.task, outcome=outcome, output_tokens=stream.output_tokens,
+            task=stream.submission.task, owner=stream.submission.owner, outcome=outcome, output_tokens=stream.output_tokens,
             queue_s=queue, ttft_s=ttft, tpot_s=tpot, total_s=total,
             slo_met=outcome is Outcome.FINISHED and stream.slo_met()))
         self.on_terminal(stream)
@@ -315,8 +396,6 @@ class Replica:
     def _fail_all(self, error: ServiceError) -> None:
         for stream in list(self._streams.values()):
             self._end(stream, Outcome.FAILED, error)
-            self.backend.remove_request(stream.request_id)
+            self.backend.remove_request(stream.key)
         self._inbox.clear()
         self._aborts.clear()
-        if self.info is not None and not self._closing:
-            self._reset_scheduler()

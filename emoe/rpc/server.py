@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +21,17 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
+from emoe.core.errors import ConfigError, EmoeError
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.specs import HardwareSpec
-from emoe.rpc.auth import BearerTokenInterceptor
+from emoe.rpc.auth import BearerTokenInterceptor, TokenTable
 from emoe.rpc.backend import Backend, BackendInfo
 from emoe.rpc.errors import ErrorInterceptor
 from emoe.rpc.metrics import ServiceMetrics
+from emoe.rpc.metrics_http import MetricsServer
 from emoe.rpc.replica import Replica, Scheduler, SchedulerFactory
-from emoe.rpc.service import SchedulerService, ServiceConfig
+from emoe.rpc.service import DEFAULT_MAX_MESSAGE_BYTES, SchedulerService, ServiceConfig
 from emoe.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from emoe.rpc.worker import WorkerService
 
@@ -37,49 +40,101 @@ log = logging.getLogger(__name__)
 SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name
 HEALTH_POLL_S = 0.05
+WORKER_MAX_MESSAGE_BYTES = 64 << 20  # a step carries up to a batch of whole prompts
+TRANSPORT_LIMIT = 64 << 20
 SERVER_OPTIONS = (
     ("grpc.so_reuseport", 0),  # a second server on a taken port fails instead of sharing it
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-    ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 )
 
 
 @dataclass(frozen=True, slots=True)
 class Listen:
-    """Where and how a server listens. TLS when both ``tls_cert`` and ``tls_key`` are given."""
+    """Where and how a server listens. TLS when both ``tls_cert`` and ``tls_key`` are given;
+    bearer-token auth when ``auth`` is. ``max_message_bytes``: the largest request message
+    (None: 4 MiB for the scheduler service, 64 MiB for a worker); a larger one is refused by
+    gRPC with RESOURCE_EXHAUSTED before it reaches the service."""
 
     host: str = "127.0.0.1"
     port: int = 50051
-    auth_token: str | None = None
+    auth: TokenTable | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    max_message_bytes: int | None = None
 
 
-def build_server(listen: Listen, services: tuple[str, ...]
+def _tls_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
+    """The certificate and key files, checked to load as a pair (gRPC would only log why not)."""
+    data = []
+    for path, flag in ((key, "--tls-key"), (cert, "--tls-cert")):
+        try:
+            data.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        raise ConfigError(f"--tls-cert/--tls-key: {cert} and {key} are not a PEM certificate "
+                          f"and its private key: {exc.reason or exc}") from None
+    return data[0], data[1]
+
+
+def _check_free(host: str, port: int) -> None:
+    """Fails with one clear line if ``host:port`` cannot be bound (gRPC would log a few)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host: cannot resolve {host!r}: {exc.strerror}") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(f"--port: cannot listen on {host}:{port}: "
+                                  f"{exc.strerror}") from None
+
+
+def build_server(listen: Listen, services: tuple[str, ...], max_message_bytes: int
                  ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """A grpc.aio server with auth, error mapping, health (NOT_SERVING) and reflection, bound
-    to ``listen``; returns it, the bound port and its health servicer."""
+    to ``listen``; returns it, the bound port and its health servicer. Errors that stop it
+    from listening (unreadable certificates, a port in use) are ConfigErrors."""
+    limit = listen.max_message_bytes or max_message_bytes
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if listen.auth_token:
-        interceptors.append(BearerTokenInterceptor(listen.auth_token))
-    interceptors.append(ErrorInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    if listen.auth is not None:
+        interceptors.append(BearerTokenInterceptor(listen.auth))
+    interceptors.append(ErrorInterceptor(limit))
+    # gRPC's own refusal of an oversized message comes 100-300 ms after the message arrived
+    # (measured, grpcio 1.85); up to TRANSPORT_LIMIT the message is taken and the interceptor
+    # refuses it at once. Beyond, gRPC discards it as it arrives.
+    options = (*SERVER_OPTIONS, ("grpc.max_receive_message_length",
+                                 max(limit, min(5 * limit, TRANSPORT_LIMIT))))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection((*services, reflection.SERVICE_NAME,
                                          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                                         server)
     address = f"{listen.host}:{listen.port}"
-    if listen.tls_cert is not None and listen.tls_key is not None:
-        credentials = grpc.ssl_server_credentials(
-            [(listen.tls_key.read_bytes(), listen.tls_cert.read_bytes())])
-        port = server.add_secure_port(address, credentials)
-    elif listen.tls_cert is not None or listen.tls_key is not None:
-        raise ValueError("TLS needs both a certificate and a key")
-    else:
-        port = server.add_insecure_port(address)
+    if listen.port:
+        _check_free(listen.host, listen.port)
+    try:
+        if listen.tls_cert is not None and listen.tls_key is not None:
+            credentials = grpc.ssl_server_credentials([_tls_pair(listen.tls_cert, listen.tls_key)])
+            port = server.add_secure_port(address, credentials)
+        elif listen.tls_cert is not None or listen.tls_key is not None:
+            raise ConfigError("--tls-cert and --tls-key go together")
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise ConfigError(f"--port: cannot listen on {address} (in use, or not an address of "
+                          f"this machine): {exc}") from None
+    if port == 0 and listen.port != 0:
+        raise ConfigError(f"--port: cannot listen on {address} (in use, or not an address of "
+                          "this machine)")
     return server, port, health
 
 
@@ -117,7 +172,8 @@ class SchedulerServer:
     def __init__(self, backends: list[Backend], policy: PolicyConfig, hardware: HardwareSpec,
                  listen: Listen = Listen(), *, default_task: str = "conversation",
                  max_queue: int = 1024, default_max_tokens: int = 128,
-                 metrics_port: int | None = None, remote_workers: tuple[str, ...] = ()):
+                 max_prompt_chars: int | None = None, metrics_port: int | None = None,
+                 metrics_host: str = "127.0.0.1", remote_workers: tuple[str, ...] = ()):
         self.listen = listen
         replicas: list[Replica] = []
         self.metrics = ServiceMetrics(list(policy.tasks), load=lambda: self.service.load())
@@ -128,10 +184,13 @@ class SchedulerServer:
             default_task = next(iter(policy.tasks))
         config = ServiceConfig(tasks=dict(policy.tasks), default_task=default_task,
                                policy=policy.scheduling, max_queue=max_queue,
-                               default_max_tokens=default_max_tokens)
+                               default_max_tokens=default_max_tokens,
+                               max_message_bytes=listen.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
+                               max_prompt_chars=max_prompt_chars, auth=listen.auth)
         self.service = SchedulerService(config, replicas, self.metrics, list(remote_workers))
         self._metrics_port = metrics_port
-        self._metrics_http = None
+        self._metrics_host = metrics_host
+        self._metrics_http: MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
         self._watch: asyncio.Task | None = None
@@ -143,15 +202,17 @@ class SchedulerServer:
 
     async def start(self) -> None:
         services = (SCHEDULER_SERVICE,)
-        self._server, self.port, self._health = build_server(self.listen, services)
+        self._server, self.port, self._health = build_server(
+            self.listen, services, self.service.config.max_message_bytes)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.service, self._server)
         await _set_health(self._health, services, False)
-        await self._server.start()
         if self._metrics_port is not None:
-            httpd, _ = start_http_server(self._metrics_port, addr=self.listen.host,
-                                         registry=self.metrics.registry)
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_address[1]
+            listen = self.listen
+            self._metrics_http = MetricsServer(self.metrics.registry, self._metrics_host,
+                                               self._metrics_port, listen.auth, listen.tls_cert,
+                                               listen.tls_key)
+            self.metrics_port = self._metrics_http.port
+        await self._server.start()
         for replica in self.service.replicas:
             await replica.start()
         self._watch = asyncio.create_task(self._watch_health(), name="health-watch")
@@ -163,21 +224,36 @@ class SchedulerServer:
             await asyncio.sleep(0.01)
 
     async def _watch_health(self) -> None:
-        """Keeps health in step with the replicas: SERVING while any engine can serve."""
+        """Keeps health in step with the replicas: SERVING while any engine takes requests;
+        logs why whenever it changes."""
+        reason = "starting"
         while True:
             for replica in self.service.replicas:
                 if replica.failure is not None:
-                    self.failed = replica.failure
-                    log.error("engine %s cannot start: %s", replica.name, replica.failure)
-                    self.stopped.set()
+                    self._fail(replica.failure)
                     return
-            serving = self.service.serving
+            serving, why = self.service.health()
             if serving and not self.service.model_known:
-                self.service.model_ready()
+                try:
+                    self.service.model_ready()
+                except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot load
+                    self._fail(ConfigError(f"the engine's tokenizer cannot be loaded: {exc}"))
+                    return
             if serving != self._serving:
                 self._serving = serving
                 await _set_health(self._health, (SCHEDULER_SERVICE,), serving)
+            if why != reason:
+                reason = why
+                if serving:
+                    log.info("health: SERVING")
+                else:
+                    log.warning("health: NOT_SERVING: %s", why)
             await asyncio.sleep(HEALTH_POLL_S)
+
+    def _fail(self, error: BaseException) -> None:
+        """Stops serving for good: ``run_until_signal`` (or ``wait_serving``) raises ``error``."""
+        self.failed = error
+        self.stopped.set()
 
     async def drain(self, grace_s: float) -> None:
         """NOT_SERVING, refuse new requests, let streams in flight finish, then stop."""
@@ -198,9 +274,9 @@ class SchedulerServer:
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
             self._metrics_http = None
+        self.service.close()
         self.stopped.set()
 
 
@@ -212,21 +288,30 @@ class WorkerServer:
         self.listen = listen
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
+        self._service: WorkerService | None = None
         self.port = 0
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
         services = (WORKER_SERVICE,)
+        self._server, self.port, self._health = build_server(self.listen, services,
+                                                             WORKER_MAX_MESSAGE_BYTES)
         info = await self.backend.start()
-        self._server, self.port, self._health = build_server(self.listen, services)
-        worker_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(self.backend, info),
-                                                            self._server)
+        self._service = WorkerService(self.backend, info)
+        worker_pb2_grpc.add_WorkerServiceServicer_to_server(self._service, self._server)
         await self._server.start()
         await _set_health(self._health, services, True)
 
     async def drain(self, grace_s: float) -> None:
+        """NOT_SERVING (the scheduler sends no new requests), keep running steps until the
+        requests held have finished or ``grace_s`` has passed, then stop."""
         await self._health.enter_graceful_shutdown()
-        await self._server.stop(grace=grace_s)
+        if self._service is not None:
+            try:
+                await asyncio.wait_for(self._service.idle.wait(), grace_s)
+            except TimeoutError:
+                log.warning("drain: requests still held after %.1f s; stopping", grace_s)
+        await self._server.stop(grace=min(grace_s, 1.0))
         await self.backend.close()
         self.stopped.set()
 
@@ -249,7 +334,10 @@ async def run_until_signal(server: SchedulerServer | WorkerServer, grace_s: floa
     stopped_wait.cancel()
     if isinstance(server, SchedulerServer) and server.failed is not None:
         await server.stop()
-        raise server.failed
+        failed = server.failed
+        if isinstance(failed, EmoeError):
+            raise failed
+        raise EmoeError(f"the engine cannot start: {type(failed).__name__}: {failed}") from None
     log.info("draining (grace %.1f s)", grace_s)
     await server.drain(grace_s)
     return 0

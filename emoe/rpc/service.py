@@ -4,16 +4,24 @@ A Generate call is validated into a Submission, admitted to the least loaded hea
 replica, and streamed from that request's event queue. Whatever ends the call (the request
 finishing, an Abort, a cancelled call or a passed deadline, a lost engine) the request reaches
 a terminal status and its batch slot and KV memory are freed.
+
+The service core is transport-free, for every front door (gRPC here; HTTP beside it):
+``identity`` resolves a caller's ``authorization`` value, ``submission`` validates a request
+within the input limits (tokenizing off the event loop), ``admit`` queues it, ``outputs``
+streams it, ``abort`` and ``stats`` act for a caller on its own requests (every request for
+an admin), and ``health`` says whether the server takes requests and, if not, why.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -21,9 +29,10 @@ import grpc
 import emoe
 from emoe.core.request import SLO
 from emoe.core.tasks import TaskProfile
+from emoe.rpc.auth import ANONYMOUS, Identity, TokenTable, authorization
 from emoe.rpc.backend import BackendInfo, SamplingParams
-from emoe.rpc.errors import (AlreadyExists, InvalidArgument, NotFound, ResourceExhausted,
-                             ServiceError, Unavailable)
+from emoe.rpc.errors import (AlreadyExists, InvalidArgument, NotFound, RequestFailed,
+                             ResourceExhausted, ServiceError, Unauthenticated, Unavailable, clip)
 from emoe.rpc.metrics import Outcome, ServiceMetrics
 from emoe.rpc.replica import Finish, Replica, RequestStream, Submission
 from emoe.rpc.task_detect import TaskDetector
@@ -32,6 +41,11 @@ from emoe.rpc.v1 import scheduler_pb2 as pb
 from emoe.rpc.v1 import scheduler_pb2_grpc
 
 MAX_REQUEST_ID_CHARS = 256
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+# Default prompt limit in characters: this many per token of the model's context. No tokenizer
+# in use averages more than a few characters per token, so a longer prompt cannot fit.
+PROMPT_CHARS_PER_TOKEN = 16
+MAX_STOP_TOKEN_IDS = 64
 
 _FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -43,11 +57,29 @@ _FINISH_REASONS = {
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
+    """``max_message_bytes``: the largest request message a front door accepts;
+    ``max_prompt_chars``: the longest text prompt (None: ``PROMPT_CHARS_PER_TOKEN`` x the
+    model's context), checked before tokenizing; ``auth``: the bearer tokens (None: auth off,
+    every caller is ``ANONYMOUS``)."""
+
     tasks: dict[str, TaskProfile]
     default_task: str
     policy: str
     max_queue: int = 1024
     default_max_tokens: int = 128
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_prompt_chars: int | None = None
+    auth: TokenTable | None = None
+
+
+@dataclass(slots=True)
+class Output:
+    """A piece of a request's stream: new token ids and their text; ``completion`` is set on
+    the last piece."""
+
+    token_ids: list[int]
+    text: str
+    completion: pb.Completion | None = None
 
 
 def model_info(info: BackendInfo) -> pb.ModelInfo:
@@ -67,19 +99,29 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self.metrics = metrics
         self._remote_workers = remote_workers
         self._detector = TaskDetector(config.tasks, config.default_task)
-        self._in_flight: dict[str, RequestStream] = {}
+        self._in_flight: dict[str, RequestStream] = {}  # by Submission.key
         self._draining = False
         self._drained = asyncio.Event()
         self._tokenizer = None
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-tokenize")
         self._info: BackendInfo | None = None
+        self.max_prompt_chars = 0
         for replica in replicas:
             replica.on_terminal = self._terminal
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def health(self) -> tuple[bool, str]:
+        """(serving, why not): serving while not draining and any engine takes requests."""
+        if self._draining:
+            return False, "the server is draining"
+        if any(r.accepting for r in self.replicas):
+            return True, ""
+        return False, "; ".join(r.status for r in self.replicas)
+
     @property
     def serving(self) -> bool:
-        return not self._draining and any(r.healthy for r in self.replicas)
+        return self.health()[0]
 
     @property
     def in_flight(self) -> int:
@@ -94,6 +136,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         info = next(r.info for r in self.replicas if r.info is not None)
         self._info = info
         self._tokenizer = load_tokenizer(info.tokenizer_json)
+        self.max_prompt_chars = (self.config.max_prompt_chars
+                                 or PROMPT_CHARS_PER_TOKEN * info.max_context)
 
     def start_draining(self) -> None:
         self._draining = True
@@ -108,9 +152,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         except TimeoutError:
             return False
 
+    def close(self) -> None:
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
+
     def _terminal(self, stream: RequestStream) -> None:
-        if self._in_flight.get(stream.request_id) is stream:
-            del self._in_flight[stream.request_id]
+        if self._in_flight.get(stream.key) is stream:
+            del self._in_flight[stream.key]
         if self._draining and not self._in_flight:
             self._drained.set()
 
@@ -125,15 +172,35 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 resident_bytes += r.resident_experts * r.info.model.expert_bytes
         return waiting, running, resident, resident_bytes
 
+    # -- callers -----------------------------------------------------------------------------
+
+    def identity(self, authorization_value: str | bytes | None) -> Identity:
+        """The caller an ``authorization`` value ("Bearer TOKEN") stands for; ANONYMOUS with
+        auth off. Unauthenticated when auth is on and the value is missing or wrong."""
+        if self.config.auth is None:
+            return ANONYMOUS
+        if authorization_value is None:
+            raise Unauthenticated("missing 'authorization: Bearer <token>'")
+        identity = self.config.auth.identify(authorization_value)
+        if identity is None:
+            raise Unauthenticated("invalid bearer token")
+        return identity
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        return self.identity(authorization(context.invocation_metadata()))
+
     # -- validation --------------------------------------------------------------------------
 
-    def _submission(self, request: pb.GenerateRequest) -> Submission:
+    async def submission(self, request: pb.GenerateRequest, owner: Identity) -> Submission:
+        """Validates ``request`` for ``owner``: every limit is checked before any work that
+        grows with the input, and text is tokenized on a thread of its own."""
         info = self._info
         if info is None:
             raise Unavailable("the engine is not warm yet")
         request_id = request.request_id or uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidArgument("request_id", f"longer than {MAX_REQUEST_ID_CHARS} characters")
+            raise InvalidArgument("request_id", f"{len(request_id)} characters; at most "
+                                                f"{MAX_REQUEST_ID_CHARS}")
 
         kind = request.WhichOneof("prompt")
         if kind is None:
@@ -141,17 +208,28 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         text = ""
         if kind == "text":
             text = request.text
+            if len(text) > self.max_prompt_chars:
+                raise InvalidArgument("text", f"{len(text)} characters; at most "
+                                              f"{self.max_prompt_chars} are accepted "
+                                              "(--max-prompt-chars)")
             if not text.strip():
                 raise InvalidArgument("text", "must not be empty")
             if self._tokenizer is None:
                 raise InvalidArgument("text", f"model {info.model.name} accepts token_ids only")
-            prompt = self._tokenizer.encode(text).ids
+            # encode_batch releases the GIL (encode does not): other streams keep flowing
+            encodings = await asyncio.get_running_loop().run_in_executor(
+                self._tokenize, self._tokenizer.encode_batch, [text])
+            prompt = encodings[0].ids
         else:
-            prompt = list(request.token_ids.ids)
-            if not prompt:
+            ids = request.token_ids.ids
+            if not ids:
                 raise InvalidArgument("token_ids.ids", "must not be empty")
-            bad = next((i for i, t in enumerate(prompt) if t >= info.vocab_size), None)
-            if bad is not None:
+            if len(ids) >= info.max_context:
+                raise InvalidArgument("token_ids.ids", f"{len(ids)} prompt tokens leave no room "
+                                      f"in the model's context of {info.max_context} tokens")
+            prompt = list(ids)
+            if max(prompt) >= info.vocab_size:
+                bad = next(i for i, t in enumerate(prompt) if t >= info.vocab_size)
                 raise InvalidArgument(f"token_ids.ids[{bad}]",
                                       f"{prompt[bad]} is not below the vocabulary size {info.vocab_size}")
         if len(prompt) >= info.max_context:
@@ -161,7 +239,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         if request.task:
             task = request.task
             if task not in self.config.tasks:
-                raise InvalidArgument("task", f"unknown task {task!r}; valid: "
+                raise InvalidArgument("task", f"unknown task {clip(task)}; valid: "
                                               f"{', '.join(sorted(self.config.tasks))}")
         else:
             task = self._detector.detect(text) if text else self._detector.default
@@ -169,9 +247,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         slo = SLO(ttft_s=self._slo_value(request.slo, "ttft_s", default_slo.ttft_s),
                   tpot_s=self._slo_value(request.slo, "tpot_s", default_slo.tpot_s))
         sampling = self._sampling(request.sampling, len(prompt), info)
-        return Submission(request_id=request_id, task=task, prompt=prompt, sampling=sampling,
-                          slo=slo, priority=request.priority, accepted_at=0.0)
-
+        return Submission(key=f"{owner.name}/{request_id}", request_id=request_id,
+                          owner=owner.name, task=task, prompt=prompt, sampling=sampling, slo=slo,
+                          priority=request.priority, accepted_at=0.0)
     @staticmethod
     def _slo_value(slo: pb.SLO, name: str, default: float) -> float:
         if not slo.HasField(name):
@@ -195,11 +273,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             max_tokens = min(self.config.default_max_tokens, room)
         temperature = s.temperature if s.HasField("temperature") else 1.0
         if not (math.isfinite(temperature) and temperature >= 0):
-            raise InvalidArgument("sampling.temperature", f"must be >= 0, got {temperature}")
+            raise InvalidArgument("sampling.temperature", f"must be >= 0 (below 1e-5: greedy), "
+                                                          f"got {temperature}")
         top_p = s.top_p if s.HasField("top_p") else 1.0
         if not (0 < top_p <= 1):
             raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
         top_k = s.top_k if s.HasField("top_k") else 0
+        if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument("sampling.stop_token_ids", f"{len(s.stop_token_ids)} ids; at "
+                                                             f"most {MAX_STOP_TOKEN_IDS}")
         stop = tuple(s.stop_token_ids)
         bad = next((t for t in stop if t >= info.vocab_size), None)
         if bad is not None:
@@ -215,30 +297,27 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
 
     # -- admission ---------------------------------------------------------------------------
 
-    def _admit(self, submission: Submission) -> RequestStream:
+    def admit(self, submission: Submission) -> RequestStream:
+        """Queues a validated request on the least loaded engine that takes requests."""
         if self._draining:
             raise Unavailable("server is draining; send new requests elsewhere")
-        if submission.request_id in self._in_flight:
-            raise AlreadyExists(f"request_id {submission.request_id!r} is already in flight")
-        healthy = [r for r in self.replicas if r.healthy]
-        if not healthy:
-            raise Unavailable("no engine worker can serve")
+        if submission.key in self._in_flight:
+            raise AlreadyExists(f"request_id {clip(submission.request_id)} is already in flight")
+        accepting = [r for r in self.replicas if r.accepting]
+        if not accepting:
+            raise Unavailable(f"no engine can serve: {self.health()[1]}")
         if sum(r.waiting for r in self.replicas) >= self.config.max_queue:
             raise ResourceExhausted(f"queue full ({self.config.max_queue} requests waiting)")
-        replica = min(healthy, key=lambda r: r.in_flight)
+        replica = min(accepting, key=lambda r: r.in_flight)
         submission.accepted_at = time.monotonic()
         stream = replica.submit(submission)
-        self._in_flight[submission.request_id] = stream
-        self.metrics.submitted(submission.task)
+        self._in_flight[submission.key] = stream
+        self.metrics.submitted(submission.task, submission.owner)
         return stream
 
-    # -- RPCs --------------------------------------------------------------------------------
-
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        submission = self._submission(request)
-        stream = self._admit(submission)
-        request_id = submission.request_id
+    async def outputs(self, stream: RequestStream) -> AsyncIterator[Output]:
+        """A request's stream: token pieces as they come, the completion last. Raises the
+        ServiceError that ended it otherwise. Leaving early aborts the request."""
         detokenizer = IncrementalDetokenizer(self._tokenizer) if self._tokenizer else None
         events = stream.events
         try:
@@ -253,13 +332,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                     event = events.get_nowait()
                 if isinstance(event, ServiceError):
                     raise event
-                text = detokenizer.add(tokens, final=event is not None) if detokenizer else ""
-                response = pb.GenerateResponse(request_id=request_id, token_ids=tokens, text=text)
+                try:
+                    text = detokenizer.add(tokens, final=event is not None) if detokenizer else ""
+                except Exception as exc:  # noqa: BLE001 - this request's own failure
+                    stream.replica.abort(stream, Outcome.FAILED, None)
+                    raise RequestFailed(f"turning this request's tokens into text failed: "
+                                        f"{type(exc).__name__}: {exc}") from None
                 if isinstance(event, Finish):
-                    response.completion.CopyFrom(self._completion(stream, event.reason))
-                    yield response
+                    yield Output(tokens, text, self._completion(stream, event.reason))
                     return
-                yield response
+                yield Output(tokens, text)
         finally:
             if not stream.done:  # the call was cancelled or its deadline passed
                 stream.replica.abort(stream, Outcome.ABORTED, None)
@@ -279,16 +361,42 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             timings=pb.Timings(queue_s=queue or 0.0, ttft_s=ttft or 0.0, tpot_s=tpot or 0.0,
                                total_s=total))
 
-    async def Abort(self, request: pb.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> pb.AbortResponse:
-        stream = self._in_flight.get(request.request_id)
-        if stream is None:
-            raise NotFound(f"no request {request.request_id!r} in flight")
-        stream.replica.abort(stream, Outcome.ABORTED, Finish("aborted"))
-        return pb.AbortResponse()
+    def abort(self, request_id: str, caller: Identity) -> None:
+        """Aborts the caller's request ``request_id`` (an admin's: anyone's with that id)."""
+        streams = [self._in_flight.get(f"{caller.name}/{request_id}")]
+        if streams[0] is None and caller.admin:
+            streams = [s for s in self._in_flight.values()
+                       if s.submission.request_id == request_id]
+        streams = [s for s in streams if s is not None]
+        if not streams:
+            raise NotFound(f"no request {clip(request_id)} of yours in flight")
+        for stream in streams:
+            stream.replica.abort(stream, Outcome.ABORTED, Finish("aborted"))
 
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+    def stats(self, caller: Identity) -> pb.Stats:
+        """The caller's requests (an admin's: everyone's) and the engines' expert counters."""
+        if caller.admin:
+            waiting, running, resident, resident_bytes = self.load()
+        else:
+            _, _, resident, resident_bytes = self.load()
+            mine = [s for s in self._in_flight.values() if s.submission.owner == caller.name]
+            waiting = sum(s.scheduled_at is None for s in mine)
+            running = len(mine) - waiting
+        e = self.metrics.experts
+        stats = pb.Stats(uptime_s=self.metrics.uptime_s, waiting=waiting, running=running,
+                         experts=pb.ExpertStats(hits=e.hits, misses=e.misses, hit_rate=e.hit_rate,
+                                                loads=e.loads, evictions=e.evictions,
+                                                resident=resident, resident_bytes=resident_bytes))
+        for t in self.metrics.tasks(None if caller.admin else caller.name):
+            stats.tasks.append(pb.TaskStats(
+                task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,
+                failed=t.failed, slo_met=t.slo_met, slo_attainment=t.slo_attainment,
+                output_tokens=t.output_tokens,
+                **{name: pb.Durations(**dataclasses.asdict(getattr(t, name)))
+                   for name in ("queue", "ttft", "tpot", "total")}))
+        return stats
+
+    def server_info(self) -> pb.ServerInfo:
         if self._info is None:
             raise Unavailable("the engine is not warm yet")
         return pb.ServerInfo(
@@ -298,19 +406,29 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             default_task=self.config.default_task, max_queue=self.config.max_queue,
             default_max_tokens=self.config.default_max_tokens, workers=self._remote_workers)
 
+    # -- RPCs --------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        submission = await self.submission(request, self._caller(context))
+        stream = self.admit(submission)
+        async with contextlib.aclosing(self.outputs(stream)) as outputs:
+            async for out in outputs:
+                response = pb.GenerateResponse(request_id=submission.request_id,
+                                               token_ids=out.token_ids, text=out.text)
+                if out.completion is not None:
+                    response.completion.CopyFrom(out.completion)
+                yield response
+
+    async def Abort(self, request: pb.AbortRequest,
+                    context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        self.abort(request.request_id, self._caller(context))
+        return pb.AbortResponse()
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ServerInfo:
+        return self.server_info()
+
     async def GetStats(self, request: pb.GetStatsRequest,
                        context: grpc.aio.ServicerContext) -> pb.Stats:
-        waiting, running, resident, resident_bytes = self.load()
-        e = self.metrics.experts
-        stats = pb.Stats(uptime_s=self.metrics.uptime_s, waiting=waiting, running=running,
-                         experts=pb.ExpertStats(hits=e.hits, misses=e.misses, hit_rate=e.hit_rate,
-                                                loads=e.loads, evictions=e.evictions,
-                                                resident=resident, resident_bytes=resident_bytes))
-        for t in self.metrics.tasks():
-            stats.tasks.append(pb.TaskStats(
-                task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,
-                failed=t.failed, slo_met=t.slo_met, slo_attainment=t.slo_attainment,
-                output_tokens=t.output_tokens,
-                **{name: pb.Durations(**dataclasses.asdict(getattr(t, name)))
-                   for name in ("queue", "ttft", "tpot", "total")}))
-        return stats
+        return self.stats(self._caller(context))

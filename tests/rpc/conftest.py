@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from emoe.core.policy_file import PolicyConfig
@@ -63,3 +68,99 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(timeout)
+
+
+@contextmanager
+def threaded_server(make_backends, **kwargs):
+    """A server on an event loop of its own thread, for sync clients (hypothesis, threads):
+    yields ``(server, "127.0.0.1:PORT")``. ``make_backends()`` runs on that loop."""
+    ready, stop = threading.Event(), threading.Event()
+    started: list = []
+
+    async def run() -> None:
+        try:
+            async with serving(make_backends(), **kwargs) as server:
+                started.append(server)
+                ready.set()
+                while not stop.is_set():
+                    await asyncio.sleep(0.02)
+        finally:
+            ready.set()
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    assert ready.wait(120) and started, "server did not start"
+    try:
+        yield started[0], f"127.0.0.1:{started[0].port}"
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+@dataclass
+class StreamRecord:
+    code: grpc.StatusCode
+    tokens: int = 0
+    completion: object = None
+    max_gap_s: float = 0.0
+    details: str = ""
+
+
+def stream_once(stub, request, timeout: float = 60.0) -> StreamRecord:
+    """One Generate call, read to its end: status, tokens, completion, largest gap between
+    two messages."""
+    record = StreamRecord(grpc.StatusCode.OK)
+    last = time.perf_counter()
+    try:
+        for response in stub.Generate(request, timeout=timeout):
+            now = time.perf_counter()
+            record.max_gap_s = max(record.max_gap_s, now - last)
+            last = now
+            record.tokens += len(response.token_ids)
+            if response.HasField("completion"):
+                record.completion = response.completion
+    except grpc.RpcError as exc:
+        record.code, record.details = exc.code(), exc.details()
+    return record
+
+
+class Innocents:
+    """Valid greedy requests of ``max_tokens`` sent back to back on ``streams`` threads while a
+    test does its worst beside them; ``stop()`` returns every record."""
+
+    def __init__(self, address: str, streams: int = 4, max_tokens: int = 8):
+        self._address, self._streams, self.max_tokens = address, streams, max_tokens
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.records: list[StreamRecord] = []
+
+    def __enter__(self) -> "Innocents":
+        for n in range(self._streams):
+            thread = threading.Thread(target=self._loop, args=(n,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _loop(self, n: int) -> None:
+        from emoe.rpc.client import generate_request
+        from emoe.rpc.v1 import scheduler_pb2_grpc
+
+        with grpc.insecure_channel(self._address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+            i = 0
+            while not self._stop.is_set():
+                request = generate_request([5 + n, 40 + i % 50, 7], request_id=f"innocent-{n}-{i}",
+                                           max_tokens=self.max_tokens, temperature=0.0,
+                                           ignore_eos=True)
+                self.records.append(stream_once(stub, request))
+                i += 1
+
+    def failures(self) -> list[StreamRecord]:
+        return [r for r in self.records
+                if r.code != grpc.StatusCode.OK or r.tokens != self.max_tokens
+                or r.completion is None or r.completion.output_tokens != self.max_tokens]

@@ -46,8 +46,11 @@ def optional(strategy):
     return st.none() | strategy
 
 
+MAX_TOKENS = st.integers(0, 600) | UINT32
+
+
 @st.composite
-def requests(draw) -> pb.GenerateRequest:
+def requests(draw, max_tokens=MAX_TOKENS) -> pb.GenerateRequest:
     r = pb.GenerateRequest(
         request_id=draw(st.text(max_size=300)),
         task=draw(st.sampled_from(["", "qa", "summarization", "classification"]) | st.text(max_size=12)),
@@ -61,7 +64,7 @@ def requests(draw) -> pb.GenerateRequest:
         if value is not None:
             setattr(r.slo, name, value)
     s = r.sampling
-    for name, strategy in (("max_tokens", st.integers(0, 600) | UINT32), ("temperature", FLOATS),
+    for name, strategy in (("max_tokens", max_tokens), ("temperature", FLOATS),
                            ("top_p", FLOATS), ("top_k", UINT32), ("seed", st.integers(0, 2**64 - 1))):
         value = draw(optional(strategy))
         if value is not None:

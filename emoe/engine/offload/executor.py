@@ -129,6 +129,16 @@ class OffloadedExperts:
         submitted = self.cache.apply(evict, load)
         return submitted, time.perf_counter() - t0
 
+    def resync(self) -> set[ExpertKey]:
+        """After a step that raised part-way: forgets the step's records and rebuilds the LRU
+        order from the slot cache's resident map, the truth; returns the resident experts.
+        Raises AssertionError when the cache's own state is inconsistent."""
+        self.cache.check_invariants()
+        self._hits, self.fetched, self.evicted, self.wait_s = [], [], [], 0.0
+        if self.lru is not None:
+            self.lru = LruExpertCache(self.slots_per_layer, resident=self.cache.table.numpy() >= 0)
+        return self.cache.resident()
+
     def finish_step(self, plan: StepPlan, result: StepResult) -> None:
         """Fold the step's expert activity into ``result``: fetches/evictions on miss, time
         waited for loads, and per request the hits and choices over its tokens, weighted by

@@ -42,8 +42,10 @@ class ResetRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class ResetResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("resident",)
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    resident: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    def __init__(self, resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
 
 class PromptSpec(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling")
@@ -102,7 +104,7 @@ class ExecuteStepRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., add: _Optional[_Iterable[_Union[PromptSpec, _Mapping]]] = ..., remove: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[StepPlan, _Mapping]] = ...) -> None: ...
 
 class RequestStepOutput(_message.Message):
-    __slots__ = ("request_id", "new_tokens", "token_ids", "finished", "finish_reason", "expert_hits", "expert_misses", "weighted_hits", "weighted_choices")
+    __slots__ = ("request_id", "new_tokens", "token_ids", "finished", "finish_reason", "expert_hits", "expert_misses", "weighted_hits", "weighted_choices", "error")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,7 @@ class RequestStepOutput(_message.Message):
     EXPERT_MISSES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_HITS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_CHOICES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     new_tokens: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -121,7 +124,8 @@ class RequestStepOutput(_message.Message):
     expert_misses: int
     weighted_hits: float
     weighted_choices: float
-    def __init__(self, request_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., weighted_hits: _Optional[float] = ..., weighted_choices: _Optional[float] = ...) -> None: ...
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., new_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., expert_hits: _Optional[int] = ..., expert_misses: _Optional[int] = ..., weighted_hits: _Optional[float] = ..., weighted_choices: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class RoutingCounts(_message.Message):
     __slots__ = ("num_layers", "num_experts", "counts")

@@ -62,7 +62,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Reset(self, request, context):
-        """Drops every request the worker holds (a scheduler (re)connecting starts from nothing).
+        """Drops every request the worker holds (a scheduler (re)connecting, or recovering from a
+        failed step, starts from nothing) and reports the experts its cache holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
