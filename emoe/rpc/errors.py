@@ -128,11 +128,26 @@ def _parser(deserializer: Callable[[bytes], Any] | None,
     return parse
 
 
+def _take(parse: Callable[[bytes], Any], raw: bytes) -> tuple[Any, ServiceError | None]:
+    """(``parse(raw)``, None) or (None, the refusal without its traceback). The caller raises
+    the refusal once it dropped ``raw``: gRPC keeps an abort in a reference cycle until the
+    collector runs, and a traceback through a frame that holds the message (up to the
+    transport's limit) would keep the message in memory with it."""
+    try:
+        return parse(raw), None
+    except ServiceError as exc:
+        return None, exc.with_traceback(None)
+
+
 def _wrap_unary(behavior: Callable[..., Awaitable[Any]], parse: Callable[[bytes], Any]
                 ) -> Callable[..., Awaitable[Any]]:
     async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(parse(raw), context)
+            request, refusal = _take(parse, raw)
+            del raw
+            if refusal is not None:
+                raise refusal
+            return await behavior(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
@@ -148,7 +163,11 @@ def _wrap_stream(behavior: Callable[..., Any], parse: Callable[[bytes], Any]) ->
 
     async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for message in behavior(parse(raw), context):
+            request, refusal = _take(parse, raw)
+            del raw
+            if refusal is not None:
+                raise refusal
+            async for message in behavior(request, context):
                 yield message
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise

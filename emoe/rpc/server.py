@@ -28,6 +28,7 @@ from emoe.core.specs import HardwareSpec
 from emoe.rpc.auth import BearerTokenInterceptor, TokenTable
 from emoe.rpc.backend import Backend, BackendInfo
 from emoe.rpc.errors import ErrorInterceptor
+from emoe.rpc.memory import MemoryKeeper
 from emoe.rpc.metrics import ServiceMetrics
 from emoe.rpc.metrics_http import MetricsServer
 from emoe.rpc.replica import Replica, Scheduler, SchedulerFactory
@@ -194,6 +195,7 @@ class SchedulerServer:
         self._server: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
         self._watch: asyncio.Task | None = None
+        self._memory: asyncio.Task | None = None
         self._serving = False
         self.port = 0
         self.metrics_port = 0
@@ -239,6 +241,8 @@ class SchedulerServer:
                 except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot load
                     self._fail(ConfigError(f"the engine's tokenizer cannot be loaded: {exc}"))
                     return
+                # from the warm engine's size on: see emoe.rpc.memory
+                self._memory = asyncio.create_task(MemoryKeeper().run(), name="memory-keeper")
             if serving != self._serving:
                 self._serving = serving
                 await _set_health(self._health, (SCHEDULER_SERVICE,), serving)
@@ -267,8 +271,9 @@ class SchedulerServer:
         await self.stop()
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._memory):
+            if task is not None:
+                task.cancel()
         for replica in self.service.replicas:
             await replica.close()
         if self._server is not None:

@@ -9,6 +9,9 @@ limits a 1 MiB prompt froze every stream for 1.3 s and a 16 MiB one for 38 s (is
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import re
 import time
 
@@ -115,3 +118,22 @@ async def test_malformed_messages_and_oversized_echoes():
     assert stops.details() == "sampling.stop_token_ids: 100000 ids; at most 64"
     for err in (task, request_id, abort.value, stops):
         assert len(err.details()) <= MAX_DETAILS_CHARS
+
+
+def test_memory_keeper_trims_when_the_server_grew_past_its_slack(monkeypatch):
+    from emoe.rpc import memory
+
+    sizes = itertools.chain([100, 150, 400, 120, 130, 500, 480, 470, 460], itertools.repeat(100))
+    monkeypatch.setattr(memory, "resident_bytes", lambda: next(sizes))
+    trims = []
+    keeper = memory.MemoryKeeper(slack_bytes=100, interval_s=0.001)
+    keeper._trim = trims.append
+
+    async def run() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(keeper.run(), 0.2)
+
+    asyncio.run(run())
+    # baseline 100: 150 is within the slack; 400 -> trim (freed 280); 130 fine; 500 -> trim
+    # (freed 20: little, so it looks again later); 470 -> trim; then within the slack
+    assert trims == [0, 0, 0]
