@@ -257,7 +257,10 @@ class MoEModel(nn.Module):
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # no default init (init_weights or a checkpoint sets every weight); on the meta device
+        # (load_model) Embedding's normal_ would import torch._dynamo: 2 s of every startup
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
