@@ -7,9 +7,13 @@ import json
 import sys
 import time
 
+from emoe.engine.reference import REFERENCE_MODEL_DIR
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="folder with config.json, *.safetensors (and tokenizer.json for text)")
+    p.add_argument("checkpoint", nargs="?", default=str(REFERENCE_MODEL_DIR),
+                   help="folder with config.json, *.safetensors (and tokenizer.json for text); "
+                        "default: the reference model emoe-tiny")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeatable; needs tokenizer.json)")
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
