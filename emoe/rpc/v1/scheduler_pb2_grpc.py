@@ -62,10 +62,13 @@ class SchedulerServiceServicer:
     def Generate(self, request, context):
         """Streams a request's output: token chunks as they are generated; the last message carries
         `completion` (finish reason, token counts, timings). A request the server cannot accept
-        ends with a status instead: INVALID_ARGUMENT (message names the field), ALREADY_EXISTS
-        (request_id in flight), RESOURCE_EXHAUSTED (queue full), UNAVAILABLE (draining, or no
-        engine worker can serve). A request aborted through `Abort` ends with OK and
-        finish_reason ABORTED; a cancelled call or passed deadline frees the request's batch
+        ends with a status instead: INVALID_ARGUMENT (message names the field; also a message
+        that is not valid protobuf), ALREADY_EXISTS (request_id in flight for the caller),
+        RESOURCE_EXHAUSTED (queue full, or the message is over the server's size limit),
+        UNAVAILABLE (draining, no engine worker can serve, or the worker was lost). INTERNAL: the
+        request failed inside the engine on its own (e.g. its logits held NaN), or in an engine
+        step that failed (the server recovers). A request aborted through `Abort` ends with OK
+        and finish_reason ABORTED; a cancelled call or passed deadline frees the request's batch
         slot and KV memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -73,7 +76,8 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Aborts a request in flight. NOT_FOUND when no request with that id is in flight.
+        """Aborts one of the caller's requests in flight (an admin token's: anyone's). NOT_FOUND
+        when the caller has no request with that id in flight.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,7 +90,8 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The caller's requests (an admin token's: everyone's) and the engines' expert counters.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
