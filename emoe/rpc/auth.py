@@ -49,7 +49,8 @@ class TokenTable:
     def __init__(self, tokens: dict[str, Identity]):
         if not tokens:
             raise ConfigError("auth: no tokens")
-        self._tokens = [(f"Bearer {token}".encode(), identity) for token, identity in tokens.items()]
+        self._tokens = [(f"Bearer {token}".encode(), identity)
+                        for token, identity in tokens.items()]
 
     @classmethod
     def single(cls, token: str) -> "TokenTable":

@@ -17,15 +17,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from emoe.core.errors import EmoeError
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.core.request import SLO, Request
 from emoe.rpc.backend import Backend, BackendInfo, BackendUnavailable, SamplingParams
-from emoe.core.errors import EmoeError
 from emoe.rpc.errors import (InvalidArgument, RequestFailed, ResourceExhausted, ServiceError,
                              Unavailable)
 from emoe.rpc.metrics import Outcome, RequestRecord, ServiceMetrics
@@ -388,8 +387,9 @@ class Replica:
             stream.events.put_nowait(event)
         queue, ttft, tpot, total = stream.timings()
         self._metrics.finished(RequestRecord(
-            task=stream.submission.task, owner=stream.submission.owner, outcome=outcome, output_tokens=stream.output_tokens,
-            queue_s=queue, ttft_s=ttft, tpot_s=tpot, total_s=total,
+            task=stream.submission.task, owner=stream.submission.owner, outcome=outcome,
+            output_tokens=stream.output_tokens, queue_s=queue, ttft_s=ttft, tpot_s=tpot,
+            total_s=total,
             slo_met=outcome is Outcome.FINISHED and stream.slo_met()))
         self.on_terminal(stream)
 
