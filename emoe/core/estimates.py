@@ -45,16 +45,28 @@ class TaskDemand:
 def expected_expert_tokens(demand: Mapping[str, TaskDemand],
                            frequencies: Mapping[str, np.ndarray],
                            sensitivity: Mapping[str, np.ndarray],
-                           shape: tuple[int, int]) -> np.ndarray:
+                           shape: tuple[int, int],
+                           decode_frequencies: Mapping[str, np.ndarray] | None = None
+                           ) -> np.ndarray:
     """Eq. 2: ``[layers, experts]`` expected tokens per expert over the tasks in ``demand``.
 
     ``frequencies[task]`` is ``[layers, experts]`` (rows sum to 1); ``sensitivity[task]`` is
-    ``[layers]`` (0 = the task tolerates wrong routing in that layer).
+    ``[layers]`` (0 = the task tolerates wrong routing in that layer). With
+    ``decode_frequencies`` the input tokens are spread by ``frequencies`` (the prompt's
+    routing) and the expected output tokens by the decode frequencies (the generated tokens'
+    routing, which differs from the prompt's); without, by ``frequencies`` alone (the paper).
     """
     total = np.zeros(shape)
     for task, d in demand.items():
-        if d.requests:
-            total += d.tokens * sensitivity[task][:, None] * frequencies[task]
+        if not d.requests:
+            continue
+        s = sensitivity[task][:, None]
+        if decode_frequencies is None:
+            total += d.tokens * s * frequencies[task]
+        else:
+            output = d.requests * d.expected_output_tokens
+            total += s * (d.input_tokens * frequencies[task]
+                          + output * decode_frequencies[task])
     return total
 
 

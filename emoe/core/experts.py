@@ -44,6 +44,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from emoe.core.allocation import allocate_slots
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.estimates import TaskDemand, expected_expert_tokens, top_experts
 from emoe.core.plan import ExpertKey, StepResult
@@ -76,6 +77,12 @@ class PlannerSetup:
     ``fixed_slots``: the backend's expert memory is a fixed pool of exactly ``slots_per_layer``
     slots per layer (the real engine), so no plan may hold more; False (the simulator): expert
     memory may grow into memory nobody reserved (``spare_bytes``) for the ``emoe`` first prompt.
+    ``allocate`` (``emoe``, ``predict-every``): the ``slots_per_layer.sum()`` slots are split
+    over the layers anew at every prediction by measured marginal value
+    (``emoe.core.allocation``), each layer keeping at least ``min_slots`` (default top-k);
+    with ``fixed_slots`` the pool is then fixed in total, not per layer.
+    ``adaptive_interval``: re-predict early when the observed hit rate drops, stretch the
+    interval while it holds (``EmoePlanner``). ``seed``: the ``random`` planner's draw.
     """
 
     slots_per_layer: np.ndarray
@@ -84,6 +91,10 @@ class PlannerSetup:
     prediction_interval: int = 40
     frequencies: np.ndarray | None = None
     fixed_slots: bool = False
+    allocate: bool = False
+    min_slots: int | None = None
+    adaptive_interval: bool = False
+    seed: int = 0
 
 
 DemandFn = Callable[[], Mapping[str, TaskDemand]]
@@ -142,9 +153,10 @@ class ExpertPlanner(ABC):
         admitting prompts number ``first`` .. ``first + count - 1`` (0-based, in arrival order
         of admission)."""
 
-    def observe_routing(self, task: str, routing: np.ndarray) -> None:
-        """One completed prefill's ``[layers, experts]`` router-choice counts."""
-        self.predictor.observe(task, routing)
+    def observe_routing(self, task: str, routing: np.ndarray, phase: str = "prefill") -> None:
+        """One request's ``[layers, experts]`` router-choice counts in ``phase``: its prompt
+        when its prefill completes, its generated tokens when it finishes."""
+        self.predictor.observe(task, routing, phase)
 
     def observe_step(self, result: StepResult) -> None:
         """Fold in what the backend did on its own (only ``lru`` fetches on a miss)."""
@@ -193,9 +205,24 @@ class StaticPlanner(ExpertPlanner):
             return top_experts(self._frequencies, self.slots_per_layer), True
         return None, False
 
-    def observe_routing(self, task: str, routing: np.ndarray) -> None:
-        super().observe_routing(task, routing)
+    def observe_routing(self, task: str, routing: np.ndarray, phase: str = "prefill") -> None:
+        super().observe_routing(task, routing, phase)
         self._observed = True
+
+
+class RandomPlanner(ExpertPlanner):
+    """A random set of ``slots_per_layer`` experts per layer, drawn once (``seed``) and pinned:
+    the control that says whether a planner's choice of experts beats chance."""
+
+    name = "random"
+
+    def __init__(self, model: ModelSpec, setup: PlannerSetup):
+        super().__init__(model, setup)
+        rng = np.random.default_rng(setup.seed)
+        self._set = top_experts(rng.random(self.resident.shape), self.slots_per_layer)
+
+    def _target(self, first, count, demand, spare_bytes):
+        return (self._set.copy(), False) if first == 0 else (None, False)
 
 
 class EmoePlanner(ExpertPlanner):
@@ -204,69 +231,178 @@ class EmoePlanner(ExpertPlanner):
     Prompt 0 (when its step does not also run the predictor) loads every expert where the
     planner's capacity allows: with ``fixed_slots``, in the layers whose slots hold every
     expert; otherwise everywhere when ``spare_bytes`` covers the excess over
-    ``capacity_bytes``. Where it does not, it fills every slot, experts 0..L-1 of the layer.
-    Prompt n >= 1 with ``(n - 1) % p == 0`` runs the predictor: Eq. 2 over the tasks in play,
-    the top ``L`` experts per layer stay or are loaded, the rest are evicted. A layer that is
-    insensitive (s = 0) for every task in play is left alone: nothing is loaded there, and its
-    resident experts are only trimmed to L (lowest Eq. 2 score first, then highest index). A
-    layer is never emptied: if such a layer holds nothing yet (a cold start, when the first
-    admission step already runs the predictor) its L slots are filled with the experts the
-    predictor ranks highest for the tasks in play (their frequencies weighted by Eq. 2's
-    tokens without s; uniform, i.e. expert order, before any observation).
-    Prompts in between run on what is resident.
+    ``capacity_bytes``. Where it does not, a predictor that has already observed routing (a
+    warm start, e.g. from a calibration trace) predicts for prompt 0; a cold one leaves every
+    slot filled with experts 0..L-1 of the layer.
+
+    Prompt n >= 1 runs the predictor when it is due: n = 1, 1 + p, 1 + 2p, ... for a fixed
+    interval p, and (beyond the paper) whenever a prompt of a task arrives that the last
+    prediction did not serve and that is sensitive somewhere: the resident set was chosen for
+    another mix of tasks. Eq. 2 over the tasks in play (prompt tokens spread by the predicted prefill
+    frequencies, expected output tokens by the decode ones) scores every expert. With
+    ``allocate`` the slots are split over the layers by those scores (``allocate_slots``);
+    otherwise the top ``L`` experts per layer stay or are loaded, the rest are evicted.
+    A layer that is insensitive (s = 0) for every task in play is left alone: nothing is
+    loaded there, and its resident experts are only trimmed to its slots (lowest Eq. 2 usage
+    first). A layer is never emptied: if such a layer holds nothing yet (a cold start) it is
+    filled with the experts the predictor ranks highest for the tasks in play (Eq. 2 without
+    s; expert order before any observation). When every task in play is insensitive in every
+    layer the predictor is not called at all (the paper's saving): what is resident stays,
+    only trimmed to the slots (lowest expert index kept) or, in an empty layer, filled.
+
+    ``adaptive_interval`` (beyond the paper): after each prediction the sensitivity-weighted
+    hit rate of the next ``_REFERENCE_PROMPTS`` prompts' routing against the resident set is
+    the reference; a running average below it by ``_MARGIN`` makes the next admission
+    re-predict early and halves the interval (down to p / 4); a scheduled prediction reached
+    while the hit rate held doubles it (up to 4p). Backends report routing the same way in the
+    simulator and on the engine, so both adapt alike.
     """
 
     name = "emoe"
+    _REFERENCE_PROMPTS = 3
+    _MARGIN = 0.05
+    _SMOOTHING = 0.3
 
     def __init__(self, model: ModelSpec, setup: PlannerSetup):
         super().__init__(model, setup)
         self.prediction_interval = setup.prediction_interval
+        self.allocate = setup.allocate
+        self.min_slots = model.top_k if setup.min_slots is None else setup.min_slots
+        self.adaptive = setup.adaptive_interval
+        self.interval = self.prediction_interval
+        self.predictions = 0
+        self.early_predictions = 0
+        self._next = 1  # the prompt number at which the next prediction is due
         self._loads_per_prediction = 0.0
+        self._reference: list[float] = []
+        self._hit_rate: float | None = None
+        self._early = False
+        self._served: set[str] = set()
+        self._new_task = False
 
-    def _predicts(self, prompt: int) -> bool:
-        return prompt >= 1 and (prompt - 1) % self.prediction_interval == 0
+    def _due(self, first: int, last: int) -> int | None:
+        """The first prompt in ``first .. last`` at which the predictor is due, else None."""
+        if self._early or self._new_task:
+            return first
+        return max(first, self._next) if self._next <= last else None
+
+    def plan(self, admitted_tasks: Sequence[str], demand: DemandFn,
+             spare_bytes: int) -> ExpertChange:
+        if self.predictions and any(task not in self._served
+                                    and (self.sensitivity[task] > 0).any()
+                                    for task in admitted_tasks):
+            self._new_task = True
+        return super().plan(admitted_tasks, demand, spare_bytes)
 
     def _target(self, first, count, demand, spare_bytes):
         last = first + count - 1
-        predicted = any(self._predicts(n) for n in range(max(first, 1), last + 1))
-        if predicted:
-            target = self._predicted_target(demand())
-            self._loads_per_prediction = float((target & ~self.resident).sum())
-            return target, True
-        if first == 0:
-            return self._first_target(spare_bytes), False
-        return None, False
+        due = self._due(first, last)
+        if due is None and first == 0:
+            if self._all_fit(spare_bytes):
+                return np.ones_like(self.resident), False
+            if not self.predictor.observed:
+                return self._cold_fill(), False
+            due = 0
+        if due is None:
+            return None, False
+        self._schedule(due, last)
+        in_play = {task: d for task, d in demand().items() if d.requests}
+        if not any((self.sensitivity[task] > 0).any() for task in in_play):
+            # no task in play is hurt by wrong routing anywhere: the prediction is skipped
+            return self._keep_resident(), False
+        target = self._predicted_target(in_play)
+        self._loads_per_prediction = float((target & ~self.resident).sum())
+        self.predictions += 1
+        self._served = set(in_play)
+        return target, True
 
-    def _first_target(self, spare_bytes: int) -> np.ndarray:
-        """Prompt 0's resident set: every expert where capacity allows, else every slot."""
-        if not self.fixed_slots and \
-                self.model.all_experts_bytes - self.capacity_bytes <= spare_bytes:
-            return np.ones_like(self.resident)
-        # top_experts with L >= experts selects the whole layer
+    def _schedule(self, due: int, last: int) -> None:
+        """After a prediction at prompt ``due`` in an admission ending at ``last``: the next
+        one comes ``interval`` prompts on (the first such prompt after ``last``)."""
+        if self.adaptive and self.predictions:
+            if self._early:
+                self.interval = max(1, self.prediction_interval // 4, self.interval // 2)
+                self.early_predictions += 1
+            elif not self._new_task:  # reached on schedule: the hit rate held
+                self.interval = min(4 * self.prediction_interval, 2 * self.interval)
+        self._early = self._new_task = False
+        self._reference, self._hit_rate = [], None
+        step = self.interval
+        self._next = due + step * max(1, -(-(last - due + 1) // step))
+
+    def _all_fit(self, spare_bytes: int) -> bool:
+        if self.fixed_slots:
+            return bool((self.slots_per_layer >= self.model.num_experts).all())
+        return self.model.all_experts_bytes - self.capacity_bytes <= spare_bytes
+
+    def _cold_fill(self) -> np.ndarray:
+        """Every slot filled without a prediction: experts 0..L-1 of each layer (with
+        ``allocate``, the slots spread evenly, extras to the layers nearest the output).
+        Layers whose slots hold every expert (fixed slots) hold them all."""
+        if self.allocate:
+            return allocate_slots(np.zeros(self.resident.shape), self.slot_total,
+                                  self.min_slots)
         return top_experts(np.zeros(self.resident.shape), self.slots_per_layer)
 
-    def _predicted_target(self, demand: Mapping[str, TaskDemand]) -> np.ndarray:
-        in_play = {task: d for task, d in demand.items() if d.requests}
-        frequencies = {task: self.predictor.predict(task) for task in in_play}
-        scores = expected_expert_tokens(in_play, frequencies, self.sensitivity,
-                                        self.resident.shape)
+    def _keep_resident(self) -> np.ndarray | None:
+        """What is resident, trimmed to the slots and with empty layers filled, in expert
+        order (no prediction); None when that is what is resident."""
+        if self.allocate:
+            target = allocate_slots(np.zeros(self.resident.shape), self.slot_total,
+                                    self.min_slots, prefer=self.resident)
+        else:
+            target = top_experts(self.resident.astype(np.float64), self.slots_per_layer)
+        return None if np.array_equal(target, self.resident) else target
+
+    @property
+    def slot_total(self) -> int:
+        return int(self.slots_per_layer.sum())
+
+    def _predicted_target(self, in_play: Mapping[str, TaskDemand]) -> np.ndarray:
+        shape = self.resident.shape
+        prefill = {task: self.predictor.predict(task, "prefill") for task in in_play}
+        decode = {task: self.predictor.predict(task, "decode") for task in in_play}
+        scores = expected_expert_tokens(in_play, prefill, self.sensitivity, shape, decode)
+        ones = {task: np.ones(self.model.num_layers) for task in in_play}
+        usage = expected_expert_tokens(in_play, prefill, ones, shape, decode)
+        if self.allocate:
+            return allocate_slots(scores, self.slot_total, self.min_slots, usage=usage,
+                                  prefer=self.resident)
         target = top_experts(scores, self.slots_per_layer)
         sensitive = np.zeros(self.model.num_layers, dtype=bool)
         for task in in_play:
             sensitive |= self.sensitivity[task] > 0
         alone = ~sensitive
         if alone.any():
-            kept = top_experts(np.where(self.resident, scores, -np.inf), self.slots_per_layer)
+            kept = top_experts(np.where(self.resident, usage, -np.inf), self.slots_per_layer)
             target[alone] = (kept & self.resident)[alone]
             empty = alone & ~self.resident.any(axis=1)
             if empty.any():
-                ones = {task: np.ones(self.model.num_layers) for task in in_play}
-                usage = expected_expert_tokens(in_play, frequencies, ones, self.resident.shape)
                 target[empty] = top_experts(usage, self.slots_per_layer)[empty]
         return target
 
+    def observe_routing(self, task: str, routing: np.ndarray, phase: str = "prefill") -> None:
+        super().observe_routing(task, routing, phase)
+        if not self.adaptive or phase != "prefill" or not self.predictions:
+            return
+        s = self.sensitivity.get(task)
+        counts = np.asarray(routing, dtype=np.float64)
+        weights = (np.ones(self.model.num_layers) if s is None or not s.any() else s)[:, None]
+        total = float((weights * counts).sum())
+        if total <= 0:
+            return
+        rate = float((weights * counts * self.resident).sum()) / total
+        if len(self._reference) < self._REFERENCE_PROMPTS:
+            self._reference.append(rate)
+            return
+        reference = sum(self._reference) / len(self._reference)
+        self._hit_rate = rate if self._hit_rate is None else \
+            self._hit_rate + self._SMOOTHING * (rate - self._hit_rate)
+        if self._hit_rate < reference - self._MARGIN:
+            self._early = True
+
     def admission_cost(self) -> tuple[float, bool]:
-        if self._predicts(self.prompts_admitted):
+        if self._early or self.prompts_admitted >= self._next:
             return self._loads_per_prediction, True
         return 0.0, False
 
@@ -278,7 +414,8 @@ class PredictEveryPlanner(EmoePlanner):
 
     def __init__(self, model: ModelSpec, setup: PlannerSetup):
         super().__init__(model, setup)
-        self.prediction_interval = 1
+        self.prediction_interval = self.interval = 1
+        self.adaptive = False
 
 
 class LruPlanner(ExpertPlanner):
@@ -356,7 +493,8 @@ class LruExpertCache:
 
 PLANNERS: dict[str, type[ExpertPlanner]] = {
     cls.name: cls
-    for cls in (AllExpertsPlanner, LruPlanner, StaticPlanner, PredictEveryPlanner, EmoePlanner)
+    for cls in (AllExpertsPlanner, LruPlanner, StaticPlanner, RandomPlanner, PredictEveryPlanner,
+                EmoePlanner)
 }
 
 

@@ -73,7 +73,9 @@ class StepResult:
 
     ``routing`` maps request id to per-layer expert-use counts (a [layers, experts] array of
     token choices made by the router, before any miss handling) for requests whose prefill
-    completed in this step: what a predictor learns from.
+    completed in this step: what a predictor learns from. ``decode_routing`` is the same over
+    the generated tokens run in decode, for requests that finished in this step (a backend
+    that does not report it leaves the predictor to learn from prompts alone).
     ``fetched_on_miss``/``evicted_on_miss``: experts a backend fetched or evicted on its own
     during the step, in order (only under the ``lru`` planner's fetch-on-miss rule).
     """
@@ -83,6 +85,7 @@ class StepResult:
     iterations: int = 1
     outputs: list[RequestStepOutput] = field(default_factory=list)
     routing: dict = field(default_factory=dict)
+    decode_routing: dict = field(default_factory=dict)
     compute_s: float = 0.0
     load_wait_s: float = 0.0
     predictor_s: float = 0.0

@@ -9,7 +9,9 @@ is checked on load; an error names the file and the field and says what is accep
      "prediction_interval": 40, "experts_per_layer": 6, "expert_budget_bytes": null,
      "memory_budget_bytes": null, "max_batch_tokens": 4096, "max_num_seqs": 128,
      "admission_lookahead": 16, "model": "mixtral-8x7b",
-     "sensitivity": {"qa": [0, 0, 1, ...]},
+     "sensitivity": {"qa": [0, 0, 1, ...]}, "sensitivity_source": null,
+     "slot_allocation": "sensitivity", "min_experts_per_layer": null,
+     "adaptive_interval": false, "random_seed": 0,
      "expert_frequencies": null,
      "tasks": {"qa": {"mean_output_tokens": 32, "slo": {"ttft_s": 2.0, "tpot_s": 0.15},
                       "insensitive_fraction": 0.5, "sensitivity": null, "keywords": [...]}}}
@@ -33,6 +35,7 @@ from emoe.core.tasks import DEFAULT_TASKS, TaskProfile
 
 POLICY_FORMAT = "emoe-policy"
 POLICY_VERSION = 1
+SLOT_ALLOCATIONS = ("sensitivity", "uniform")
 
 
 @dataclass(slots=True)
@@ -43,7 +46,15 @@ class PolicyConfig:
     expert slots of every planner but ``all``; L wins when both are given. A budget is spread
     evenly over the layers, the remainder going to the layers nearest the output.
     ``memory_budget_bytes`` defaults to the GPU's memory. ``sensitivity`` overrides a task's
-    per-layer sensitivity; ``expert_frequencies`` (``[layers][experts]``) pins ``static``.
+    per-layer sensitivity; ``sensitivity_source`` records where a measured table came from
+    (``emoe sensitivity``'s file and provenance; null: the task profiles' hand-set defaults or
+    a table given by hand). ``slot_allocation``: ``sensitivity`` lets the ``emoe`` and
+    ``predict-every`` planners split the slots over the layers at every prediction
+    (``emoe.core.allocation``), each layer keeping at least ``min_experts_per_layer`` (null:
+    the model's top-k); ``uniform``, or an ``experts_per_layer`` list (forced per layer),
+    keeps L per layer. ``adaptive_interval`` adapts p to the
+    observed hit rate; ``random_seed`` draws the ``random`` planner's experts.
+    ``expert_frequencies`` (``[layers][experts]``) pins ``static``.
     """
 
     scheduling: str = "fcfs"
@@ -58,6 +69,11 @@ class PolicyConfig:
     admission_lookahead: int = 16
     model: str = ""
     sensitivity: dict[str, list[float]] = field(default_factory=dict)
+    sensitivity_source: dict[str, Any] | None = None
+    slot_allocation: str = "sensitivity"
+    min_experts_per_layer: int | None = None
+    adaptive_interval: bool = False
+    random_seed: int = 0
     expert_frequencies: list[list[float]] | None = None
     tasks: dict[str, TaskProfile] = field(default_factory=lambda: dict(DEFAULT_TASKS))
 
@@ -103,6 +119,17 @@ class PolicyConfig:
             if not all(_number(v) and v >= 0 for v in values):
                 raise ConfigError(f"{where}: field 'sensitivity.{task}': values must be "
                                   f"numbers >= 0, got {values}")
+        if self.slot_allocation not in SLOT_ALLOCATIONS:
+            raise UnknownNameError("slot allocation", self.slot_allocation, SLOT_ALLOCATIONS,
+                                   where=f"{where}: field 'slot_allocation'")
+        if self.min_experts_per_layer is not None:
+            _positive_int(self.min_experts_per_layer, where, "min_experts_per_layer")
+        if not isinstance(self.adaptive_interval, bool):
+            raise ConfigError(f"{where}: field 'adaptive_interval': true or false is needed")
+        if isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int):
+            raise ConfigError(f"{where}: field 'random_seed': an integer is needed")
+        if self.sensitivity_source is not None and not isinstance(self.sensitivity_source, dict):
+            raise ConfigError(f"{where}: field 'sensitivity_source': an object or null")
         if self.expert_frequencies is not None:
             rows = self.expert_frequencies
             if not rows or len({len(r) for r in rows}) != 1 or not all(

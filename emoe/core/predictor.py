@@ -1,12 +1,15 @@
 """Expert predictors: from observed routing, the per-layer expert frequencies of the next prompt.
 
-The scheduler feeds every completed prefill's routing to ``observe`` (a ``[layers, experts]``
-array of router choices, from ``StepResult.routing``) and asks ``predict(task)`` when the
-expert planner reloads. Predictions are ``[layers, experts]`` float arrays whose rows sum to 1.
+The scheduler feeds every request's routing to ``observe``: a ``[layers, experts]`` array of
+router choices, per phase: ``prefill`` (its prompt, from ``StepResult.routing``) and
+``decode`` (its generated tokens, from ``StepResult.decode_routing`` when it finishes). The
+expert planner asks ``predict(task, phase)`` when it reloads; Eq. 2 weighs the prefill
+frequencies by the input tokens in play and the decode ones by the expected output tokens.
+Predictions are ``[layers, experts]`` float arrays whose rows sum to 1.
 
-A learned predictor (e.g. the paper's fine-tuned XLNet, in a later issue) implements the same
-two methods and registers itself with ``register_predictor``; it may live outside emoe.core
-(torch is not importable here) as long as it is registered before the policy is loaded.
+A learned predictor (``emoe.engine.learned_predictor``) implements the same two methods and
+registers itself with ``register_predictor``; it lives outside emoe.core (torch is not
+importable here) and is registered before the policy is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from emoe.core.errors import ConfigError, UnknownNameError
+
+PHASES = ("prefill", "decode")
 
 
 class ExpertPredictor(ABC):
@@ -29,18 +34,28 @@ class ExpertPredictor(ABC):
         self.num_experts = num_experts
 
     @abstractmethod
-    def observe(self, task: str, routing: np.ndarray) -> None:
-        """Learn from one prompt's routing: ``[layers, experts]`` counts of router choices."""
+    def observe(self, task: str, routing: np.ndarray, phase: str = "prefill") -> None:
+        """Learn from one request's routing in ``phase``: ``[layers, experts]`` counts of
+        router choices."""
 
     @abstractmethod
-    def predict(self, task: str) -> np.ndarray:
-        """``[layers, experts]`` predicted routing frequencies for the task's next prompt.
+    def predict(self, task: str, phase: str = "prefill") -> np.ndarray:
+        """``[layers, experts]`` predicted routing frequencies for the task's next request in
+        ``phase``.
 
-        Rows sum to 1. A task never observed falls back to what is known of all tasks, and to
-        uniform frequencies before anything has been observed.
+        Rows sum to 1. A phase never observed for the task falls back to its other phase, a
+        task never observed to what is known of all tasks, and to uniform frequencies before
+        anything has been observed.
         """
 
-    def _check(self, routing: np.ndarray) -> np.ndarray:
+    @property
+    def observed(self) -> bool:
+        """Whether any routing has been observed (a prediction is more than uniform)."""
+        return True
+
+    def _check(self, routing: np.ndarray, phase: str = "prefill") -> np.ndarray:
+        if phase not in PHASES:
+            raise ValueError(f"routing phase {phase!r}: one of {', '.join(PHASES)}")
         routing = np.asarray(routing, dtype=np.float64)
         if routing.shape != (self.num_layers, self.num_experts):
             raise ValueError(f"routing has shape {routing.shape}, expected "
@@ -52,7 +67,7 @@ class ExpertPredictor(ABC):
 
 
 class FrequencyPredictor(ExpertPredictor):
-    """Per-task exponentially weighted routing frequencies.
+    """Per-task and phase exponentially weighted routing frequencies.
 
     Each observed prompt's normalised routing moves the task's estimate by ``decay``
     (``estimate = (1 - decay) * estimate + decay * observed``); the first observation is taken
@@ -69,26 +84,32 @@ class FrequencyPredictor(ExpertPredictor):
         if not 0.0 < decay <= 1.0:
             raise ConfigError(f"predictor decay must be in (0, 1], got {decay}")
         self.decay = decay
-        self._estimates: dict[str | None, np.ndarray] = {}
-        self._pending: dict[str | None, list[np.ndarray]] = {}
+        self._estimates: dict[tuple[str | None, str], np.ndarray] = {}
+        self._pending: dict[tuple[str | None, str], list[np.ndarray]] = {}
 
-    def observe(self, task: str, routing: np.ndarray) -> None:
-        routing = self._check(routing)
-        for key in (task, None):
+    @property
+    def observed(self) -> bool:
+        return bool(self._estimates or self._pending)
+
+    def observe(self, task: str, routing: np.ndarray, phase: str = "prefill") -> None:
+        routing = self._check(routing, phase)
+        for key in ((task, phase), (None, phase)):
             queue = self._pending.setdefault(key, [])
             queue.append(routing)
             if len(queue) >= self._FOLD_EVERY:
                 self._fold(key)
 
-    def predict(self, task: str) -> np.ndarray:
-        """The task's estimate; for a task never observed, the estimate over all tasks."""
-        for key in (task, None):
+    def predict(self, task: str, phase: str = "prefill") -> np.ndarray:
+        """The task's estimate for ``phase``, else its other phase's; for a task never
+        observed, the estimate over all tasks."""
+        other = PHASES[1 - PHASES.index(phase)]
+        for key in ((task, phase), (task, other), (None, phase), (None, other)):
             self._fold(key)
             if key in self._estimates:
                 return self._estimates[key].copy()
         return self._uniform()
 
-    def _fold(self, key: str | None) -> None:
+    def _fold(self, key: tuple[str | None, str]) -> None:
         queue = self._pending.pop(key, None)
         if not queue:
             return

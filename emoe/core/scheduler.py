@@ -26,8 +26,17 @@ Contract with the backend (see emoe/core/plan.py for the data):
   which the scheduler knows without being told. ``outputs`` need list only finished requests;
   listing others (for streamed token ids, expert hit counts) is allowed. The scheduler never
   reads a request's true output length for anything but that max-tokens cap.
-- ``routing`` carries each completed prefill's ``[layers, experts]`` router-choice counts;
+- ``routing`` carries each completed prefill's ``[layers, experts]`` router-choice counts,
+  ``decode_routing`` each finished request's over its generated tokens (optional);
   ``fetched_on_miss``/``evicted_on_miss`` report fetch-on-miss expert changes (``lru`` only).
+
+Eq. 2's expected output per task is measured online: the mean output of the task's last
+``OUTPUT_WINDOW`` finished requests, the task profile's ``mean_output_tokens`` before any.
+Eq. 2's demand covers the requests in play and, beyond the paper, the other requests among
+the last ``max(p, max_num_seqs)`` admitted: a resident set chosen at a prediction serves the
+next p prompts, and the recent mix of tasks is the best guess of theirs (with the requests in
+play alone, a task that happens to have none running at that moment gets no experts for the
+whole interval).
 
 Per-step work is O(changes): token counts of running requests are derived from one global
 decode-iteration counter, finishes come from heaps, and the decode list is rebuilt only when the
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -64,6 +74,7 @@ from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.core.tasks import get_task
 
 UNBOUNDED_ITERATIONS = 1 << 30
+OUTPUT_WINDOW = 64
 
 
 class _Entry:
@@ -100,7 +111,11 @@ class Scheduler:
                                                   model.num_experts),
             sensitivity=config.layer_sensitivity(model),
             prediction_interval=config.prediction_interval,
-            frequencies=config.frequencies(model), fixed_slots=fixed_expert_slots))
+            frequencies=config.frequencies(model), fixed_slots=fixed_expert_slots,
+            allocate=(config.slot_allocation == "sensitivity"
+                      and not isinstance(config.experts_per_layer, list)),
+            min_slots=config.min_experts_per_layer,
+            adaptive_interval=config.adaptive_interval, seed=config.random_seed))
         self.cost = CostEstimate(model, hardware)
 
         budget = config.memory_budget_bytes or hardware.gpu_memory_bytes
@@ -130,6 +145,9 @@ class Scheduler:
         self._expected_end: list[tuple[int, int, _Entry]] = []
         self._targets = DecodeTargets()
         self._demand: dict[str, list[int]] = {}
+        self._recent: deque[tuple[str, str, int]] = deque(maxlen=max(
+            config.max_num_seqs, getattr(self.planner, "prediction_interval", 1)))
+        self._outputs: dict[str, deque[int]] = {}
         self._admission_blocked = False
         self._inflight: StepPlan | None = None
         self._rejected: list[tuple[str, str]] = []
@@ -278,6 +296,10 @@ class Scheduler:
             entry = entries.get(request_id)
             if entry is not None:
                 self.planner.observe_routing(entry.request.task, counts)
+        for request_id, counts in result.decode_routing.items():
+            entry = entries.get(request_id)
+            if entry is not None:
+                self.planner.observe_routing(entry.request.task, counts, "decode")
         self.planner.observe_step(result)
         if result.compute_s > 0:
             prefill_tokens = sum(chunk.num_tokens for chunk in plan.prefill)
@@ -349,6 +371,7 @@ class Scheduler:
             self._num_waiting -= 1
             request.status, request.admitted_at = RequestStatus.RUNNING, now
             self.kv_used_bytes += entry.kv_bytes
+            self._recent.append((request.id, request.task, request.input_tokens))
             demand = self._demand.setdefault(request.task, [0, 0])
             demand[0] += 1
             demand[1] += request.input_tokens
@@ -381,8 +404,24 @@ class Scheduler:
         return batch
 
     def _task_demand(self) -> dict[str, TaskDemand]:
-        return {task: TaskDemand(count, inputs, self.tasks[task].mean_output_tokens)
-                for task, (count, inputs) in self._demand.items() if count}
+        """Eq. 2's inputs per task: the requests in play and the other recent admissions."""
+        demand = {task: list(counts) for task, counts in self._demand.items() if counts[0]}
+        for request_id, task, inputs in self._recent:
+            entry = self._entries.get(request_id)
+            if entry is None or entry.queued:  # finished (or aborted): not counted in play
+                counts = demand.setdefault(task, [0, 0])
+                counts[0] += 1
+                counts[1] += inputs
+        return {task: TaskDemand(count, inputs, self.expected_output(task))
+                for task, (count, inputs) in demand.items()}
+
+    def expected_output(self, task: str) -> float:
+        """Eq. 2's W_o: the mean output of the task's recent finished requests, else the task
+        profile's ``mean_output_tokens``."""
+        recent = self._outputs.get(task)
+        if recent:
+            return sum(recent) / len(recent)
+        return float(self.tasks[task].mean_output_tokens)
 
     def _iteration_bound(self, max_iterations: int | None) -> int:
         bound = UNBOUNDED_ITERATIONS if max_iterations is None else max_iterations
@@ -425,6 +464,8 @@ class Scheduler:
         request = entry.request
         request.generated_tokens = self._generated(entry)
         request.status, request.finished_at, request.reason = RequestStatus.FINISHED, at, reason
+        self._outputs.setdefault(request.task, deque(maxlen=OUTPUT_WINDOW)).append(
+            request.generated_tokens)
         del self._entries[request.id]
         self._release(entry)
         return request

@@ -56,6 +56,7 @@ class EngineRequest:
     prefilled: int = 0
     output: list[int] = field(default_factory=list)
     routing: torch.Tensor | None = None  # [L, E] router top-k counts over the prompt
+    decode_routing: torch.Tensor | None = None  # [L, E] the same over the decoded tokens
 
     @property
     def prefill_done(self) -> bool:
@@ -173,9 +174,10 @@ class Engine:
 
         t0 = time.perf_counter()
         with torch.inference_mode():
-            outputs, routing = self._run(decode, chunks)
+            outputs, routing, decode_routing = self._run(decode, chunks)
         result.compute_s = time.perf_counter() - t0
         result.outputs, result.routing = outputs, routing
+        result.decode_routing = decode_routing
         self._finish_experts(plan, result)
         result.finished_at = self.clock()
         return result
@@ -219,7 +221,7 @@ class Engine:
         return seq, chunk
 
     def _run(self, decode: list[EngineRequest], chunks: list[tuple[EngineRequest, PrefillChunk]]
-             ) -> tuple[list[RequestStepOutput], dict[str, np.ndarray]]:
+             ) -> tuple[list[RequestStepOutput], dict[str, np.ndarray], dict[str, np.ndarray]]:
         ids = [s.output[-1] for s in decode]
         dec = [(s.slot, s.num_tokens - 1) for s in decode]
         pre, rows, sampled = [], list(range(len(decode))), list(decode)
@@ -237,6 +239,14 @@ class Engine:
         tokens = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
 
         routing: dict[str, np.ndarray] = {}
+        if decode:
+            chosen = torch.stack([rl[:batch.num_decode] for rl in router_logits]).topk(
+                self.config.top_k, dim=-1).indices  # [L, Nd, K]
+            counts = torch.zeros(len(decode), self.config.num_layers, self.config.num_experts,
+                                 dtype=torch.long, device=self.device).scatter_add_(
+                2, chosen.permute(1, 0, 2), torch.ones_like(chosen).permute(1, 0, 2))  # [Nd, L, E]
+            for seq, row in zip(decode, counts):
+                seq.decode_routing = row if seq.decode_routing is None else seq.decode_routing + row
         if chunks:
             top_k = self.config.top_k
             prompt_ids = torch.stack([rl[batch.num_decode:] for rl in router_logits]).topk(
@@ -249,7 +259,7 @@ class Engine:
                 seq.routing = counts if seq.routing is None else seq.routing + counts
                 seq.prefilled = segment.start + segment.num_tokens
 
-        outputs = {}
+        outputs, decode_routing = {}, {}
         for seq, token in zip(sampled, tokens):
             try:
                 out = self._advance(seq, token)
@@ -259,6 +269,8 @@ class Engine:
                                         else f"{type(exc).__name__}: {exc}")
             if out.finished:
                 self.abort(seq.request_id)
+                if seq.decode_routing is not None:
+                    decode_routing[seq.request_id] = seq.decode_routing.cpu().numpy()
             outputs[seq.request_id] = out
             if out.error:
                 continue
@@ -266,7 +278,7 @@ class Engine:
                 routing[seq.request_id] = seq.routing.cpu().numpy()
         for seq, _ in chunks:
             outputs.setdefault(seq.request_id, RequestStepOutput(seq.request_id))
-        return list(outputs.values()), routing
+        return list(outputs.values()), routing, decode_routing
 
     def _advance(self, seq: EngineRequest, token: int | SamplingError) -> RequestStepOutput:
         """Appends a sampled token and decides whether the request stops."""

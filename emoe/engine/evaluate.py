@@ -1,6 +1,6 @@
 """``emoe eval``: what offloading costs in accuracy, per task, against the all-experts output.
 
-For each (policy, budget) the same prompts (the reference tasks' held-out prompts, all five
+For each (planner, budget) the same prompts (the reference tasks' held-out prompts, all five
 tasks interleaved as one stream) run on the real engine under the core scheduler, greedy, and
 are compared with the ``all`` planner's output:
 
@@ -9,7 +9,13 @@ are compared with the ``all`` planner's output:
 - perplexity change: perplexity of the reference answers (teacher-forced, given the prompt)
   with the experts resident at the end of the run, relative to all experts, in percent;
 - quality: the task's own metric against the reference answer (ROUGE-L F1 for
-  summarization, exact match otherwise).
+  summarization, exact match otherwise);
+- hit rate: share of router choices resident when their layer ran; proxy: the same weighted
+  by the task's layer sensitivity (the simulator's accuracy proxy, measured on the engine).
+
+``random`` is the control: ``random_draws`` random expert sets (seeds 0, 1, ...) with the
+per-layer sizes the ``emoe`` planner chose at that budget, pinned; its rows are the mean over
+the draws and carry the per-draw values, so ``summarize`` reports their spread.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from emoe.engine.reference.data import Example
 from emoe.engine.reference.metrics import exact_match, rouge_l_f1
@@ -33,12 +40,15 @@ if TYPE_CHECKING:  # torch is imported only when a command runs
     from emoe.engine.offload.session import SessionConfig
     from emoe.engine.tokenizer import Tokenizer
 
-DEFAULT_POLICIES = ("lru", "static", "predict-every", "emoe")
-DEFAULT_BUDGETS = ("20%", "40%", "60%", "80%", "100%")
+DEFAULT_POLICIES = ("lru", "static", "random", "predict-every", "emoe")
+DEFAULT_BUDGETS = ("25%", "50%", "60%", "75%")
+RANDOM_DRAWS = 10
 
 
 @dataclass(frozen=True, slots=True)
 class EvalRow:
+    """One task under one (policy, budget); ``*_draws``: per random draw (``random`` only)."""
+
     policy: str
     budget: str
     task: str
@@ -49,6 +59,13 @@ class EvalRow:
     quality: float
     quality_metric: str
     hit_rate: float
+    proxy: float = 1.0
+    budget_fraction: float = 1.0
+    slots_per_layer: tuple[int, ...] = ()
+    nll: float = 0.0
+    answer_tokens: int = 0
+    agreement_draws: tuple[float, ...] = ()
+    quality_draws: tuple[float, ...] = ()
 
 
 def quality(task: str, prediction: str, reference: str) -> tuple[float, str]:
@@ -88,7 +105,9 @@ def answer_nll(model: MoEModel, tokenizer: Tokenizer, examples: Sequence[Example
 class _Run:
     tokens: dict[str, list[int]]
     nll: list[tuple[float, int]]
-    hit_rate: dict[str, float]
+    hits: dict[str, list[float]]  # task -> [hits, choices, weighted hits, weighted choices]
+    fraction: float = 1.0
+    slots_per_layer: tuple[int, ...] = ()
 
 
 def _run(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Sequence[Example],
@@ -99,19 +118,26 @@ def _run(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Seq
     requests = [SessionRequest(f"{i}", ex.task, tokenizer.encode(ex.prompt), max_new_tokens)
                 for i, ex in enumerate(examples)]
     stats = session.run(requests)
-    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    hits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for record in stats.requests.values():
-        hits[record.task][0] += record.expert_hits
-        hits[record.task][1] += record.expert_hits + record.expert_misses
+        counts = hits[record.task]
+        counts[0] += record.expert_hits
+        counts[1] += record.expert_hits + record.expert_misses
+        counts[2] += record.weighted_hits
+        counts[3] += record.weighted_choices
     nll = answer_nll(session.model, tokenizer, examples)
-    return _Run({rid: r.token_ids for rid, r in stats.requests.items()}, nll,
-                {t: (h / n if n else 1.0) for t, (h, n) in hits.items()})
+    resident = session.scheduler.planner.resident
+    spec = session.spec
+    return _Run({rid: r.token_ids for rid, r in stats.requests.items()}, nll, dict(hits),
+                float(session.scheduler.planner.capacity_bytes
+                      / (spec.num_layers * spec.num_experts * spec.expert_bytes)),
+                tuple(int(v) for v in resident.sum(axis=1)))
 
 
 def evaluate(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Sequence[Example],
              policies: Sequence[str] = DEFAULT_POLICIES, budgets: Sequence[str] = DEFAULT_BUDGETS,
              max_new_tokens: int = 24, calibration: RoutingTrace | None = None,
-             base: SessionConfig | None = None,
+             base: SessionConfig | None = None, random_draws: int = RANDOM_DRAWS,
              progress: Callable[[str], None] | None = None) -> list[EvalRow]:
     """Rows for the ``all`` reference and every (policy, budget), per task."""
     from emoe.engine.offload.session import SessionConfig
@@ -127,36 +153,106 @@ def evaluate(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples:
     for i, ex in enumerate(examples):
         by_task[ex.task].append(i)
 
-    def rows_for(policy: str, budget: str, run: _Run) -> list[EvalRow]:
+    def rows_for(policy: str, budget: str, runs: list[_Run]) -> list[EvalRow]:
         rows = []
         for task, idx in by_task.items():
-            ppl = math.exp(sum(run.nll[i][0] for i in idx) / sum(run.nll[i][1] for i in idx))
             ref_ppl = math.exp(sum(reference.nll[i][0] for i in idx)
                                / sum(reference.nll[i][1] for i in idx))
-            scores = [quality(task, text(run.tokens[str(i)]), examples[i].answer) for i in idx]
+            agreement, scores, nll = [], [], 0.0
+            for run in runs:
+                agreement.append(sum(token_agreement(run.tokens[str(i)], reference.tokens[str(i)])
+                                     for i in idx) / len(idx))
+                scores.append([quality(task, text(run.tokens[str(i)]), examples[i].answer)
+                               for i in idx])
+                nll += sum(run.nll[i][0] for i in idx) / len(runs)
+            tokens = sum(reference.nll[i][1] for i in idx)
+            ppl = math.exp(nll / tokens)
+            hits = [sum(run.hits.get(task, [0.0] * 4)[j] for run in runs) for j in range(4)]
+            draws = len(runs) > 1
             rows.append(EvalRow(
                 policy=policy, budget=budget, task=task, n=len(idx),
-                agreement=sum(token_agreement(run.tokens[str(i)], reference.tokens[str(i)])
-                              for i in idx) / len(idx),
+                agreement=statistics.fmean(agreement),
                 perplexity=ppl, perplexity_change_pct=100.0 * (ppl / ref_ppl - 1.0),
-                quality=sum(s for s, _ in scores) / len(idx), quality_metric=scores[0][1],
-                hit_rate=run.hit_rate.get(task, 1.0)))
+                quality=statistics.fmean(sum(s for s, _ in q) / len(idx) for q in scores),
+                quality_metric=scores[0][0][1],
+                hit_rate=hits[0] / hits[1] if hits[1] else 1.0,
+                proxy=hits[2] / hits[3] if hits[3] else 1.0,
+                budget_fraction=runs[0].fraction, slots_per_layer=runs[0].slots_per_layer,
+                nll=nll, answer_tokens=tokens,
+                agreement_draws=tuple(agreement) if draws else (),
+                quality_draws=tuple(sum(s for s, _ in q) / len(idx) for q in scores)
+                if draws else ()))
         return rows
 
-    rows = rows_for("all", "100%", reference)
-    for policy in policies:
-        for budget in budgets:
+    rows = rows_for("all", "100%", [reference])
+    order = sorted(policies, key=lambda p: p == "random")  # random takes emoe's layer sizes
+    for budget in budgets:
+        sizes: list[int] | None = None
+        for policy in order:
+            if policy == "random":
+                if sizes is None:
+                    sizes = list(_run(load_model, tokenizer, examples, _with(base, "emoe", budget),
+                                      max_new_tokens, calibration).slots_per_layer)
+                runs = []
+                for draw in range(random_draws):
+                    if progress is not None:
+                        progress(f"random @ {budget} (draw {draw + 1}/{random_draws}, "
+                                 f"slots per layer {sizes})")
+                    config = dataclasses.replace(_with(base, "random", budget),
+                                                 experts_per_layer=sizes, random_seed=draw)
+                    runs.append(_run(load_model, tokenizer, examples, config, max_new_tokens,
+                                     calibration))
+                rows += rows_for(policy, budget, runs)
+                continue
             if progress is not None:
                 progress(f"{policy} @ {budget}")
             run = _run(load_model, tokenizer, examples, _with(base, policy, budget),
                        max_new_tokens, calibration)
-            rows += rows_for(policy, budget, run)
+            if policy == "emoe":
+                sizes = list(run.slots_per_layer)
+            rows += rows_for(policy, budget, [run])
     return rows
 
 
 def _with(base: SessionConfig, planner: str, budget: str) -> SessionConfig:
     return dataclasses.replace(base, planner=planner, budget=budget,
                                miss=None if planner == "all" else base.miss)
+
+
+def summarize(rows: Sequence[EvalRow]) -> list[dict[str, Any]]:
+    """One row per (planner, budget): the means over tasks (as the tables' mean column),
+    pooled perplexity, hit rate and proxy, the spread over random draws, and per task."""
+    groups: dict[tuple[str, str], list[EvalRow]] = defaultdict(list)
+    for r in rows:
+        groups[(r.policy, r.budget)].append(r)
+    out = []
+    for (policy, budget), group in groups.items():
+        first = group[0]
+        row: dict[str, Any] = {
+            "planner": policy, "budget": round(first.budget_fraction, 4), "budget_label": budget,
+            "slots_per_layer": list(first.slots_per_layer),
+            "agreement": statistics.fmean(r.agreement for r in group),
+            "quality": statistics.fmean(r.quality for r in group),
+            "perplexity": math.exp(sum(r.nll for r in group)
+                                   / max(1, sum(r.answer_tokens for r in group))),
+            "perplexity_change_pct": statistics.fmean(r.perplexity_change_pct for r in group),
+            "hit_rate": statistics.fmean(r.hit_rate for r in group),
+            "proxy": statistics.fmean(r.proxy for r in group),
+            "prompts": sum(r.n for r in group),
+        }
+        if first.agreement_draws:
+            for metric in ("agreement", "quality"):
+                per_draw = [statistics.fmean(vals) for vals in
+                            zip(*(getattr(r, f"{metric}_draws") for r in group))]
+                row[f"{metric}_sd"] = statistics.stdev(per_draw) if len(per_draw) > 1 else 0.0
+                row[f"{metric}_min"] = min(per_draw)
+                row[f"{metric}_max"] = max(per_draw)
+            row["draws"] = len(first.agreement_draws)
+        row["tasks"] = {r.task: {"agreement": r.agreement, "quality": r.quality,
+                                 "perplexity": r.perplexity, "hit_rate": r.hit_rate,
+                                 "proxy": r.proxy, "n": r.n} for r in group}
+        out.append(row)
+    return out
 
 
 def format_tables(rows: Sequence[EvalRow]) -> str:
@@ -168,15 +264,28 @@ def format_tables(rows: Sequence[EvalRow]) -> str:
     metrics = (("Greedy-token agreement with all experts", "agreement", "{:.3f}"),
                ("Perplexity change vs all experts (%)", "perplexity_change_pct", "{:+.1f}"),
                ("Task quality (summarization: ROUGE-L F1; others: exact match)", "quality", "{:.3f}"),
-               ("Expert hit rate (router choices resident)", "hit_rate", "{:.3f}"))
+               ("Expert hit rate (router choices resident)", "hit_rate", "{:.3f}"),
+               ("Accuracy proxy (sensitivity-weighted hit rate)", "proxy", "{:.3f}"))
     for title, attr, fmt in metrics:
         out.append(f"**{title}**\n")
-        out.append("| policy | budget | " + " | ".join(tasks) + " | mean |")
-        out.append("|---|---|" + "---|" * (len(tasks) + 1))
+        out.append("| policy | budget | slots per layer | " + " | ".join(tasks) + " | mean |")
+        out.append("|---|---|---|" + "---|" * (len(tasks) + 1))
         for policy, budget in keys:
             values = [getattr(cell[(policy, budget, t)], attr) for t in tasks]
-            out.append(f"| {policy} | {budget} | " + " | ".join(fmt.format(v) for v in values)
+            slots = ",".join(map(str, cell[(policy, budget, tasks[0])].slots_per_layer))
+            out.append(f"| {policy} | {budget} | {slots} | "
+                       + " | ".join(fmt.format(v) for v in values)
                        + " | " + fmt.format(sum(values) / len(values)) + " |")
+        out.append("")
+    spread = [s for s in summarize(rows) if "agreement_sd" in s]
+    if spread:
+        out.append("**random: spread over draws (mean over tasks)**\n")
+        out.append("| budget | draws | agreement mean | sd | min | max | quality mean | sd |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for s in spread:
+            out.append(f"| {s['budget_label']} | {s['draws']} | {s['agreement']:.3f} | "
+                       f"{s['agreement_sd']:.3f} | {s['agreement_min']:.3f} | "
+                       f"{s['agreement_max']:.3f} | {s['quality']:.3f} | {s['quality_sd']:.3f} |")
         out.append("")
     return "\n".join(out)
 
@@ -187,8 +296,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", help=f"expert planner, repeatable "
                    f"(default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--expert-budget", action="append", dest="budgets", metavar="BUDGET",
-                   help="fraction (0.4, 40%%) or bytes (64MiB), repeatable "
-                        f"(default: {', '.join(DEFAULT_BUDGETS)})")
+                   help="fraction (0.4, 40%%) or bytes (64MiB), repeatable (default: "
+                        + ", ".join(b.replace("%", "%%") for b in DEFAULT_BUDGETS) + ")")
     p.add_argument("--miss", choices=["reroute", "fetch", "drop"], default=None,
                    help="miss handling (default: fetch for lru, reroute otherwise)")
     p.add_argument("--per-task", type=int, default=20, help="prompts per task (default 20)")
@@ -196,33 +305,80 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model's held-out prompts)")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--prediction-interval", type=int, default=40)
+    p.add_argument("--adaptive-interval", action="store_true",
+                   help="re-predict early when the hit rate drops, stretch p while it holds")
     p.add_argument("--calibration", default=None,
-                   help="routing trace of other prompts: warms the predictor, pins static")
+                   help="routing trace of other prompts: warms the predictor, measures output "
+                        "lengths, pins static")
+    p.add_argument("--sensitivity", type=Path, default=None,
+                   help="sensitivity file from `emoe sensitivity` (default: the task profiles' "
+                        "hand-set sensitivity)")
+    p.add_argument("--sensitivity-mode", choices=["graded", "binary"], default="graded",
+                   help="which s of the sensitivity file (default graded)")
+    p.add_argument("--slot-allocation", choices=["sensitivity", "uniform"],
+                   default="sensitivity",
+                   help="emoe/predict-every: split slots over layers by measured value, or "
+                        "the same number per layer (default sensitivity)")
+    p.add_argument("--predictor", default="frequency",
+                   help="expert predictor of emoe/predict-every: frequency, last-prompt, or "
+                        "learned:FILE (from `emoe predictor train`)")
+    p.add_argument("--random-draws", type=int, default=RANDOM_DRAWS,
+                   help=f"random expert sets averaged for --policy random (default "
+                        f"{RANDOM_DRAWS})")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--json", default=None, type=Path,
+                   help="also write one row per planner and budget as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    import torch
+
+    from emoe.core.errors import ConfigError
     from emoe.core.routing_trace import read_routing_trace
+    from emoe.core.sensitivity import load_sensitivity
+    from emoe.core.tasks import DEFAULT_TASKS
     from emoe.engine.checkpoint import load_model
     from emoe.engine.offload.session import SessionConfig
     from emoe.engine.reference.data import TASKS, generate_examples
     from emoe.engine.tokenizer import Tokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.per_task < 1 or args.random_draws < 1:
+        raise ConfigError("--per-task and --random-draws: at least 1 is needed")
     tokenizer = Tokenizer.from_folder(args.checkpoint)
     examples = generate_examples(args.per_task * len(TASKS), seed=args.seed)
     calibration = read_routing_trace(args.calibration) if args.calibration else None
+    sensitivity, source = None, None
+    if args.sensitivity is not None:
+        layers = load_model(args.checkpoint).config.num_layers
+        sensitivity, source = load_sensitivity(args.sensitivity, args.sensitivity_mode, layers,
+                                               list(DEFAULT_TASKS))
     base = SessionConfig(miss=args.miss, prediction_interval=args.prediction_interval,
-                         max_batch_size=args.max_batch_size, device=args.device)
+                         max_batch_size=args.max_batch_size, device=args.device,
+                         predictor=args.predictor, sensitivity=sensitivity,
+                         sensitivity_source=source, slot_allocation=args.slot_allocation,
+                         adaptive_interval=args.adaptive_interval)
+    print(f"eval: sensitivity: {_describe(source)}", file=sys.stderr)
     rows = evaluate(lambda: load_model(args.checkpoint), tokenizer, examples,
                     policies=args.policy or DEFAULT_POLICIES,
                     budgets=args.budgets or DEFAULT_BUDGETS,
                     max_new_tokens=args.max_new_tokens, calibration=calibration, base=base,
+                    random_draws=args.random_draws,
                     progress=lambda s: print(f"eval: {s}", file=sys.stderr))
     print(format_tables(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        args.json.write_text(json.dumps(summarize(rows), indent=1) + "\n")
     return 0
+
+
+def _describe(source: dict | None) -> str:
+    if source is None:
+        return "hand-set defaults of emoe.core.tasks (not measured)"
+    return (f"{source['mode']} s from {source['file']} (measured on {source['model']}, "
+            f"{source['metric']} loss, threshold {source['threshold']:g})")
+

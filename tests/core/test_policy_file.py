@@ -68,7 +68,7 @@ def test_bad_fields_are_named_with_the_file(tmp_path, field, value, message):
 
 def test_unknown_names_list_valid_ones(tmp_path):
     with pytest.raises(UnknownNameError, match="field 'planner': unknown expert planner 'x'; "
-                                               "valid: all, emoe, lru, predict-every, static"):
+                                               "valid: all, emoe, lru, predict-every, random, static"):
         PolicyConfig.from_file(write(tmp_path, planner="x"))
     with pytest.raises(UnknownNameError, match="field 'sensitivity': unknown task 'poetry'"):
         PolicyConfig.from_file(write(tmp_path, sensitivity={"poetry": [1, 1, 1, 1]}))

@@ -10,7 +10,9 @@ them, and a ``Scheduler`` configured with the planner. ``run`` feeds it requests
     scheduler.on_step_done(result)
 
 A routing calibration (a routing trace of other prompts) warms the predictor of ``emoe`` and
-``predict-every`` and pins ``static``'s experts, as a deployment would from its own history.
+``predict-every`` with its prompts' and generated tokens' routing, sets each task's expected
+output length (Eq. 2's W_o) to the trace's measured mean, and pins ``static``'s experts, as a
+deployment would from its own history.
 
 Memory given to the scheduler: non-expert weights + the slot pool + the engine's KV cache.
 The slot pool is fixed; the scheduler is told so (``fixed_expert_slots``), and its planner
@@ -35,6 +37,7 @@ from emoe.core.request import Request
 from emoe.core.routing_trace import RoutingTrace
 from emoe.core.scheduler import Scheduler
 from emoe.core.specs import HardwareSpec, ModelSpec
+from emoe.core.tasks import TaskProfile
 from emoe.engine.engine import Engine
 from emoe.engine.model import MoEModel
 from emoe.engine.offload.budget import ExpertBudget
@@ -56,6 +59,10 @@ class SessionRequest:
 
 @dataclass(slots=True)
 class SessionConfig:
+    """The policy fields an offloaded run is built from (the rest are ``PolicyConfig``'s
+    defaults). ``sensitivity`` (task -> per-layer s) and its ``sensitivity_source`` replace the
+    task profiles' hand-set defaults; ``experts_per_layer`` forces the slots per layer."""
+
     planner: str = "all"
     budget: str = "100%"
     miss: str | None = None          # default: fetch for lru, reroute otherwise
@@ -65,6 +72,13 @@ class SessionConfig:
     max_seq_len: int | None = None
     prefill_chunk: int = 512
     device: str = "cpu"
+    predictor: str = "frequency"
+    sensitivity: dict[str, list[float]] | None = None
+    sensitivity_source: dict | None = None
+    slot_allocation: str = "sensitivity"
+    experts_per_layer: list[int] | None = None
+    adaptive_interval: bool = False
+    random_seed: int = 0
 
 
 @dataclass(slots=True)
@@ -74,6 +88,8 @@ class RequestRecord:
     finish_reason: str = ""
     expert_hits: int = 0
     expert_misses: int = 0
+    weighted_hits: float = 0.0
+    weighted_choices: float = 0.0
 
 
 @dataclass(slots=True)
@@ -124,12 +140,21 @@ class OffloadSession:
             raise ConfigError(f"--miss {miss.value}: planner {config.planner!r} "
                               + ("fetches on a miss (use --miss fetch)" if miss_mode is MissMode.FETCH
                                  else "plans loads itself; use --miss reroute or drop"))
+        tasks = dict(PolicyConfig().tasks)
+        if calibration is not None:
+            tasks = _measured_output_lengths(calibration, tasks)
         self.policy = PolicyConfig(
-            scheduling=config.scheduling, planner=config.planner,
+            scheduling=config.scheduling, planner=config.planner, predictor=config.predictor,
             prediction_interval=config.prediction_interval,
             expert_budget_bytes=slots * self.spec.expert_bytes,
+            experts_per_layer=config.experts_per_layer,
             max_batch_tokens=max(config.prefill_chunk, config.max_batch_size),
             max_num_seqs=config.max_batch_size, model=model_name,
+            sensitivity=dict(config.sensitivity or {}),
+            sensitivity_source=config.sensitivity_source,
+            slot_allocation=config.slot_allocation,
+            adaptive_interval=config.adaptive_interval, random_seed=config.random_seed,
+            tasks=tasks,
             expert_frequencies=(None if calibration is None or config.planner != "static"
                                 else _frequencies(calibration).tolist()))
         self.experts: OffloadedExperts | None = None
@@ -150,9 +175,12 @@ class OffloadSession:
         self.scheduler = Scheduler(self.spec, self.hardware, self.policy,
                                    fixed_expert_slots=self.experts is not None)
         if calibration is not None:
+            predictor = self.scheduler.planner.predictor
             for routing in calibration.requests.values():
-                self.scheduler.planner.predictor.observe(
-                    routing.task, routing.counts("prefill", cfg.num_experts))
+                predictor.observe(routing.task, routing.counts("prefill", cfg.num_experts))
+                if len(routing.decode_ids):
+                    predictor.observe(routing.task, routing.counts("decode", cfg.num_experts),
+                                      "decode")
         self.sensitivity = self.policy.layer_sensitivity(self.spec)
         self._ids = 0
 
@@ -205,6 +233,8 @@ class OffloadSession:
                 record.token_ids.extend(out.token_ids)
                 record.expert_hits += out.expert_hits
                 record.expert_misses += out.expert_misses
+                record.weighted_hits += out.weighted_hits
+                record.weighted_choices += out.weighted_choices
                 if out.finished:
                     record.finish_reason = out.finish_reason
         stats.wall_s = time.perf_counter() - start
@@ -228,10 +258,24 @@ class OffloadSession:
 
 
 def _frequencies(trace: RoutingTrace) -> np.ndarray:
-    """[layers, experts] routing frequencies over every prefill token of a trace."""
-    counts = sum(r.counts("prefill", trace.num_experts) for r in trace.requests.values())
+    """[layers, experts] routing frequencies over every token of a trace (prompts and
+    generated tokens)."""
+    counts = sum(r.counts("prefill", trace.num_experts) + r.counts("decode", trace.num_experts)
+                 for r in trace.requests.values())
     counts = np.asarray(counts, dtype=np.float64)
     return counts / counts.sum(axis=1, keepdims=True).clip(min=1.0)
+
+
+def _measured_output_lengths(trace: RoutingTrace,
+                             tasks: dict[str, TaskProfile]) -> dict[str, TaskProfile]:
+    """The task profiles with ``mean_output_tokens`` set to the trace's mean output per task
+    (generated tokens fed back in decode, plus the last one)."""
+    out = dict(tasks)
+    for task, routings in trace.by_task().items():
+        if task in out and routings:
+            mean = sum(len(r.decode_ids) + 1 for r in routings) / len(routings)
+            out[task] = dataclasses.replace(out[task], mean_output_tokens=max(1, round(mean)))
+    return out
 
 
 def _hardware(memory_bytes: int, profile: EngineProfile | None, model: ModelSpec) -> HardwareSpec:
