@@ -19,6 +19,13 @@ PARTS = (
 )
 
 
+def _learned_predictor(path: str):
+    """``learned:FILE`` predictors for every subcommand; torch loads only when one is named."""
+    from emoe.engine.learned_predictor import loader
+
+    return loader(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoe", description="Memory-efficient, task-aware MoE inference: simulator, engine, gRPC service.")
@@ -35,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from emoe.core.predictor import register_predictor_loader
+
+    register_predictor_loader("learned", _learned_predictor)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

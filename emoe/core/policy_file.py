@@ -86,14 +86,17 @@ class PolicyConfig:
         """Check names and ranges (not the model fit: see ``slots_per_layer``)."""
         from emoe.core.experts import PLANNERS
         from emoe.core.policies import POLICIES
-        from emoe.core.predictor import PREDICTORS
+        from emoe.core.predictor import PREDICTOR_LOADERS, PREDICTORS, known_predictor
 
         for fname, registry, kind in (("scheduling", POLICIES, "scheduling policy"),
-                                      ("planner", PLANNERS, "expert planner"),
-                                      ("predictor", PREDICTORS, "predictor")):
+                                      ("planner", PLANNERS, "expert planner")):
             if getattr(self, fname) not in registry:
                 raise UnknownNameError(kind, getattr(self, fname), list(registry),
                                        where=f"{where}: field {fname!r}")
+        if not known_predictor(self.predictor):
+            raise UnknownNameError("predictor", self.predictor,
+                                   [*PREDICTORS, *(f"{p}:FILE" for p in PREDICTOR_LOADERS)],
+                                   where=f"{where}: field 'predictor'")
         for fname in ("prediction_interval", "max_batch_tokens", "max_num_seqs",
                       "admission_lookahead"):
             _positive_int(getattr(self, fname), where, fname)

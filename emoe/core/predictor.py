@@ -151,15 +151,33 @@ PREDICTORS: dict[str, PredictorFactory] = {
     LastPromptPredictor.name: LastPromptPredictor,
 }
 
+PREDICTOR_LOADERS: dict[str, Callable[[str], PredictorFactory]] = {}
+"""``prefix -> loader``: a predictor named ``prefix:ARG`` is ``loader(ARG)``'s factory (e.g.
+``learned:predictor.safetensors``, registered by the engine's learned predictor)."""
+
 
 def register_predictor(name: str, factory: PredictorFactory) -> None:
     """Make ``factory(num_layers, num_experts)`` available to policy files under ``name``."""
     PREDICTORS[name] = factory
 
 
+def register_predictor_loader(prefix: str, loader: Callable[[str], PredictorFactory]) -> None:
+    """Make ``prefix:ARG`` names resolve to ``loader(ARG)`` (called once per name)."""
+    PREDICTOR_LOADERS[prefix] = loader
+
+
+def known_predictor(name: str) -> bool:
+    """Whether ``name`` is registered or has a registered loader prefix."""
+    return name in PREDICTORS or name.partition(":")[0] in PREDICTOR_LOADERS and ":" in name
+
+
 def make_predictor(name: str, num_layers: int, num_experts: int) -> ExpertPredictor:
-    try:
-        factory = PREDICTORS[name]
-    except KeyError:
-        raise UnknownNameError("predictor", name, list(PREDICTORS)) from None
+    factory = PREDICTORS.get(name)
+    if factory is None:
+        prefix, _, arg = name.partition(":")
+        loader = PREDICTOR_LOADERS.get(prefix)
+        if loader is None or not arg:
+            raise UnknownNameError("predictor", name,
+                                   [*PREDICTORS, *(f"{p}:FILE" for p in PREDICTOR_LOADERS)])
+        factory = PREDICTORS[name] = loader(arg)
     return factory(num_layers, num_experts)

@@ -27,7 +27,8 @@ Contract with the backend (see emoe/core/plan.py for the data):
   listing others (for streamed token ids, expert hit counts) is allowed. The scheduler never
   reads a request's true output length for anything but that max-tokens cap.
 - ``routing`` carries each completed prefill's ``[layers, experts]`` router-choice counts,
-  ``decode_routing`` each finished request's over its generated tokens (optional);
+  ``decode_routing`` each finished request's over its generated tokens (optional; in the step
+  it finishes, or the next one for a backend that learns of a finish from the scheduler);
   ``fetched_on_miss``/``evicted_on_miss`` report fetch-on-miss expert changes (``lru`` only).
 
 Eq. 2's expected output per task is measured online: the mean output of the task's last
@@ -148,6 +149,7 @@ class Scheduler:
         self._recent: deque[tuple[str, str, int]] = deque(maxlen=max(
             config.max_num_seqs, getattr(self.planner, "prediction_interval", 1)))
         self._outputs: dict[str, deque[int]] = {}
+        self._just_finished: dict[str, str] = {}  # finished in the last step: id -> task
         self._admission_blocked = False
         self._inflight: StepPlan | None = None
         self._rejected: list[tuple[str, str]] = []
@@ -298,8 +300,9 @@ class Scheduler:
                 self.planner.observe_routing(entry.request.task, counts)
         for request_id, counts in result.decode_routing.items():
             entry = entries.get(request_id)
-            if entry is not None:
-                self.planner.observe_routing(entry.request.task, counts, "decode")
+            task = entry.request.task if entry is not None else self._just_finished.get(request_id)
+            if task is not None:
+                self.planner.observe_routing(task, counts, "decode")
         self.planner.observe_step(result)
         if result.compute_s > 0:
             prefill_tokens = sum(chunk.num_tokens for chunk in plan.prefill)
@@ -307,6 +310,7 @@ class Scheduler:
                                    result.compute_s)
 
         finished: list[Request] = []
+        self._just_finished = {}
         at = result.finished_at
         for chunk in plan.prefill:
             entry = entries.get(chunk.request_id)
@@ -466,6 +470,7 @@ class Scheduler:
         request.status, request.finished_at, request.reason = RequestStatus.FINISHED, at, reason
         self._outputs.setdefault(request.task, deque(maxlen=OUTPUT_WINDOW)).append(
             request.generated_tokens)
+        self._just_finished[request.id] = request.task
         del self._entries[request.id]
         self._release(entry)
         return request

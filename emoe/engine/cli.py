@@ -14,6 +14,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("eval", "emoe.engine.evaluate", "accuracy of expert offloading policies and budgets vs all experts"),
     ("profile", "emoe.engine.profile", "measure step time, expert copies and memory for the simulator"),
     ("record-routing", "emoe.engine.routing", "record a routing trace of the reference tasks"),
+    ("predictor", "emoe.engine.predictor_cmd",
+     "train the learned expert predictor on routing traces and compare its set recall"),
     ("sensitivity", "emoe.engine.sensitivity",
      "measure per task and MoE layer how much wrong routing costs; write a sensitivity file"),
     ("model", "emoe.engine.reference.cli", "train or evaluate the reference model (train-tiny, eval-tiny)"),

@@ -48,6 +48,7 @@ class SimBackend:
         self._version = 0
         self._lru = LruExpertCache(slots_per_layer) if miss_mode is MissMode.FETCH else None
         self.predictor_invocations = 0
+        self._decode_routing: dict[str, np.ndarray] = {}
         self.live: dict[str, Request] = {}
         self._decode_ids: list[str] | None = None
         self._decode_slots = np.zeros(0, dtype=np.intp)
@@ -61,10 +62,13 @@ class SimBackend:
         self.routing.admit(request)
 
     def finish(self, requests: list[Request], now: float) -> None:
-        """Free what ended requests hold and write their expert hit counters into them."""
+        """Free what ended requests hold and write their expert hit counters into them; their
+        generated tokens' routing goes out with the next step's result (``decode_routing``)."""
         held = 0
         for request in requests:
             del self.live[request.id]
+            if request.generated_tokens > 1:
+                self._decode_routing[request.id] = self.routing.decode_counts(request)
             held += (request.input_tokens + request.generated_tokens - 1
                      if request.generated_tokens else request.prefilled_tokens)
         self.routing.finish(requests)
@@ -98,6 +102,7 @@ class SimBackend:
         context = memory.kv_tokens  # the KV held by running requests: what decodes attend to
 
         result = StepResult(started_at=now, finished_at=now, predictor_s=predictor_s)
+        result.decode_routing, self._decode_routing = self._decode_routing, {}
         if self._lru is not None:
             self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
                                       prefill_tokens, decode_slots)

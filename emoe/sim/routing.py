@@ -117,6 +117,11 @@ class RoutingSource(ABC):
         """``[layers, experts]`` router choices over the request's whole prompt."""
 
     @abstractmethod
+    def decode_counts(self, request: Request) -> np.ndarray:
+        """``[layers, experts]`` router choices over the generated tokens run in decode (all
+        but the last of ``request.generated_tokens``); called before ``finish``."""
+
+    @abstractmethod
     def touched(self, slots: np.ndarray, tokens: "np.ndarray | int", decode: bool) -> np.ndarray:
         """``[layers, experts]`` bool: experts chosen at least once by the next ``tokens``
         tokens of these requests (a fetch-on-miss backend loads the missing ones)."""
@@ -193,6 +198,10 @@ class SyntheticRouting(RoutingSource):
     def prefill_counts(self, request: Request) -> np.ndarray:
         """Expected router choices over the prompt (choices x distribution)."""
         return (request.input_tokens * self.top_k) * self._probs[self.slot[request.id]]
+
+    def decode_counts(self, request: Request) -> np.ndarray:
+        """Expected router choices over the generated tokens (choices x distribution)."""
+        return ((request.generated_tokens - 1) * self.top_k) * self._probs[self.slot[request.id]]
 
     def count(self, slots, tokens, decode, resident, resident_version, served_all=False):
         if resident_version != self._mask_version:
@@ -291,6 +300,13 @@ class TraceRouting(RoutingSource):
     def prefill_counts(self, request: Request) -> np.ndarray:
         prompt = self._ids[self.slot[request.id]][0]
         ids = prompt[np.arange(request.input_tokens) % len(prompt)]
+        flat = (self._layer * self.num_experts + ids).ravel()
+        size = self.num_layers * self.num_experts
+        return np.bincount(flat, minlength=size).reshape(self.num_layers, self.num_experts)
+
+    def decode_counts(self, request: Request) -> np.ndarray:
+        generated = self._ids[self.slot[request.id]][1]
+        ids = generated[np.arange(request.generated_tokens - 1) % len(generated)]
         flat = (self._layer * self.num_experts + ids).ravel()
         size = self.num_layers * self.num_experts
         return np.bincount(flat, minlength=size).reshape(self.num_layers, self.num_experts)
