@@ -10,8 +10,10 @@ are compared with the ``all`` planner's output:
   with the experts resident at the end of the run, relative to all experts, in percent;
 - quality: the task's own metric against the reference answer (ROUGE-L F1 for
   summarization, exact match otherwise);
-- hit rate: share of router choices resident when their layer ran; proxy: the same weighted
-  by the task's layer sensitivity (the simulator's accuracy proxy, measured on the engine).
+- hit rate: share of router choices resident when their layer ran; proxy: the share served
+  by their own expert (resident, or fetched on a miss) weighted by the task's layer
+  sensitivity: the simulator's accuracy proxy, measured on the engine
+  (``emoe calibrate-proxy`` fits agreement and quality to it).
 
 ``random`` is the control: ``random_draws`` random expert sets (seeds 0, 1, ...) with the
 per-layer sizes the ``emoe`` planner chose at that budget, pinned; its rows are the mean over
@@ -118,12 +120,14 @@ def _run(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Seq
     requests = [SessionRequest(f"{i}", ex.task, tokenizer.encode(ex.prompt), max_new_tokens)
                 for i, ex in enumerate(examples)]
     stats = session.run(requests)
+    fetched = session.experts is not None and session.experts.lru is not None
     hits: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for record in stats.requests.values():
         counts = hits[record.task]
         counts[0] += record.expert_hits
         counts[1] += record.expert_hits + record.expert_misses
-        counts[2] += record.weighted_hits
+        # a fetched miss is served by its own expert: the simulator's proxy counts it so
+        counts[2] += record.weighted_choices if fetched else record.weighted_hits
         counts[3] += record.weighted_choices
     nll = answer_nll(session.model, tokenizer, examples)
     resident = session.scheduler.planner.resident
@@ -199,7 +203,8 @@ def evaluate(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples:
                         progress(f"random @ {budget} (draw {draw + 1}/{random_draws}, "
                                  f"slots per layer {sizes})")
                     config = dataclasses.replace(_with(base, "random", budget),
-                                                 experts_per_layer=sizes, random_seed=draw)
+                                                 experts_per_layer=base.experts_per_layer
+                                                 or sizes, random_seed=draw)
                     runs.append(_run(load_model, tokenizer, examples, config, max_new_tokens,
                                      calibration))
                 rows += rows_for(policy, budget, runs)
@@ -219,9 +224,10 @@ def _with(base: SessionConfig, planner: str, budget: str) -> SessionConfig:
                                miss=None if planner == "all" else base.miss)
 
 
-def summarize(rows: Sequence[EvalRow]) -> list[dict[str, Any]]:
+def summarize(rows: Sequence[EvalRow], sensitivity: str = "hand-set") -> list[dict[str, Any]]:
     """One row per (planner, budget): the means over tasks (as the tables' mean column),
-    pooled perplexity, hit rate and proxy, the spread over random draws, and per task."""
+    pooled perplexity, hit rate and proxy (weighted by ``sensitivity``: a file, or the
+    hand-set defaults), the spread over random draws, and per task."""
     groups: dict[tuple[str, str], list[EvalRow]] = defaultdict(list)
     for r in rows:
         groups[(r.policy, r.budget)].append(r)
@@ -238,6 +244,7 @@ def summarize(rows: Sequence[EvalRow]) -> list[dict[str, Any]]:
             "perplexity_change_pct": statistics.fmean(r.perplexity_change_pct for r in group),
             "hit_rate": statistics.fmean(r.hit_rate for r in group),
             "proxy": statistics.fmean(r.proxy for r in group),
+            "sensitivity": sensitivity,
             "prompts": sum(r.n for r in group),
         }
         if first.agreement_draws:
@@ -322,6 +329,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--predictor", default="frequency",
                    help="expert predictor of emoe/predict-every: frequency, last-prompt, or "
                         "learned:FILE (from `emoe predictor train`)")
+    p.add_argument("--experts-per-layer", default=None, metavar="L0,L1,...",
+                   help="force these slots per layer for every planner (their sum must fit "
+                        "each --expert-budget)")
     p.add_argument("--random-draws", type=int, default=RANDOM_DRAWS,
                    help=f"random expert sets averaged for --policy random (default "
                         f"{RANDOM_DRAWS})")
@@ -353,6 +363,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_folder(args.checkpoint)
     examples = generate_examples(args.per_task * len(TASKS), seed=args.seed)
     calibration = read_routing_trace(args.calibration) if args.calibration else None
+    forced = None
+    if args.experts_per_layer:
+        try:
+            forced = [int(v) for v in args.experts_per_layer.split(",")]
+        except ValueError:
+            raise ConfigError(f"--experts-per-layer {args.experts_per_layer!r}: integers, e.g. "
+                              f"8,4,2,2") from None
     sensitivity, source = None, None
     if args.sensitivity is not None:
         layers = load_model(args.checkpoint).config.num_layers
@@ -362,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
                          max_batch_size=args.max_batch_size, device=args.device,
                          predictor=args.predictor, sensitivity=sensitivity,
                          sensitivity_source=source, slot_allocation=args.slot_allocation,
-                         adaptive_interval=args.adaptive_interval)
+                         adaptive_interval=args.adaptive_interval, experts_per_layer=forced)
     print(f"eval: sensitivity: {_describe(source)}", file=sys.stderr)
     rows = evaluate(lambda: load_model(args.checkpoint), tokenizer, examples,
                     policies=args.policy or DEFAULT_POLICIES,
@@ -372,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
                     progress=lambda s: print(f"eval: {s}", file=sys.stderr))
     print(format_tables(rows))
     if args.json:
-        args.json.write_text(json.dumps(summarize(rows), indent=1) + "\n")
+        weights = str(args.sensitivity) if args.sensitivity is not None else "hand-set"
+        args.json.write_text(json.dumps(summarize(rows, weights), indent=1) + "\n")
     return 0
 
 

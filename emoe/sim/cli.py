@@ -86,6 +86,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="GPU memory for experts, spread over the layers")
     pol.add_argument("--policy", type=Path, default=None,
                      help="a policy file (replaces the policy options)")
+    pol.add_argument("--sensitivity", type=Path, default=None,
+                     help="sensitivity file from `emoe sensitivity` (replaces the policy's "
+                          "table; default: the task profiles' hand-set defaults)")
+    pol.add_argument("--sensitivity-mode", choices=["graded", "binary"], default="graded",
+                     help="which s of the sensitivity file")
     run = p.add_argument_group("run and output")
     run.add_argument("--routing-trace", type=Path, default=None,
                      help="recorded routing (Parquet, docs/routing-trace.md); default: synthetic")
@@ -99,6 +104,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--export-policy", type=Path, default=None, metavar="FILE",
                      help="write the best run's policy file (highest SLO attainment, then "
                           "accuracy proxy, then goodput) for `emoe serve --policy`")
+    run.add_argument("--accuracy-calibration", type=Path, default=None, metavar="FILE",
+                     help="`emoe calibrate-proxy` file: print agreement and quality estimated "
+                          "from the accuracy proxy")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
@@ -120,9 +128,15 @@ def run_sim(args: argparse.Namespace) -> int:
                      experts_per_layer=args.experts_per_layer or DEFAULT_EXPERTS_PER_LAYER,
                      expert_budget_bytes=args.expert_budget,
                      memory_budget_bytes=args.memory_budget, policy_file=args.policy,
-                     routing_trace=args.routing_trace, seed=args.seed)
+                     routing_trace=args.routing_trace, seed=args.seed,
+                     sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode)
     configs = _configs(base, args)
     model, hardware = configs[0].specs()
+    calibration = None
+    if args.accuracy_calibration is not None:
+        from emoe.core.accuracy import AccuracyCalibration
+
+        calibration = AccuracyCalibration.from_file(args.accuracy_calibration)
 
     print(f"emoe sim: SIMULATED {model.name} on {hardware.name} "
           f"({hardware.gpu_memory_bytes / GIB:.0f} GiB); workload: {workload.describe()}")
@@ -140,11 +154,22 @@ def run_sim(args: argparse.Namespace) -> int:
     print(f"routing: {first.routing}; expert hits {first.hits_method}")
     print(f"cost model: {hardware.provenance.split('. ')[0]}; every coefficient's provenance: "
           "docs/simulator.md")
+    print(_accuracy_note(configs[0].policy(model), calibration))
     print()
     if len(outcomes) == 1:
         print(format_summary(first.summary))
     else:
         print(format_comparison([o.summary for o in outcomes]))
+    if calibration is not None:
+        print()
+        print("accuracy estimated from the proxy (calibration: " + calibration.describe() + ")")
+        for warning in _calibration_mismatch(calibration, model, configs[0].policy(model)):
+            print(f"  warning: {warning}")
+        for o in outcomes:
+            if o.summary.accuracy_proxy is not None:
+                estimate = calibration.predict(o.summary.accuracy_proxy)
+                print(f"  {o.summary.name}: proxy {o.summary.accuracy_proxy:.3f} -> "
+                      + ", ".join(f"{m} ~{v:.3f}" for m, v in estimate.items()))
     print()
     print("simulated " + ", ".join(f"{o.summary.name}: {o.steps} steps in {o.wall_s:.2f} s"
                                    for o in outcomes))
@@ -180,6 +205,31 @@ def _configs(base, args: argparse.Namespace) -> list:
         pairs = [(s, e) for s in (args.scheduler or ["emoe"]) for e in (args.experts or ["emoe"])]
     return [dataclasses.replace(base, scheduling=s, planner=e, prediction_interval=p)
             for s, e in pairs for p in args.prediction_interval]
+
+
+def _accuracy_note(policy, calibration) -> str:
+    """Which sensitivity weighs the accuracy proxy, and whether it is calibrated."""
+    source = policy.sensitivity_source
+    weights = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
+               if source else "hand-set task-profile defaults (not measured)")
+    if calibration is None:
+        return (f"accuracy proxy: sensitivity-weighted hit share, weights {weights}; "
+                f"uncalibrated (--accuracy-calibration maps it to agreement and quality)")
+    return f"accuracy proxy: weights {weights}; calibrated against `emoe eval` (below)"
+
+
+def _calibration_mismatch(calibration, model, policy) -> list[str]:
+    """Why a calibration may not transfer to this simulation."""
+    out = []
+    if calibration.model and calibration.model != model.name:
+        out.append(f"calibrated on {calibration.model}, simulating {model.name}: the estimate "
+                   f"does not transfer between models")
+    measured = {p.get("sensitivity") for p in calibration.points} - {None}
+    used = (policy.sensitivity_source or {}).get("file") or "hand-set"
+    if measured and used not in measured:
+        out.append(f"calibrated with sensitivity {', '.join(sorted(measured))}; this run weighs "
+                   f"the proxy with {used}")
+    return out
 
 
 def _print_fit_note(model, hardware, args: argparse.Namespace) -> None:

@@ -76,6 +76,8 @@ class SimConfig:
     policy_file: Path | None = None
     routing_trace: Path | None = None
     seed: int = 0
+    sensitivity: Path | None = None
+    sensitivity_mode: str = "graded"
 
     @property
     def name(self) -> str:
@@ -93,13 +95,20 @@ class SimConfig:
 
     def policy(self, model: ModelSpec) -> PolicyConfig:
         if self.policy_file is not None:
-            return PolicyConfig.from_file(self.policy_file)
-        per_layer = self.experts_per_layer if self.expert_budget_bytes is None else None
-        return PolicyConfig(scheduling=self.scheduling, planner=self.planner,
-                            prediction_interval=self.prediction_interval,
-                            experts_per_layer=per_layer,
-                            expert_budget_bytes=self.expert_budget_bytes,
-                            memory_budget_bytes=self.memory_budget_bytes, model=model.name)
+            policy = PolicyConfig.from_file(self.policy_file)
+        else:
+            per_layer = self.experts_per_layer if self.expert_budget_bytes is None else None
+            policy = PolicyConfig(scheduling=self.scheduling, planner=self.planner,
+                                  prediction_interval=self.prediction_interval,
+                                  experts_per_layer=per_layer,
+                                  expert_budget_bytes=self.expert_budget_bytes,
+                                  memory_budget_bytes=self.memory_budget_bytes, model=model.name)
+        if self.sensitivity is not None:  # a measured table replaces the policy's
+            from emoe.core.sensitivity import load_sensitivity
+
+            policy.sensitivity, policy.sensitivity_source = load_sensitivity(
+                self.sensitivity, self.sensitivity_mode, model.num_layers, list(policy.tasks))
+        return policy
 
 
 @dataclass(frozen=True, slots=True)
