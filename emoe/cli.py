@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     register_predictor_loader("learned", _learned_predictor)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance records
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

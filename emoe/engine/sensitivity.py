@@ -266,8 +266,7 @@ def run(args: argparse.Namespace) -> int:
                                   args.threshold, args.expert_order, args.draws, args.draw_seed,
                                   progress=lambda s: print(f"sensitivity: {s}", file=sys.stderr))
     profile.provenance = {
-        "command": "emoe sensitivity " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if sys.argv[1:2] == ["sensitivity"] else "emoe sensitivity",
+        "command": "emoe " + shlex.join(getattr(args, "argv", ["sensitivity"])),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "checkpoint": str(args.checkpoint),
         "prompts": {"source": "emoe.engine.reference.data", "seed": args.seed,

@@ -89,3 +89,12 @@ def test_decode_targets_grow_past_their_initial_capacity():
     remaining, _ = t.at(iterations=200)
     # odd i left; generated 201 - i, so G = i - 191 for i = 193 .. 199, else the floor 0.5
     assert sorted(remaining.tolist()) == [0.5] * 96 + [2.0, 4.0, 6.0, 8.0]
+
+
+def test_eq2_spreads_input_tokens_by_prompt_routing_and_output_by_generated_routing():
+    demand = {"qa": TaskDemand(requests=2, input_tokens=30, expected_output_tokens=5)}
+    prefill = {"qa": np.array([[1.0, 0.0]])}
+    decode = {"qa": np.array([[0.0, 1.0]])}
+    scores = expected_expert_tokens(demand, prefill, {"qa": np.array([0.5])}, (1, 2), decode)
+    # 30 input tokens on expert 0, 2 x 5 output tokens on expert 1, times s = 0.5
+    np.testing.assert_allclose(scores, [[15.0, 5.0]])

@@ -281,3 +281,84 @@ def test_lru_cache_starts_from_resident_set():
     cache = LruExpertCache([2, 2], resident=np.array([[1, 1, 0, 0], [0, 0, 0, 0]], bool))
     assert cache.access(0, 1) == (True, None)
     assert cache.access(0, 2) == (False, 0)
+
+
+def allocating(slots=2, interval=3, sensitivity=None, adaptive=False, fixed_slots=True):
+    sensitivity = sensitivity or {"qa": np.array([1.0, 0.1]), "classification": np.zeros(2)}
+    return make_planner("emoe", MODEL, PlannerSetup(
+        slots_per_layer=np.full(2, slots), predictor=LastPromptPredictor(2, 4),
+        sensitivity=sensitivity, prediction_interval=interval, fixed_slots=fixed_slots,
+        allocate=True, adaptive_interval=adaptive))
+
+
+def test_emoe_allocates_slots_over_layers_by_eq2_value():
+    p = allocating()
+    p.plan(["qa"], QA, 0)  # cold: 2 + 2 slots, experts 0, 1
+    p.observe_routing("qa", np.array([[4, 3, 2, 1], [4, 3, 2, 1]]))
+    change = p.plan(["qa"], QA, 0)
+    # 4 slots and a floor of 2 (top-k) per layer: the split is 2 + 2, each layer's best two
+    assert change.run_predictor and p.resident.sum() == 4
+    np.testing.assert_array_equal(p.resident, [[1, 1, 0, 0], [1, 1, 0, 0]])
+    # 6 slots: past the floors, Eq. 2 (s = 1 in layer 0, 0.1 in layer 1) values layer 0's
+    # experts 2 and 3 (2 and 1 x tokens) above layer 1's (0.2 and 0.1 x tokens)
+    p = allocating(slots=3)
+    p.plan(["qa"], QA, 0)
+    p.observe_routing("qa", np.array([[4, 3, 2, 1], [4, 3, 2, 1]]))
+    p.plan(["qa"], QA, 0)
+    np.testing.assert_array_equal(p.resident, [[1, 1, 1, 1], [1, 1, 0, 0]])
+
+
+def test_emoe_predicts_when_a_task_it_did_not_serve_arrives():
+    p = planner("emoe", interval=10)
+    p.plan(["qa"], QA, 0)
+    assert p.plan(["qa"], QA, 0).run_predictor  # prompt 1
+    assert not p.plan(["qa"], QA, 0).run_predictor
+    # summarization is sensitive in layer 1: the set was chosen without it
+    assert p.plan(["summarization"], demand(qa=(1, 10, 5), summarization=(1, 10, 5)),
+                  0).run_predictor
+    assert not p.plan(["summarization"], demand(summarization=(1, 10, 5)), 0).run_predictor
+    # classification is insensitive everywhere: no reason to re-predict
+    assert not p.plan(["classification"], demand(classification=(1, 10, 5)), 0).run_predictor
+
+
+def test_adaptive_interval_predicts_early_when_hits_drop_and_stretches_while_they_hold():
+    p = allocating(interval=4, adaptive=True)
+    qa_here = np.array([[5, 5, 0, 0], [5, 5, 0, 0]])
+    qa_elsewhere = np.array([[0, 0, 5, 5], [0, 0, 5, 5]])
+    p.plan(["qa"], QA, 0)
+    p.observe_routing("qa", qa_here)
+    assert p.plan(["qa"], QA, 0).run_predictor  # prompt 1: the set is experts 0, 1
+    predicted = []
+    for n in range(2, 12):  # the hit rate holds (routing stays on experts 0, 1)
+        p.observe_routing("qa", qa_here)
+        predicted.append(p.plan(["qa"], QA, 0).run_predictor)
+    # on schedule at 5 (1 + 4), then the interval doubles to 8: next at 13
+    assert [n for n, ran in zip(range(2, 12), predicted) if ran] == [5]
+    assert p.interval == 8
+    for _ in range(3):  # the reference hit rate after the prediction at 5: 1.0
+        p.observe_routing("qa", qa_here)
+    p.observe_routing("qa", qa_elsewhere)  # routing moves away: the hit rate drops
+    change = p.plan(["qa"], QA, 0)
+    assert change.run_predictor and p.early_predictions == 1 and p.interval == 4
+
+
+def test_emoe_warm_predictor_predicts_for_the_first_prompt():
+    p = planner("emoe", fixed_slots=True)
+    p.predictor.observe("qa", np.array([[0, 0, 5, 5], [0, 5, 5, 0]]))
+    change = p.plan(["qa"], QA, spare_bytes=10**9)
+    assert change.run_predictor
+    assert sorted(change.load) == [(0, 2), (0, 3), (1, 1), (1, 2)]
+
+
+def test_random_planner_pins_a_seeded_set_of_the_given_sizes():
+    def pinned(seed):
+        p = make_planner("random", MODEL, PlannerSetup(
+            slots_per_layer=np.array([1, 3]), predictor=LastPromptPredictor(2, 4),
+            sensitivity={}, seed=seed))
+        p.plan(["qa"], QA, 0)
+        assert not p.plan(["qa"], QA, 0).load
+        return p.resident.copy()
+
+    np.testing.assert_array_equal(pinned(0).sum(axis=1), [1, 3])
+    np.testing.assert_array_equal(pinned(0), pinned(0))
+    assert any(not np.array_equal(pinned(0), pinned(s)) for s in range(1, 5))

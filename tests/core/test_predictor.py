@@ -79,3 +79,39 @@ def test_registry():
     finally:
         from emoe.core.predictor import PREDICTORS
         del PREDICTORS["test-only"]
+
+
+def test_prompt_and_generated_token_routing_are_learned_apart():
+    p = FrequencyPredictor(1, 2, decay=1.0)
+    p.observe("qa", np.array([[3, 1]]))
+    # no decode routing seen for qa yet: its prompt's stands in
+    np.testing.assert_allclose(p.predict("qa", "decode"), [[0.75, 0.25]])
+    p.observe("qa", np.array([[0, 2]]), "decode")
+    np.testing.assert_allclose(p.predict("qa", "decode"), [[0.0, 1.0]])
+    np.testing.assert_allclose(p.predict("qa", "prefill"), [[0.75, 0.25]])
+    # an unseen task: all tasks' estimate of the same phase
+    np.testing.assert_allclose(p.predict("summarization", "decode"), [[0.0, 1.0]])
+    with pytest.raises(ValueError, match="phase 'generate'"):
+        p.observe("qa", np.array([[1, 1]]), "generate")
+
+
+def test_loader_prefix_names_resolve_once(monkeypatch):
+    from emoe.core import predictor as module
+
+    monkeypatch.setattr(module, "PREDICTORS", dict(module.PREDICTORS))
+    monkeypatch.setattr(module, "PREDICTOR_LOADERS", {})
+    loads = []
+
+    def loader(arg):
+        loads.append(arg)
+        return lambda layers, experts: LastPromptPredictor(layers, experts)
+
+    assert not module.known_predictor("learned:x.safetensors")
+    module.register_predictor_loader("learned", loader)
+    assert module.known_predictor("learned:x.safetensors")
+    assert not module.known_predictor("learned")
+    for _ in range(2):
+        assert isinstance(make_predictor("learned:x.safetensors", 2, 4), LastPromptPredictor)
+    assert loads == ["x.safetensors"]
+    with pytest.raises(UnknownNameError, match="learned:FILE"):
+        make_predictor("nope", 2, 4)

@@ -325,3 +325,56 @@ def test_state_is_bounded_by_live_requests(scheduling):
     assert sum(r.status is RequestStatus.ABORTED for r in requests) > 10
     assert max(worst) <= 0
     assert held(s) == dict.fromkeys(held(s), 0)
+
+
+class _NoCallPredictor:
+    """Fails the test if asked for a prediction; counts what it observes."""
+
+    observed = False
+
+    def __init__(self):
+        self.seen = []
+
+    def observe(self, task, routing, phase="prefill"):
+        self.seen.append((task, phase))
+
+    def predict(self, task, phase="prefill"):
+        raise AssertionError(f"predictor called for {task!r} ({phase})")
+
+
+def test_prediction_is_not_called_when_every_task_in_play_is_insensitive():
+    policy = PolicyConfig(planner="emoe", experts_per_layer=2, prediction_interval=2,
+                          sensitivity={"classification": [0.0] * 4, "similarity": [0.0] * 4})
+    predictor = _NoCallPredictor()
+    s = Scheduler(TINY_MODEL, TINY_GPU, policy, predictor=predictor)
+    requests = [make_request(str(i), float(i), task=["classification", "similarity"][i % 2],
+                             output_tokens=3) for i in range(9)]
+    _, backend = run(s, requests)
+    assert not any(p.run_predictor for p in backend.plans)
+    per_layer = [sum(1 for key in backend.resident if key[0] == layer) for layer in range(4)]
+    assert per_layer == [2, 2, 2, 2]  # every layer still holds experts
+    # a task sensitive somewhere arrives: the set was not chosen for it, the predictor runs
+    s.add_request(make_request("qa", 100.0, task="qa"))
+    with pytest.raises(AssertionError, match="predictor called for 'qa'"):
+        s.next_step(100.0)
+
+
+def test_generated_token_routing_and_output_lengths_are_measured():
+    s = scheduler(planner="emoe", experts_per_layer=2, predictor="last-prompt")
+    assert s.expected_output("qa") == 32  # the task profile's default before any finish
+    s.add_request(make_request("a", output_tokens=3))
+    counts = np.arange(16).reshape(4, 4)
+    step(s, 0.0, routing={"a": counts})
+    plan = s.next_step(1.0)
+    decode = np.ones((4, 4))
+    decode[:, 0] = 5
+    s.on_step_done(StepResult(1.0, 2.0, iterations=plan.iterations,
+                              outputs=[RequestStepOutput("a", finished=True)],
+                              decode_routing={"a": decode}))
+    np.testing.assert_allclose(s.planner.predictor.predict("qa", "decode"), decode / 8)
+    assert s.expected_output("qa") == 3  # it generated its 3 tokens: not the default 32
+    # a backend that hears of the finish only afterwards reports it with the next step
+    s.add_request(make_request("b", 3.0))
+    s.next_step(3.0)
+    s.on_step_done(StepResult(3.0, 4.0, decode_routing={"a": decode * 0 + np.eye(4)}))
+    np.testing.assert_allclose(s.planner.predictor.predict("qa", "decode"), np.eye(4))

@@ -1,0 +1,39 @@
+import pytest
+
+from emoe.core.accuracy import AccuracyCalibration, fit_calibration, pearson
+from emoe.core.errors import ConfigError
+
+ROWS = [{"planner": p, "budget": b, "proxy": x, "agreement": 0.2 + 0.8 * x,
+         "quality": x - 0.05, "slots_per_layer": [2, 2]}
+        for p, b, x in (("emoe", 0.25, 0.3), ("static", 0.5, 0.6), ("random", 0.75, 0.9))]
+
+
+def test_fit_recovers_a_line_and_round_trips(tmp_path):
+    calibration = fit_calibration(ROWS, "tiny", {"rows": ["a.json"]})
+    fit = calibration.fits["agreement"]
+    assert fit.slope == pytest.approx(0.8) and fit.intercept == pytest.approx(0.2)
+    assert fit.r == pytest.approx(1.0)
+    assert calibration.predict(0.5) == pytest.approx({"agreement": 0.6, "quality": 0.45})
+    assert calibration.predict(2.0)["agreement"] == 1.0  # clipped to [0, 1]
+    path = tmp_path / "c.json"
+    calibration.to_file(path)
+    back = AccuracyCalibration.from_file(path)
+    assert back.fits == calibration.fits and back.points == calibration.points
+    assert back.model == "tiny" and back.predict(0.7) == calibration.predict(0.7)
+    assert "3 `emoe eval` runs of tiny" in back.describe()
+
+
+def test_too_few_runs_and_bad_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="at least 3 runs"):
+        fit_calibration(ROWS[:2])
+    with pytest.raises(ConfigError, match="eval row 0"):
+        fit_calibration([{"planner": "emoe"}] * 3)
+    path = tmp_path / "c.json"
+    path.write_text('{"format": "emoe-accuracy-calibration", "version": 1, "fits": {}}')
+    with pytest.raises(ConfigError, match="field 'fits'"):
+        AccuracyCalibration.from_file(path)
+
+
+def test_pearson():
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
