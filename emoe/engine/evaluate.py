@@ -64,6 +64,7 @@ class EvalRow:
     proxy: float = 1.0
     budget_fraction: float = 1.0
     slots_per_layer: tuple[int, ...] = ()
+    predictor_calls: float = 0.0
     nll: float = 0.0
     answer_tokens: int = 0
     agreement_draws: tuple[float, ...] = ()
@@ -110,6 +111,7 @@ class _Run:
     hits: dict[str, list[float]]  # task -> [hits, choices, weighted hits, weighted choices]
     fraction: float = 1.0
     slots_per_layer: tuple[int, ...] = ()
+    predictor_calls: int = 0
 
 
 def _run(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Sequence[Example],
@@ -130,12 +132,11 @@ def _run(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Seq
         counts[2] += record.weighted_choices if fetched else record.weighted_hits
         counts[3] += record.weighted_choices
     nll = answer_nll(session.model, tokenizer, examples)
-    resident = session.scheduler.planner.resident
-    spec = session.spec
+    planner, spec = session.scheduler.planner, session.spec
     return _Run({rid: r.token_ids for rid, r in stats.requests.items()}, nll, dict(hits),
-                float(session.scheduler.planner.capacity_bytes
+                float(planner.capacity_bytes
                       / (spec.num_layers * spec.num_experts * spec.expert_bytes)),
-                tuple(int(v) for v in resident.sum(axis=1)))
+                tuple(int(v) for v in planner.resident.sum(axis=1)), stats.predictor_calls)
 
 
 def evaluate(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples: Sequence[Example],
@@ -182,6 +183,7 @@ def evaluate(load_model: Callable[[], MoEModel], tokenizer: Tokenizer, examples:
                 hit_rate=hits[0] / hits[1] if hits[1] else 1.0,
                 proxy=hits[2] / hits[3] if hits[3] else 1.0,
                 budget_fraction=runs[0].fraction, slots_per_layer=runs[0].slots_per_layer,
+                predictor_calls=statistics.fmean(run.predictor_calls for run in runs),
                 nll=nll, answer_tokens=tokens,
                 agreement_draws=tuple(agreement) if draws else (),
                 quality_draws=tuple(sum(s for s, _ in q) / len(idx) for q in scores)
@@ -244,6 +246,7 @@ def summarize(rows: Sequence[EvalRow], sensitivity: str = "hand-set") -> list[di
             "perplexity_change_pct": statistics.fmean(r.perplexity_change_pct for r in group),
             "hit_rate": statistics.fmean(r.hit_rate for r in group),
             "proxy": statistics.fmean(r.proxy for r in group),
+            "predictor_calls": first.predictor_calls,
             "sensitivity": sensitivity,
             "prompts": sum(r.n for r in group),
         }
@@ -389,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
                     progress=lambda s: print(f"eval: {s}", file=sys.stderr))
     print(format_tables(rows))
     if args.json:
-        weights = str(args.sensitivity) if args.sensitivity is not None else "hand-set"
+        weights = (f"{args.sensitivity} ({args.sensitivity_mode})"
+                   if args.sensitivity is not None else "hand-set")
         args.json.write_text(json.dumps(summarize(rows, weights), indent=1) + "\n")
     return 0
 

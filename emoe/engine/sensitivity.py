@@ -35,6 +35,7 @@ import numpy as np
 
 from emoe.core.sensitivity import METHODS, METRICS, Measurement, SensitivityProfile
 from emoe.engine.evaluate import quality, token_agreement
+from emoe.engine.reference import REFERENCE_MODEL_DIR
 from emoe.engine.reference.data import Example
 
 if TYPE_CHECKING:
@@ -203,7 +204,9 @@ def _methods(text: str) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model folder (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("checkpoint", nargs="?", default=str(REFERENCE_MODEL_DIR),
+                   help="model folder (config.json, *.safetensors, tokenizer.json); default: "
+                        "the reference model emoe-tiny")
     p.add_argument("-o", "--output", required=True, type=Path, help="sensitivity file to write")
     p.add_argument("--per-task", type=int, default=20, help="prompts per task (default 20)")
     p.add_argument("--seed", type=int, default=2, help="prompt seed (default 2: neither the "

@@ -225,7 +225,8 @@ def _calibration_mismatch(calibration, model, policy) -> list[str]:
         out.append(f"calibrated on {calibration.model}, simulating {model.name}: the estimate "
                    f"does not transfer between models")
     measured = {p.get("sensitivity") for p in calibration.points} - {None}
-    used = (policy.sensitivity_source or {}).get("file") or "hand-set"
+    source = policy.sensitivity_source
+    used = f"{source['file']} ({source['mode']})" if source else "hand-set"
     if measured and used not in measured:
         out.append(f"calibrated with sensitivity {', '.join(sorted(measured))}; this run weighs "
                    f"the proxy with {used}")

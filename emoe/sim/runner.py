@@ -127,6 +127,7 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     """The scheduler and simulated backend for ``config`` (errors name the bad field)."""
     model, hardware = config.specs()
     policy = config.policy(model)
+    hardware = _predictor_cost(hardware, policy.predictor)
     budget = policy.memory_budget_bytes
     if budget is not None and budget > hardware.gpu_memory_bytes:
         raise ConfigError(f"memory budget: {budget / GIB:.1f} GiB exceeds the "
@@ -138,6 +139,29 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          miss_mode=scheduler.planner.miss_mode,
                          slots_per_layer=scheduler.planner.slots_per_layer)
     return scheduler, backend
+
+
+def _predictor_cost(hardware: HardwareSpec, predictor: str) -> HardwareSpec:
+    """A learned predictor's call time as measured when it was trained (``emoe predictor
+    train``, on that machine's CPU, where it runs) replaces the preset's ``predictor_s``."""
+    prefix, _, path = predictor.partition(":")
+    if prefix != "learned":
+        return hardware
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            seconds = float(json.loads(f.metadata()["emoe.predictor.report"])["call_seconds"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: no measured call time in the learned predictor file "
+                          f"({exc})") from None
+    return dataclasses.replace(
+        hardware, predictor_s=seconds,
+        provenance=f"{hardware.provenance}; predictor_s {seconds * 1e3:.3f} ms measured by "
+                   f"`emoe predictor train` for {path}")
 
 
 def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> RoutingSource:

@@ -105,6 +105,7 @@ class RunStats:
     load_wait_s: float = 0.0
     bytes_loaded: int = 0
     fetches: int = 0
+    predictor_calls: int = 0       # steps whose plan ran the expert predictor
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -216,6 +217,7 @@ class OffloadSession:
                     raise ConfigError("scheduler admits nothing: the requests do not fit the "
                                       "engine's KV cache and expert budget")
                 continue
+            stats.predictor_calls += plan.run_predictor
             t0 = time.perf_counter()
             result = self.engine.execute(plan)
             if recorder is not None:
