@@ -2,7 +2,21 @@
 
 
 class EmoeError(Exception):
-    """Base class: a failure a user can act on. The message says what and where."""
+    """Base class: a failure a user can act on. The message says what and where.
+
+    Pickled by message and attributes (not by constructor arguments), so an error raised in a
+    worker process reaches the parent intact whatever its subclass's ``__init__`` takes.
+    """
+
+    def __reduce__(self):
+        return _rebuild, (type(self), str(self), self.__dict__)
+
+
+def _rebuild(cls: type, message: str, attributes: dict) -> "EmoeError":
+    error = Exception.__new__(cls)
+    error.args = (message,)
+    error.__dict__.update(attributes)
+    return error
 
 
 class ConfigError(EmoeError):

@@ -123,6 +123,11 @@ async def replay_file(trace: Path, client: EmoeClient, *, rate_scale: float = 1.
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``."""
     from emoe.core.workload import read_trace
 
+    # Read the trace once before sending anything: a malformed row is then one clear error
+    # (file:line: column), not a failure half-way through a replay with requests in flight.
+    checked = read_trace(trace, seed=seed, rate_scale=rate_scale)
+    for _ in checked if limit is None else itertools.islice(checked, limit):
+        pass
     requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
     if limit is not None:
         requests = itertools.islice(requests, limit)

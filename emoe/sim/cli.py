@@ -1,20 +1,27 @@
-"""``emoe sim``: simulate a trace under one or several policy configurations.
+"""``emoe sim``: simulate a trace under one or many policy configurations.
 
-With no arguments it runs the project's main what-if study: the built-in trace on the default
-card under each expert planner (and the eMoE scheduler), printing one comparison table.
-Lists (``--scheduler fcfs,emoe``) run every combination. Only argparse is imported here:
-everything else loads inside the handler, so the command starts fast.
+With no arguments it runs the project's default what-if study on the built-in workload: the
+scheduling policies side by side, and the expert planners at three budgets, in one table and
+one figure. Every knob takes a comma-separated list and every combination runs (identical
+systems once), in parallel. ``--search capacity`` finds each configuration's highest request
+rate that meets an SLO target, and the Pareto front over capacity, accuracy and memory. Only
+argparse is imported here: everything else loads inside the handler, so the command starts fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+import sys
 from pathlib import Path
 
-DEFAULT_COMPARISON = (("fcfs", "lru"), ("fcfs", "static"), ("fcfs", "predict-every"),
-                      ("fcfs", "emoe"), ("emoe", "emoe"))
-"""(scheduling policy, expert planner) pairs of the default what-if study."""
+SCHEDULERS = ("fcfs", "sjf", "edf", "emoe")
+STUDY_PLANNERS = ("lru", "static", "predict-every", "emoe")
+STUDY_BUDGETS = ("4/layer", "5/layer", "6/layer")
+"""The default study: every scheduling policy with the emoe planner at 5 experts per layer (the
+scheduler's effect), and the emoe scheduler with every offloading planner at 4, 5 and 6 experts
+per layer (the planners' accuracy/memory trade-off)."""
 GIB = 1024**3
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -35,6 +42,50 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers, e.g. 1,1.5,2") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers > 0")
+    return values
+
+
+def _sizes(text: str) -> list[int]:
+    return [parse_size(v) for v in _names(text)]
+
+
+_PER_LAYER = re.compile(r"^\s*(\d+)\s*/\s*layer\s*$", re.IGNORECASE)
+_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+
+def parse_budget(text: str) -> dict:
+    """An expert budget: ``5/layer`` (experts per layer), ``62.5%`` or ``0.625`` (of all
+    experts), or a size (``40GiB``, ``3.5e10``): the SimConfig fields it sets."""
+    per_layer = _PER_LAYER.match(text)
+    if per_layer:
+        return {"experts_per_layer": int(per_layer.group(1))}
+    fraction = _FRACTION.match(text)
+    if fraction:
+        return {"expert_fraction": float(fraction.group(1)) / 100}
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value <= 1:
+        return {"expert_fraction": value}
+    try:
+        return {"expert_budget_bytes": parse_size(text)}
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an expert budget; e.g. 5/layer, 62.5%, 0.6, 40GiB") from None
+
+
+def _budgets(text: str) -> list[dict]:
+    return [parse_budget(v) for v in _names(text)]
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in _names(text)]
@@ -53,192 +104,259 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_argument_group("workload")
     src.add_argument("--trace", type=Path, default=None,
                      help="request trace (Azure CSV, emoe CSV/JSONL); default: the built-in "
-                          "traces/mixed-tasks-poisson.csv")
+                          "traces/mixed-tasks-bursty.csv")
     src.add_argument("--synthetic", type=int, metavar="N", default=None,
-                     help="instead of a trace, N synthetic Poisson requests (streamed)")
+                     help="instead of a trace, N synthetic requests (streamed)")
     src.add_argument("--rate", type=float, default=5.0, help="req/s of --synthetic")
+    src.add_argument("--arrival", choices=("poisson", "gamma"), default=None,
+                     help="inter-arrival gaps of --synthetic (default poisson; gamma: --cv)")
+    src.add_argument("--cv", type=float, default=None,
+                     help="coefficient of variation of gamma gaps (default 2; 1 is Poisson)")
     src.add_argument("--mix", default=None,
                      help="task mix for unlabelled requests, e.g. qa=1,conversation=2")
-    src.add_argument("--rate-scale", type=float, default=1.0,
-                     help="multiply the arrival rate (2 = twice as fast)")
     src.add_argument("--duration", type=float, default=None, metavar="S",
                      help="simulate only the first S seconds of arrivals")
-    sys_ = p.add_argument_group("system")
-    sys_.add_argument("--model", default="mixtral-8x7b")
-    sys_.add_argument("--gpu", default="h100-80gb")
-    sys_.add_argument("--profile", type=Path, default=None,
-                      help="engine profile JSON replacing the preset's coefficients "
-                           "(docs/profile-format.md)")
-    sys_.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
-                      help="GPU memory to use (default: all of it)")
-    pol = p.add_argument_group("policies (comma-separated lists run every combination)")
+    pol = p.add_argument_group("configurations (comma-separated lists run every combination)")
     pol.add_argument("--scheduler", type=_names, default=None,
-                     help="scheduling policies: fcfs, sjf, edf, emoe (default: the built-in "
-                          "comparison)")
-    pol.add_argument("--experts", type=_names, default=None,
+                     help="scheduling policies: fcfs, sjf, edf, emoe (default: the study)")
+    pol.add_argument("--experts", "--planner", dest="experts", type=_names, default=None,
                      help="expert planners: all, lru, static, predict-every, emoe (default: "
-                          "the built-in comparison)")
+                          "the study)")
     pol.add_argument("-p", "--prediction-interval", type=_ints, default=[40], metavar="P",
                      help="prompts between predictor runs (emoe planner)")
-    pol.add_argument("--experts-per-layer", type=int, default=None, metavar="L",
-                     help="resident experts per layer (default 5, or from --expert-budget)")
-    pol.add_argument("--expert-budget", type=parse_size, default=None, metavar="SIZE",
-                     help="GPU memory for experts, spread over the layers")
+    pol.add_argument("--expert-budget", type=_budgets, default=None, metavar="B",
+                     help="experts resident: 5/layer, 62.5%% or 0.625 of all experts, or a "
+                          "size (40GiB) spread over the layers (default 5/layer)")
+    pol.add_argument("--experts-per-layer", type=_ints, default=None, metavar="L",
+                     help="the same as --expert-budget L/layer")
+    pol.add_argument("--miss", type=_names, default=None,
+                     help="miss policy: reroute, drop (simulated as reroute), fetch (lru); "
+                          "default: the planner's own")
+    pol.add_argument("--rate-scale", type=_floats, default=[1.0], metavar="X",
+                     help="multiply the arrival rate (2 = twice as fast); with --search: the "
+                          "first probe")
+    pol.add_argument("--memory-budget", type=_sizes, default=None, metavar="SIZE",
+                     help="GPU memory to use (default: all of the card)")
+    pol.add_argument("--gpu", type=_names, default=["h100-80gb"],
+                     help="GPU presets: a100-40gb, h100-80gb, h200-141gb")
+    pol.add_argument("--model", default="mixtral-8x7b")
+    pol.add_argument("--profile", type=Path, default=None,
+                     help="engine profile JSON replacing the preset's coefficients "
+                          "(docs/profile-format.md)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="a policy file (replaces the policy options)")
-    pol.add_argument("--sensitivity", type=Path, default=None,
-                     help="sensitivity file from `emoe sensitivity` (replaces the policy's "
-                          "table; default: the task profiles' hand-set defaults)")
-    pol.add_argument("--sensitivity-mode", choices=["graded", "binary"], default="graded",
-                     help="which s of the sensitivity file")
+    search = p.add_argument_group("search and choice")
+    search.add_argument("--search", choices=("capacity",), default=None,
+                        help="capacity: per configuration, the highest rate scale meeting "
+                             "--slo-target (bisection, each probe a whole simulation)")
+    search.add_argument("--slo-target", type=float, default=0.9,
+                        help="SLO attainment a capacity must reach")
+    search.add_argument("--capacity-tolerance", type=float, default=0.05, metavar="TOL",
+                        help="stop bisecting when the bracket's ratio is within 1 + TOL")
+    search.add_argument("--best", default=None, metavar="OBJECTIVE",
+                        help="rule for the best configuration: capacity, goodput, slo, "
+                             "accuracy or memory (default: capacity with --search, else slo)")
+    search.add_argument("--accuracy-floor", type=float, default=0.0, metavar="A",
+                        help="the best configuration's accuracy proxy must be at least A")
     run = p.add_argument_group("run and output")
+    run.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                     help="worker processes (default: all cores; 1: in this process)")
+    run.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="run the configurations on Ray: a cluster's ADDRESS, or a local Ray "
+                          "started for the run (needs the ray extra)")
     run.add_argument("--routing-trace", type=Path, default=None,
                      help="recorded routing (Parquet, docs/routing-trace.md); default: synthetic")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, default=None,
-                     help="per-request results, .csv/.jsonl/.parquet (one file per run: "
-                          "the run name is added when several run)")
-    run.add_argument("--json", type=Path, default=None, help="run summaries as JSON")
+                     help="per-request results, .csv/.jsonl/.parquet (one file per "
+                          "configuration: its name is added when several run)")
+    run.add_argument("--json", type=Path, default=None,
+                     help="one row per configuration: its parameters and results")
     run.add_argument("--plots", type=Path, default=None, metavar="DIR",
-                     help="write comparison plots (PNG) to DIR")
+                     help="write plots (PNG) to DIR")
     run.add_argument("--export-policy", type=Path, default=None, metavar="FILE",
-                     help="write the best run's policy file (highest SLO attainment, then "
-                          "accuracy proxy, then goodput) for `emoe serve --policy`")
-    run.add_argument("--accuracy-calibration", type=Path, default=None, metavar="FILE",
-                     help="`emoe calibrate-proxy` file: print agreement and quality estimated "
-                          "from the accuracy proxy")
+                     help="write the best configuration's policy file (--best, "
+                          "--accuracy-floor) for `emoe serve --policy`")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
 
 def run_sim(args: argparse.Namespace) -> int:
-    import json
-    import sys
+    import time
 
     from emoe.core.errors import ConfigError
-    from emoe.core.metrics import format_comparison, format_summary
-    from emoe.sim.runner import DEFAULT_EXPERTS_PER_LAYER, SimConfig, Workload, simulate
+    from emoe.sim import report
+    from emoe.sim.parallel import default_jobs, run_tasks
+    from emoe.sim.runner import SimConfig
+    from emoe.sim.search import CapacitySearch, Task, distinct, mark_pareto, run_task
 
-    if args.trace is not None and args.synthetic is not None:
-        raise ConfigError("--trace and --synthetic: give one workload, not both")
-    workload = Workload(trace=args.trace, synthetic_requests=args.synthetic,
-                        synthetic_rate=args.rate, mix=args.mix, rate_scale=args.rate_scale,
-                        duration_s=args.duration)
-    base = SimConfig(model=args.model, gpu=args.gpu, profile=args.profile,
-                     experts_per_layer=args.experts_per_layer or DEFAULT_EXPERTS_PER_LAYER,
-                     expert_budget_bytes=args.expert_budget,
-                     memory_budget_bytes=args.memory_budget, policy_file=args.policy,
-                     routing_trace=args.routing_trace, seed=args.seed,
-                     sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode)
-    configs = _configs(base, args)
+    workload = _workload(args)
+    search = None
+    if args.search == "capacity":
+        if len(args.rate_scale) > 1:
+            raise ConfigError("--search capacity searches the rate scale: give one "
+                              "--rate-scale (the first probe), not a list")
+        search = CapacitySearch(slo_target=args.slo_target, tolerance=args.capacity_tolerance,
+                                start=args.rate_scale[0])
+    requested = _configs(args)
+    configs = distinct(requested)
+    stats = None
+    if search is not None:
+        stats = workload.stats(args.seed)
+        configs = _with_all_resident_baselines(configs)
     model, hardware = configs[0].specs()
-    calibration = None
-    if args.accuracy_calibration is not None:
-        from emoe.core.accuracy import AccuracyCalibration
+    jobs = 1 if args.ray is None and len(configs) == 1 else (args.jobs or default_jobs())
+    where = (f"Ray ({args.ray})" if args.ray is not None
+             else f"{min(jobs, len(configs))} local process(es)")
+    print(f"emoe sim: SIMULATED {model.name} on {report.gpus(configs)}; workload: "
+          f"{workload.describe()}" + (f" ({stats.requests} requests, {stats.rate:.3g} req/s)"
+                                      if stats else ""))
+    _print_fit_note(model, configs)
+    what = ("capacity search (bisection on the rate scale, SLO attainment >= "
+            f"{100 * search.slo_target:g}%)" if search else "run")
+    merged = len(requested) - len(distinct(requested))
+    added = len(configs) - len(requested) + merged
+    print(f"{len(configs)} configuration(s), one {what} each, on {where}"
+          + (f"; {merged} requested combination(s) simulate identically to another and were "
+             "merged" if merged else "")
+          + (f"; {added} all-experts-resident baseline(s) added" if added else ""))
 
-        calibration = AccuracyCalibration.from_file(args.accuracy_calibration)
-
-    print(f"emoe sim: SIMULATED {model.name} on {hardware.name} "
-          f"({hardware.gpu_memory_bytes / GIB:.0f} GiB); workload: {workload.describe()}")
-    _print_fit_note(model, hardware, args)
-    outcomes = []
-    for config in configs:
-        out = args.out
-        if out is not None and len(configs) > 1:
-            out = out.with_name(f"{out.stem}-{config.name.replace('/', '-')}"
-                                f"{'-p' + str(config.prediction_interval) if len(args.prediction_interval) > 1 else ''}"
-                                f"{out.suffix}")
-        outcome = simulate(config, workload, out=out, progress=not args.no_progress)
-        outcomes.append(outcome)
-    first = outcomes[0]
+    single = len(configs) == 1 and search is None
+    tasks = [Task(config=c, workload=workload, search=search,
+                  total_requests=stats.requests if stats else 0,
+                  out=_out_path(args.out, c, single),
+                  progress=single and not args.no_progress) for c in configs]
+    started = time.perf_counter()
+    bar = None if single or args.no_progress else report.progress_bar(len(tasks))
+    try:
+        results = run_tasks(run_task, tasks, jobs=jobs, ray_address=args.ray,
+                            on_done=(lambda n: bar.update(n - bar.n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.perf_counter() - started
+    mark_pareto(results)
+    first = results[0].outcome
     print(f"routing: {first.routing}; expert hits {first.hits_method}")
-    print(f"cost model: {hardware.provenance.split('. ')[0]}; every coefficient's provenance: "
-          "docs/simulator.md")
-    print(_accuracy_note(configs[0].policy(model), calibration))
+    print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
+          "provenance: docs/simulator.md")
     print()
-    if len(outcomes) == 1:
-        print(format_summary(first.summary))
-    else:
-        print(format_comparison([o.summary for o in outcomes]))
-    if calibration is not None:
-        print()
-        print("accuracy estimated from the proxy (calibration: " + calibration.describe() + ")")
-        for warning in _calibration_mismatch(calibration, model, configs[0].policy(model)):
-            print(f"  warning: {warning}")
-        for o in outcomes:
-            if o.summary.accuracy_proxy is not None:
-                estimate = calibration.predict(o.summary.accuracy_proxy)
-                print(f"  {o.summary.name}: proxy {o.summary.accuracy_proxy:.3f} -> "
-                      + ", ".join(f"{m} ~{v:.3f}" for m, v in estimate.items()))
+    if stats is None:
+        stats = report.stats_of(results[0].outcome.summary)
+    report.print_results(results, stats, search, single)
+    freed = report.freed_memory_rows(results, stats)
     print()
-    print("simulated " + ", ".join(f"{o.summary.name}: {o.steps} steps in {o.wall_s:.2f} s"
-                                   for o in outcomes))
+    print(report.format_freed_memory(freed, search is not None))
+    objective = args.best or ("capacity" if search else "slo")
+    best = report.print_best(results, objective, args.accuracy_floor)
+    simulations = sum(max(1, len(r.probes)) for r in results)
+    steps = sum(r.outcome.steps for r in results)
+    print(f"simulated {simulations} run(s) of {len(results)} configuration(s) in {wall:.2f} s "
+          f"wall ({steps} steps in the reported runs)")
     if args.json is not None:
-        args.json.write_text(json.dumps([o.summary.to_dict() for o in outcomes], indent=2) + "\n")
+        report.write_json(args.json, results, freed, stats)
+        print(f"results: {args.json}")
     if args.plots is not None:
         from emoe.sim.plots import write_plots
 
-        written = write_plots([o.summary for o in outcomes], args.plots,
-                              title=f"{model.name} on {hardware.name}, {workload.describe()}")
-        print("plots: " + ", ".join(str(p) for p in written), file=sys.stdout)
+        written = write_plots(results, args.plots, title=f"{model.name}, "
+                              f"{workload.describe()}", searched=search is not None)
+        print("plots: " + ", ".join(str(p) for p in written))
     if args.export_policy is not None:
-        best = max(outcomes, key=_ranking)
-        best.config.policy(best.model).to_file(args.export_policy)
-        print(f"policy: {best.summary.name} (best SLO attainment) written to {args.export_policy}")
+        if best is None:
+            print(f"emoe sim: no configuration meets the accuracy floor "
+                  f"{args.accuracy_floor:g}; no policy written", file=sys.stderr)
+            return 1
+        best.outcome.config.policy(best.outcome.model).to_file(args.export_policy)
+        print(f"policy: {best.config.name} written to {args.export_policy}")
     return 0
 
 
-def _ranking(outcome) -> tuple[float, float, float]:
-    summary = outcome.summary
-    accuracy = summary.accuracy_proxy if summary.accuracy_proxy is not None else 1.0
-    return (summary.slo_attainment, accuracy, summary.goodput_rps)
+def _workload(args: argparse.Namespace):
+    from emoe.core.errors import ConfigError
+    from emoe.sim.runner import Workload
+
+    if args.trace is not None and args.synthetic is not None:
+        raise ConfigError("--trace and --synthetic: give one workload, not both")
+    if (args.arrival is not None or args.cv is not None) and args.synthetic is None:
+        raise ConfigError("--arrival/--cv shape --synthetic arrivals; a trace has its own")
+    arrival = args.arrival or ("gamma" if args.cv is not None else "poisson")
+    cv = 1.0 if arrival == "poisson" else (2.0 if args.cv is None else args.cv)
+    if arrival == "poisson" and args.cv not in (None, 1.0):
+        raise ConfigError(f"--cv {args.cv:g}: Poisson arrivals have CV 1; use --arrival gamma")
+    trace = args.trace
+    if trace is None and args.synthetic is None:
+        from emoe.core.workload import STUDY_TRACE
+
+        trace = STUDY_TRACE
+    return Workload(trace=trace, synthetic_requests=args.synthetic, synthetic_rate=args.rate,
+                    cv=cv, mix=args.mix, duration_s=args.duration)
 
 
-def _configs(base, args: argparse.Namespace) -> list:
-    import dataclasses
+def _configs(args: argparse.Namespace) -> list:
+    """Every combination of the lists, in order (the default study where no policy is given)."""
+    import itertools
 
+    from emoe.sim.runner import DEFAULT_EXPERTS_PER_LAYER, SimConfig
+
+    budgets = (args.expert_budget or []) + [{"experts_per_layer": L}
+                                            for L in args.experts_per_layer or []]
+    base = SimConfig(model=args.model, profile=args.profile, policy_file=args.policy,
+                     routing_trace=args.routing_trace, seed=args.seed, experts_per_layer=None)
     if args.policy is not None:
-        return [base]
-    if args.scheduler is None and args.experts is None:
-        pairs = list(DEFAULT_COMPARISON)
+        pairs = [(None, None, {})]
+    elif args.scheduler is None and args.experts is None:
+        chosen = budgets or [parse_budget(b) for b in STUDY_BUDGETS]
+        default = budgets[:1] or [{"experts_per_layer": DEFAULT_EXPERTS_PER_LAYER}]
+        pairs = ([(s, "emoe", b) for s in SCHEDULERS for b in default]
+                 + [("emoe", e, b) for e in STUDY_PLANNERS for b in chosen])
     else:
-        pairs = [(s, e) for s in (args.scheduler or ["emoe"]) for e in (args.experts or ["emoe"])]
-    return [dataclasses.replace(base, scheduling=s, planner=e, prediction_interval=p)
-            for s, e in pairs for p in args.prediction_interval]
+        budgets = budgets or [{"experts_per_layer": DEFAULT_EXPERTS_PER_LAYER}]
+        pairs = [(s, e, b) for s in (args.scheduler or ["emoe"])
+                 for e in (args.experts or ["emoe"]) for b in budgets]
+    configs = []
+    for (scheduler, planner, budget), p, miss, rate, memory, gpu in itertools.product(
+            pairs, args.prediction_interval, args.miss or [None], args.rate_scale,
+            args.memory_budget or [None], args.gpu):
+        policy = {} if args.policy is not None else dict(
+            scheduling=scheduler, planner=planner, prediction_interval=p, miss_policy=miss,
+            memory_budget_bytes=memory, **budget)
+        configs.append(dataclasses.replace(base, rate_scale=rate, gpu=gpu, **policy))
+    return configs
 
 
-def _accuracy_note(policy, calibration) -> str:
-    """Which sensitivity weighs the accuracy proxy, and whether it is calibrated."""
-    source = policy.sensitivity_source
-    weights = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
-               if source else "hand-set task-profile defaults (not measured)")
-    if calibration is None:
-        return (f"accuracy proxy: sensitivity-weighted hit share, weights {weights}; "
-                f"uncalibrated (--accuracy-calibration maps it to agreement and quality)")
-    return f"accuracy proxy: weights {weights}; calibrated against `emoe eval` (below)"
+def _with_all_resident_baselines(configs: list) -> list:
+    """In a capacity search, add ``<scheduler>/all`` on each card where all experts fit, so the
+    freed-memory table can compare throughput against them."""
+    from emoe.sim.search import distinct
+
+    extra = []
+    for config in configs:
+        if config.policy_file is not None or config.planner == "all":
+            continue
+        model, hardware = config.specs()
+        budget = config.memory_budget_bytes or hardware.gpu_memory_bytes
+        if model.non_expert_bytes + model.all_experts_bytes < budget:
+            extra.append(dataclasses.replace(config, planner="all"))
+    return distinct(configs + extra)
 
 
-def _calibration_mismatch(calibration, model, policy) -> list[str]:
-    """Why a calibration may not transfer to this simulation."""
-    out = []
-    if calibration.model and calibration.model != model.name:
-        out.append(f"calibrated on {calibration.model}, simulating {model.name}: the estimate "
-                   f"does not transfer between models")
-    measured = {p.get("sensitivity") for p in calibration.points} - {None}
-    source = policy.sensitivity_source
-    used = f"{source['file']} ({source['mode']})" if source else "hand-set"
-    if measured and used not in measured:
-        out.append(f"calibrated with sensitivity {', '.join(sorted(measured))}; this run weighs "
-                   f"the proxy with {used}")
-    return out
+def _out_path(out: Path | None, config, single: bool) -> Path | None:
+    if out is None or single:
+        return out
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", config.name).strip("-")
+    return out.with_name(f"{out.stem}-{slug}{out.suffix}")
 
 
-def _print_fit_note(model, hardware, args: argparse.Namespace) -> None:
-    """Say so when keeping every expert resident does not fit the card (the default study
+def _print_fit_note(model, configs: list) -> None:
+    """Say so when keeping every expert resident does not fit a card (the default study
     leaves the ``all`` planner out for that reason)."""
     needed = model.non_expert_bytes + model.all_experts_bytes
-    budget = args.memory_budget or hardware.gpu_memory_bytes
-    if needed > budget:
-        print(f"note: all experts resident (planner 'all') needs {needed / GIB:.1f} GiB of "
-              f"weights alone; {hardware.name} offers {budget / GIB:.1f} GiB, so experts are "
-              f"offloaded (one card, no tensor parallelism modelled)")
+    for gpu in dict.fromkeys(c.gpu for c in configs):
+        config = next(c for c in configs if c.gpu == gpu)
+        _, hardware = config.specs()
+        budget = config.memory_budget_bytes or hardware.gpu_memory_bytes
+        if needed > budget:
+            print(f"note: all experts resident (planner 'all') needs {needed / GIB:.1f} GiB of "
+                  f"weights alone; {hardware.name} offers {budget / GIB:.1f} GiB, so experts "
+                  f"are offloaded (one card, no tensor parallelism modelled)")

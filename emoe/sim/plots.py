@@ -1,7 +1,14 @@
-"""Comparison plots of several simulated runs (matplotlib, Agg backend: no display needed)."""
+"""Plots of simulated runs (matplotlib, Agg backend: no display needed).
+
+``whatif.png`` is the one figure of a study: accuracy against GPU memory coloured by capacity
+(or goodput) with the Pareto front marked, each configuration's capacity (or SLO attainment)
+coloured by scheduling policy, and the TTFT and TPOT distributions (CDFs) of the front.
+``overview.png`` and ``slo_by_task.png`` show the key metrics per run and per task.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,17 +16,93 @@ from pathlib import Path
 from emoe.core.metrics import Summary
 
 GIB = 1024**3
+SCHEDULER_COLOURS = {"fcfs": "tab:blue", "sjf": "tab:orange", "edf": "tab:green",
+                     "emoe": "tab:red"}
 
 
-def write_plots(summaries: Sequence[Summary], directory: Path, title: str = "") -> list[Path]:
-    """Write ``overview.png`` (key metrics per run) and ``slo_by_task.png``; returns paths."""
+def write_plots(results: Sequence, directory: Path, title: str = "",
+                searched: bool = False) -> list[Path]:
+    """Write ``whatif.png``, ``overview.png`` and ``slo_by_task.png`` for ``results``
+    (``emoe.sim.search.Result``); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
+    from emoe.sim.report import labels
+
+    directory.mkdir(parents=True, exist_ok=True)
+    short, _ = labels([r.config for r in results])
+    whatif = _whatif(results, short, directory, title, searched)
+    summaries = [dataclasses.replace(r.outcome.summary, name=label)
+                 for r, label in zip(results, short)]
+    return [whatif, *_bars(summaries, directory, title)]
+
+
+def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
+            searched: bool) -> Path:
+    import matplotlib.pyplot as plt
+
+    from emoe.sim.search import throughput_axis
+
+    axis_name = "capacity (rate scale)" if searched else "goodput (req/s)"
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
+    ax = axes[0, 0]
+    memory = [r.peak_memory_bytes / GIB for r in results]
+    accuracy = [100 * r.accuracy for r in results]
+    colour = [throughput_axis(r) for r in results]
+    points = ax.scatter(memory, accuracy, c=colour, cmap="viridis", s=60, zorder=3)
+    fig.colorbar(points, ax=ax, label=axis_name)
+    for r, x, y, name in zip(results, memory, accuracy, names):
+        if r.pareto:
+            ax.scatter([x], [y], s=180, facecolors="none", edgecolors="black", zorder=4)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("peak GPU memory (GiB)")
+    ax.set_ylabel("accuracy proxy (%)")
+    ax.set_title("accuracy vs memory; ringed: Pareto front", fontsize=10)
+    ax.grid(alpha=0.3)
+
+    ax = axes[0, 1]
+    values = [throughput_axis(r) if searched else 100 * r.outcome.summary.slo_attainment
+              for r in results]
+    order = sorted(range(len(results)), key=lambda i: values[i])
+    ax.barh(range(len(order)), [values[i] for i in order],
+            color=[SCHEDULER_COLOURS.get(results[i].config.scheduling, "tab:gray")
+                   for i in order])
+    ax.set_yticks(range(len(order)), [names[i] for i in order], fontsize=7)
+    ax.set_xlabel(axis_name if searched else "SLO attainment (%)")
+    ax.set_title("by configuration; colour: scheduling policy", fontsize=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SCHEDULER_COLOURS.values()]
+    ax.legend(handles, list(SCHEDULER_COLOURS), fontsize=8, loc="lower right")
+    ax.grid(axis="x", alpha=0.3)
+
+    front = [(r, n) for r, n in zip(results, names) if r.pareto]
+    for ax, metric, scale, unit in ((axes[1, 0], "ttft", 1.0, "TTFT (s)"),
+                                    (axes[1, 1], "tpot", 1e3, "TPOT (ms)")):
+        for r, name in front:
+            quantiles = r.outcome.cdf.get(metric) or []
+            if quantiles and not math.isnan(quantiles[0]):
+                fractions = [i / (len(quantiles) - 1) for i in range(len(quantiles))]
+                ax.plot([scale * q for q in quantiles], fractions, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel(unit + ", log scale")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{unit.split()[0]} CDF of the Pareto front"
+                     + (" (at capacity)" if searched else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+        if front:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"SIMULATED: {title}" if title else "SIMULATED", fontsize=10)
+    fig.tight_layout()
+    path = directory / "whatif.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _bars(summaries: Sequence[Summary], directory: Path, title: str) -> list[Path]:
+    """``overview.png`` (key metrics per run) and ``slo_by_task.png``."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    directory.mkdir(parents=True, exist_ok=True)
     names = [s.name for s in summaries]
     x = np.arange(len(names))
     panels = [

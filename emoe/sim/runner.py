@@ -3,13 +3,15 @@ stream the workload through them and collect the metrics."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from emoe.core.errors import ConfigError
+from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.request import Request
@@ -29,11 +31,13 @@ DEFAULT_EXPERTS_PER_LAYER = 5
 @dataclass(frozen=True, slots=True)
 class Workload:
     """Where requests come from: a trace file (the built-in one by default) or a synthetic
-    Poisson stream of ``synthetic_requests`` requests at ``synthetic_rate`` per second."""
+    stream of ``synthetic_requests`` requests at ``synthetic_rate`` per second, with Gamma
+    inter-arrival gaps of coefficient of variation ``cv`` (1: Poisson)."""
 
     trace: Path | None = None
     synthetic_requests: int | None = None
     synthetic_rate: float = 5.0
+    cv: float = 1.0
     mix: str | None = None
     rate_scale: float = 1.0
     start_s: float = 0.0
@@ -41,7 +45,8 @@ class Workload:
 
     def describe(self) -> str:
         if self.synthetic_requests is not None:
-            what = (f"synthetic Poisson stream: {self.synthetic_requests} requests at "
+            arrivals = "Poisson" if self.cv == 1.0 else f"Gamma (CV {self.cv:g})"
+            what = (f"synthetic {arrivals} stream: {self.synthetic_requests} requests at "
                     f"{self.synthetic_rate:g} req/s")
         else:
             what = f"trace {self.trace or DEFAULT_TRACE}"
@@ -50,19 +55,60 @@ class Workload:
                   f"window {self.start_s:g}s+{self.duration_s:g}s" if self.duration_s else ""]
         return ", ".join([what, *filter(None, extras)])
 
-    def requests(self, seed: int) -> Iterator[Request]:
+    def requests(self, seed: int, rate_scale: float = 1.0) -> Iterator[Request]:
+        """The stream, its rate multiplied by ``rate_scale`` (on top of the workload's own)."""
         mix = TaskMix.parse(self.mix) if self.mix else None
+        scale = self.rate_scale * rate_scale
         if self.synthetic_requests is not None:
-            return synthetic_requests(rate=self.synthetic_rate * self.rate_scale,
+            return synthetic_requests(rate=self.synthetic_rate * scale, cv=self.cv,
                                       num_requests=self.synthetic_requests, mix=mix, seed=seed)
         return read_trace(self.trace or DEFAULT_TRACE, mix=mix, seed=seed, start_s=self.start_s,
-                          duration_s=self.duration_s, rate_scale=self.rate_scale)
+                          duration_s=self.duration_s, rate_scale=scale)
+
+    def stats(self, seed: int) -> "WorkloadStats":
+        """Request count, mean request length and arrival span (reads the stream once)."""
+        count = tokens = 0
+        first = last = 0.0
+        for request in self.requests(seed):
+            if not count:
+                first = request.arrival
+            count += 1
+            tokens += request.input_tokens + request.output_tokens
+            last = request.arrival
+        if not count:
+            raise ConfigError(f"workload {self.describe()}: no requests")
+        return WorkloadStats(count, tokens / count, last - first)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStats:
+    requests: int
+    mean_request_tokens: float
+    span_s: float
+
+    @property
+    def rate(self) -> float:
+        """Requests per second at rate scale 1."""
+        return self.requests / self.span_s if self.span_s > 0 else math.nan
+
+
+MISS_POLICIES = ("reroute", "drop", "fetch")
+"""The engine's miss policies (``emoe serve --miss``): ``fetch`` goes with the ``lru`` planner,
+``reroute`` and ``drop`` with the planners that plan their loads. The simulator models
+``drop`` as ``reroute``: the same step time, and the accuracy proxy counts both as a choice not
+served by its expert."""
 
 
 @dataclass(frozen=True, slots=True)
 class SimConfig:
-    """The system simulated: model, card, policies. A ``policy_file`` replaces the policy
-    fields (scheduling .. prediction_interval)."""
+    """The system simulated: model, card, policies, and the rate the workload is played at.
+    A ``policy_file`` replaces the policy fields (scheduling .. prediction_interval).
+
+    The expert budget is one of ``experts_per_layer`` (L), ``expert_budget_bytes`` and
+    ``expert_fraction`` (of all experts), checked in that order. ``miss_policy`` None is the
+    planner's own (``fetch`` for ``lru``, else ``reroute``). ``rate_scale`` multiplies the
+    workload's request rate.
+    """
 
     model: str = "mixtral-8x7b"
     gpu: str = "h100-80gb"
@@ -76,14 +122,98 @@ class SimConfig:
     policy_file: Path | None = None
     routing_trace: Path | None = None
     seed: int = 0
-    sensitivity: Path | None = None
-    sensitivity_mode: str = "graded"
+    expert_fraction: float | None = None
+    miss_policy: str | None = None
+    rate_scale: float = 1.0
 
     @property
     def name(self) -> str:
+        """Every parameter of the run, e.g. ``emoe/emoe p=40 L=5/layer x1.5 mem=80GiB
+        h100-80gb``; a policy file's run is named after the file."""
+        rate = f"x{self.rate_scale:g}"
         if self.policy_file:
-            return Path(self.policy_file).stem
-        return f"{self.scheduling}/{self.planner}"
+            return f"{Path(self.policy_file).stem} {rate} {self.gpu}"
+        parts = [f"{self.scheduling}/{self.planner}"]
+        if self.planner == "emoe":
+            parts.append(f"p={self.prediction_interval}")
+        if self.planner != "all":
+            parts.append(f"L={self.budget_label}")
+        if self.miss_policy is not None:
+            parts.append(f"miss={self.miss_policy}")
+        parts.append(rate)
+        if self.memory_budget_bytes is not None:
+            parts.append(f"mem={_size_label(self.memory_budget_bytes)}")
+        parts.append(self.gpu)
+        return " ".join(parts)
+
+    @property
+    def budget_label(self) -> str:
+        """The expert budget as given: ``5/layer``, ``40GiB`` or ``62.5%``."""
+        if self.planner == "all":
+            return "all"
+        if self.experts_per_layer is not None:
+            return f"{self.experts_per_layer}/layer"
+        if self.expert_budget_bytes is not None:
+            return _size_label(self.expert_budget_bytes)
+        if self.expert_fraction is not None:
+            return f"{100 * self.expert_fraction:g}%"
+        return "-"
+
+    def normalized(self) -> "SimConfig":
+        """The same system with the parameters its planner ignores reset, so that configurations
+        that simulate identically compare equal: p matters only to ``emoe`` (``predict-every``
+        is p = 1), the budget not to ``all``, and ``drop`` is simulated as ``reroute``."""
+        if self.policy_file is not None:
+            return self
+        changes: dict = {}
+        if self.planner != "emoe":
+            changes["prediction_interval"] = 1 if self.planner == "predict-every" else 40
+        if self.planner == "all":
+            changes.update(experts_per_layer=None, expert_budget_bytes=None,
+                           expert_fraction=None, miss_policy=None)
+        elif self.miss_policy is not None:
+            own = "fetch" if self.planner == "lru" else "reroute"
+            if self.miss_policy not in MISS_POLICIES:
+                raise UnknownNameError("miss policy", self.miss_policy, list(MISS_POLICIES))
+            if (self.miss_policy == "fetch") != (own == "fetch"):
+                raise ConfigError(
+                    f"miss policy {self.miss_policy!r}: planner {self.planner!r} "
+                    + ("fetches on a miss (use fetch)" if own == "fetch"
+                       else "plans its loads itself (use reroute or drop)"))
+            changes["miss_policy"] = None
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def identity(self) -> tuple:
+        """Equal for configurations that simulate identically: the normalized configuration
+        with the expert budget resolved to experts per layer (5/layer, 62.5% and 20 experts'
+        bytes are one budget on an 8-expert model)."""
+        config = self.normalized()
+        if config.policy_file is not None or config.planner == "all":
+            return (config,)
+        model, _ = config.specs()
+        slots = tuple(config.policy(model).slots_per_layer(model).tolist())
+        return (dataclasses.replace(config, experts_per_layer=None, expert_budget_bytes=None,
+                                    expert_fraction=None), slots)
+
+    def parameters(self, model: ModelSpec, hardware: HardwareSpec) -> dict:
+        """The run's parameters as JSON-ready values (None where the planner ignores one)."""
+        policy = self.policy(model)
+        slots = None if policy.planner == "all" else policy.slots_per_layer(model).tolist()
+        planner = policy.planner
+        return {
+            "name": self.name, "scheduler": policy.scheduling, "planner": planner,
+            "p": policy.prediction_interval if planner in ("emoe", "predict-every") else None,
+            "expert_budget": self.budget_label if self.policy_file is None else None,
+            "experts_per_layer": slots,
+            "expert_memory_bytes": (model.all_experts_bytes if slots is None
+                                    else sum(slots) * model.expert_bytes),
+            "miss_policy": self.miss_policy or ("fetch" if planner == "lru" else
+                                                None if planner == "all" else "reroute"),
+            "rate_scale": self.rate_scale,
+            "memory_budget_bytes": policy.memory_budget_bytes or hardware.gpu_memory_bytes,
+            "gpu": hardware.name, "model": model.name, "seed": self.seed,
+            "policy_file": None if self.policy_file is None else str(self.policy_file),
+        }
 
     def specs(self) -> tuple[ModelSpec, HardwareSpec]:
         model, hardware = get_model(self.model), get_hardware(self.gpu)
@@ -95,24 +225,32 @@ class SimConfig:
 
     def policy(self, model: ModelSpec) -> PolicyConfig:
         if self.policy_file is not None:
-            policy = PolicyConfig.from_file(self.policy_file)
-        else:
-            per_layer = self.experts_per_layer if self.expert_budget_bytes is None else None
-            policy = PolicyConfig(scheduling=self.scheduling, planner=self.planner,
-                                  prediction_interval=self.prediction_interval,
-                                  experts_per_layer=per_layer,
-                                  expert_budget_bytes=self.expert_budget_bytes,
-                                  memory_budget_bytes=self.memory_budget_bytes, model=model.name)
-        if self.sensitivity is not None:  # a measured table replaces the policy's
-            from emoe.core.sensitivity import load_sensitivity
+            return PolicyConfig.from_file(self.policy_file)
+        per_layer, budget = self.experts_per_layer, self.expert_budget_bytes
+        if per_layer is None and budget is None and self.expert_fraction is not None:
+            if not 0.0 < self.expert_fraction <= 1.0:
+                raise ConfigError(f"expert budget {self.budget_label}: a fraction of all "
+                                  "experts must be in (0%, 100%]")
+            experts = model.num_layers * model.num_experts
+            budget = int(self.expert_fraction * experts + 1e-9) * model.expert_bytes
+        if per_layer is not None:
+            budget = None
+        return PolicyConfig(scheduling=self.scheduling, planner=self.planner,
+                            prediction_interval=self.prediction_interval,
+                            experts_per_layer=per_layer, expert_budget_bytes=budget,
+                            memory_budget_bytes=self.memory_budget_bytes, model=model.name)
 
-            policy.sensitivity, policy.sensitivity_source = load_sensitivity(
-                self.sensitivity, self.sensitivity_mode, model.num_layers, list(policy.tasks))
-        return policy
+
+CDF_POINTS = 101
+"""Quantiles kept per latency for CDF plots: q = 0, 0.01, ..., 1."""
 
 
 @dataclass(frozen=True, slots=True)
 class SimOutcome:
+    """One simulated run. ``stopped``: ended early by ``stop_after_misses`` (the summary then
+    covers the requests that had ended). ``cdf``: per latency (``ttft``, ``tpot``, ``e2e``),
+    its quantiles at ``CDF_POINTS`` evenly spaced q, in seconds."""
+
     summary: Summary
     config: SimConfig
     steps: int
@@ -121,10 +259,13 @@ class SimOutcome:
     hardware: HardwareSpec
     model: ModelSpec
     wall_s: float
+    stopped: bool = False
+    cdf: dict = dataclasses.field(default_factory=dict)
 
 
 def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     """The scheduler and simulated backend for ``config`` (errors name the bad field)."""
+    config.normalized()  # checks the miss policy against the planner
     model, hardware = config.specs()
     policy = config.policy(model)
     hardware = _predictor_cost(hardware, policy.predictor)
@@ -176,8 +317,10 @@ def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> Routi
 
 
 def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
-             progress: bool = False) -> SimOutcome:
-    """Run one configuration over the workload; ``out`` gets one row per request."""
+             progress: bool = False, stop_after_misses: int | None = None) -> SimOutcome:
+    """Run one configuration over the workload; ``out`` gets one row per request.
+    ``stop_after_misses``: end the run once more requests than this have ended without
+    meeting their SLO (a capacity probe that can no longer meet its target)."""
     started = time.perf_counter()
     scheduler, backend = build(config)
     bar = _progress(config.name) if progress else None
@@ -190,7 +333,13 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
                 if metrics.requests % 1024 == 0:
                     bar.update(1024)
 
-        world = World(scheduler, backend, workload.requests(config.seed), on_end)
+        stop = None
+        if stop_after_misses is not None:
+            def stop() -> bool:
+                return metrics.requests - metrics.slo_met > stop_after_misses
+
+        world = World(scheduler, backend, workload.requests(config.seed, config.rate_scale),
+                      on_end, stop=stop)
         try:
             elapsed = world.run()
         finally:
@@ -203,10 +352,23 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
             predictor_invocations=backend.predictor_invocations,
             synthetic_routing=backend.routing.synthetic)
         summary = metrics.summary(counters, name=config.name)
+        cdf = {name: metrics_sketch.quantiles(CDF_QS) for name, metrics_sketch in
+               (("ttft", metrics.ttft), ("tpot", metrics.tpot), ("e2e", metrics.e2e))}
     return SimOutcome(summary=summary, config=config, steps=world.steps,
                       routing=backend.routing.label, hits_method=backend.routing.hits_method,
                       hardware=backend.hardware, model=backend.model,
-                      wall_s=time.perf_counter() - started)
+                      wall_s=time.perf_counter() - started, stopped=world.stopped, cdf=cdf)
+
+
+CDF_QS = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]
+
+
+def _size_label(nbytes: int) -> str:
+    """``80GiB``, ``40.5GiB``, ``512MiB``: the shortest binary unit that keeps 3 digits."""
+    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= size:
+            return f"{nbytes / size:.4g}{unit}"
+    return f"{nbytes}B"
 
 
 def _progress(name: str):

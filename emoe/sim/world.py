@@ -5,7 +5,10 @@
                wait for the step's simulated duration; scheduler.on_step_done(result)
 
 SimPy stays at this edge: the scheduler does not know it is simulated, and the backend is
-plain computation that returns when the step ends.
+plain computation that returns when the step ends. An error inside either process (a malformed
+trace row, a broken invariant) ends the run and is re-raised as it was: SimPy's own re-raise
+rebuilds the exception from its arguments, which loses the message of any error whose
+constructor takes more than one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ class World:
     None: macro-step, the fast default)."""
 
     def __init__(self, scheduler: Scheduler, backend: SimBackend, requests: Iterable[Request],
-                 on_end: Callable[[Request], None], max_iterations: int | None = None):
+                 on_end: Callable[[Request], None], max_iterations: int | None = None,
+                 stop: Callable[[], bool] | None = None):
+        """``stop``: asked after requests end; True ends the run there (``stopped`` is set)."""
         self.env = simpy.Environment()
         self.scheduler = scheduler
         self.backend = backend
@@ -41,18 +46,34 @@ class World:
         self.next_arrival = math.inf
         self.arrivals_done = False
         self.steps = 0
+        self.stopped = False
+        self._stop = stop
         self._idle: simpy.Event | None = None
+        self._done = self.env.event()
+        self._error: BaseException | None = None
 
     def run(self) -> float:
-        """Simulate until every request has ended; returns the simulated elapsed time."""
-        self.env.process(self._arrivals())
-        engine = self.env.process(self._engine())
-        self.env.run(until=engine)
-        if self.backend.live:
+        """Simulate until every request has ended (or ``stop`` says so); returns the simulated
+        elapsed time."""
+        self.env.process(self._guarded(self._arrivals()))
+        self.env.process(self._guarded(self._engine()))
+        self.env.run(until=self._done)
+        if self._error is not None:
+            raise self._error
+        if self.backend.live and not self.stopped:
             rid, request = next(iter(self.backend.live.items()))
             raise SimulationError(f"t={self.env.now:.3f}s: {len(self.backend.live)} requests "
                                   f"never ended, e.g. {rid!r} ({request.status.value})")
         return self.env.now
+
+    def _guarded(self, process):
+        """Run a process; its return or its error ends the run (errors kept for ``run``)."""
+        try:
+            yield from process
+        except Exception as exc:  # re-raised by run(), outside SimPy
+            self._error = exc
+        if not self._done.triggered:
+            self._done.succeed()
 
     def _arrivals(self):
         env, scheduler, backend = self.env, self.scheduler, self.backend
@@ -69,6 +90,7 @@ class World:
                 self._idle.succeed()
                 self._idle = None
         self.arrivals_done = True
+        yield self._done  # the arrivals ending does not end the run
 
     def _engine(self):
         env, scheduler, backend = self.env, self.scheduler, self.backend
@@ -99,4 +121,8 @@ class World:
         for request in requests:
             assert request.status.terminal, f"request {request.id!r} ended as {request.status}"
             self._on_end(request)
+        if self._stop is not None and self._stop():
+            self.stopped = True
+            if not self._done.triggered:
+                self._done.succeed()
 

@@ -37,8 +37,11 @@ def test_single_run_writes_per_request_results_and_summary(tmp_path, capsys):
     assert {"queueing_s", "ttft_s", "tpot_s", "e2e_s", "slo_met", "expert_hits",
             "expert_misses"} <= set(table.column_names)
     runs = json.loads(summary.read_text())
-    assert runs[0]["name"] == "fcfs/emoe" and runs[0]["finished"] == 60
-    assert runs[0]["system"]["synthetic_routing"] is True
+    assert runs[0]["name"] == "fcfs/emoe p=40 L=5/layer x1 h100-80gb"
+    assert (runs[0]["scheduler"], runs[0]["planner"], runs[0]["p"]) == ("fcfs", "emoe", 40)
+    assert runs[0]["experts_per_layer"] == [5] * 32 and runs[0]["rate_scale"] == 1.0
+    assert runs[0]["summary"]["finished"] == 60 and runs[0]["capacity"] is None
+    assert runs[0]["summary"]["system"]["synthetic_routing"] is True
 
 
 def test_grid_of_policies_writes_one_file_per_run_and_plots(tmp_path, capsys):
@@ -48,9 +51,13 @@ def test_grid_of_policies_writes_one_file_per_run_and_plots(tmp_path, capsys):
                "--plots", str(tmp_path / "plots"), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert len(list(tmp_path.glob("r-*.csv"))) == 8
-    for name in ("fcfs/static", "emoe/emoe"):
+    # static ignores p: 2 schedulers x (static + emoe at p=10 and p=40) = 6 distinct systems
+    assert "6 configuration(s)" in printed and "2 requested combination(s)" in printed
+    assert len(list(tmp_path.glob("r-*.csv"))) == 6
+    assert (tmp_path / "r-emoe-emoe-p-10-L-5-layer-x1-h100-80gb.csv").exists()
+    for name in ("fcfs/static", "emoe/emoe p=10", "emoe/emoe p=40"):
         assert name in printed
+    assert (tmp_path / "plots" / "whatif.png").stat().st_size > 10_000
     assert (tmp_path / "plots" / "overview.png").stat().st_size > 10_000
     assert (tmp_path / "plots" / "slo_by_task.png").exists()
 
@@ -59,8 +66,10 @@ def test_default_study_compares_planners_on_the_built_in_trace(tmp_path, capsys)
     rc = main(["sim", "--duration", "60", "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
-    for name in ("fcfs/lru", "fcfs/static", "fcfs/predict-every", "fcfs/emoe", "emoe/emoe"):
+    for name in ("fcfs/emoe", "sjf/emoe", "edf/emoe", "emoe/emoe", "emoe/lru L=4/layer",
+                 "emoe/static L=6/layer", "emoe/predict-every L=5/layer"):
         assert name in printed
+    assert "every configuration: p=40, x1, h100-80gb" in printed
     assert "planner 'all') needs" in printed  # why the no-offloading baseline is left out
 
 
@@ -93,8 +102,8 @@ def test_exported_policy_is_the_best_run_and_replays_identically(tmp_path, capsy
     policy, grid, again = tmp_path / "best.json", tmp_path / "grid.json", tmp_path / "again.json"
     assert main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "lru,emoe",
                  "--json", str(grid), "--export-policy", str(policy), "--no-progress"]) == 0
-    runs = {run["name"]: run for run in json.loads(grid.read_text())}
-    assert runs["fcfs/emoe"]["slo_attainment"] > runs["fcfs/lru"]["slo_attainment"]
+    runs = {run["planner"]: run for run in json.loads(grid.read_text())}
+    assert runs["emoe"]["slo_attainment"] > runs["lru"]["slo_attainment"]
     exported = PolicyConfig.from_file(policy)
     assert (exported.scheduling, exported.planner) == ("fcfs", "emoe")
     assert "written to" in capsys.readouterr().out
@@ -102,8 +111,9 @@ def test_exported_policy_is_the_best_run_and_replays_identically(tmp_path, capsy
     assert main(["sim", "--trace", str(trace), "--policy", str(policy), "--json", str(again),
                  "--no-progress"]) == 0
     replayed = json.loads(again.read_text())[0]
+    assert replayed["name"] == "best x1 h100-80gb" and replayed["policy_file"] == str(policy)
     for key in ("slo_attainment", "finished", "hit_rate", "accuracy_proxy"):
-        assert replayed[key] == runs["fcfs/emoe"][key]
+        assert replayed["summary"][key] == runs["emoe"]["summary"][key]
 
 
 def test_plot_axes_switch_to_log_scale_only_when_values_span_decades():

@@ -71,6 +71,14 @@ class QuantileSketch:
         low_value, high_value = self._ranked(lower), self._ranked(min(lower + 1, self.count - 1))
         return low_value + (rank - lower) * (high_value - low_value)
 
+    def quantiles(self, qs: "list[float]") -> list[float]:
+        """``quantile(q)`` for each q (vectorised; an empty sketch gives NaNs)."""
+        if not self.count:
+            return [math.nan] * len(qs)
+        if self._exact is not None:
+            return np.quantile(self._exact, qs).tolist()
+        return [self.quantile(q) for q in qs]
+
     def _bucket(self, value: float) -> int:
         if value <= self.min_value:
             return 0

@@ -2,7 +2,8 @@
 arrivals, task-mix assignment, windowing and rate scaling. Everything streams Requests in
 arrival order. Formats: docs/trace-format.md."""
 
-from emoe.core.workload.default_trace import DEFAULT_TRACE, make_default_trace
+from emoe.core.workload.default_trace import (DEFAULT_TRACE, STUDY_TRACE, make_default_trace,
+                                              make_study_trace)
 from emoe.core.workload.reader import (
     AZURE_COLUMNS,
     OPTIONAL_COLUMNS,
@@ -19,7 +20,7 @@ from emoe.core.workload.transforms import scale_rate, window
 
 __all__ = [
     "AZURE_COLUMNS", "DEFAULT_INPUT_LENGTHS", "DEFAULT_TRACE", "LengthDist", "OPTIONAL_COLUMNS",
-    "REQUIRED_COLUMNS", "TaskMix", "make_default_trace", "read_azure", "read_generic_csv",
-    "read_generic_jsonl", "read_trace", "scale_rate", "synthetic_requests", "window",
+    "REQUIRED_COLUMNS", "STUDY_TRACE", "TaskMix", "make_default_trace", "make_study_trace",
+    "read_azure", "read_generic_csv", "read_generic_jsonl", "read_trace", "scale_rate", "synthetic_requests", "window",
     "write_trace",
 ]
