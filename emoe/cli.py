@@ -19,18 +19,16 @@ PARTS = (
 )
 
 
-def _learned_predictor(path: str):
-    """``learned:FILE`` predictors for every subcommand; torch loads only when one is named."""
-    from emoe.engine.learned_predictor import loader
-
-    return loader(path)
+SIM = "emoe.sim.cli"
+"""``emoe sim`` builds only its own parser: the simulator starts without the engine's and the
+service's command modules (and what they import)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parts: tuple[str, ...] = PARTS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emoe", description="Memory-efficient, task-aware MoE inference: simulator, engine, gRPC service.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in PARTS:
+    for module in parts:
         try:
             part = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -42,10 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from emoe.core.predictor import register_predictor_loader
-
-    register_predictor_loader("learned", _learned_predictor)
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser((SIM,) if words[:1] == ["sim"] else PARTS)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance records
     if not getattr(args, "func", None):

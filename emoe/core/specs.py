@@ -140,6 +140,12 @@ HARDWARE_PRESETS: dict[str, HardwareSpec] = {
         provenance="NVIDIA H100 80GB SXM5 datasheet [published]: 80 GiB HBM3, 3.35 TB/s, "
                    "989 TFLOPS dense bf16, PCIe Gen5 x16 64 GB/s. " + _COMMON_PROVENANCE,
     ),
+    "h200-141gb": _gpu(
+        "h200-141gb", memory_bytes=141 * 10**9, hbm_bytes_per_s=4.8e12, bf16_flops=989e12,
+        pcie_bytes_per_s=64e9,
+        provenance="NVIDIA H200 SXM datasheet [published]: 141 GB HBM3e, 4.8 TB/s, "
+                   "989 TFLOPS dense bf16, PCIe Gen5 x16 64 GB/s. " + _COMMON_PROVENANCE,
+    ),
 }
 
 

@@ -62,8 +62,8 @@ class SimBackend:
         self.routing.admit(request)
 
     def finish(self, requests: list[Request], now: float) -> None:
-        """Free what ended requests hold and write their expert hit counters into them; their
-        generated tokens' routing goes out with the next step's result (``decode_routing``)."""
+        """Free what ended requests hold; their expert hit counters are written into them at
+        the next ``flush``."""
         held = 0
         for request in requests:
             del self.live[request.id]
@@ -71,9 +71,13 @@ class SimBackend:
                 self._decode_routing[request.id] = self.routing.decode_counts(request)
             held += (request.input_tokens + request.generated_tokens - 1
                      if request.generated_tokens else request.prefilled_tokens)
-        self.routing.finish(requests)
+        self.routing.retire(requests)
         if held:
             self.memory.change(now, kv_tokens=-held)
+
+    def flush(self) -> None:
+        """Write the expert hit counters of the requests ended since the last flush."""
+        self.routing.flush()
 
     # -- the step -----------------------------------------------------------------------------
 

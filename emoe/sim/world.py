@@ -25,6 +25,10 @@ from emoe.core.scheduler import Scheduler
 from emoe.sim.backend import SimBackend
 
 
+HAND_OVER_EVERY = 256
+"""Ended requests go to ``on_end`` in batches of this many (and at the end of the run)."""
+
+
 class SimulationError(EmoeError):
     """The simulated system got stuck or broke an invariant; names the time and the state."""
 
@@ -50,6 +54,7 @@ class World:
         self._stop = stop
         self._idle: simpy.Event | None = None
         self._done = self.env.event()
+        self._ended: list[Request] = []
         self._error: BaseException | None = None
 
     def run(self) -> float:
@@ -60,6 +65,7 @@ class World:
         self.env.run(until=self._done)
         if self._error is not None:
             raise self._error
+        self._hand_over()
         if self.backend.live and not self.stopped:
             rid, request = next(iter(self.backend.live.items()))
             raise SimulationError(f"t={self.env.now:.3f}s: {len(self.backend.live)} requests "
@@ -117,8 +123,17 @@ class World:
                 self._end(finished)
 
     def _end(self, requests: list[Request]) -> None:
+        """Free what ended requests hold now; hand them to ``on_end`` in batches (their expert
+        hit counters are settled for a whole batch at once)."""
         self.backend.finish(requests, self.env.now)
-        for request in requests:
+        self._ended.extend(requests)
+        if len(self._ended) >= HAND_OVER_EVERY:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        self.backend.flush()
+        ended, self._ended = self._ended, []
+        for request in ended:
             assert request.status.terminal, f"request {request.id!r} ended as {request.status}"
             self._on_end(request)
         if self._stop is not None and self._stop():

@@ -76,7 +76,7 @@ def test_default_study_compares_planners_on_the_built_in_trace(tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["--experts", "fifo"], "unknown expert planner 'fifo'; valid: all, emoe, lru"),
     (["--scheduler", "rr"], "unknown scheduling policy 'rr'; valid: edf, emoe, fcfs, sjf"),
-    (["--gpu", "v100"], "unknown gpu 'v100'; valid: a100-40gb, h100-80gb"),
+    (["--gpu", "v100"], "unknown gpu 'v100'; valid: a100-40gb, h100-80gb, h200-141gb"),
     (["--memory-budget", "2GiB"], "cannot hold the non-expert weights"),
     (["--experts", "all"], "'all' planner's experts"),
 ])

@@ -111,7 +111,7 @@ def test_impossible_configurations_are_clear_errors():
         build(SimConfig(planner="all"))  # Mixtral-8x7B does not fit one 80 GiB card
     with pytest.raises(UnknownNameError, match="valid: all, emoe, lru, predict-every, random, static"):
         build(SimConfig(planner="fifo"))
-    with pytest.raises(UnknownNameError, match="valid: a100-40gb, h100-80gb"):
+    with pytest.raises(UnknownNameError, match="valid: a100-40gb, h100-80gb, h200-141gb"):
         build(SimConfig(gpu="v100"))
 
 

@@ -77,7 +77,18 @@ class QuantileSketch:
             return [math.nan] * len(qs)
         if self._exact is not None:
             return np.quantile(self._exact, qs).tolist()
-        return [self.quantile(q) for q in qs]
+        cumulative = np.cumsum(self._counts)
+        last = self.count - 1
+        values = []
+        for q in qs:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"quantile {q}; expected 0 <= q <= 1")
+            rank = q * last
+            lower = math.floor(rank)
+            low = self._ranked(lower, cumulative)
+            high = self._ranked(min(lower + 1, last), cumulative)
+            values.append(low + (rank - lower) * (high - low))
+        return values
 
     def _bucket(self, value: float) -> int:
         if value <= self.min_value:
@@ -85,9 +96,12 @@ class QuantileSketch:
         value = min(value, self.max_value)
         return max(1, math.ceil(math.log(value) / self._log_gamma - self._offset))
 
-    def _ranked(self, rank: int) -> float:
-        """Estimate of the value with zero-based rank ``rank`` in sorted order."""
-        bucket = int(np.searchsorted(np.cumsum(self._counts), rank, side="right"))
+    def _ranked(self, rank: int, cumulative: np.ndarray | None = None) -> float:
+        """Estimate of the value with zero-based rank ``rank`` in sorted order
+        (``cumulative``: the bucket counts' cumulative sum, if already computed)."""
+        if cumulative is None:
+            cumulative = np.cumsum(self._counts)
+        bucket = int(np.searchsorted(cumulative, rank, side="right"))
         if bucket == 0:
             return 0.0
         upper = self.min_value * math.exp(bucket * self._log_gamma)
