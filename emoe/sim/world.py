@@ -1,8 +1,9 @@
-"""The SimPy world: an arrival process and an engine process around the shared scheduler.
+"""The SimPy world: an engine process around the shared scheduler.
 
-    arrivals:  wait until a request's arrival, hand it to the backend and the scheduler
-    engine:    plan = scheduler.next_step(now); result = backend.execute(plan);
-               wait for the step's simulated duration; scheduler.on_step_done(result)
+    engine:    hand every request that has arrived by now to the backend and the scheduler;
+               plan = scheduler.next_step(now); result = backend.execute(plan);
+               wait for the step's simulated duration; scheduler.on_step_done(result);
+               with nothing to run, wait until the next arrival
 
 SimPy stays at this edge: the scheduler does not know it is simulated, and the backend is
 plain computation that returns when the step ends. An error inside either process (a malformed
@@ -48,11 +49,9 @@ class World:
         self._on_end = on_end
         self._max_iterations = max_iterations
         self.next_arrival = math.inf
-        self.arrivals_done = False
         self.steps = 0
         self.stopped = False
         self._stop = stop
-        self._idle: simpy.Event | None = None
         self._done = self.env.event()
         self._ended: list[Request] = []
         self._error: BaseException | None = None
@@ -60,7 +59,6 @@ class World:
     def run(self) -> float:
         """Simulate until every request has ended (or ``stop`` says so); returns the simulated
         elapsed time."""
-        self.env.process(self._guarded(self._arrivals()))
         self.env.process(self._guarded(self._engine()))
         self.env.run(until=self._done)
         if self._error is not None:
@@ -81,43 +79,35 @@ class World:
         if not self._done.triggered:
             self._done.succeed()
 
-    def _arrivals(self):
-        env, scheduler, backend = self.env, self.scheduler, self.backend
-        request = next(self._requests, None)
-        self.next_arrival = request.arrival if request is not None else math.inf
-        while request is not None:
-            if request.arrival > env.now:
-                yield env.timeout(request.arrival - env.now)
-            backend.admit(request)
-            scheduler.add_request(request)
-            request = next(self._requests, None)
-            self.next_arrival = request.arrival if request is not None else math.inf
-            if self._idle is not None and (request is None or request.arrival > env.now):
-                self._idle.succeed()
-                self._idle = None
-        self.arrivals_done = True
-        yield self._done  # the arrivals ending does not end the run
-
     def _engine(self):
         env, scheduler, backend = self.env, self.scheduler, self.backend
+        requests = self._requests
+        pending = next(requests, None)
         while True:
-            plan = scheduler.next_step(env.now, self._max_iterations)
+            now = env.now
+            # Hand over every request that has arrived by now: the scheduler can only act on
+            # them here, between steps, so arrivals need no SimPy events of their own.
+            while pending is not None and pending.arrival <= now:
+                backend.admit(pending)
+                scheduler.add_request(pending)
+                pending = next(requests, None)
+            self.next_arrival = math.inf if pending is None else pending.arrival
+            plan = scheduler.next_step(now, self._max_iterations)
             if plan.rejected or plan.aborted:
                 self._end([backend.live[rid] for rid, _ in plan.rejected + plan.aborted])
             if plan.empty:
-                if self.arrivals_done:
+                if pending is None:
                     if scheduler.has_work:
                         raise SimulationError(
-                            f"t={env.now:.3f}s: the scheduler plans nothing with "
+                            f"t={now:.3f}s: the scheduler plans nothing with "
                             f"{scheduler.num_waiting} requests waiting and "
                             f"{scheduler.num_running} running")
                     return
-                self._idle = env.event()
-                yield self._idle
+                yield env.timeout(pending.arrival - now)  # idle until the next arrival
                 continue
-            result = backend.execute(plan, env.now, self.next_arrival)
+            result = backend.execute(plan, now, self.next_arrival)
             self.steps += 1
-            yield env.timeout(result.finished_at - env.now)
+            yield env.timeout(result.finished_at - now)
             finished = scheduler.on_step_done(result)
             if finished:
                 self._end(finished)
