@@ -124,24 +124,50 @@ def test_plot_axes_switch_to_log_scale_only_when_values_span_decades():
     assert not _spans_decades([0.0, 5.0, float("nan")])
 
 
-def test_sensitivity_and_accuracy_calibration_are_named_in_the_output(tmp_path, capsys):
-    from emoe.core.accuracy import fit_calibration
+def test_gamma_and_poisson_arrivals_from_the_command_line(capsys):
+    assert main(["sim", "--synthetic", "300", "--rate", "4", "--arrival", "gamma", "--cv", "2",
+                 "--scheduler", "fcfs", "--experts", "emoe", "--no-progress"]) == 0
+    assert "synthetic Gamma (CV 2) stream: 300 requests at 4 req/s" in capsys.readouterr().out
+    assert main(["sim", "--synthetic", "300", "--rate", "4", "--scheduler", "fcfs",
+                 "--experts", "emoe", "--no-progress"]) == 0
+    assert "synthetic Poisson stream: 300 requests" in capsys.readouterr().out
 
-    trace = write_trace(tmp_path / "trace.csv", rows=20)
-    calibration = tmp_path / "calibration.json"
-    fit_calibration([{"planner": "emoe", "budget": b, "proxy": x, "agreement": x,
-                      "quality": x} for b, x in ((0.25, 0.3), (0.5, 0.6), (0.75, 0.9))],
-                    "emoe-tiny").to_file(calibration)
-    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
-               "--accuracy-calibration", str(calibration), "--no-progress"])
+
+@pytest.mark.parametrize("args, message", [
+    (["--cv", "2"], "--arrival/--cv shape --synthetic arrivals"),
+    (["--synthetic", "10", "--arrival", "poisson", "--cv", "2"], "Poisson arrivals have CV 1"),
+    (["--search", "capacity", "--rate-scale", "1,2"], "give one --rate-scale"),
+    (["--search", "capacity", "--slo-target", "1.5"], "--slo-target 1.5: must be in (0, 1]"),
+    (["--experts", "emoe", "--miss", "fetch"], "planner 'emoe' plans its loads itself"),
+    (["--expert-budget", "120%"], "a fraction of all experts must be in (0%, 100%]"),
+])
+def test_bad_search_and_workload_options_are_clear_errors(capsys, args, message):
+    assert main(["sim", "--duration", "5", "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_expert_budgets_in_every_form():
+    from emoe.sim.cli import parse_budget
+
+    assert parse_budget("5/layer") == {"experts_per_layer": 5}
+    assert parse_budget("62.5%") == {"expert_fraction": 0.625}
+    assert parse_budget("0.5") == {"expert_fraction": 0.5}
+    assert parse_budget("40GiB") == {"expert_budget_bytes": 40 * 2**30}
+    assert parse_budget("3.5e10") == {"expert_budget_bytes": 35 * 10**9}
+
+
+def test_freed_memory_is_measured_against_all_experts_resident_where_they_fit(tmp_path, capsys):
+    out = tmp_path / "h200.json"
+    assert main(["sim", "--duration", "20", "--gpu", "h200-141gb", "--scheduler", "emoe",
+                 "--experts", "emoe", "--expert-budget", "4/layer", "--search", "capacity",
+                 "--capacity-tolerance", "0.25", "--no-progress", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert rc == 0
-    assert "weights hand-set task-profile defaults (not measured)" in printed
-    assert "calibration: 3 `emoe eval` runs of emoe-tiny" in printed
-    assert "warning: calibrated on emoe-tiny, simulating mixtral-8x7b" in printed
-    assert "fcfs/emoe: proxy" in printed
-    # a sensitivity file of another model's layer count is refused by name
-    rc = main(["sim", "--trace", str(trace), "--sensitivity", "traces/sensitivity-emoe-tiny.json",
-               "--no-progress"])
-    assert rc == 2
-    assert "with 4 MoE layers; this model has 32" in capsys.readouterr().err
+    assert "1 all-experts-resident baseline(s) added" in printed
+    rows = {row["planner"]: row for row in json.loads(out.read_text())}
+    offloaded, resident = rows["emoe"], rows["all"]
+    assert resident["experts_per_layer"] is None and resident["p"] is None
+    freed = offloaded["freed_memory"]
+    assert freed["freed_bytes"] == 128 * 352321536
+    assert freed["max_prompt_tokens"] > freed["max_prompt_tokens_all_resident"] > 0
+    assert freed["throughput_vs_all_resident"] == pytest.approx(
+        offloaded["capacity"] / resident["capacity"])

@@ -107,3 +107,15 @@ def test_shipped_default_trace_is_what_the_generator_makes(tmp_path):
     requests = list(read_trace(DEFAULT_TRACE))
     assert len(requests) == 1200 and 60.0 < requests[-1].arrival < 3600.0
     assert set(Counter(r.task for r in requests)) == set(DEFAULT_TASKS)
+
+
+def test_shipped_study_trace_is_what_the_generator_makes(tmp_path):
+    from emoe.core.workload import STUDY_TRACE, make_study_trace
+
+    assert make_study_trace(tmp_path / "again.csv") == 2000
+    assert (tmp_path / "again.csv").read_bytes() == STUDY_TRACE.read_bytes()
+    requests = list(read_trace(STUDY_TRACE))
+    gaps = np.diff([r.arrival for r in requests])
+    assert 2000 / requests[-1].arrival == pytest.approx(14, rel=0.1)
+    assert np.std(gaps) / np.mean(gaps) == pytest.approx(3, rel=0.2)  # bursty: CV 3
+    assert set(Counter(r.task for r in requests)) == set(DEFAULT_TASKS)
