@@ -1,6 +1,7 @@
 """Plots of simulated runs (matplotlib, Agg backend: no display needed).
 
-``whatif.png`` is the one figure of a study: accuracy against GPU memory coloured by capacity
+``whatif.png`` is the one figure of a study: accuracy against the GPU memory kept for weights
+(non-expert weights and resident experts), coloured by capacity
 (or goodput) with the Pareto front marked, each configuration's capacity (or SLO attainment)
 coloured by scheduling policy, and the TTFT and TPOT distributions (CDFs) of the front.
 ``overview.png`` and ``slo_by_task.png`` show the key metrics per run and per task.
@@ -16,6 +17,8 @@ from pathlib import Path
 from emoe.core.metrics import Summary
 
 GIB = 1024**3
+CDF_LINES = 8
+"""At most this many front configurations get a latency CDF line (the highest throughput)."""
 SCHEDULER_COLOURS = {"fcfs": "tab:blue", "sjf": "tab:orange", "edf": "tab:green",
                      "emoe": "tab:red"}
 
@@ -46,7 +49,7 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
     axis_name = "capacity (rate scale)" if searched else "goodput (req/s)"
     fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
     ax = axes[0, 0]
-    memory = [r.peak_memory_bytes / GIB for r in results]
+    memory = [r.weight_memory_bytes / GIB for r in results]
     accuracy = [100 * r.accuracy for r in results]
     colour = [throughput_axis(r) for r in results]
     points = ax.scatter(memory, accuracy, c=colour, cmap="viridis", s=60, zorder=3)
@@ -55,7 +58,7 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
         if r.pareto:
             ax.scatter([x], [y], s=180, facecolors="none", edgecolors="black", zorder=4)
             ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("peak GPU memory (GiB)")
+    ax.set_xlabel("GPU memory for weights: non-expert + resident experts (GiB)")
     ax.set_ylabel("accuracy proxy (%)")
     ax.set_title("accuracy vs memory; ringed: Pareto front", fontsize=10)
     ax.grid(alpha=0.3)
@@ -74,10 +77,12 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
     ax.legend(handles, list(SCHEDULER_COLOURS), fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
 
-    front = [(r, n) for r, n in zip(results, names) if r.pareto]
+    front = sorted(((r, n) for r, n in zip(results, names) if r.pareto),
+                   key=lambda item: -throughput_axis(item[0]))
+    shown = front[:CDF_LINES]
     for ax, metric, scale, unit in ((axes[1, 0], "ttft", 1.0, "TTFT (s)"),
                                     (axes[1, 1], "tpot", 1e3, "TPOT (ms)")):
-        for r, name in front:
+        for r, name in shown:
             quantiles = r.outcome.cdf.get(metric) or []
             if quantiles and not math.isnan(quantiles[0]):
                 fractions = [i / (len(quantiles) - 1) for i in range(len(quantiles))]
@@ -86,7 +91,9 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
         ax.set_xlabel(unit + ", log scale")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{unit.split()[0]} CDF of the Pareto front"
-                     + (" (at capacity)" if searched else ""), fontsize=10)
+                     + (f" (its {len(shown)} of highest {'capacity' if searched else 'goodput'})"
+                        if len(shown) < len(front) else "")
+                     + (" at capacity" if searched else ""), fontsize=10)
         ax.grid(alpha=0.3)
         if front:
             ax.legend(fontsize=7)

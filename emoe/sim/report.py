@@ -51,7 +51,12 @@ def labels(configs: Sequence[SimConfig]) -> tuple[list[str], list[str]]:
     constant = {kind for kind, seen in values.items() if len(seen) == 1}
     short = [" ".join([row[0], *(t for t in row[1:] if _kind(t) not in constant)])
              for row in tokens]
-    return short, [next(iter(values[kind])) for kind in values if kind in constant]
+    order = [kind for kind in _KINDS if kind in constant]
+    return short, [next(iter(values[kind])) for kind in order]
+
+
+_KINDS = ("p", "L", "miss", "rate", "mem", "gpu")
+"""The parameters of a run name after ``scheduler/planner``, in order."""
 
 
 def _kind(token: str) -> str:
@@ -72,7 +77,7 @@ def print_results(results: Sequence[Result], stats: WorkloadStats,
     if search is None:
         print(format_comparison([dataclasses.replace(r.outcome.summary, name=label)
                                  for label, r in zip(marked, results)]))
-        print("* Pareto front over (goodput, accuracy proxy, peak GPU memory)")
+        print("* Pareto front over (goodput, accuracy proxy, GPU memory for weights)")
         return
     rows = []
     for label, r in zip(marked, results):
@@ -82,23 +87,16 @@ def print_results(results: Sequence[Result], stats: WorkloadStats,
                     f">= {met:g}" if missed is None else f"{met:g}")
         rows.append([label, capacity, _num(r.capacity * stats.rate, 3), _pct(s.slo_attainment),
                      _num(s.goodput_rps, 3), _num(s.ttft.p99, 2), _num(s.tpot.p99 * 1e3, 0),
-                     _pct(s.accuracy_proxy), _gib(s.system.peak_gpu_bytes),
-                     _gib(_expert_bytes(r)), _gib(s.system.pcie_bytes), str(len(r.probes))])
+                     _pct(s.accuracy_proxy), _gib(r.weight_memory_bytes),
+                     _gib(s.system.peak_gpu_bytes), _gib(s.system.pcie_bytes),
+                     str(len(r.probes))])
     print(format_table(["configuration", "capacity x", "req/s", "SLO %", "goodput/s",
-                        "TTFT p99", "TPOT p99 ms", "acc %", "peak GiB", "experts GiB",
+                        "TTFT p99", "TPOT p99 ms", "acc %", "weights GiB", "peak GiB",
                         "PCIe GiB", "probes"], rows))
     print(f"capacity: the highest rate scale (x the trace's {stats.rate:.3g} req/s) meeting "
           f"SLO attainment >= {100 * search.slo_target:g}%, within "
           f"{100 * search.tolerance:g}%; the other columns are the run at that rate")
-    print("* Pareto front over (capacity, accuracy proxy, peak GPU memory)")
-
-
-def _expert_bytes(result: Result) -> int:
-    model = result.outcome.model
-    policy = result.config.policy(model)
-    if policy.planner == "all":
-        return model.all_experts_bytes
-    return int(policy.slots_per_layer(model).sum()) * model.expert_bytes
+    print("* Pareto front over (capacity, accuracy proxy, GPU memory for weights)")
 
 
 def freed_memory_rows(results: Sequence[Result], stats: WorkloadStats) -> list[dict[str, Any]]:
@@ -160,11 +158,11 @@ def format_freed_memory(rows: Sequence[dict[str, Any]], searched: bool) -> str:
 
 def print_best(results: Sequence[Result], objective: str, floor: float) -> Result | None:
     best = pick_best(results, objective, floor)
-    rule = OBJECTIVES[objective][0] + (f" with accuracy proxy >= {floor:g}" if floor else "")
+    rule = OBJECTIVES[objective][0] + (f", accuracy proxy >= {floor:g}" if floor else "")
     if best is None:
-        print(f"best ({rule}): none meets the accuracy floor")
+        print(f"best by rule ({rule}): none meets the accuracy floor")
     else:
-        print(f"best ({rule}): {best.config.name}")
+        print(f"best by rule ({rule}): {best.config.name}")
     return best
 
 
@@ -179,10 +177,11 @@ def rows(results: Sequence[Result], freed: Sequence[dict[str, Any]],
         row.update({
             "capacity": r.capacity, "capacity_bracket": list(r.bracket),
             "slo_target": r.slo_target,
-            "request_rate": (r.outcome.config.rate_scale * stats.rate),
+            "request_rate": (r.capacity * stats.rate if r.capacity is not None else None),
             "slo_attainment": _json(s.slo_attainment), "goodput": _json(s.goodput_rps),
             "throughput_rps": _json(s.throughput_rps), "accuracy": s.accuracy_proxy,
-            "peak_memory_bytes": s.system.peak_gpu_bytes, "pcie_bytes": s.system.pcie_bytes,
+            "peak_memory_bytes": s.system.peak_gpu_bytes,
+            "weight_memory_bytes": r.weight_memory_bytes, "pcie_bytes": s.system.pcie_bytes,
             "pareto": r.pareto, "stopped_early": r.outcome.stopped,
             "probes": [dataclasses.asdict(p) for p in r.probes],
             "freed_memory": dict(free),

@@ -4,7 +4,8 @@
 - ``capacity_search``: per configuration, the highest rate scale whose SLO attainment meets a
   target, by bisection on the rate (each probe a whole simulation; a probe stops as soon as its
   misses make the target unreachable, which decides it exactly).
-- ``pareto``: the non-dominated configurations in (capacity or goodput, accuracy, memory).
+- ``pareto``: the non-dominated configurations in (capacity or goodput, accuracy, GPU memory
+  for weights).
 - ``pick_best``: the best configuration under a rule (an objective and an accuracy floor).
 - ``freed_memory``: what the expert memory a budget frees buys against all experts resident.
 
@@ -96,6 +97,16 @@ class Result:
     def peak_memory_bytes(self) -> int:
         return self.outcome.summary.system.peak_gpu_bytes or 0
 
+    @property
+    def weight_memory_bytes(self) -> int:
+        """GPU memory the configuration keeps for weights: the non-expert weights and its
+        expert memory (every expert for ``all``); the rest of its budget is KV cache."""
+        model = self.outcome.model
+        policy = self.config.policy(model)
+        experts = (model.all_experts_bytes if policy.planner == "all"
+                   else int(policy.slots_per_layer(model).sum()) * model.expert_bytes)
+        return model.non_expert_bytes + experts
+
 
 Probe_fn = Callable[..., SimOutcome]
 
@@ -168,26 +179,28 @@ def throughput_axis(result: Result) -> float:
 
 
 def mark_pareto(results: Sequence[Result]) -> None:
-    """Set ``pareto`` on each result: (capacity or goodput, accuracy proxy, peak GPU memory)."""
-    points = [(throughput_axis(r), r.accuracy, float(r.peak_memory_bytes)) for r in results]
+    """Set ``pareto`` on each result: (capacity or goodput, accuracy proxy, GPU memory for
+    weights). Memory is what the configuration sets aside for the model, not its measured
+    peak: a configuration that serves less holds less KV cache, which is no saving."""
+    points = [(throughput_axis(r), r.accuracy, float(r.weight_memory_bytes)) for r in results]
     for result, on_front in zip(results, pareto(points, (True, True, False))):
         result.pareto = on_front
 
 
 OBJECTIVES: dict[str, tuple[str, Callable[[Result], float]]] = {
-    "capacity": ("highest capacity (rate scale meeting the SLO target)",
-                 lambda r: r.capacity if r.capacity is not None else -math.inf),
+    "capacity": ("highest capacity", lambda r: r.capacity if r.capacity is not None
+                 else -math.inf),
     "goodput": ("highest goodput", lambda r: _finite(r.outcome.summary.goodput_rps)),
     "slo": ("highest SLO attainment", lambda r: _finite(r.outcome.summary.slo_attainment)),
     "accuracy": ("highest accuracy proxy", lambda r: r.accuracy),
-    "memory": ("lowest peak GPU memory", lambda r: -float(r.peak_memory_bytes)),
+    "memory": ("least GPU memory for weights", lambda r: -float(r.weight_memory_bytes)),
 }
 
 
 def pick_best(results: Sequence[Result], objective: str,
               accuracy_floor: float = 0.0) -> Result | None:
     """The result with the best ``objective`` among those whose accuracy proxy is at least
-    ``accuracy_floor``; ties go to higher accuracy, then to lower memory, then to the first.
+    ``accuracy_floor``; ties go to higher accuracy, then to less memory, then to the first.
     None when no result meets the floor."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"--best {objective!r}: valid: {', '.join(OBJECTIVES)}")
@@ -195,7 +208,8 @@ def pick_best(results: Sequence[Result], objective: str,
     eligible = [r for r in results if r.accuracy >= accuracy_floor - 1e-12]
     if not eligible:
         return None
-    return max(eligible, key=lambda r: (score(r), r.accuracy, -r.peak_memory_bytes))
+    return max(eligible, key=lambda r: (score(r), r.accuracy, -r.weight_memory_bytes,
+                                        -r.peak_memory_bytes))
 
 
 def _finite(value: float | None) -> float:

@@ -12,7 +12,7 @@ from emoe.cli import main
 from emoe.core.specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec, ModelSpec
 from emoe.sim.runner import SimConfig, Workload, simulate
 from emoe.sim.search import (CapacitySearch, Result, capacity_search, distinct, freed_memory,
-                             pareto, pick_best)
+                             mark_pareto, pareto, pick_best)
 from emoe.sim.world import HAND_OVER_EVERY
 
 TINY = ModelSpec("tiny-search", num_layers=2, num_experts=2, top_k=1, expert_bytes=1,
@@ -110,25 +110,31 @@ def test_pareto_set_of_a_hand_made_table():
 
 
 def results_from(table):
+    """Results with the given (capacity, accuracy proxy, experts per layer)."""
     outcome = simulate(SimConfig(scheduling="fcfs", planner="static"),
                        Workload(synthetic_requests=3, synthetic_rate=1.0))
     results = []
-    for capacity, accuracy, memory in table:
-        summary = dataclasses.replace(
-            outcome.summary, accuracy_proxy=accuracy,
-            system=dataclasses.replace(outcome.summary.system, peak_gpu_bytes=memory))
-        results.append(Result(config=outcome.config, capacity=capacity,
-                              outcome=dataclasses.replace(outcome, summary=summary)))
+    for capacity, accuracy, per_layer in table:
+        config = dataclasses.replace(outcome.config, experts_per_layer=per_layer)
+        summary = dataclasses.replace(outcome.summary, accuracy_proxy=accuracy)
+        results.append(Result(config=config, capacity=capacity,
+                              outcome=dataclasses.replace(outcome, summary=summary,
+                                                          config=config)))
     return results
 
 
-def test_best_configuration_under_the_rule():
-    results = results_from([(2.0, 0.70, 50), (1.5, 0.85, 60), (1.5, 0.90, 70), (1.0, 0.99, 80)])
+def test_best_configuration_under_the_rule_and_the_front_of_results():
+    results = results_from([(2.0, 0.70, 4), (1.5, 0.85, 5), (1.5, 0.90, 6), (1.0, 0.99, 7),
+                            (1.4, 0.84, 5)])
     assert pick_best(results, "capacity") is results[0]
     assert pick_best(results, "capacity", accuracy_floor=0.8) is results[2]  # tie: accuracy
     assert pick_best(results, "memory", accuracy_floor=0.8) is results[1]
     assert pick_best(results, "accuracy") is results[3]
     assert pick_best(results, "capacity", accuracy_floor=0.995) is None
+    mark_pareto(results)  # memory: weights kept on the GPU (4..7 experts per layer)
+    assert [r.pareto for r in results] == [True, True, True, True, False]
+    model = MODEL_PRESETS["mixtral-8x7b"]
+    assert results[0].weight_memory_bytes == model.non_expert_bytes + 128 * model.expert_bytes
 
 
 def test_identical_configurations_are_simulated_once():
