@@ -153,9 +153,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="SLO attainment a capacity must reach")
     search.add_argument("--capacity-tolerance", type=float, default=0.05, metavar="TOL",
                         help="stop bisecting when the bracket's ratio is within 1 + TOL")
-    search.add_argument("--best", default=None, metavar="OBJECTIVE",
-                        help="rule for the best configuration: capacity, goodput, slo, "
-                             "accuracy or memory (default: capacity with --search, else slo)")
+    search.add_argument("--best", default=None,
+                        choices=("capacity", "goodput", "slo", "accuracy", "memory"),
+                        help="rule for the best configuration (default: capacity with "
+                             "--search, else slo; memory: least GPU memory for weights)")
     search.add_argument("--accuracy-floor", type=float, default=0.0, metavar="A",
                         help="the best configuration's accuracy proxy must be at least A")
     run = p.add_argument_group("run and output")
@@ -187,9 +188,12 @@ def run_sim(args: argparse.Namespace) -> int:
     from emoe.core.errors import ConfigError
     from emoe.sim import report
     from emoe.sim.parallel import default_jobs, run_tasks
-    from emoe.sim.runner import SimConfig
     from emoe.sim.search import CapacitySearch, Task, distinct, mark_pareto, run_task
 
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: must be >= 1")
+    if not 0.0 <= args.accuracy_floor <= 1.0:
+        raise ConfigError(f"--accuracy-floor {args.accuracy_floor:g}: must be in [0, 1]")
     workload = _workload(args)
     search = None
     if args.search == "capacity":
@@ -199,11 +203,11 @@ def run_sim(args: argparse.Namespace) -> int:
         search = CapacitySearch(slo_target=args.slo_target, tolerance=args.capacity_tolerance,
                                 start=args.rate_scale[0])
     requested = _configs(args)
-    configs = distinct(requested)
-    stats = None
+    unique = distinct(requested)
+    configs, stats = unique, None
     if search is not None:
         stats = workload.stats(args.seed)
-        configs = _with_all_resident_baselines(configs)
+        configs = _with_all_resident_baselines(unique)
     model, hardware = configs[0].specs()
     jobs = 1 if args.ray is None and len(configs) == 1 else (args.jobs or default_jobs())
     where = (f"Ray ({args.ray})" if args.ray is not None
@@ -214,8 +218,7 @@ def run_sim(args: argparse.Namespace) -> int:
     _print_fit_note(model, configs)
     what = ("capacity search (bisection on the rate scale, SLO attainment >= "
             f"{100 * search.slo_target:g}%)" if search else "run")
-    merged = len(requested) - len(distinct(requested))
-    added = len(configs) - len(requested) + merged
+    merged, added = len(requested) - len(unique), len(configs) - len(unique)
     print(f"{len(configs)} configuration(s), one {what} each, on {where}"
           + (f"; {merged} requested combination(s) simulate identically to another and were "
              "merged" if merged else "")

@@ -49,9 +49,12 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
     axis_name = "capacity (rate scale)" if searched else "goodput (req/s)"
     fig, axes = plt.subplots(2, 2, figsize=(14, 9.5))
     ax = axes[0, 0]
-    memory = [r.weight_memory_bytes / GIB for r in results]
-    accuracy = [100 * r.accuracy for r in results]
-    colour = [throughput_axis(r) for r in results]
+    # drawn in rising throughput, so where points coincide the best one shows
+    order = sorted(range(len(results)), key=lambda i: throughput_axis(results[i]))
+    memory = [results[i].weight_memory_bytes / GIB for i in order]
+    accuracy = [100 * results[i].accuracy for i in order]
+    colour = [throughput_axis(results[i]) for i in order]
+    results, names = [results[i] for i in order], [names[i] for i in order]
     points = ax.scatter(memory, accuracy, c=colour, cmap="viridis", s=60, zorder=3)
     fig.colorbar(points, ax=ax, label=axis_name)
     for r, x, y, name in zip(results, memory, accuracy, names):
