@@ -63,7 +63,7 @@ def test_grid_of_policies_writes_one_file_per_run_and_plots(tmp_path, capsys):
 
 
 def test_default_study_compares_planners_on_the_built_in_trace(tmp_path, capsys):
-    rc = main(["sim", "--duration", "60", "--no-progress"])
+    rc = main(["sim", "--duration", "30", "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
     for name in ("fcfs/emoe", "sjf/emoe", "edf/emoe", "emoe/emoe", "emoe/lru L=4/layer",
