@@ -146,12 +146,12 @@ def format_freed_memory(rows: Sequence[dict[str, Any]], searched: bool) -> str:
                            "vs all", "batch (mean req)", "vs all", "throughput vs all"],
                           table)]
     if any(r["kv_cache_bytes_all_resident"] is None for r in rows):
-        lines.append("vs all = 'does not fit': all experts resident leave no room for a KV "
-                     "cache on that card")
+        lines.append("'does not fit': with all experts resident no KV cache fits on that card "
+                     "(a larger one does,\n  e.g. --gpu h200-141gb)")
     if not searched:
         lines.append("throughput vs all: measured at capacity, with --search capacity")
-    lines.append("longest prompt: tokens of KV room with one output token; batch: requests "
-                 "of the workload's mean length whose KV fits at once (the scheduler also caps "
+    lines.append("longest prompt: tokens of KV room with one output token; batch: requests of "
+                 "the workload's mean\n  length whose KV fits at once (the scheduler also caps "
                  "running requests at max_num_seqs)")
     return "\n".join(lines)
 
