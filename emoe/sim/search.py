@@ -63,8 +63,9 @@ class CapacitySearch:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """One simulation of a search: its rate scale, whether it met the target, and whether it
-    was stopped early (the target already out of reach)."""
+    """One simulation of a search: its rate scale, its SLO attainment (over the requests that
+    had ended, if it was stopped early), whether it met the target, and whether it was
+    stopped early (the target already out of reach)."""
 
     rate_scale: float
     slo_attainment: float
@@ -108,11 +109,11 @@ class Result:
         return model.non_expert_bytes + experts
 
 
-Probe_fn = Callable[..., SimOutcome]
+ProbeFn = Callable[..., SimOutcome]
 
 
 def capacity_search(config: SimConfig, workload: Workload, search: CapacitySearch,
-                    total_requests: int, probe: Probe_fn = simulate) -> Result:
+                    total_requests: int, probe: ProbeFn = simulate) -> Result:
     """The highest rate scale (within ``search.tolerance``) at which ``config`` meets the SLO
     target on ``workload`` (``total_requests`` requests), assuming attainment falls as the
     rate rises. ``probe`` runs one simulation (``simulate``'s signature)."""
@@ -146,8 +147,10 @@ def capacity_search(config: SimConfig, workload: Workload, search: CapacitySearc
             rate = _round(math.sqrt(met * missed))
             if not met < rate < missed:  # rounding closed the bracket
                 break
-    if at_capacity is None:  # nothing met the target: report the lowest probe (it may have
-        at_capacity = outcome  # been stopped early: its summary covers the requests that ended)
+    if at_capacity is None:
+        # nothing met the target: report the lowest probe (if it was stopped early, its
+        # summary covers the requests that had ended)
+        at_capacity = outcome
     return Result(config=config, outcome=at_capacity, probes=probes,
                   capacity=0.0 if met is None else met, bracket=(met, missed),
                   slo_target=search.slo_target)
