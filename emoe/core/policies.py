@@ -45,7 +45,7 @@ class BatchEstimate:
     """
 
     __slots__ = ("now", "cost", "load_s", "new_input_tokens", "_remaining", "_targets",
-                 "_added", "_sorted", "_outlived_min", "_outliving_min")
+                 "_added", "_slack", "_sorted", "_outlived_min", "_outliving_min")
 
     def __init__(self, now: float, cost: CostEstimate, load_s: float,
                  remaining: np.ndarray, targets: np.ndarray):
@@ -56,6 +56,7 @@ class BatchEstimate:
         self._remaining = np.asarray(remaining, dtype=np.float64)
         self._targets = np.asarray(targets, dtype=np.float64)
         self._added: list[tuple[float, float]] = []
+        self._slack: float | None = None
         self._sorted: list[float] | None = None
 
     def add(self, remaining: float, target: float, input_tokens: int) -> None:
@@ -63,23 +64,47 @@ class BatchEstimate:
         prompt) joins the batch for the next candidates' checks."""
         self._added.append((remaining, target))
         self.new_input_tokens += input_tokens
+        self._slack = None
         self._sorted = None
 
     def protects_slos_with(self, remaining: float, input_tokens: int) -> bool:
         """True when admitting a request (G = ``remaining``, W = ``input_tokens``) makes no
         member that meets its target now miss it, by Eq. 3."""
+        delay = self.load_s + (self.new_input_tokens + input_tokens) * self.cost.c_prefill
         if self._sorted is None:
+            if self._slack is None:
+                self._slack = self._lower_bound()
+            if self._slack >= delay:
+                return True
             self._prepare()
         outlived = bisect_right(self._sorted, remaining)
-        delay = self.load_s + (self.new_input_tokens + input_tokens) * self.cost.c_prefill
         return min(self._outlived_min[outlived], self._outliving_min[outlived]) >= delay
 
-    def _prepare(self) -> None:
+    def _merge_added(self) -> None:
         if self._added:
             remaining, targets = zip(*self._added)
             self._remaining = np.concatenate([self._remaining, remaining])
             self._targets = np.concatenate([self._targets, targets])
             self._added = []
+
+    def _lower_bound(self) -> float:
+        """A lower bound of every candidate's answer, from the margins with n_i at its largest
+        (every member outlives i, and so does the candidate): ``min(target - now - G (o + n c)
+        - G c)`` when all those margins are >= 0, else -inf. Each term is, in floating point
+        too, at most the exact one, so a delay within it is admitted without sorting the batch
+        (the common case); otherwise ``_prepare`` answers exactly."""
+        self._merge_added()
+        g = self._remaining
+        if not len(g):
+            return math.inf
+        c = self.cost.c_decode
+        margin = self._targets - self.now - g * (self.cost.iteration_overhead_s + len(g) * c)
+        if margin.min() < 0:
+            return -math.inf
+        return float((margin - g * c).min())
+
+    def _prepare(self) -> None:
+        self._merge_added()
         g = self._remaining
         c = self.cost.c_decode
         order = np.argsort(g, kind="stable")
