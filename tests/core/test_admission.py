@@ -153,6 +153,38 @@ def test_batch_estimate_agrees_with_eq3_member_by_member():
     assert 100 < decisions < 1100  # both outcomes are exercised
 
 
+def test_the_lower_bound_admits_only_what_eq3_admits():
+    # Loose targets: every member meets its own, so the bound (no sort) decides most checks;
+    # tight delays (long prompts) leave the rest to the exact path. Both must agree with Eq. 3.
+    rng = np.random.default_rng(5)
+    hw = HardwareSpec("h", 10**6, 100.0, 0.0, step_overhead_s=0.003, prefill_s_per_token=1e-4,
+                      decode_s_per_token=2e-4, predictor_s=0.3)
+    cost = CostEstimate(MODEL, hw)
+    by_bound = by_sort = 0
+    for _ in range(300):
+        now = float(rng.uniform(0, 10))
+        size = int(rng.integers(1, 40))
+        members = [(float(rng.integers(1, 200)), now + float(rng.uniform(1.5, 4)))
+                   for _ in range(size)]
+        b = BatchEstimate(now, cost, 0.0, [g for g, _ in members], [t for _, t in members])
+        admitted_inputs = 0
+        for _ in range(3):
+            remaining, inputs = float(rng.integers(1, 200)), int(rng.integers(1, 12000))
+            expected = eq3_by_hand(now, cost, 0.0, members, admitted_inputs, remaining, inputs)
+            got = b.protects_slos_with(remaining, inputs)
+            assert got == expected
+            if b._sorted is None:
+                by_bound += 1
+            else:
+                by_sort += 1
+            if got:
+                target = now + float(rng.uniform(1.5, 4))
+                b.add(remaining, target, inputs)
+                members.append((remaining, target))
+                admitted_inputs += inputs
+    assert by_bound > 100 and by_sort > 100
+
+
 def test_a_decoding_requests_target_is_its_tpot_slo_from_its_first_token():
     s = Scheduler(TINY_MODEL, TINY_GPU, PolicyConfig(scheduling="emoe", planner="all"))
     # expected 4 tokens but runs on: once G rests at its floor (0.2), the target moves on by
