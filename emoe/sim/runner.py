@@ -7,7 +7,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,8 +319,8 @@ def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> Routi
 def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
              progress: bool = False, stop_after_misses: int | None = None) -> SimOutcome:
     """Run one configuration over the workload; ``out`` gets one row per request.
-    ``stop_after_misses``: end the run once more requests than this have ended without
-    meeting their SLO (a capacity probe that can no longer meet its target)."""
+    ``stop_after_misses``: end the run once more requests than this have missed their SLO or
+    can no longer meet it (``certain_misses``): a capacity probe that cannot meet its target."""
     started = time.perf_counter()
     scheduler, backend = build(config)
     bar = _progress(config.name) if progress else None
@@ -335,8 +335,12 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
 
         stop = None
         if stop_after_misses is not None:
-            def stop() -> bool:
-                return metrics.requests - metrics.slo_met > stop_after_misses
+            live = backend.live
+
+            def stop(now: float) -> bool:
+                misses = metrics.requests - metrics.slo_met
+                return (misses > stop_after_misses
+                        or misses + certain_misses(live.values(), now) > stop_after_misses)
 
         world = World(scheduler, backend, workload.requests(config.seed, config.rate_scale),
                       on_end, stop=stop)
@@ -361,6 +365,24 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
 
 
 CDF_QS = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]
+
+
+def certain_misses(requests: Iterable[Request], now: float) -> int:
+    """How many of these live requests will miss their SLO whatever happens after ``now``:
+    no first token yet and past the TTFT SLO, a first token that came too late, or so long
+    since the first token that even finishing now would exceed the TPOT SLO (a simulated
+    request generates exactly ``output_tokens``; a 1e-9 relative margin keeps the division's
+    rounding on the safe side)."""
+    count = 0
+    for r in requests:
+        first, slo = r.first_token_at, r.slo
+        if first is None:
+            count += now - r.arrival > slo.ttft_s
+        elif first - r.arrival > slo.ttft_s:
+            count += 1
+        elif r.output_tokens > 1:
+            count += now - first > slo.tpot_s * (r.output_tokens - 1) * (1 + 1e-9)
+    return count
 
 
 def _size_label(nbytes: int) -> str:

@@ -28,6 +28,8 @@ from emoe.sim.backend import SimBackend
 
 HAND_OVER_EVERY = 256
 """Ended requests go to ``on_end`` in batches of this many (and at the end of the run)."""
+STOP_CHECK_STEPS = 64
+"""``stop`` is also asked every this many steps (requests may take long to end)."""
 
 
 class SimulationError(EmoeError):
@@ -40,8 +42,9 @@ class World:
 
     def __init__(self, scheduler: Scheduler, backend: SimBackend, requests: Iterable[Request],
                  on_end: Callable[[Request], None], max_iterations: int | None = None,
-                 stop: Callable[[], bool] | None = None):
-        """``stop``: asked after requests end; True ends the run there (``stopped`` is set)."""
+                 stop: Callable[[float], bool] | None = None):
+        """``stop(now)``: asked as ended requests are handed over and every
+        ``STOP_CHECK_STEPS`` steps; True ends the run there (``stopped`` is set)."""
         self.env = simpy.Environment()
         self.scheduler = scheduler
         self.backend = backend
@@ -107,6 +110,10 @@ class World:
                 continue
             result = backend.execute(plan, now, self.next_arrival)
             self.steps += 1
+            if self.steps % STOP_CHECK_STEPS == 0:
+                self._check_stop()
+                if self.stopped:
+                    return
             yield env.timeout(result.finished_at - now)
             finished = scheduler.on_step_done(result)
             if finished:
@@ -126,7 +133,10 @@ class World:
         for request in ended:
             assert request.status.terminal, f"request {request.id!r} ended as {request.status}"
             self._on_end(request)
-        if self._stop is not None and self._stop():
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop(self.env.now):
             self.stopped = True
             if not self._done.triggered:
                 self._done.succeed()

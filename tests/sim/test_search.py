@@ -87,9 +87,29 @@ def test_a_probe_stops_once_the_target_is_out_of_reach():
     full = simulate(config, workload)
     stopped = simulate(config, workload, stop_after_misses=10)
     assert full.summary.requests == 1000 and full.summary.requests - full.summary.slo_met > 10
-    assert stopped.stopped and stopped.summary.requests - stopped.summary.slo_met > 10
-    # checked whenever ended requests are handed over (every 256, with the step's last ones)
-    assert stopped.summary.requests < HAND_OVER_EVERY + 10
+    # checked as ended requests are handed over (every 256) and every 64 steps, counting the
+    # live requests that can no longer meet their SLO
+    assert stopped.stopped and stopped.summary.requests < HAND_OVER_EVERY + 10
+    assert stopped.steps < full.steps / 4
+
+
+def test_certain_misses_are_requests_that_cannot_meet_their_slo_whatever_happens():
+    from emoe.core.request import SLO, Request
+    from emoe.sim.runner import certain_misses
+
+    def request(arrival=0.0, first=None, output=11):
+        r = Request("r", arrival, "qa", 10, output, SLO(ttft_s=1.0, tpot_s=0.1))
+        r.first_token_at = first
+        return r
+
+    now = 3.0
+    assert certain_misses([request(arrival=1.9)], now) == 1  # waiting past its TTFT SLO
+    assert certain_misses([request(arrival=2.1)], now) == 0  # can still get a token in time
+    assert certain_misses([request(first=1.5)], now) == 1    # its first token came too late
+    assert certain_misses([request(first=1.0)], now) == 1    # 2 s > 10 tokens x 0.1 s
+    assert certain_misses([request(first=1.0, output=30)], now) == 0  # 2 s < 29 x 0.1 s
+    assert certain_misses([request(first=0.5, output=1)], now) == 0   # one token: TTFT only
+    assert certain_misses([request(arrival=1.9), request(first=1.0)], now) == 2
 
 
 def test_pareto_set_of_a_hand_made_table():
