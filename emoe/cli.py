@@ -19,6 +19,13 @@ PARTS = (
 )
 
 
+def _learned_predictor(path: str):
+    """``learned:FILE`` predictors for every subcommand; torch loads only when one is named."""
+    from emoe.engine.learned_predictor import loader
+
+    return loader(path)
+
+
 SIM = "emoe.sim.cli"
 """``emoe sim`` builds only its own parser: the simulator starts without the engine's and the
 service's command modules (and what they import)."""
@@ -40,6 +47,9 @@ def build_parser(parts: tuple[str, ...] = PARTS) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from emoe.core.predictor import register_predictor_loader
+
+    register_predictor_loader("learned", _learned_predictor)
     words = sys.argv[1:] if argv is None else argv
     parser = build_parser((SIM,) if words[:1] == ["sim"] else PARTS)
     args = parser.parse_args(argv)

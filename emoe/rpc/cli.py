@@ -323,12 +323,13 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from emoe.rpc.replay import replay_file
+    from emoe.rpc.replay import check_trace, replay_file
 
     if args.rate_scale <= 0:
         raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
+    check_trace(args.trace, rate_scale=args.rate_scale, limit=args.limit, seed=args.seed)
     async def run() -> int:  # the client's channel belongs to this event loop
         client = _client(args)
         await _wait_ready(client, args.wait_ready)

@@ -118,16 +118,24 @@ async def replay(requests: Iterable[Request], client: EmoeClient, metrics: Metri
     return time.monotonic() - run.start
 
 
+def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = None,
+                seed: int = 0) -> None:
+    """Read the requests a replay would send: a malformed row is then one clear error
+    (file:line: column) before anything is sent, not a failure half-way through a replay with
+    requests in flight."""
+    from emoe.core.workload import read_trace
+
+    requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
+    for _ in requests if limit is None else itertools.islice(requests, limit):
+        pass
+
+
 async def replay_file(trace: Path, client: EmoeClient, *, rate_scale: float = 1.0,
                       limit: int | None = None, seed: int = 0, out: Path | None = None) -> int:
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``."""
     from emoe.core.workload import read_trace
 
-    # Read the trace once before sending anything: a malformed row is then one clear error
-    # (file:line: column), not a failure half-way through a replay with requests in flight.
-    checked = read_trace(trace, seed=seed, rate_scale=rate_scale)
-    for _ in checked if limit is None else itertools.islice(checked, limit):
-        pass
+    check_trace(trace, rate_scale=rate_scale, limit=limit, seed=seed)
     requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
     if limit is not None:
         requests = itertools.islice(requests, limit)

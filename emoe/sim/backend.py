@@ -63,7 +63,8 @@ class SimBackend:
 
     def finish(self, requests: list[Request], now: float) -> None:
         """Free what ended requests hold; their expert hit counters are written into them at
-        the next ``flush``."""
+        the next ``flush``, and their generated tokens' routing goes out with the next step's
+        result (``decode_routing``)."""
         held = 0
         for request in requests:
             del self.live[request.id]

@@ -145,6 +145,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "(docs/profile-format.md)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="a policy file (replaces the policy options)")
+    pol.add_argument("--sensitivity", type=Path, default=None,
+                     help="sensitivity file from `emoe sensitivity` (replaces the policy's "
+                          "table; default: the task profiles' hand-set defaults)")
+    pol.add_argument("--sensitivity-mode", choices=["graded", "binary"], default="graded",
+                     help="which s of the sensitivity file")
     search = p.add_argument_group("search and choice")
     search.add_argument("--search", choices=("capacity",), default=None,
                         help="capacity: per configuration, the highest rate scale meeting "
@@ -178,6 +183,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--export-policy", type=Path, default=None, metavar="FILE",
                      help="write the best configuration's policy file (--best, "
                           "--accuracy-floor) for `emoe serve --policy`")
+    run.add_argument("--accuracy-calibration", type=Path, default=None, metavar="FILE",
+                     help="`emoe calibrate-proxy` file: print agreement and quality estimated "
+                          "from the accuracy proxy")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
@@ -209,6 +217,11 @@ def run_sim(args: argparse.Namespace) -> int:
         stats = workload.stats(args.seed)
         configs = _with_all_resident_baselines(unique)
     model, hardware = configs[0].specs()
+    calibration = None
+    if args.accuracy_calibration is not None:
+        from emoe.core.accuracy import AccuracyCalibration
+
+        calibration = AccuracyCalibration.from_file(args.accuracy_calibration)
     jobs = 1 if args.ray is None and len(configs) == 1 else (args.jobs or default_jobs())
     where = (f"Ray ({args.ray})" if args.ray is not None
              else f"{min(jobs, len(configs))} local process(es)")
@@ -243,10 +256,22 @@ def run_sim(args: argparse.Namespace) -> int:
     print(f"routing: {first.routing}; expert hits {first.hits_method}")
     print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
           "provenance: docs/simulator.md")
+    print(_accuracy_note(configs[0].policy(model), calibration))
     print()
     if stats is None:
         stats = report.stats_of(results[0].outcome.summary)
     report.print_results(results, stats, search, single)
+    if calibration is not None:
+        print()
+        print("accuracy estimated from the proxy (calibration: " + calibration.describe() + ")")
+        for warning in _calibration_mismatch(calibration, model, configs[0].policy(model)):
+            print(f"  warning: {warning}")
+        for r in results:
+            proxy = r.outcome.summary.accuracy_proxy
+            if proxy is not None:
+                estimate = calibration.predict(proxy)
+                print(f"  {r.config.name}: proxy {proxy:.3f} -> "
+                      + ", ".join(f"{m} ~{v:.3f}" for m, v in estimate.items()))
     freed = report.freed_memory_rows(results, stats)
     print()
     print(report.format_freed_memory(freed, search is not None))
@@ -305,7 +330,8 @@ def _configs(args: argparse.Namespace) -> list:
     budgets = (args.expert_budget or []) + [{"experts_per_layer": L}
                                             for L in args.experts_per_layer or []]
     base = SimConfig(model=args.model, profile=args.profile, policy_file=args.policy,
-                     routing_trace=args.routing_trace, seed=args.seed, experts_per_layer=None)
+                     routing_trace=args.routing_trace, seed=args.seed, experts_per_layer=None,
+                     sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode)
     if args.policy is not None:
         pairs = [(None, None, {})]
     elif args.scheduler is None and args.experts is None:
@@ -349,6 +375,32 @@ def _out_path(out: Path | None, config, single: bool) -> Path | None:
         return out
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", config.name).strip("-")
     return out.with_name(f"{out.stem}-{slug}{out.suffix}")
+
+
+def _accuracy_note(policy, calibration) -> str:
+    """Which sensitivity weighs the accuracy proxy, and whether it is calibrated."""
+    source = policy.sensitivity_source
+    weights = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
+               if source else "hand-set task-profile defaults (not measured)")
+    if calibration is None:
+        return (f"accuracy proxy: sensitivity-weighted hit share, weights {weights}; "
+                f"uncalibrated (--accuracy-calibration maps it to agreement and quality)")
+    return f"accuracy proxy: weights {weights}; calibrated against `emoe eval` (below)"
+
+
+def _calibration_mismatch(calibration, model, policy) -> list[str]:
+    """Why a calibration may not transfer to this simulation."""
+    out = []
+    if calibration.model and calibration.model != model.name:
+        out.append(f"calibrated on {calibration.model}, simulating {model.name}: the estimate "
+                   f"does not transfer between models")
+    measured = {p.get("sensitivity") for p in calibration.points} - {None}
+    source = policy.sensitivity_source
+    used = f"{source['file']} ({source['mode']})" if source else "hand-set"
+    if measured and used not in measured:
+        out.append(f"calibrated with sensitivity {', '.join(sorted(measured))}; this run weighs "
+                   f"the proxy with {used}")
+    return out
 
 
 def _print_fit_note(model, configs: list) -> None:

@@ -107,7 +107,8 @@ class SimConfig:
     The expert budget is one of ``experts_per_layer`` (L), ``expert_budget_bytes`` and
     ``expert_fraction`` (of all experts), checked in that order. ``miss_policy`` None is the
     planner's own (``fetch`` for ``lru``, else ``reroute``). ``rate_scale`` multiplies the
-    workload's request rate.
+    workload's request rate. ``sensitivity``: a file from `emoe sensitivity` whose
+    ``sensitivity_mode`` values replace the policy's sensitivity table.
     """
 
     model: str = "mixtral-8x7b"
@@ -125,6 +126,8 @@ class SimConfig:
     expert_fraction: float | None = None
     miss_policy: str | None = None
     rate_scale: float = 1.0
+    sensitivity: Path | None = None
+    sensitivity_mode: str = "graded"
 
     @property
     def name(self) -> str:
@@ -225,20 +228,27 @@ class SimConfig:
 
     def policy(self, model: ModelSpec) -> PolicyConfig:
         if self.policy_file is not None:
-            return PolicyConfig.from_file(self.policy_file)
-        per_layer, budget = self.experts_per_layer, self.expert_budget_bytes
-        if per_layer is None and budget is None and self.expert_fraction is not None:
-            if not 0.0 < self.expert_fraction <= 1.0:
-                raise ConfigError(f"expert budget {self.budget_label}: a fraction of all "
-                                  "experts must be in (0%, 100%]")
-            experts = model.num_layers * model.num_experts
-            budget = int(self.expert_fraction * experts + 1e-9) * model.expert_bytes
-        if per_layer is not None:
-            budget = None
-        return PolicyConfig(scheduling=self.scheduling, planner=self.planner,
-                            prediction_interval=self.prediction_interval,
-                            experts_per_layer=per_layer, expert_budget_bytes=budget,
-                            memory_budget_bytes=self.memory_budget_bytes, model=model.name)
+            policy = PolicyConfig.from_file(self.policy_file)
+        else:
+            per_layer, budget = self.experts_per_layer, self.expert_budget_bytes
+            if per_layer is None and budget is None and self.expert_fraction is not None:
+                if not 0.0 < self.expert_fraction <= 1.0:
+                    raise ConfigError(f"expert budget {self.budget_label}: a fraction of all "
+                                      "experts must be in (0%, 100%]")
+                experts = model.num_layers * model.num_experts
+                budget = int(self.expert_fraction * experts + 1e-9) * model.expert_bytes
+            if per_layer is not None:
+                budget = None
+            policy = PolicyConfig(scheduling=self.scheduling, planner=self.planner,
+                                  prediction_interval=self.prediction_interval,
+                                  experts_per_layer=per_layer, expert_budget_bytes=budget,
+                                  memory_budget_bytes=self.memory_budget_bytes, model=model.name)
+        if self.sensitivity is not None:  # a measured table replaces the policy's
+            from emoe.core.sensitivity import load_sensitivity
+
+            policy.sensitivity, policy.sensitivity_source = load_sensitivity(
+                self.sensitivity, self.sensitivity_mode, model.num_layers, list(policy.tasks))
+        return policy
 
 
 CDF_POINTS = 101

@@ -171,3 +171,26 @@ def test_freed_memory_is_measured_against_all_experts_resident_where_they_fit(tm
     assert freed["max_prompt_tokens"] > freed["max_prompt_tokens_all_resident"] > 0
     assert freed["throughput_vs_all_resident"] == pytest.approx(
         offloaded["capacity"] / resident["capacity"])
+
+
+def test_sensitivity_and_accuracy_calibration_are_named_in_the_output(tmp_path, capsys):
+    from emoe.core.accuracy import fit_calibration
+
+    trace = write_trace(tmp_path / "trace.csv", rows=20)
+    calibration = tmp_path / "calibration.json"
+    fit_calibration([{"planner": "emoe", "budget": b, "proxy": x, "agreement": x,
+                      "quality": x} for b, x in ((0.25, 0.3), (0.5, 0.6), (0.75, 0.9))],
+                    "emoe-tiny").to_file(calibration)
+    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
+               "--accuracy-calibration", str(calibration), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "weights hand-set task-profile defaults (not measured)" in printed
+    assert "calibration: 3 `emoe eval` runs of emoe-tiny" in printed
+    assert "warning: calibrated on emoe-tiny, simulating mixtral-8x7b" in printed
+    assert "fcfs/emoe p=40 L=5/layer x1 h100-80gb: proxy" in printed
+    # a sensitivity file of another model's layer count is refused by name
+    rc = main(["sim", "--trace", str(trace), "--sensitivity", "traces/sensitivity-emoe-tiny.json",
+               "--no-progress"])
+    assert rc == 2
+    assert "with 4 MoE layers; this model has 32" in capsys.readouterr().err
