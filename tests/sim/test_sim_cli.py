@@ -194,3 +194,19 @@ def test_sensitivity_and_accuracy_calibration_are_named_in_the_output(tmp_path, 
                "--no-progress"])
     assert rc == 2
     assert "with 4 MoE layers; this model has 32" in capsys.readouterr().err
+
+
+def test_a_search_writes_the_requests_of_each_run_at_its_capacity(tmp_path, capsys):
+    out, summary = tmp_path / "r.csv", tmp_path / "s.json"
+    assert main(["sim", "--duration", "20", "--scheduler", "fcfs", "--experts", "static,emoe",
+                 "--search", "capacity", "--capacity-tolerance", "0.25", "--out", str(out),
+                 "--json", str(summary), "--jobs", "1", "--no-progress"]) == 0
+    rows = {row["planner"]: row for row in json.loads(summary.read_text())}
+    for planner, name in (("static", "fcfs-static-L-5-layer-x1-h100-80gb"),
+                          ("emoe", "fcfs-emoe-p-40-L-5-layer-x1-h100-80gb")):
+        with open(tmp_path / f"r-{name}.csv") as f:
+            requests = list(csv.DictReader(f))
+        met = sum(r["slo_met"] == "True" for r in requests)
+        assert len(requests) == rows[planner]["summary"]["requests"]
+        assert met == rows[planner]["summary"]["slo_met"]  # the run at the capacity
+        assert rows[planner]["request_rate"] > 0 and rows[planner]["capacity"] > 0
