@@ -35,7 +35,8 @@ class SamplingParams:
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
     """The model a backend serves. ``tokenizer_json`` is a Hugging Face tokenizer.json (empty:
-    token ids only); ``max_running`` is how many requests the engine holds at once;
+    token ids only), ``tokenizer_config`` its tokenizer_config.json (the chat template; empty:
+    none); ``max_running`` is how many requests the engine holds at once;
     ``expert_slots`` the size of an offloading engine's expert cache (0: every expert stays
     resident); ``resident`` the experts resident once it is warm."""
 
@@ -48,6 +49,7 @@ class BackendInfo:
     resident: tuple[ExpertKey, ...] = ()
     instance_id: str = ""
     expert_slots: int = 0
+    tokenizer_config: str = ""
 
 
 class BackendUnavailable(Exception):

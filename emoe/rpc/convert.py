@@ -99,7 +99,8 @@ def info_to_proto(info: BackendInfo) -> wpb.WorkerInfo:
         expert_bytes=model.expert_bytes, non_expert_bytes=model.non_expert_bytes,
         kv_bytes_per_token=model.kv_bytes_per_token, hidden_size=model.hidden_size,
         tokenizer_json=info.tokenizer_json, resident=keys_to_proto(info.resident),
-        max_running=info.max_running, expert_slots=info.expert_slots)
+        max_running=info.max_running, expert_slots=info.expert_slots,
+        tokenizer_config=info.tokenizer_config)
 
 
 def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
@@ -112,4 +113,5 @@ def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
                        eos_token_id=m.model.eos_token_id, tokenizer_json=m.tokenizer_json,
                        max_running=m.max_running,
                        resident=keys_from_proto(m.resident),
-                       instance_id=m.instance_id, expert_slots=m.expert_slots)
+                       instance_id=m.instance_id, expert_slots=m.expert_slots,
+                       tokenizer_config=m.tokenizer_config)

@@ -10,6 +10,7 @@ so text prompts and streamed text work as they do with the reference model.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from emoe.rpc.backend import BackendInfo, SamplingParams
 
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
 EOS_ID = 1
+# A plain "role: content" chat template, so chat completions work on this backend too.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "assistant:")
 
 FAKE_MODEL = ModelSpec(
     name="fake-moe", num_layers=4, num_experts=8, top_k=2, expert_bytes=1 << 20,
@@ -74,7 +78,9 @@ class FakeBackend:
         return BackendInfo(model=FAKE_MODEL, vocab_size=self._vocab, max_context=self._max_context,
                            eos_token_id=EOS_ID, tokenizer_json=self._tokenizer.to_str(),
                            max_running=self._max_running,
-                           instance_id=self._instance)
+                           instance_id=self._instance,
+                           tokenizer_config=json.dumps({"chat_template": CHAT_TEMPLATE,
+                                                        "eos_token": SPECIAL_TOKENS[EOS_ID]}))
 
     def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
         first = (len(prompt) + (sampling.seed or 0)) % (self._vocab - len(SPECIAL_TOKENS))

@@ -50,6 +50,7 @@ class LocalEngineBackend:
 
         folder = self._checkpoint
         tokenizer_file = folder / "tokenizer.json"
+        tokenizer_config = folder / "tokenizer_config.json"
         if not (folder / "config.json").is_file():
             raise ConfigError(f"checkpoint: {folder} has no config.json (a Hugging Face model folder "
                               "with config.json, *.safetensors and tokenizer.json is expected)")
@@ -76,7 +77,8 @@ class LocalEngineBackend:
             model=model, vocab_size=cfg.vocab_size, max_context=engine.max_seq_len, eos_token_id=eos,
             tokenizer_json=tokenizer_json,
             max_running=engine.cache.num_slots, resident=resident, instance_id=uuid.uuid4().hex,
-            expert_slots=0 if self.experts is None else self.experts.cache.num_slots)
+            expert_slots=0 if self.experts is None else self.experts.cache.num_slots,
+            tokenizer_config=tokenizer_config.read_text() if tokenizer_config.is_file() else "")
 
     def _offloaded_engine(self, folder: Path):
         from emoe.engine.checkpoint import load_model

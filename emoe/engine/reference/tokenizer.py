@@ -12,6 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2
 
 
@@ -38,10 +39,12 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
-    """``tokenizer.json`` plus the ``tokenizer_config.json`` that Hugging Face loaders read."""
+    """``tokenizer.json`` plus the ``tokenizer_config.json`` that Hugging Face loaders read,
+    with the chat template that maps messages to the task prompt forms."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS,
               "eos_token": EOS, "pad_token": PAD, "add_bos_token": True,
-              "model_max_length": 512, "clean_up_tokenization_spaces": False}
+              "model_max_length": 512, "clean_up_tokenization_spaces": False,
+              "chat_template": CHAT_TEMPLATE.read_text()}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

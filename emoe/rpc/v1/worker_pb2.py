@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from emoe.rpc.v1 import scheduler_pb2 as emoe_dot_v1_dot_scheduler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65moe/v1/worker.proto\x12\x07\x65moe.v1\x1a\x17\x65moe/v1/scheduler.proto\"\x16\n\x14GetWorkerInfoRequest\"\x8e\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.emoe.v1.ModelInfo\x12\x14\n\x0c\x65xpert_bytes\x18\x03 \x01(\x04\x12\x18\n\x10non_expert_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x07 \x01(\t\x12$\n\x08resident\x18\x08 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12\x13\n\x0bmax_running\x18\t \x01(\r\x12\x14\n\x0c\x65xpert_slots\x18\n \x01(\r\"#\n\x0cResetRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"5\n\rResetResponse\x12$\n\x08resident\x18\x01 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\"^\n\nPromptSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"E\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xb2\x01\n\x08StepPlan\x12&\n\x07prefill\x18\x01 \x03(\x0b\x32\x15.emoe.v1.PrefillChunk\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x03(\t\x12\x12\n\niterations\x18\x03 \x01(\r\x12 \n\x04load\x18\x04 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12!\n\x05\x65vict\x18\x05 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12\x15\n\rrun_predictor\x18\x06 \x01(\x08\"|\n\x12\x45xecuteStepRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12 \n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32\x13.emoe.v1.PromptSpec\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.emoe.v1.StepPlan\"\xe3\x01\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0b\x65xpert_hits\x18\x06 \x01(\r\x12\x15\n\rexpert_misses\x18\x07 \x01(\r\x12\x15\n\rweighted_hits\x18\x08 \x01(\x01\x12\x18\n\x10weighted_choices\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\"H\n\rRoutingCounts\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\r\"\x97\x03\n\x13\x45xecuteStepResponse\x12\x0e\n\x06step_s\x18\x01 \x01(\x01\x12\x12\n\niterations\x18\x02 \x01(\r\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.emoe.v1.RequestStepOutput\x12:\n\x07routing\x18\x04 \x03(\x0b\x32).emoe.v1.ExecuteStepResponse.RoutingEntry\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x13\n\x0bload_wait_s\x18\x06 \x01(\x01\x12\x13\n\x0bpredictor_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x62ytes_loaded\x18\x08 \x01(\x04\x12+\n\x0f\x66\x65tched_on_miss\x18\t \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12+\n\x0f\x65victed_on_miss\x18\n \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x1a\x46\n\x0cRoutingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.emoe.v1.RoutingCounts:\x02\x38\x01\x32\xd6\x01\n\rWorkerService\x12\x43\n\rGetWorkerInfo\x12\x1d.emoe.v1.GetWorkerInfoRequest\x1a\x13.emoe.v1.WorkerInfo\x12\x36\n\x05Reset\x12\x15.emoe.v1.ResetRequest\x1a\x16.emoe.v1.ResetResponse\x12H\n\x0b\x45xecuteStep\x12\x1b.emoe.v1.ExecuteStepRequest\x1a\x1c.emoe.v1.ExecuteStepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x65moe/v1/worker.proto\x12\x07\x65moe.v1\x1a\x17\x65moe/v1/scheduler.proto\"\x16\n\x14GetWorkerInfoRequest\"\xa8\x02\n\nWorkerInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.emoe.v1.ModelInfo\x12\x14\n\x0c\x65xpert_bytes\x18\x03 \x01(\x04\x12\x18\n\x10non_expert_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x04\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x16\n\x0etokenizer_json\x18\x07 \x01(\t\x12$\n\x08resident\x18\x08 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12\x13\n\x0bmax_running\x18\t \x01(\r\x12\x14\n\x0c\x65xpert_slots\x18\n \x01(\r\x12\x18\n\x10tokenizer_config\x18\x0b \x01(\t\"#\n\x0cResetRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"5\n\rResetResponse\x12$\n\x08resident\x18\x01 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\"^\n\nPromptSpec\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.emoe.v1.SamplingParams\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\r\"E\n\x0cPrefillChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\"\xb2\x01\n\x08StepPlan\x12&\n\x07prefill\x18\x01 \x03(\x0b\x32\x15.emoe.v1.PrefillChunk\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x03(\t\x12\x12\n\niterations\x18\x03 \x01(\r\x12 \n\x04load\x18\x04 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12!\n\x05\x65vict\x18\x05 \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12\x15\n\rrun_predictor\x18\x06 \x01(\x08\"|\n\x12\x45xecuteStepRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12 \n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32\x13.emoe.v1.PromptSpec\x12\x0e\n\x06remove\x18\x03 \x03(\t\x12\x1f\n\x04plan\x18\x04 \x01(\x0b\x32\x11.emoe.v1.StepPlan\"\xe3\x01\n\x11RequestStepOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0b\x65xpert_hits\x18\x06 \x01(\r\x12\x15\n\rexpert_misses\x18\x07 \x01(\r\x12\x15\n\rweighted_hits\x18\x08 \x01(\x01\x12\x18\n\x10weighted_choices\x18\t \x01(\x01\x12\r\n\x05\x65rror\x18\n \x01(\t\"H\n\rRoutingCounts\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\r\"\x97\x03\n\x13\x45xecuteStepResponse\x12\x0e\n\x06step_s\x18\x01 \x01(\x01\x12\x12\n\niterations\x18\x02 \x01(\r\x12+\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.emoe.v1.RequestStepOutput\x12:\n\x07routing\x18\x04 \x03(\x0b\x32).emoe.v1.ExecuteStepResponse.RoutingEntry\x12\x11\n\tcompute_s\x18\x05 \x01(\x01\x12\x13\n\x0bload_wait_s\x18\x06 \x01(\x01\x12\x13\n\x0bpredictor_s\x18\x07 \x01(\x01\x12\x14\n\x0c\x62ytes_loaded\x18\x08 \x01(\x04\x12+\n\x0f\x66\x65tched_on_miss\x18\t \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x12+\n\x0f\x65victed_on_miss\x18\n \x03(\x0b\x32\x12.emoe.v1.ExpertKey\x1a\x46\n\x0cRoutingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.emoe.v1.RoutingCounts:\x02\x38\x01\x32\xd6\x01\n\rWorkerService\x12\x43\n\rGetWorkerInfo\x12\x1d.emoe.v1.GetWorkerInfoRequest\x1a\x13.emoe.v1.WorkerInfo\x12\x36\n\x05Reset\x12\x15.emoe.v1.ResetRequest\x1a\x16.emoe.v1.ResetResponse\x12H\n\x0b\x45xecuteStep\x12\x1b.emoe.v1.ExecuteStepRequest\x1a\x1c.emoe.v1.ExecuteStepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,29 +37,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETWORKERINFOREQUEST']._serialized_start=58
   _globals['_GETWORKERINFOREQUEST']._serialized_end=80
   _globals['_WORKERINFO']._serialized_start=83
-  _globals['_WORKERINFO']._serialized_end=353
-  _globals['_RESETREQUEST']._serialized_start=355
-  _globals['_RESETREQUEST']._serialized_end=390
-  _globals['_RESETRESPONSE']._serialized_start=392
-  _globals['_RESETRESPONSE']._serialized_end=445
-  _globals['_PROMPTSPEC']._serialized_start=447
-  _globals['_PROMPTSPEC']._serialized_end=541
-  _globals['_EXPERTKEY']._serialized_start=543
-  _globals['_EXPERTKEY']._serialized_end=585
-  _globals['_PREFILLCHUNK']._serialized_start=587
-  _globals['_PREFILLCHUNK']._serialized_end=656
-  _globals['_STEPPLAN']._serialized_start=659
-  _globals['_STEPPLAN']._serialized_end=837
-  _globals['_EXECUTESTEPREQUEST']._serialized_start=839
-  _globals['_EXECUTESTEPREQUEST']._serialized_end=963
-  _globals['_REQUESTSTEPOUTPUT']._serialized_start=966
-  _globals['_REQUESTSTEPOUTPUT']._serialized_end=1193
-  _globals['_ROUTINGCOUNTS']._serialized_start=1195
-  _globals['_ROUTINGCOUNTS']._serialized_end=1267
-  _globals['_EXECUTESTEPRESPONSE']._serialized_start=1270
-  _globals['_EXECUTESTEPRESPONSE']._serialized_end=1677
-  _globals['_EXECUTESTEPRESPONSE_ROUTINGENTRY']._serialized_start=1607
-  _globals['_EXECUTESTEPRESPONSE_ROUTINGENTRY']._serialized_end=1677
-  _globals['_WORKERSERVICE']._serialized_start=1680
-  _globals['_WORKERSERVICE']._serialized_end=1894
+  _globals['_WORKERINFO']._serialized_end=379
+  _globals['_RESETREQUEST']._serialized_start=381
+  _globals['_RESETREQUEST']._serialized_end=416
+  _globals['_RESETRESPONSE']._serialized_start=418
+  _globals['_RESETRESPONSE']._serialized_end=471
+  _globals['_PROMPTSPEC']._serialized_start=473
+  _globals['_PROMPTSPEC']._serialized_end=567
+  _globals['_EXPERTKEY']._serialized_start=569
+  _globals['_EXPERTKEY']._serialized_end=611
+  _globals['_PREFILLCHUNK']._serialized_start=613
+  _globals['_PREFILLCHUNK']._serialized_end=682
+  _globals['_STEPPLAN']._serialized_start=685
+  _globals['_STEPPLAN']._serialized_end=863
+  _globals['_EXECUTESTEPREQUEST']._serialized_start=865
+  _globals['_EXECUTESTEPREQUEST']._serialized_end=989
+  _globals['_REQUESTSTEPOUTPUT']._serialized_start=992
+  _globals['_REQUESTSTEPOUTPUT']._serialized_end=1219
+  _globals['_ROUTINGCOUNTS']._serialized_start=1221
+  _globals['_ROUTINGCOUNTS']._serialized_end=1293
+  _globals['_EXECUTESTEPRESPONSE']._serialized_start=1296
+  _globals['_EXECUTESTEPRESPONSE']._serialized_end=1703
+  _globals['_EXECUTESTEPRESPONSE_ROUTINGENTRY']._serialized_start=1633
+  _globals['_EXECUTESTEPRESPONSE_ROUTINGENTRY']._serialized_end=1703
+  _globals['_WORKERSERVICE']._serialized_start=1706
+  _globals['_WORKERSERVICE']._serialized_end=1920
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("instance_id", "model", "expert_bytes", "non_expert_bytes", "kv_bytes_per_token", "hidden_size", "tokenizer_json", "resident", "max_running", "expert_slots")
+    __slots__ = ("instance_id", "model", "expert_bytes", "non_expert_bytes", "kv_bytes_per_token", "hidden_size", "tokenizer_json", "resident", "max_running", "expert_slots", "tokenizer_config")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class WorkerInfo(_message.Message):
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
     EXPERT_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_CONFIG_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: _scheduler_pb2.ModelInfo
     expert_bytes: int
@@ -33,7 +34,8 @@ class WorkerInfo(_message.Message):
     resident: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     max_running: int
     expert_slots: int
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[_Union[_scheduler_pb2.ModelInfo, _Mapping]] = ..., expert_bytes: _Optional[int] = ..., non_expert_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., max_running: _Optional[int] = ..., expert_slots: _Optional[int] = ...) -> None: ...
+    tokenizer_config: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[_Union[_scheduler_pb2.ModelInfo, _Mapping]] = ..., expert_bytes: _Optional[int] = ..., non_expert_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., hidden_size: _Optional[int] = ..., tokenizer_json: _Optional[str] = ..., resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., max_running: _Optional[int] = ..., expert_slots: _Optional[int] = ..., tokenizer_config: _Optional[str] = ...) -> None: ...
 
 class ResetRequest(_message.Message):
     __slots__ = ("instance_id",)
