@@ -57,6 +57,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "--tls-cert, and only for admin tokens with --auth-token-file")
     serve.add_argument("--metrics-host", default="127.0.0.1",
                        help="address the metrics endpoint binds (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int,
+                       help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+                            "/v1/chat/completions, /v1/models, /health, /metrics) on this port "
+                            "(0: any free port; default: off); auth, TLS and limits as the gRPC "
+                            "port")
+    serve.add_argument("--http-host", default="127.0.0.1",
+                       help="address the HTTP API binds (default 127.0.0.1)")
     serve.set_defaults(func=_serve)
 
     worker = subparsers.add_parser("worker", help="serve one engine to a remote scheduler",
@@ -256,7 +263,8 @@ def _serve(args: argparse.Namespace) -> int:
         backends, policy, get_hardware(args.gpu), _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
         max_prompt_chars=args.max_prompt_chars, metrics_port=args.metrics_port or None,
-        metrics_host=args.metrics_host, remote_workers=tuple(args.worker))
+        metrics_host=args.metrics_host, remote_workers=tuple(args.worker),
+        http_port=args.http_port, http_host=args.http_host)
     return asyncio.run(run_until_signal(server, args.drain_grace))
 
 

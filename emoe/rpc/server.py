@@ -65,6 +65,15 @@ class Listen:
     tls_key: Path | None = None
     max_message_bytes: int | None = None
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server-side TLS context for HTTP (None without TLS)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        _tls_pair(self.tls_cert, self.tls_key)  # one clear line if they do not load
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
+
 
 def _tls_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
     """The certificate and key files, checked to load as a pair (gRPC would only log why not)."""
@@ -168,14 +177,20 @@ def scheduler_factory(policy: PolicyConfig, hardware: HardwareSpec) -> Scheduler
 
 
 class SchedulerServer:
-    """The scheduler service over one or more engine backends (one replica each)."""
+    """The scheduler service over one or more engine backends (one replica each); with
+    ``http_port`` also the OpenAI-compatible HTTP front door (``emoe.rpc.http``) on
+    ``http_host`` (auth, TLS and limits as ``listen``), in the same event loop."""
 
     def __init__(self, backends: list[Backend], policy: PolicyConfig, hardware: HardwareSpec,
                  listen: Listen = Listen(), *, default_task: str = "conversation",
                  max_queue: int = 1024, default_max_tokens: int = 128,
                  max_prompt_chars: int | None = None, metrics_port: int | None = None,
-                 metrics_host: str = "127.0.0.1", remote_workers: tuple[str, ...] = ()):
+                 metrics_host: str = "127.0.0.1", remote_workers: tuple[str, ...] = (),
+                 http_port: int | None = None, http_host: str = "127.0.0.1"):
         self.listen = listen
+        self._http_listen = (http_host, http_port)
+        self.http = None
+        self.http_port = 0
         replicas: list[Replica] = []
         self.metrics = ServiceMetrics(list(policy.tasks), load=lambda: self.service.load())
         make_scheduler = scheduler_factory(policy, hardware)
@@ -215,6 +230,18 @@ class SchedulerServer:
                                                listen.tls_key)
             self.metrics_port = self._metrics_http.port
         await self._server.start()
+        host, port = self._http_listen
+        if port is not None:
+            from emoe.rpc.http.server import HttpFrontDoor
+
+            try:
+                self.http = HttpFrontDoor(self.service, self.metrics.registry, host, port,
+                                          ssl_context=self.listen.ssl_context())
+                await self.http.start()
+            except BaseException:
+                await self._server.stop(None)
+                raise
+            self.http_port = self.http.port
         for replica in self.service.replicas:
             await replica.start()
         self._watch = asyncio.create_task(self._watch_health(), name="health-watch")
@@ -276,6 +303,8 @@ class SchedulerServer:
                 task.cancel()
         for replica in self.service.replicas:
             await replica.close()
+        if self.http is not None:
+            await self.http.stop()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self._metrics_http is not None:
