@@ -101,7 +101,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the trace's input tokens and outputs forced to its output tokens; write "
                     "per-request results in the simulator's columns and print the summary.")
     replay.add_argument("--trace", type=Path, required=True, help="trace file (CSV or JSONL)")
-    _target_args(replay)
+    _target_args(replay, http=True)
+    replay.add_argument("--model", help="HTTP target: the model to request (default: the first "
+                                        "its /v1/models lists)")
+    replay.add_argument("--force-length", choices=("auto", "ignore_eos", "min_tokens", "none"),
+                        default="auto",
+                        help="HTTP target: how to make the server generate the trace's output "
+                             "lengths (auto: the first of ignore_eos, min_tokens that the server "
+                             "accepts; none: actual lengths are reported)")
     replay.add_argument("--rate-scale", type=float, default=1.0,
                         help="multiply the arrival rate (2 = twice as fast)")
     replay.add_argument("--limit", type=int, help="replay at most this many requests")
@@ -146,8 +153,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "the lru planner, reroute otherwise)")
 
 
-def _target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT of `emoe serve`")
+def _target_args(p: argparse.ArgumentParser, http: bool = False) -> None:
+    p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help="HOST:PORT of `emoe serve`" + (
+                       ", or http(s)://HOST:PORT/v1 of any OpenAI-compatible server (emoe serve "
+                       "--http-port, vLLM, SGLang, llama.cpp, ...)" if http else ""))
     p.add_argument("--auth-token-file", type=Path,
                    help=f"bearer token to send (the file's first token; or ${TOKEN_ENV})")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect over TLS")
@@ -297,6 +307,29 @@ async def _wait_ready(client, seconds: float) -> None:
                           f"{seconds:g} s (--wait-ready)") from None
 
 
+async def _replay_target(args: argparse.Namespace):
+    """emoe's gRPC service, or an OpenAI-compatible HTTP server for an http(s):// target;
+    ready (``--wait-ready``)."""
+    if args.target.startswith(("http://", "https://")):
+        from emoe.rpc.http.replay import HttpTarget
+
+        target = HttpTarget(args.target, auth_token=_token(args.auth_token_file),
+                            ca_file=str(args.tls_ca) if args.tls_ca else None, model=args.model,
+                            force_length=args.force_length)
+        await target.wait_ready(args.wait_ready)
+        return target
+    from emoe.rpc.replay import GrpcTarget
+
+    if args.model is not None:
+        raise ConfigError("--model: only for an http(s):// target")
+    if args.force_length != "auto":
+        raise ConfigError("--force-length: only for an http(s):// target (gRPC replay always "
+                          "forces output lengths with ignore_eos)")
+    client = _client(args)
+    await _wait_ready(client, args.wait_ready)
+    return GrpcTarget(client)
+
+
 def _submit(args: argparse.Namespace) -> int:
     import grpc
 
@@ -339,9 +372,7 @@ def _replay(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     check_trace(args.trace, rate_scale=args.rate_scale, limit=args.limit, seed=args.seed)
     async def run() -> int:  # the client's channel belongs to this event loop
-        client = _client(args)
-        await _wait_ready(client, args.wait_ready)
-        return await replay_file(args.trace, client, rate_scale=args.rate_scale,
+        return await replay_file(args.trace, await _replay_target(args), rate_scale=args.rate_scale,
                                  limit=args.limit, seed=args.seed, out=args.out)
 
     return asyncio.run(run())

@@ -1,14 +1,17 @@
-"""Trace replay against a live scheduler service.
+"""Trace replay against a live service: emoe's gRPC service, or any OpenAI-compatible HTTP
+server (``emoe.rpc.http.replay``).
 
 Each trace request is sent at its recorded arrival time (divided by ``rate_scale``) as token
 ids: ``input_tokens`` random non-special ids, ``max_tokens = output_tokens`` with EOS ignored,
-so the service generates exactly the trace's output length. A request that does not fit the
-model's context is shortened to fit, prompt first, then output (counted and reported). Results
-are the simulator's per-request columns (emoe.core.metrics) and its summary table, times in seconds
-from the replay's start:
+so the service generates exactly the trace's output length (an HTTP server that cannot be
+told to ignore EOS may stop sooner: the actual lengths are reported). A request that does not
+fit the model's context is shortened to fit, prompt first, then output (counted and reported).
+Results are the simulator's per-request columns (emoe.core.metrics) and its summary table,
+times in seconds from the replay's start:
 
     arrival_s         when the request was sent
-    admitted_at_s     arrival + the server's measured queueing time
+    admitted_at_s     arrival + the server's measured queueing time (empty where the server
+                      does not report it)
     first_token_at_s  when the client received the first token
     finished_at_s     when the client received the completion (or the error)
 """
@@ -23,7 +26,9 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -37,26 +42,42 @@ log = logging.getLogger(__name__)
 FIRST_NON_SPECIAL_ID = 3
 
 
-class _Replay:
-    def __init__(self, client: EmoeClient, model: pb.ModelInfo, seed: int):
+@dataclass(frozen=True, slots=True)
+class TargetModel:
+    """What replay needs to know of the served model (``max_context`` None: not known)."""
+
+    name: str
+    max_context: int | None
+    vocab_size: int
+
+
+class ReplayTarget(Protocol):
+    """A server that replay sends requests to."""
+
+    async def model(self) -> TargetModel: ...
+
+    async def send(self, request: Request, prompt: list[int], start: float) -> Request:
+        """Sends ``request`` and fills in its outcome (times in seconds from ``start``, a
+        ``time.monotonic()`` value)."""
+
+    async def close(self) -> None: ...
+
+
+class GrpcTarget:
+    """emoe's gRPC scheduler service."""
+
+    def __init__(self, client: EmoeClient):
         self.client = client
-        self.model = model
-        self.rng = random.Random(seed)
         self.prefix = f"replay-{uuid.uuid4().hex[:8]}-"
-        self.shortened = 0
-        self.start = 0.0
 
-    def prompt(self, request: Request) -> list[int]:
-        context = self.model.max_context
-        if request.input_tokens + request.output_tokens > context:
-            request.output_tokens = min(request.output_tokens, context - 1)
-            request.input_tokens = min(request.input_tokens, context - request.output_tokens)
-            self.shortened += 1
-        high = max(self.model.vocab_size - 1, FIRST_NON_SPECIAL_ID)
-        return [self.rng.randint(FIRST_NON_SPECIAL_ID, high)
-                for _ in range(request.input_tokens)]
+    async def model(self) -> TargetModel:
+        info = await self.client.server_info()
+        return TargetModel(info.model.name, info.model.max_context, info.model.vocab_size)
 
-    async def send(self, request: Request, prompt: list[int]) -> Request:
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def send(self, request: Request, prompt: list[int], start: float) -> Request:
         message = generate_request(
             prompt, request_id=self.prefix + request.id, task=request.task,
             ttft_s=request.slo.ttft_s, tpot_s=request.slo.tpot_s,
@@ -65,12 +86,12 @@ class _Replay:
         try:
             async for response in self.client.stream(message):
                 if response.token_ids and request.first_token_at is None:
-                    request.first_token_at = clock() - self.start
+                    request.first_token_at = clock() - start
                 request.generated_tokens += len(response.token_ids)
                 if response.HasField("completion"):
-                    self._complete(request, response.completion, clock() - self.start)
+                    self._complete(request, response.completion, clock() - start)
         except grpc.aio.AioRpcError as exc:
-            request.finished_at = clock() - self.start
+            request.finished_at = clock() - start
             request.status = RequestStatus.REJECTED
             request.reason = f"{exc.code().name}: {exc.details()}"
         return request
@@ -87,18 +108,42 @@ class _Replay:
             request.reason = pb.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
 
 
-async def replay(requests: Iterable[Request], client: EmoeClient, metrics: MetricsCollector,
+class _Replay:
+    def __init__(self, target: ReplayTarget, model: TargetModel, seed: int):
+        self.target = target
+        self.model = model
+        self.rng = random.Random(seed)
+        self.shortened = 0
+        self.start = 0.0
+
+    def prompt(self, request: Request) -> list[int]:
+        context = self.model.max_context
+        if context is not None and request.input_tokens + request.output_tokens > context:
+            request.output_tokens = min(request.output_tokens, context - 1)
+            request.input_tokens = min(request.input_tokens, context - request.output_tokens)
+            self.shortened += 1
+        high = max(self.model.vocab_size - 1, FIRST_NON_SPECIAL_ID)
+        return [self.rng.randint(FIRST_NON_SPECIAL_ID, high)
+                for _ in range(request.input_tokens)]
+
+
+async def replay(requests: Iterable[Request], target: ReplayTarget, metrics: MetricsCollector,
                  seed: int = 0) -> float:
     """Replays ``requests`` (arrival order); adds each to ``metrics`` as it ends. Returns the
     wall-clock seconds from the first send to the last answer."""
-    info = await client.server_info()
-    run = _Replay(client, info.model, seed)
+    model = await target.model()
+    run = _Replay(target, model, seed)
     run.start = time.monotonic()
     pending: set[asyncio.Task] = set()
+    short = 0
 
     def done(task: asyncio.Task) -> None:
+        nonlocal short
         pending.discard(task)
-        metrics.add(task.result())
+        request = task.result()
+        if request.status is RequestStatus.FINISHED and request.generated_tokens < request.output_tokens:
+            short += 1
+        metrics.add(request)
 
     for request in requests:
         prompt = run.prompt(request)
@@ -106,7 +151,7 @@ async def replay(requests: Iterable[Request], client: EmoeClient, metrics: Metri
         if delay > 0:
             await asyncio.sleep(delay)
         request.arrival = time.monotonic() - run.start
-        task = asyncio.create_task(run.send(request, prompt))
+        task = asyncio.create_task(target.send(request, prompt, run.start))
         pending.add(task)
         task.add_done_callback(done)
     while pending:
@@ -114,7 +159,11 @@ async def replay(requests: Iterable[Request], client: EmoeClient, metrics: Metri
     if run.shortened:
         log.warning("%d requests were shortened (prompt first, then output) to fit the "
                     "model's context of %d tokens",
-                    run.shortened, info.model.max_context)
+                    run.shortened, model.max_context)
+    if short:
+        log.warning("%d finished requests generated fewer tokens than the trace asks "
+                    "(the server stopped them early; generated_tokens has the actual lengths)",
+                    short)
     return time.monotonic() - run.start
 
 
@@ -130,7 +179,7 @@ def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = Non
         pass
 
 
-async def replay_file(trace: Path, client: EmoeClient, *, rate_scale: float = 1.0,
+async def replay_file(trace: Path, target: ReplayTarget, *, rate_scale: float = 1.0,
                       limit: int | None = None, seed: int = 0, out: Path | None = None) -> int:
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``."""
     from emoe.core.workload import read_trace
@@ -139,10 +188,12 @@ async def replay_file(trace: Path, client: EmoeClient, *, rate_scale: float = 1.
     requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
     if limit is not None:
         requests = itertools.islice(requests, limit)
-    async with client:
+    try:
         with MetricsCollector(out) as metrics:
-            elapsed = await replay(requests, client, metrics, seed=seed)
+            elapsed = await replay(requests, target, metrics, seed=seed)
             summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name=f"replay {trace.name}")
+    finally:
+        await target.close()
     print(format_summary(summary))
     if out is not None:
         print(f"per-request results: {out}", file=sys.stderr)
