@@ -153,10 +153,11 @@ class HttpFrontDoor:
         app.router.add_get("/v1/models/{model:.+}", self._model_entry)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._requested_port, ssl_context=self._ssl,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S, reuse_port=False)
+                           reuse_port=False)
         try:
             await site.start()
         except OSError as exc:
