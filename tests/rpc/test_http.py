@@ -5,18 +5,26 @@ client: response shapes, stop strings, and every kind of error with its status a
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import ssl
 from contextlib import asynccontextmanager
 
 import aiohttp
 import openai
 import pytest
 
+from emoe.core.errors import ConfigError
+from emoe.core.policy_file import PolicyConfig
+from emoe.core.specs import get_hardware
 from emoe.rpc.backend import BackendUnavailable
 from emoe.rpc.fake import FakeBackend
 from emoe.rpc.http.server import MAX_BODY_BYTES
-from emoe.rpc.server import Listen
+from emoe.rpc.remote import RemoteBackend
+from emoe.rpc.server import Listen, SchedulerServer, WorkerServer
 
 from .conftest import serving
+from .test_security import self_signed
 
 pytestmark = pytest.mark.anyio
 
@@ -307,3 +315,57 @@ async def test_a_client_that_goes_away_mid_stream_frees_its_slot():
             burst = await asyncio.gather(*(c.completions.create(model=MODEL, prompt="hi",
                                                                 max_tokens=5) for _ in range(2)))
     assert [r.usage.completion_tokens for r in burst] == [5, 5]
+
+
+async def test_drain_lets_streams_in_flight_finish_and_refuses_new_requests():
+    backend = FakeBackend(step_delay_s=0.01)
+    async with http_serving([backend]) as server, client(server) as c:
+        stream = await c.completions.create(model=MODEL, prompt="hi", max_tokens=40, stream=True)
+        first = await stream.__anext__()
+        drain = asyncio.create_task(server.drain(grace_s=20))
+        await asyncio.sleep(0.05)
+        health = await get(server, "/health")
+        with pytest.raises(openai.InternalServerError) as refused:
+            await c.completions.create(model=MODEL, prompt="hi", max_tokens=1)
+        rest = [chunk async for chunk in stream]
+        await asyncio.wait_for(drain, 10)
+    assert health[0] == 503 and refused.value.status_code == 503
+    assert len(first.choices[0].text + "".join(ch.choices[0].text for ch in rest)) == 40
+    assert rest[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+async def test_tls_serves_https_with_the_grpc_certificate(tmp_path):
+    cert, key = self_signed(tmp_path)
+    async with http_serving(listen=Listen(port=0, tls_cert=cert, tls_key=key)) as server:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"https://localhost:{server.http_port}/v1/completions",
+                                    json={"prompt": "hi", "max_tokens": 2}, ssl=trusted) as r:
+                body = await r.json()
+            with pytest.raises(aiohttp.ClientError):
+                async with session.get(f"http://localhost:{server.http_port}/health") as r:
+                    await r.read()
+    assert body["usage"]["completion_tokens"] == 2
+
+
+async def test_chat_over_a_remote_worker_uses_the_template_it_reports():
+    worker = WorkerServer(FakeBackend(), Listen(port=0))
+    await worker.start()
+    try:
+        async with http_serving([RemoteBackend(f"127.0.0.1:{worker.port}")]) as server:
+            result = await create(server, "chat", model=MODEL, max_tokens=2,
+                                  messages=[{"role": "user", "content": "hi"}])
+    finally:
+        await worker.stop()
+    assert result.usage.prompt_tokens == len("user: hi\nassistant:")
+
+
+async def test_a_taken_http_port_is_a_config_error_naming_the_flag():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = SchedulerServer([FakeBackend()], PolicyConfig(), get_hardware("a100-40gb"),
+                                 Listen(port=0), http_port=taken.getsockname()[1])
+        with pytest.raises(ConfigError, match="--http-port: cannot listen"):
+            await server.start()

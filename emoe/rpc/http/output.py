@@ -16,8 +16,8 @@ from emoe.rpc.text import IncrementalDetokenizer
 class OutputText:
     __slots__ = ("_detokenizer", "_stops", "_hold", "_pending", "stopped")
 
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...] = ()):
-        self._detokenizer = IncrementalDetokenizer(tokenizer)
+    def __init__(self, tokenizer: Tokenizer | None, stops: tuple[str, ...] = ()):
+        self._detokenizer = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self._stops = stops
         self._hold = max((len(s) for s in stops), default=1) - 1
         self._pending = ""
@@ -26,6 +26,8 @@ class OutputText:
     def add(self, token_ids: list[int], final: bool) -> tuple[str, int]:
         """(the text to send now, how many of ``token_ids`` it covers). After a stop string
         ``stopped`` is True and the rest of ``token_ids`` is not part of the output."""
+        if self._detokenizer is None:  # a model served as token ids only
+            return "", len(token_ids)
         if not self._stops:
             return self._detokenizer.add(token_ids, final=final), len(token_ids)
         out = []

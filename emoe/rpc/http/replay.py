@@ -4,8 +4,8 @@ Each request is a streamed ``POST /completions`` whose prompt is the trace's tok
 whose ``max_tokens`` is the trace's output length. Output lengths are forced where the server
 allows it, found out once before the replay starts by a one-token probe:
 
-    ignore_eos   generate past EOS (emoe, vLLM, SGLang, llama.cpp)
-    min_tokens   no EOS before max_tokens (vLLM)
+    ignore_eos   generate past EOS (emoe's field; vLLM and SGLang take it too)
+    min_tokens   no EOS before max_tokens (vLLM's field)
     none         neither is accepted: requests may end sooner; the actual lengths are reported
 
 Generated tokens are counted from the server's token ids where it returns them (emoe, with

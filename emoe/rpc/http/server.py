@@ -20,14 +20,17 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from tokenizers import Tokenizer
 
 from emoe.core.errors import ConfigError
 from emoe.rpc.client import generate_request
-from emoe.rpc.errors import InvalidArgument, NotFound, ServiceError, Unavailable
+from emoe.rpc.backend import BackendInfo
+from emoe.rpc.errors import InvalidArgument, ServiceError, Unavailable
 from emoe.rpc.http.chat import ChatTemplate, ChatTemplateError
 from emoe.rpc.http.output import OutputText
 from emoe.rpc.http.protocol import Params, choice, parse, response, usage
@@ -127,6 +130,31 @@ async def _events(stream: RequestStream) -> AsyncIterator[tuple[list[int], Finis
             return
 
 
+@dataclass(frozen=True, slots=True)
+class _Model:
+    """The served model as the front door uses it. ``strip_bos``: the bos text a rendered chat
+    prompt must lose because the tokenizer adds the bos token itself."""
+
+    info: BackendInfo
+    tokenizer: Tokenizer | None
+    template: ChatTemplate | None
+    strip_bos: str
+
+    @classmethod
+    def of(cls, info: BackendInfo) -> "_Model":
+        tokenizer = load_tokenizer(info.tokenizer_json)
+        template = None
+        try:
+            template = ChatTemplate.from_tokenizer_config(info.tokenizer_config)
+        except Exception as exc:  # noqa: BLE001 - a broken template disables chat only
+            log.warning("the model's chat template cannot be used: %s", exc)
+        strip = ""
+        if template is not None and tokenizer is not None and template.bos_token:
+            if tokenizer.encode("").ids[:1] == [tokenizer.token_to_id(template.bos_token)]:
+                strip = template.bos_token
+        return cls(info, tokenizer, template, strip)
+
+
 class HttpFrontDoor:
     """The HTTP server; ``start`` binds ``host``:``port`` (0: any free port, see ``port``)."""
 
@@ -140,7 +168,8 @@ class HttpFrontDoor:
         self._ssl = ssl_context
         self._runner: web.AppRunner | None = None
         self._detector = TaskDetector(service.config.tasks, service.config.default_task)
-        self._model: tuple[Any, Any, ChatTemplate | None, str] | None = None
+        self._model: _Model | None = None
+        self._created = int(time.time())
         self.port = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -195,24 +224,13 @@ class HttpFrontDoor:
         except Exception as exc:  # noqa: BLE001 - the one place that maps them all
             return _error_response(_http_error(exc))
 
-    def _served(self) -> tuple[Any, Any, ChatTemplate | None, str]:
-        """(model info, tokenizer, chat template, bos text to strip) once the engine is warm."""
+    def _served(self) -> _Model:
+        """The served model, once an engine is warm (Unavailable before)."""
         if self._model is None:
             info = self.service.info
             if info is None:
                 raise Unavailable("the engine is not warm yet")
-            tokenizer = load_tokenizer(info.tokenizer_json)
-            template = None
-            try:
-                template = ChatTemplate.from_tokenizer_config(info.tokenizer_config)
-            except Exception as exc:  # noqa: BLE001 - a broken template disables chat only
-                log.warning("the model's chat template cannot be used: %s", exc)
-            strip = ""
-            if template is not None and tokenizer is not None and template.bos_token:
-                added = tokenizer.encode("").ids
-                if added[:1] == [tokenizer.token_to_id(template.bos_token)]:
-                    strip = template.bos_token  # the tokenizer adds it; the text must not
-            self._model = (info, tokenizer, template, strip)
+            self._model = _Model.of(info)
         return self._model
 
     @staticmethod
@@ -238,16 +256,17 @@ class HttpFrontDoor:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _model_object(self) -> dict[str, Any]:
-        info = self._served()[0]
+        info = self._served().info
         config = self.service.config
-        return {"id": info.model.name, "object": "model", "created": 0, "owned_by": "emoe",
+        return {"id": info.model.name, "object": "model", "created": self._created,
+                "owned_by": "emoe",
                 "max_model_len": info.max_context,
                 "emoe": {"vocab_size": info.vocab_size, "eos_token_id": info.eos_token_id,
                          "num_layers": info.model.num_layers,
                          "num_experts": info.model.num_experts, "top_k": info.model.top_k,
                          "policy": config.policy, "default_task": config.default_task,
                          "default_max_tokens": config.default_max_tokens,
-                         "chat_template": self._served()[2] is not None,
+                         "chat_template": self._served().template is not None,
                          "tasks": {t.name: {"ttft_s": t.slo.ttft_s, "tpot_s": t.slo.tpot_s}
                                    for t in config.tasks.values()}}}
 
@@ -256,7 +275,7 @@ class HttpFrontDoor:
 
     async def _model_entry(self, request: web.Request) -> web.Response:
         name = request.match_info["model"]
-        if name != self._served()[0].model.name:
+        if name != self._served().info.model.name:
             raise HttpError(404, f"the model {name!r} does not exist", "model", "model_not_found")
         return _json_response(200, self._model_object())
 
@@ -269,7 +288,8 @@ class HttpFrontDoor:
     # -- generation --------------------------------------------------------------------------
 
     def _generate_request(self, p: Params, request_id: str):
-        info, _, template, strip = self._served()
+        served = self._served()
+        info, template = served.info, served.template
         if p.model is not None and p.model != info.model.name:
             raise HttpError(404, f"the model {p.model!r} does not exist; this server serves "
                                  f"{info.model.name!r}", "model", "model_not_found")
@@ -285,8 +305,11 @@ class HttpFrontDoor:
                 prompt = template.render(p.messages, task=task)
             except ChatTemplateError as exc:
                 raise InvalidArgument("messages", str(exc)) from None
-            if strip and prompt.startswith(strip):
-                prompt = prompt[len(strip):]
+            if served.strip_bos and prompt.startswith(served.strip_bos):
+                prompt = prompt[len(served.strip_bos):]
+        if p.stop and served.tokenizer is None:
+            raise InvalidArgument("stop", f"the model {info.model.name} serves token ids only "
+                                          "(no tokenizer); use stop_token_ids")
         return generate_request(
             prompt, request_id=request_id, task=task, ttft_s=p.ttft_slo_s, tpot_s=p.tpot_slo_s,
             max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
@@ -329,7 +352,7 @@ class HttpFrontDoor:
         stream.replica.abort(stream, Outcome.FINISHED, None)
 
     async def _whole(self, p: Params, stream: RequestStream) -> web.Response:
-        output = OutputText(self._served()[1], p.stop)
+        output = OutputText(self._served().tokenizer, p.stop)
         texts: list[str] = []
         token_ids: list[int] = []
         finish = None
@@ -344,7 +367,7 @@ class HttpFrontDoor:
         except Exception as exc:  # noqa: BLE001
             return _error_response(_http_error(exc, p))
         body = response(
-            p, stream.request_id, int(time.time()), self._served()[0].model.name,
+            p, stream.request_id, int(time.time()), self._served().info.model.name,
             [choice(p, "".join(texts), self._finish_reason(stream, finish, output.stopped),
                     token_ids, streamed=False)],
             streamed=False, usage_=usage(len(stream.submission.prompt), len(token_ids)),
@@ -378,8 +401,8 @@ class HttpFrontDoor:
     async def _sse_payloads(self, p: Params, stream: RequestStream) -> AsyncIterator[bytes]:
         """The events of a request as SSE bytes, one item per batch of tokens; the last ends
         with the usage chunk (if asked for) and ``[DONE]``."""
-        output = OutputText(self._served()[1], p.stop)
-        created, model = int(time.time()), self._served()[0].model.name
+        output = OutputText(self._served().tokenizer, p.stop)
+        created, model = int(time.time()), self._served().info.model.name
         completion_tokens = 0
         first = True
         async for tokens, finish in _events(stream):
