@@ -271,6 +271,13 @@ class _LostAfter(FakeBackend):
         return await super().execute(plan)
 
 
+async def test_an_engine_lost_before_the_first_token_gets_its_status_even_when_streaming():
+    async with http_serving([_LostAfter(steps=1)]) as server:
+        with pytest.raises(openai.InternalServerError) as err:
+            await create(server, model=MODEL, prompt="hi", max_tokens=5, stream=True)
+    assert err.value.status_code == 503 and "lost" in err.value.body["message"]
+
+
 async def test_an_engine_lost_mid_stream_ends_the_stream_with_an_error_event():
     async with http_serving([_LostAfter(steps=4)]) as server:
         texts = []
