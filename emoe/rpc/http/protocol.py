@@ -4,7 +4,7 @@ response objects (whole and streamed chunks) built from a request's output.
 Every bad value is an ``InvalidArgument`` naming the body parameter. Fields that would change
 the result and that emoe does not implement (``n`` > 1, ``logprobs``, penalties, tools, ...)
 are refused rather than ignored; fields that do not change the result (``user``,
-``metadata``, ...) and unknown fields are ignored, as other OpenAI-compatible servers do.
+``metadata``, ...) and unknown fields are ignored, as vLLM does.
 """
 
 from __future__ import annotations
