@@ -157,7 +157,7 @@ def _target_args(p: argparse.ArgumentParser, http: bool = False) -> None:
     p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORT}",
                    help="HOST:PORT of `emoe serve`" + (
                        ", or http(s)://HOST:PORT/v1 of any OpenAI-compatible server (emoe serve "
-                       "--http-port, vLLM, SGLang, llama.cpp, ...)" if http else ""))
+                       "--http-port, vLLM, SGLang, ...)" if http else ""))
     p.add_argument("--auth-token-file", type=Path,
                    help=f"bearer token to send (the file's first token; or ${TOKEN_ENV})")
     p.add_argument("--tls-ca", type=Path, help="CA certificate (PEM): connect over TLS")
