@@ -5,12 +5,14 @@ client: response shapes, stop strings, and every kind of error with its status a
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import socket
 import ssl
 from contextlib import asynccontextmanager
 
 import aiohttp
+import grpc
 import openai
 import pytest
 
@@ -19,12 +21,13 @@ from emoe.core.policy_file import PolicyConfig
 from emoe.core.specs import get_hardware
 from emoe.rpc.backend import BackendUnavailable
 from emoe.rpc.fake import FakeBackend
-from emoe.rpc.http.server import MAX_BODY_BYTES
+from emoe.rpc.auth import TokenTable
+from emoe.rpc.service import DEFAULT_MAX_MESSAGE_BYTES
 from emoe.rpc.remote import RemoteBackend
 from emoe.rpc.server import Listen, SchedulerServer, WorkerServer
 
-from .conftest import serving
-from .test_security import self_signed
+from .conftest import connected, serving
+from .test_security import TOKENS, self_signed
 
 pytestmark = pytest.mark.anyio
 
@@ -179,7 +182,7 @@ async def test_unknown_model_is_404_and_bad_bodies_are_400():
             await create(server, model="gpt-4", prompt="hi")
         not_json = await post(server, "/v1/completions", data=b"{nope")
         not_object = await post(server, "/v1/completions", json=[1, 2])
-        too_big = await post(server, "/v1/completions", data=b" " * (MAX_BODY_BYTES + 1))
+        too_big = await post(server, "/v1/completions", data=io.BytesIO(b" " * (DEFAULT_MAX_MESSAGE_BYTES + 1)))
         no_route = await get(server, "/v2/everything")
         wrong_method = await get(server, "/v1/completions")
     assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
@@ -191,7 +194,7 @@ async def test_unknown_model_is_404_and_bad_bodies_are_400():
 
 
 async def test_bearer_token_required_except_for_health():
-    async with http_serving(listen=Listen(port=0, auth_token="s3cret")) as server:
+    async with http_serving(listen=Listen(port=0, auth=TokenTable.single("s3cret"))) as server:
         missing = await post(server, "/v1/completions", json={"model": MODEL, "prompt": "hi"})
         with pytest.raises(openai.AuthenticationError) as wrong:
             await create(server, api_key="wrong", model=MODEL, prompt="hi")
@@ -249,11 +252,11 @@ async def test_health_and_requests_are_503_until_warm_and_while_draining():
         draining_health = await get(server, "/health")
         with pytest.raises(openai.InternalServerError) as draining:
             await create(server, model=MODEL, prompt="hi")
-    assert cold_health[0] == 503 and cold_health[1]["status"] == "starting"
+    assert cold_health[0] == 503 and cold_health[1]["status"] == "not serving"
     assert cold.value.status_code == 503 and "not warm" in cold.value.body["message"]
     assert cold_models[0] == 503
     assert warm_health[0] == 200
-    assert draining_health[0] == 503 and draining_health[1]["status"] == "draining"
+    assert draining_health[0] == 503 and "draining" in draining_health[1]["reason"]
     assert draining.value.status_code == 503 and "draining" in draining.value.body["message"]
 
 
@@ -293,10 +296,10 @@ async def test_an_engine_lost_mid_stream_ends_the_stream_with_an_error_event():
 
 async def test_an_internal_error_is_500_with_an_incident_id_and_no_traceback(monkeypatch):
     async with http_serving() as server:
-        async def broken(request):
+        def broken(submission):
             raise RuntimeError("secret detail")
 
-        monkeypatch.setattr(server.service, "open", broken)
+        monkeypatch.setattr(server.service, "admit", broken)
         with pytest.raises(openai.InternalServerError) as err:
             await create(server, model=MODEL, prompt="hi")
     assert err.value.status_code == 500
@@ -376,3 +379,34 @@ async def test_a_taken_http_port_is_a_config_error_naming_the_flag():
                                  Listen(port=0), http_port=taken.getsockname()[1])
         with pytest.raises(ConfigError, match="--http-port: cannot listen"):
             await server.start()
+
+
+async def metrics_status(server, token: str) -> int:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
+        async with session.get(f"http://127.0.0.1:{server.http_port}/metrics") as r:
+            await r.read()
+            return r.status
+
+
+async def test_http_requests_belong_to_the_callers_identity():
+    backend = FakeBackend(step_delay_s=0.01)
+    listen = Listen(port=0, auth=TokenTable.parse(TOKENS, "tokens"))
+    async with http_serving([backend], listen=listen) as server, \
+            client(server, api_key="tok-alice") as alice:
+        stream = await alice.completions.create(model=MODEL, prompt="hi", max_tokens=3000,
+                                                stream=True)
+        first = await stream.__anext__()
+        async with connected(server, auth_token="tok-bob") as bob:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await bob.abort(first.id)
+            bob_stats = await bob.stats()
+        async with connected(server, auth_token="tok-alice") as alice_grpc:
+            alice_stats = await alice_grpc.stats()
+            await alice_grpc.abort(first.id)
+        rest = [chunk async for chunk in stream]
+        metrics_alice, metrics_ops = [await metrics_status(server, token)
+                                      for token in ("tok-alice", "tok-ops")]
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (bob_stats.running, alice_stats.running) == (0, 1)
+    assert rest[-1].choices[0].finish_reason == "abort"
+    assert (metrics_alice, metrics_ops) == (403, 200)

@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP front door of ``emoe serve --http-port`` (aiohttp).
 
-It runs in the gRPC server's event loop over the same ``SchedulerService``: a request is
-checked (``protocol``), turned into the GenerateRequest the gRPC service takes, validated and
-admitted by the service exactly as Generate is, and its events are streamed back as OpenAI
-objects or server-sent events. Whatever ends the HTTP exchange (the request finishing, a stop
+It runs in the gRPC server's event loop over the same ``SchedulerService`` core as Generate: a
+request is checked (``protocol``), turned into the GenerateRequest the gRPC service takes, its
+caller identified (``service.identity``), validated within the service's input limits
+(``service.submission``), admitted (``service.admit``) and streamed (``service.outputs``) back
+as OpenAI objects or server-sent events. Whatever ends the HTTP exchange (the request finishing, a stop
 string, the client going away) the request reaches a terminal status and its batch slot and KV
 memory are freed.
 
@@ -13,7 +14,7 @@ memory are freed.
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import json
 import logging
 import ssl
@@ -28,23 +29,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tokenizers import Tokenizer
 
 from emoe.core.errors import ConfigError
-from emoe.rpc.client import generate_request
+from emoe.rpc.auth import Identity
 from emoe.rpc.backend import BackendInfo
+from emoe.rpc.client import generate_request
 from emoe.rpc.errors import InvalidArgument, ServiceError, Unavailable
 from emoe.rpc.http.chat import ChatTemplate, ChatTemplateError
 from emoe.rpc.http.output import OutputText
 from emoe.rpc.http.protocol import Params, choice, parse, response, usage
 from emoe.rpc.metrics import Outcome
-from emoe.rpc.replica import Finish, RequestStream
+from emoe.rpc.replica import RequestStream
 from emoe.rpc.service import SchedulerService
+from emoe.rpc.v1 import scheduler_pb2 as pb
 from emoe.rpc.task_detect import TaskDetector
 from emoe.rpc.text import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 4 << 20
 SHUTDOWN_TIMEOUT_S = 1.0
-UNAUTHENTICATED_PATHS = frozenset({"/health"})
 
 _STATUS = {  # grpc.StatusCode name -> HTTP status
     "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
@@ -55,7 +56,8 @@ _ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
                409: "invalid_request_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "service_unavailable_error"}
-_FINISH = {"length": "length", "stop": "stop", "eos": "stop", "aborted": "abort"}
+_FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop",
+           pb.FINISH_REASON_ABORTED: "abort"}
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 
@@ -85,7 +87,7 @@ def _http_error(exc: Exception, params: Params | None = None) -> HttpError:
         if field is not None:
             param = params.param_of(field) if params is not None else field
             return HttpError(status, param + exc.message[len(field):], param)
-        return HttpError(status, exc.message)
+        return HttpError(status, exc.message, code="invalid_api_key" if status == 401 else None)
     if isinstance(exc, ConfigError):
         return HttpError(400, str(exc))
     if isinstance(exc, web.HTTPException) and exc.status >= 400:  # e.g. 413 from reading the body
@@ -108,26 +110,6 @@ def _error_response(error: HttpError) -> web.Response:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
-async def _events(stream: RequestStream) -> AsyncIterator[tuple[list[int], Finish | None]]:
-    """(tokens generated since the last item, the Finish if the request ended), until the
-    Finish; a ServiceError event is raised."""
-    events = stream.events
-    while True:
-        event = await events.get()
-        tokens: list[int] = []
-        while isinstance(event, list):
-            tokens.extend(event)
-            if events.empty():
-                event = None
-                break
-            event = events.get_nowait()
-        if isinstance(event, Exception):
-            raise event
-        yield tokens, event
-        if event is not None:
-            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,12 +141,10 @@ class HttpFrontDoor:
     """The HTTP server; ``start`` binds ``host``:``port`` (0: any free port, see ``port``)."""
 
     def __init__(self, service: SchedulerService, registry: CollectorRegistry, host: str,
-                 port: int, *, auth_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 port: int, *, ssl_context: ssl.SSLContext | None = None):
         self.service = service
         self._registry = registry
         self._host, self._requested_port = host, port
-        self._expected_auth = f"Bearer {auth_token}".encode() if auth_token else None
         self._ssl = ssl_context
         self._runner: web.AppRunner | None = None
         self._detector = TaskDetector(service.config.tasks, service.config.default_task)
@@ -175,7 +155,8 @@ class HttpFrontDoor:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=self.service.config.max_message_bytes)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_get("/v1/models", self._models)
@@ -206,14 +187,7 @@ class HttpFrontDoor:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler) -> web.StreamResponse:
-        if self._expected_auth is not None and request.path not in UNAUTHENTICATED_PATHS:
-            given = request.headers.get("Authorization")
-            if given is None:
-                return _error_response(HttpError(
-                    401, "missing 'Authorization: Bearer <token>' header", code="invalid_api_key"))
-            if not hmac.compare_digest(given.encode(), self._expected_auth):
-                return _error_response(HttpError(401, "invalid bearer token",
-                                                 code="invalid_api_key"))
+        """Maps every failure to an OpenAI error."""
         try:
             return await handler(request)
         except web.HTTPException as exc:  # aiohttp's own: 404, 405, ...
@@ -224,13 +198,17 @@ class HttpFrontDoor:
         except Exception as exc:  # noqa: BLE001 - the one place that maps them all
             return _error_response(_http_error(exc))
 
+    def _caller(self, request: web.Request) -> Identity:
+        """Who sent ``request`` (Unauthenticated without a valid token when auth is on)."""
+        return self.service.identity(request.headers.get("Authorization"))
+
     def _served(self) -> _Model:
         """The served model, once an engine is warm (Unavailable before)."""
         if self._model is None:
-            info = self.service.info
-            if info is None:
+            if not self.service.model_known:
                 raise Unavailable("the engine is not warm yet")
-            self._model = _Model.of(info)
+            self._model = _Model.of(next(r.info for r in self.service.replicas
+                                         if r.info is not None))
         return self._model
 
     @staticmethod
@@ -244,14 +222,16 @@ class HttpFrontDoor:
     # -- endpoints ---------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
-        service = self.service
-        if service.serving and service.model_known:
+        serving, why = self.service.health()
+        if serving and self.service.model_known:
             return _json_response(200, {"status": "serving"})
-        status = ("draining" if service.draining else
-                  "starting" if not service.model_known else "no engine can serve")
-        return _json_response(503, {"status": status}, {"Retry-After": "1"})
+        return _json_response(503, {"status": "not serving",
+                                    "reason": why or "the engine is not warm yet"},
+                              {"Retry-After": "1"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if not self._caller(request).admin:  # as on --metrics-port
+            raise HttpError(403, "an admin bearer token is required")
         return web.Response(body=generate_latest(self._registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -271,9 +251,11 @@ class HttpFrontDoor:
                                    for t in config.tasks.values()}}}
 
     async def _models(self, request: web.Request) -> web.Response:
+        self._caller(request)
         return _json_response(200, {"object": "list", "data": [self._model_object()]})
 
     async def _model_entry(self, request: web.Request) -> web.Response:
+        self._caller(request)
         name = request.match_info["model"]
         if name != self._served().info.model.name:
             raise HttpError(404, f"the model {name!r} does not exist", "model", "model_not_found")
@@ -319,9 +301,12 @@ class HttpFrontDoor:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         params = None
         try:
+            caller = self._caller(request)
             params = parse(await self._body(request), chat)
             request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            stream = await self.service.open(self._generate_request(params, request_id))
+            submission = await self.service.submission(
+                self._generate_request(params, request_id), caller)
+            stream = self.service.admit(submission)
         except Exception as exc:  # noqa: BLE001 - mapped with the body's parameter names
             return _error_response(_http_error(exc, params))
         try:
@@ -332,14 +317,6 @@ class HttpFrontDoor:
             if not stream.done:  # the client went away (or a write failed)
                 stream.replica.abort(stream, Outcome.ABORTED, None)
 
-    def _finish_reason(self, stream: RequestStream, finish: Finish | None, stopped: bool) -> str:
-        if stopped:
-            return "stop"
-        reason = finish.reason if finish is not None else ""
-        if reason in _FINISH:
-            return _FINISH[reason]
-        return "length" if stream.output_tokens >= stream.submission.sampling.max_tokens else "stop"
-
     @staticmethod
     def _emoe(stream: RequestStream) -> dict[str, Any]:
         queue, ttft, tpot, total = stream.timings()
@@ -347,38 +324,50 @@ class HttpFrontDoor:
                 "tpot_s": tpot, "total_s": total, "slo_met": stream.slo_met(),
                 "expert_hits": stream.expert_hits, "expert_misses": stream.expert_misses}
 
-    def _stop_early(self, stream: RequestStream) -> None:
-        """A stop string ended the output: the request finishes now."""
-        stream.replica.abort(stream, Outcome.FINISHED, None)
+    async def _pieces(self, p: Params, stream: RequestStream
+                      ) -> AsyncIterator[tuple[str, list[int], str | None, dict | None]]:
+        """(text, its token ids, finish reason, emoe's report) per piece of the request's
+        output, the last with its finish reason and report; stop strings cut it short (the
+        request then finishes at once)."""
+        stops = OutputText(self._served().tokenizer, p.stop) if p.stop else None
+        async with contextlib.aclosing(self.service.outputs(stream)) as outputs:
+            async for out in outputs:
+                final = out.completion is not None
+                text, ids = out.text, out.token_ids
+                if stops is not None:
+                    text, used = stops.add(ids, final=final)
+                    ids = ids[:used]
+                    if stops.stopped:
+                        stream.replica.abort(stream, Outcome.FINISHED, None)
+                        yield text, ids, "stop", self._emoe(stream)
+                        return
+                if final:
+                    yield text, ids, _FINISH.get(out.completion.finish_reason, "stop"), \
+                        self._emoe(stream)
+                    return
+                yield text, ids, None, None
 
     async def _whole(self, p: Params, stream: RequestStream) -> web.Response:
-        output = OutputText(self._served().tokenizer, p.stop)
         texts: list[str] = []
         token_ids: list[int] = []
-        finish = None
         try:
-            async for tokens, finish in _events(stream):
-                text, used = output.add(tokens, final=finish is not None)
+            async for text, ids, reason, report in self._pieces(p, stream):
                 texts.append(text)
-                token_ids.extend(tokens[:used])
-                if output.stopped:
-                    self._stop_early(stream)
-                    break
+                token_ids.extend(ids)
         except Exception as exc:  # noqa: BLE001
             return _error_response(_http_error(exc, p))
         body = response(
-            p, stream.request_id, int(time.time()), self._served().info.model.name,
-            [choice(p, "".join(texts), self._finish_reason(stream, finish, output.stopped),
-                    token_ids, streamed=False)],
+            p, stream.submission.request_id, int(time.time()), self._served().info.model.name,
+            [choice(p, "".join(texts), reason, token_ids, streamed=False)],
             streamed=False, usage_=usage(len(stream.submission.prompt), len(token_ids)),
-            emoe=self._emoe(stream))
-        return _json_response(200, body, {"X-Request-Id": stream.request_id})
+            emoe=report)
+        return _json_response(200, body, {"X-Request-Id": stream.submission.request_id})
 
     async def _stream(self, request: web.Request, p: Params,
                       stream: RequestStream) -> web.StreamResponse:
         """Server-sent events; the headers go out with the first tokens, so a request refused
         before then (rejected by the scheduler, its engine lost) still gets its status."""
-        out = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": stream.request_id})
+        out = web.StreamResponse(headers={**_SSE_HEADERS, "X-Request-Id": stream.submission.request_id})
         try:
             async for payload in self._sse_payloads(p, stream):
                 if not out.prepared:
@@ -399,31 +388,23 @@ class HttpFrontDoor:
         return out
 
     async def _sse_payloads(self, p: Params, stream: RequestStream) -> AsyncIterator[bytes]:
-        """The events of a request as SSE bytes, one item per batch of tokens; the last ends
-        with the usage chunk (if asked for) and ``[DONE]``."""
-        output = OutputText(self._served().tokenizer, p.stop)
+        """The output as SSE bytes, one item per piece; the last ends with the usage chunk (if
+        asked for) and ``[DONE]``."""
         created, model = int(time.time()), self._served().info.model.name
         completion_tokens = 0
         first = True
-        async for tokens, finish in _events(stream):
-            text, used = output.add(tokens, final=finish is not None)
-            completion_tokens += used
-            if output.stopped:
-                self._stop_early(stream)
-            done = finish is not None or output.stopped
-            if not (text or used or done):
+        async for text, ids, reason, report in self._pieces(p, stream):
+            completion_tokens += len(ids)
+            if not (text or ids or reason):
                 continue
-            reason = self._finish_reason(stream, finish, output.stopped) if done else None
-            payload = _sse(response(
-                p, stream.request_id, created, model,
-                [choice(p, text, reason, tokens[:used], streamed=True, first=first)],
-                streamed=True, emoe=self._emoe(stream) if done else None))
+            payload = _sse(response(p, stream.submission.request_id, created, model,
+                                    [choice(p, text, reason, ids, streamed=True, first=first)],
+                                    streamed=True, emoe=report))
             first = False
-            if done:
+            if reason is not None:
                 if p.include_usage:
                     payload += _sse(response(
-                        p, stream.request_id, created, model, [], streamed=True,
+                        p, stream.submission.request_id, created, model, [], streamed=True,
                         usage_=usage(len(stream.submission.prompt), completion_tokens)))
-                yield payload + _DONE
-                return
+                payload += _DONE
             yield payload
