@@ -32,7 +32,7 @@ from emoe.core.errors import ConfigError
 from emoe.rpc.auth import Identity
 from emoe.rpc.backend import BackendInfo
 from emoe.rpc.client import generate_request
-from emoe.rpc.errors import InvalidArgument, ServiceError, Unavailable
+from emoe.rpc.errors import InvalidArgument, ServiceError, Unavailable, clip
 from emoe.rpc.http.chat import ChatTemplate, ChatTemplateError
 from emoe.rpc.http.output import OutputText
 from emoe.rpc.http.protocol import Params, choice, parse, response, usage
@@ -258,7 +258,8 @@ class HttpFrontDoor:
         self._caller(request)
         name = request.match_info["model"]
         if name != self._served().info.model.name:
-            raise HttpError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+            raise HttpError(404, f"the model {clip(name)} does not exist", "model",
+                            "model_not_found")
         return _json_response(200, self._model_object())
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -273,7 +274,7 @@ class HttpFrontDoor:
         served = self._served()
         info, template = served.info, served.template
         if p.model is not None and p.model != info.model.name:
-            raise HttpError(404, f"the model {p.model!r} does not exist; this server serves "
+            raise HttpError(404, f"the model {clip(p.model)} does not exist; this server serves "
                                  f"{info.model.name!r}", "model", "model_not_found")
         task, prompt = p.task, p.prompt
         if p.chat:
@@ -350,6 +351,7 @@ class HttpFrontDoor:
     async def _whole(self, p: Params, stream: RequestStream) -> web.Response:
         texts: list[str] = []
         token_ids: list[int] = []
+        reason = report = None
         try:
             async for text, ids, reason, report in self._pieces(p, stream):
                 texts.append(text)
