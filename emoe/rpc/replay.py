@@ -108,6 +108,11 @@ class GrpcTarget:
             request.reason = pb.FinishReason.Name(c.finish_reason).removeprefix("FINISH_REASON_").lower()
 
 
+def as_target(target: ReplayTarget | EmoeClient) -> ReplayTarget:
+    """A target; an EmoeClient is emoe's gRPC service (``GrpcTarget``)."""
+    return GrpcTarget(target) if isinstance(target, EmoeClient) else target
+
+
 class _Replay:
     def __init__(self, target: ReplayTarget, model: TargetModel, seed: int):
         self.target = target
@@ -127,10 +132,11 @@ class _Replay:
                 for _ in range(request.input_tokens)]
 
 
-async def replay(requests: Iterable[Request], target: ReplayTarget, metrics: MetricsCollector,
-                 seed: int = 0) -> float:
+async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
+                 metrics: MetricsCollector, seed: int = 0) -> float:
     """Replays ``requests`` (arrival order); adds each to ``metrics`` as it ends. Returns the
     wall-clock seconds from the first send to the last answer."""
+    target = as_target(target)
     model = await target.model()
     run = _Replay(target, model, seed)
     run.start = time.monotonic()
@@ -179,12 +185,15 @@ def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = Non
         pass
 
 
-async def replay_file(trace: Path, target: ReplayTarget, *, rate_scale: float = 1.0,
-                      limit: int | None = None, seed: int = 0, out: Path | None = None) -> int:
-    """``emoe replay``: prints the summary table; writes per-request rows to ``out``."""
+async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
+                      rate_scale: float = 1.0, limit: int | None = None, seed: int = 0,
+                      out: Path | None = None) -> int:
+    """``emoe replay``: prints the summary table; writes per-request rows to ``out``; closes
+    the target."""
     from emoe.core.workload import read_trace
 
     check_trace(trace, rate_scale=rate_scale, limit=limit, seed=seed)
+    target = as_target(target)
     requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
     if limit is not None:
         requests = itertools.islice(requests, limit)

@@ -9,7 +9,7 @@ import pytest
 from emoe.core.metrics import REQUEST_COLUMNS
 from emoe.rpc.client import EmoeClient
 from emoe.rpc.fake import FakeBackend
-from emoe.rpc.replay import GrpcTarget, replay_file
+from emoe.rpc.replay import replay_file
 
 from .conftest import serving
 
@@ -30,8 +30,8 @@ async def test_replay_sends_at_arrival_times_and_writes_simulator_columns(tmp_pa
         writer.writerows(TRACE)
     out = tmp_path / "results.csv"
     async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
-        target = GrpcTarget(EmoeClient(f"127.0.0.1:{server.port}"))
-        assert await replay_file(trace, target, rate_scale=2.0, limit=7, out=out) == 0
+        client = EmoeClient(f"127.0.0.1:{server.port}")
+        assert await replay_file(trace, client, rate_scale=2.0, limit=7, out=out) == 0
     with out.open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -57,8 +57,8 @@ async def test_replay_fits_an_output_longer_than_the_context(tmp_path):
     trace.write_text("arrival_s,input_tokens,output_tokens,task\n0.0,40,100,conversation\n")
     out = tmp_path / "results.csv"
     async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
-        target = GrpcTarget(EmoeClient(f"127.0.0.1:{server.port}"))
-        assert await replay_file(trace, target, out=out) == 0
+        client = EmoeClient(f"127.0.0.1:{server.port}")
+        assert await replay_file(trace, client, out=out) == 0
     with out.open() as f:
         (row,) = csv.DictReader(f)
     assert row["status"] == "finished"
