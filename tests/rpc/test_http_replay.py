@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 
 from emoe.core.metrics import REQUEST_COLUMNS
-from emoe.rpc.http.replay import HttpTarget
-from emoe.rpc.replay import replay_file
+from emoe.rpc.http.replay import DEFAULT_VOCAB, HttpTarget
+from emoe.rpc.replay import TargetModel, replay_file
 
 pytestmark = pytest.mark.anyio
 
@@ -66,11 +66,12 @@ async def replay_against(accepts: set[str], tmp_path, caplog) -> tuple[HttpTarge
     await site.start()
     trace = tmp_path / "trace.csv"
     trace.write_text("arrival_s,input_tokens,output_tokens,task\n"
-                     "0.0,5,2,qa\n0.01,8,6,qa\n0.02,70,10,conversation\n")
+                     "0.0,5,2,qa\n0.01,8,6,qa\n0.02,40,10,conversation\n")
     out = tmp_path / "out.csv"
     target = HttpTarget(f"http://127.0.0.1:{runner.addresses[0][1]}")  # /v1 is added
     try:
         with caplog.at_level(logging.INFO):
+            assert await target.model() == TargetModel("other-model", 64, DEFAULT_VOCAB)
             assert await replay_file(trace, target, out=out) == 0
     finally:
         await runner.cleanup()
@@ -88,7 +89,7 @@ async def test_a_server_that_refuses_both_ways_of_forcing_lengths_reports_actual
     assert [int(r["output_tokens"]) for r in rows] == [2, 6, 10]
     assert [int(r["generated_tokens"]) for r in rows] == [2, 3, 3]  # from the usage
     assert [r["reason"] for r in rows] == ["length", "stop", "stop"]
-    assert int(rows[2]["input_tokens"]) == 54  # fitted to the 64-token context it reported
+    assert [int(r["input_tokens"]) for r in rows] == [5, 8, 40]
     assert all(r["admitted_at_s"] == "" and r["first_token_at_s"] != "" for r in rows)
     assert "2 finished requests generated fewer tokens than the trace asks" in caplog.text
 
