@@ -332,9 +332,8 @@ def bodies(draw) -> tuple[str, dict]:
     else:
         body["prompt"] = draw(st.text(max_size=40) | st.lists(st.integers(0, 1000), max_size=8))
     for key in draw(st.lists(st.sampled_from(FUZZ_KEYS), max_size=3)):
-        value = draw(_fuzz_value() | st.integers(0, 12) | st.floats(0, 2))
-        if key == "temperature" and isinstance(value, float) and 0 < value < 1e-3:
-            value = 0.0  # tiny temperatures crash today's engine step: issue 11, item 1
+        value = draw(_fuzz_value() | st.integers(0, 12) | st.floats(0, 2)
+                     | st.floats(0, 1e-3))  # tiny temperatures once crashed the engine step
         if key in ("max_tokens", "max_completion_tokens") and isinstance(value, int) \
                 and 8 < value <= CONTEXT:
             value = 8  # long outputs only cost time
