@@ -16,6 +16,7 @@ PARTS = (
     "emoe.sim.cli",      # sim
     "emoe.engine.cli",   # model train-tiny, generate, eval, profile, record-routing
     "emoe.rpc.cli",      # serve, worker, submit, replay
+    "emoe.rpc.fidelity", # fidelity
 )
 
 

@@ -162,11 +162,14 @@ class CostEstimate:
     def observe_step(self, prefill_tokens: int, decode_tokens: int, iterations: int,
                      compute_s: float) -> None:
         """Fold in a measured step: ``compute_s`` for ``iterations`` iterations, the first with
-        ``prefill_tokens`` prompt tokens, each with ``decode_tokens`` decode tokens."""
+        ``prefill_tokens`` prompt tokens, each with ``decode_tokens`` decode tokens. A step of n
+        iterations counts as n observations of its mean ratio, so a simulator's macro step
+        moves the scale as an engine's n single steps do."""
         modelled = (self.modelled_step_s(prefill_tokens, decode_tokens)
                     + (iterations - 1) * self.modelled_step_s(0, decode_tokens))
         if modelled > 0 and compute_s > 0:
-            self.scale += self._smoothing * (compute_s / modelled - self.scale)
+            ratio = compute_s / modelled
+            self.scale = ratio + (1.0 - self._smoothing) ** iterations * (self.scale - ratio)
 
     def load_s(self, experts: int) -> float:
         """dE for loading ``experts`` experts one after another over the host link."""

@@ -9,6 +9,7 @@ is checked on load; an error names the file and the field and says what is accep
      "prediction_interval": 40, "experts_per_layer": 6, "expert_budget_bytes": null,
      "memory_budget_bytes": null, "max_batch_tokens": 4096, "max_num_seqs": 128,
      "admission_lookahead": 16, "model": "mixtral-8x7b",
+     "model_shape": {"num_layers": 32, "num_experts": 8, "top_k": 2, "hidden_size": 4096},
      "sensitivity": {"qa": [0, 0, 1, ...]}, "sensitivity_source": null,
      "slot_allocation": "sensitivity", "min_experts_per_layer": null,
      "adaptive_interval": false, "random_seed": 0,
@@ -68,6 +69,7 @@ class PolicyConfig:
     max_num_seqs: int = 128
     admission_lookahead: int = 16
     model: str = ""
+    model_shape: dict[str, int] | None = None
     sensitivity: dict[str, list[float]] = field(default_factory=dict)
     sensitivity_source: dict[str, Any] | None = None
     slot_allocation: str = "sensitivity"
@@ -133,12 +135,36 @@ class PolicyConfig:
             raise ConfigError(f"{where}: field 'random_seed': an integer is needed")
         if self.sensitivity_source is not None and not isinstance(self.sensitivity_source, dict):
             raise ConfigError(f"{where}: field 'sensitivity_source': an object or null")
+        if self.model_shape is not None and not (
+                isinstance(self.model_shape, dict) and all(
+                    k in ("num_layers", "num_experts", "top_k", "hidden_size")
+                    and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for k, v in self.model_shape.items())):
+            raise ConfigError(f"{where}: field 'model_shape': an object of num_layers, "
+                              f"num_experts, top_k, hidden_size (integers) is needed")
         if self.expert_frequencies is not None:
             rows = self.expert_frequencies
             if not rows or len({len(r) for r in rows}) != 1 or not all(
                     _number(v) and v >= 0 for r in rows for v in r):
                 raise ConfigError(f"{where}: field 'expert_frequencies': a [layers][experts] "
                                   f"table of numbers >= 0 is needed")
+
+    # -- the model it is for ------------------------------------------------------------------
+
+    def check_model(self, model: ModelSpec) -> None:
+        """Refuse ``model`` when the policy was tuned for another: by name, or by shape
+        (``model_shape``: layers, experts, top-k, hidden size) when it records one."""
+        shape = model_shape(model)
+        ours = self.model_shape or {}
+        differs = [f"{k} {ours[k]} vs {v}" for k, v in shape.items()
+                   if k in ours and v and ours[k] != v]
+        if (self.model and model.name and self.model != model.name) or differs:
+            described = _shape(ours) if ours else "shape not recorded"
+            raise ConfigError(
+                f"policy: field 'model': tuned for {self.model!r} ({described}), used with "
+                f"{model.name!r} ({_shape(shape)})"
+                + (f": {', '.join(differs)} (policy vs model)" if differs else "")
+                + "; export a policy for this model: emoe sim --model DIR --export-policy FILE")
 
     # -- derived values -----------------------------------------------------------------------
 
@@ -250,6 +276,17 @@ class PolicyConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
         return cls.from_dict(data, where=str(path))
+
+
+def model_shape(model: ModelSpec) -> dict[str, int]:
+    """What a policy records of the model it was tuned for (``PolicyConfig.model_shape``)."""
+    return {"num_layers": model.num_layers, "num_experts": model.num_experts,
+            "top_k": model.top_k, "hidden_size": model.hidden_size}
+
+
+def _shape(shape: dict[str, int]) -> str:
+    return (f"{shape.get('num_layers', '?')} layers x {shape.get('num_experts', '?')} experts, "
+            f"top-{shape.get('top_k', '?')}, hidden {shape.get('hidden_size', '?')}")
 
 
 def _number(value: Any) -> bool:

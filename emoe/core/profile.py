@@ -1,9 +1,16 @@
-"""Engine profile: step-time, PCIe and memory figures measured on a real engine.
+"""Engine profile: step-time, PCIe, memory and serving-path figures measured on a real engine.
 
 ``emoe profile`` (the torch engine) writes one; the simulator's cost model uses it in place of a
 hardware preset's derived coefficients. The file is JSON, documented in docs/profile-format.md.
 Every section is optional: a field present replaces the preset's value, a field absent keeps it.
 Step-time coefficients are either given directly or fitted here from raw step samples.
+
+Three sections describe the engine as served, so the simulator can predict it:
+``engine`` (the model, threads, device, dtype, KV slots and context it was measured with),
+``step_table`` (measured step times by tokens, decode requests and context: ``StepTimes``) and
+``serving`` (what the serving path adds per step, per streamed token and per request:
+``ServingCosts``). A profile of one model or thread count is refused for another
+(``check_model``, ``check_threads``), naming the difference.
 """
 
 from __future__ import annotations
@@ -40,6 +47,77 @@ class StepSample:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineSetup:
+    """What the profile was measured on: the model's shape and the engine's configuration."""
+
+    model: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    threads: int
+    device: str
+    dtype: str
+    max_batch_size: int
+    max_seq_len: int
+
+    def shape(self) -> str:
+        return (f"{self.num_layers} layers x {self.num_experts} experts, top-{self.top_k}, "
+                f"hidden {self.hidden_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class StepTimes:
+    """Measured engine step time: ``step_s(tokens, decode, context)`` =
+    ``table(tokens) + per_decode_s * decode + per_context_token_s * context``.
+
+    ``table`` interpolates linearly between measured steps of ``tokens[i]`` tokens (one prompt,
+    no context) taking ``seconds[i]``, and extrapolates with the last segment's slope: it holds
+    the kernels' crossovers that a straight line misses (e.g. the fused expert kernel up to 64
+    tokens). ``per_decode_s`` is what each decoding request adds over a prompt token (its own
+    attention over its KV and its sampled row), ``per_context_token_s`` what each token of
+    context a decode attends to adds; both are least-squares fits of decode steps.
+    """
+
+    tokens: tuple[int, ...]
+    seconds: tuple[float, ...]
+    per_decode_s: float
+    per_context_token_s: float
+
+    def table(self, tokens: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1:
+            return ys[0]
+        if tokens >= xs[-1]:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            return ys[-1] + slope * (tokens - xs[-1])
+        return float(np.interp(tokens, xs, ys))
+
+    def step_s(self, tokens: int, decode: int, context: float) -> float:
+        return (self.table(tokens) + self.per_decode_s * decode
+                + self.per_context_token_s * context)
+
+
+@dataclass(frozen=True, slots=True)
+class ServingCosts:
+    """What the serving path (scheduler loop, step hand-off, token fan-out, streaming, gRPC)
+    adds to the engine, measured in a live serving session (``emoe.rpc.serving_profile``).
+
+    ``step_s`` per engine step and ``token_s`` per token streamed in it are added to the step's
+    duration; ``ingress_s`` passes between a client sending a request and the server accepting
+    it, ``egress_s`` between the end of the step that made a token and the client receiving
+    it. ``engine_scale``: a served step takes this times the standalone step model (the engine
+    shares its interpreter with the serving path).
+    """
+
+    step_s: float
+    token_s: float
+    ingress_s: float
+    egress_s: float
+    engine_scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineProfile:
     """A parsed profile. ``None`` means "not measured: keep the preset's value"."""
 
@@ -53,6 +131,34 @@ class EngineProfile:
     predictor_s: float | None = None
     memory: dict[str, int] = field(default_factory=dict)
     samples: tuple[StepSample, ...] = ()
+    engine: EngineSetup | None = None
+    step_table: StepTimes | None = None
+    serving: ServingCosts | None = None
+    path: str = "profile"
+
+    def check_model(self, model: ModelSpec) -> None:
+        """Refuse a profile measured on a model of another shape than ``model``, naming
+        what differs (a profile without an ``engine`` section cannot be checked)."""
+        e = self.engine
+        if e is None:
+            return
+        ours = (e.num_layers, e.num_experts, e.top_k, e.hidden_size)
+        theirs = (model.num_layers, model.num_experts, model.top_k, model.hidden_size)
+        names = ("layers", "experts", "top_k", "hidden_size")
+        diff = [f"{n} {a} vs {b}" for n, a, b in zip(names, ours, theirs) if a != b and b]
+        if diff:
+            raise ConfigError(
+                f"{self.path}: measured on model {e.model!r} ({e.shape()}); the model here, "
+                f"{model.name!r}, differs: {', '.join(diff)} (profile vs model). Profile "
+                f"this model: emoe profile --checkpoint DIR")
+
+    def check_threads(self, threads: int, what: str = "the engine here") -> None:
+        """Refuse a profile measured with another engine thread count than ``threads``."""
+        if self.engine is not None and threads and self.engine.threads != threads:
+            raise ConfigError(
+                f"{self.path}: measured with {self.engine.threads} engine thread(s); {what} "
+                f"runs {threads}. Profile with --threads {threads}, or run with "
+                f"--threads {self.engine.threads}")
 
     def coefficients(self) -> dict[str, float]:
         """Step-time coefficients: those given, else a fit of the samples, else none."""
@@ -101,6 +207,15 @@ class EngineProfile:
             doc["memory"] = dict(self.memory)
         if self.predictor_s is not None:
             doc["predictor_s"] = self.predictor_s
+        if self.engine is not None:
+            doc["engine"] = dataclasses.asdict(self.engine)
+        if self.step_table is not None:
+            doc["step_table"] = {"tokens": list(self.step_table.tokens),
+                                 "seconds": list(self.step_table.seconds),
+                                 "per_decode_s": self.step_table.per_decode_s,
+                                 "per_context_token_s": self.step_table.per_context_token_s}
+        if self.serving is not None:
+            doc["serving"] = dataclasses.asdict(self.serving)
         return doc
 
 
@@ -196,6 +311,42 @@ def load_profile(path: "str | Path") -> EngineProfile:
         memory={k: int(number(f"memory.{k}", v, True)) for k, v in memory.items()},
         samples=tuple(samples),
     )
+    engine = section("engine")
+    if engine:
+        texts = ("model", "device", "dtype")
+        counts = ("num_layers", "num_experts", "top_k", "hidden_size", "threads",
+                  "max_batch_size", "max_seq_len")
+        missing = [k for k in (*texts, *counts) if k not in engine]
+        if missing:
+            raise ConfigError(f"{path}: engine: missing {', '.join(missing)}")
+        values = {k: str(engine[k]) for k in texts}
+        values.update({k: int(number(f"engine.{k}", engine[k], True)) for k in counts})
+        profile = dataclasses.replace(profile, engine=EngineSetup(**values))
+    table = section("step_table")
+    if table:
+        tokens, seconds = table.get("tokens"), table.get("seconds")
+        if not (isinstance(tokens, list) and isinstance(seconds, list) and tokens
+                and len(tokens) == len(seconds)):
+            raise ConfigError(f"{path}: field 'step_table': 'tokens' and 'seconds' must be lists "
+                              "of the same length, at least one entry")
+        xs = [int(number(f"step_table.tokens[{i}]", t, True)) for i, t in enumerate(tokens)]
+        if any(b <= a for a, b in zip(xs, xs[1:])):
+            raise ConfigError(f"{path}: field 'step_table.tokens' must increase, got {xs}")
+        profile = dataclasses.replace(profile, step_table=StepTimes(
+            tuple(xs), tuple(number(f"step_table.seconds[{i}]", v) for i, v in enumerate(seconds)),
+            number("step_table.per_decode_s", table.get("per_decode_s")),
+            number("step_table.per_context_token_s", table.get("per_context_token_s"))))
+    serving = section("serving")
+    if serving:
+        fields = [f.name for f in dataclasses.fields(ServingCosts)]
+        unknown = set(serving) - set(fields)
+        if unknown:
+            raise ConfigError(f"{path}: serving: unknown field(s) {sorted(unknown)}; valid: "
+                              f"{', '.join(fields)}")
+        defaults = {"engine_scale": 1.0}
+        profile = dataclasses.replace(profile, serving=ServingCosts(
+            **{k: number(f"serving.{k}", serving.get(k, defaults.get(k))) for k in fields}))
+    profile = dataclasses.replace(profile, path=str(path))
     if profile.pcie_bandwidth_bytes_per_s == 0:
         raise ConfigError(f"{path}: field 'pcie.bandwidth_bytes_per_s' must be positive")
     if samples and not coefficients:

@@ -48,7 +48,9 @@ step while requests wait, and O(log batch) per candidate. State is bounded by th
 Memory: GPU bytes = non-expert weights + ``planner.capacity_bytes`` (reserved for experts) +
 the KV cache of running requests, each reserving ``(input_tokens + output_tokens) *
 kv_bytes_per_token`` at admission (no preemption is ever needed). A request whose reservation
-exceeds what is left beside the weights is rejected when added. ``fixed_expert_slots=True``
+exceeds what is left beside the weights is rejected when added, and so is one whose prompt +
+output exceed the model's context (``ModelSpec.max_context``; the server's reason, from
+``emoe.core.serving.context_error``). ``fixed_expert_slots=True``
 tells the planner the backend's expert memory is a fixed pool of exactly the planner's slots
 (the real engine): it then never plans more resident experts than slots, not even for the
 ``emoe`` first prompt (see ``emoe.core.experts``).
@@ -71,6 +73,7 @@ from emoe.core.policies import BatchEstimate, make_policy
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.predictor import ExpertPredictor, make_predictor
 from emoe.core.request import Request, RequestStatus
+from emoe.core.serving import context_error
 from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.core.tasks import get_task
 
@@ -100,9 +103,7 @@ class Scheduler:
                  policy: PolicyConfig | None = None, *,
                  predictor: ExpertPredictor | None = None, fixed_expert_slots: bool = False):
         config = policy if policy is not None else PolicyConfig()
-        if config.model and model.name and config.model != model.name:
-            raise ConfigError(f"policy: field 'model': tuned for {config.model!r}, "
-                              f"used with {model.name!r}")
+        config.check_model(model)
         self.model, self.hardware, self.config = model, hardware, config
         self.tasks = config.tasks
         self.policy = make_policy(config.scheduling)
@@ -151,6 +152,7 @@ class Scheduler:
         self._outputs: dict[str, deque[int]] = {}
         self._just_finished: dict[str, str] = {}  # finished in the last step: id -> task
         self._admission_blocked = False
+        self._estimate_blocked = False
         self._inflight: StepPlan | None = None
         self._rejected: list[tuple[str, str]] = []
         self._aborted: list[tuple[str, str]] = []
@@ -202,12 +204,15 @@ class Scheduler:
         task = get_task(request.task, self.tasks)
         expected = request.expected_output_tokens or task.mean_output_tokens
         kv_bytes = (request.input_tokens + request.output_tokens) * self.model.kv_bytes_per_token
+        too_long = context_error(request.input_tokens, request.output_tokens,
+                                 self.model.max_context)
+        if too_long is not None:
+            self._reject(request, ": ".join(too_long))
+            return
         if kv_bytes > self.kv_capacity_bytes:
-            reason = (f"needs {kv_bytes} B of KV cache for {request.input_tokens} input + "
-                      f"{request.output_tokens} output tokens; at most {self.kv_capacity_bytes} B "
-                      f"fit beside the weights")
-            request.status, request.reason = RequestStatus.REJECTED, reason
-            self._rejected.append((request.id, reason))
+            self._reject(request, f"needs {kv_bytes} B of KV cache for {request.input_tokens} "
+                                  f"input + {request.output_tokens} output tokens; at most "
+                                  f"{self.kv_capacity_bytes} B fit beside the weights")
             return
         # Eq. 3's target until the first token (then DecodeTargets'): the end of a request that
         # meets both SLOs with its expected output
@@ -220,6 +225,10 @@ class Scheduler:
         heapq.heappush(self._waiting, (key, self._seq, entry))
         self._num_waiting += 1
         self._admission_blocked = False
+
+    def _reject(self, request: Request, reason: str) -> None:
+        request.status, request.reason = RequestStatus.REJECTED, reason
+        self._rejected.append((request.id, reason))
 
     def abort(self, request_id: str, reason: str = "aborted") -> bool:
         """Stop a waiting or running request; False if it is not live. The next plan lists it
@@ -355,6 +364,7 @@ class Scheduler:
         skipped: list[tuple[list, tuple[float, int, _Entry]]] = []
         looked = 0
         blocked = False
+        self._estimate_blocked = False
         while (waiting or late) and seats > 0 and budget > 0 \
                 and looked < config.admission_lookahead:
             heap = waiting if waiting else late
@@ -368,6 +378,7 @@ class Scheduler:
             if not fits or not policy.admits(request, entry.expected_output, batch):
                 skipped.append((heap, item))
                 blocked = True
+                self._estimate_blocked |= fits
                 if policy.skip_blocked:
                     continue
                 break
@@ -428,6 +439,10 @@ class Scheduler:
         return float(self.tasks[task].mean_output_tokens)
 
     def _iteration_bound(self, max_iterations: int | None) -> int:
+        if self._num_waiting and self._estimate_blocked:
+            # Eq. 3 refused a request that fits: its margins move with every iteration, so
+            # admission is re-checked after each one, as an engine stepping singly does.
+            return 1
         bound = UNBOUNDED_ITERATIONS if max_iterations is None else max_iterations
         iters, entries = self._iters, self._entries
         heap = self._max_end

@@ -5,6 +5,7 @@ Presets carry their provenance: where every number comes from.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from emoe.core.errors import UnknownNameError
@@ -12,6 +13,14 @@ from emoe.core.errors import UnknownNameError
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
+    """An MoE model as the scheduler and simulator see it, in bytes.
+
+    ``non_expert_bytes`` holds every always-resident weight (attention, norms, router,
+    embeddings, shared experts: ``shared_expert_bytes`` of them, all layers). ``max_context``: prompt +
+    output tokens a request may hold (0: unchecked). ``param_bytes``: bytes per weight.
+    Build one from a config with ``emoe.core.model_config.model_spec_from``.
+    """
+
     name: str
     num_layers: int
     num_experts: int
@@ -21,10 +30,18 @@ class ModelSpec:
     kv_bytes_per_token: int
     hidden_size: int = 0
     provenance: str = ""
+    max_context: int = 0
+    param_bytes: int = 2
+    shared_expert_bytes: int = 0
 
     @property
     def all_experts_bytes(self) -> int:
         return self.num_layers * self.num_experts * self.expert_bytes
+
+    @property
+    def active_bytes_per_token(self) -> int:
+        """Weight bytes one token uses: everything but the experts, plus top-k per layer."""
+        return self.non_expert_bytes + self.num_layers * self.top_k * self.expert_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,38 +70,49 @@ class HardwareSpec:
     hbm_bandwidth_bytes_per_s: float = 0.0
 
 
-def _mixtral(name: str, layers: int, hidden: int, ffn: int, experts: int, kv_heads: int,
-             head_dim: int, total_params: float, provenance: str) -> ModelSpec:
-    bytes_per_param = 2  # bf16 / fp16
-    expert_params = 3 * hidden * ffn
-    non_expert_params = int(total_params - layers * experts * expert_params)
-    return ModelSpec(
-        name=name,
-        num_layers=layers,
-        num_experts=experts,
-        top_k=2,
-        expert_bytes=expert_params * bytes_per_param,
-        non_expert_bytes=non_expert_params * bytes_per_param,
-        kv_bytes_per_token=layers * 2 * kv_heads * head_dim * bytes_per_param,
-        hidden_size=hidden,
-        provenance=provenance,
-    )
-
-
-MODEL_PRESETS: dict[str, ModelSpec] = {
-    "mixtral-8x7b": _mixtral(
-        "mixtral-8x7b", layers=32, hidden=4096, ffn=14336, experts=8, kv_heads=8, head_dim=128,
-        total_params=46.7e9,
-        provenance="Mixtral-8x7B config.json (hidden 4096, ffn 14336, 32 layers, 8 KV heads) and "
-                   "its published 46.7B total parameters; bf16 weights and KV cache",
-    ),
-    "mixtral-8x22b": _mixtral(
-        "mixtral-8x22b", layers=56, hidden=6144, ffn=16384, experts=8, kv_heads=8, head_dim=128,
-        total_params=140.6e9,
-        provenance="Mixtral-8x22B config.json (hidden 6144, ffn 16384, 56 layers, 8 KV heads) and "
-                   "its published 140.6B total parameters; bf16 weights and KV cache",
-    ),
+MODEL_CONFIGS: dict[str, tuple[dict, str]] = {
+    "mixtral-8x7b": ({
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+        "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"},
+        "mistralai/Mixtral-8x7B-v0.1 config.json (fields as published); 46.7B parameters "
+        "computed from it match the published total; bf16 weights and KV cache"),
+    "mixtral-8x22b": ({
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 6144,
+        "intermediate_size": 16384, "num_hidden_layers": 56, "num_attention_heads": 48,
+        "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 65536, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+        "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"},
+        "mistralai/Mixtral-8x22B-v0.1 config.json (fields as published); 140.6B parameters "
+        "computed from it match the published total; bf16 weights and KV cache"),
+    "qwen1.5-moe-a2.7b": ({
+        "model_type": "qwen2_moe", "vocab_size": 151936, "hidden_size": 2048,
+        "intermediate_size": 5632, "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632, "num_hidden_layers": 24,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+        "num_experts_per_tok": 4, "norm_topk_prob": False, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "use_sliding_window": False,
+        "sliding_window": 32768, "decoder_sparse_step": 1, "mlp_only_layers": [],
+        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 151643,
+        "eos_token_id": 151643, "torch_dtype": "bfloat16"},
+        "Qwen/Qwen1.5-MoE-A2.7B config.json (fields as published); 14.3B parameters computed "
+        "from it match the published total; bf16 weights and KV cache"),
+    "olmoe-1b-7b": ({
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048,
+        "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8,
+        "norm_topk_prob": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0, "attention_bias": False, "clip_qkv": None,
+        "tie_word_embeddings": False, "hidden_act": "silu", "pad_token_id": 1,
+        "eos_token_id": 50279, "torch_dtype": "bfloat16"},
+        "allenai/OLMoE-1B-7B-0924 config.json (fields as published); 6.9B parameters computed "
+        "from it match the published total; bf16 weights and KV cache"),
 }
+"""Model presets: the published ``config.json`` fields (what the spec needs) and provenance."""
 
 
 # Hardware presets: a GPU and its host link, with step-time coefficients for Mixtral-8x7B
@@ -150,10 +178,16 @@ HARDWARE_PRESETS: dict[str, HardwareSpec] = {
 
 
 def get_model(name: str) -> ModelSpec:
-    try:
-        return MODEL_PRESETS[name]
-    except KeyError:
-        raise UnknownNameError("model", name, list(MODEL_PRESETS)) from None
+    """A preset by name, or the spec of a Hugging Face model folder or its config.json."""
+    from emoe.core.model_config import model_spec_from
+
+    return model_spec_from(name)
+
+
+def __getattr__(name: str):
+    if name == "MODEL_PRESETS":  # built on first use: the parser lives in model_config
+        return {preset: get_model(preset) for preset in MODEL_CONFIGS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_hardware(name: str) -> HardwareSpec:
@@ -161,3 +195,24 @@ def get_hardware(name: str) -> HardwareSpec:
         return HARDWARE_PRESETS[name]
     except KeyError:
         raise UnknownNameError("gpu", name, list(HARDWARE_PRESETS)) from None
+
+
+def hardware_for(hardware: HardwareSpec, model: ModelSpec) -> HardwareSpec:
+    """A hardware preset's per-token coefficients rescaled from Mixtral-8x7B (what the presets
+    are derived for) to ``model``: prefill and decode by the weight bytes a token uses,
+    attention by KV bytes per token [roofline, as the presets]. Mixtral-8x7B in bf16 is left
+    exactly as it is."""
+    if hardware.name not in HARDWARE_PRESETS or HARDWARE_PRESETS[hardware.name] != hardware:
+        return hardware  # measured (a profile) or hand-made: not a roofline preset
+    reference = get_model("mixtral-8x7b")
+    compute = model.active_bytes_per_token / reference.active_bytes_per_token
+    kv = model.kv_bytes_per_token / reference.kv_bytes_per_token
+    if compute == 1.0 and kv == 1.0:
+        return hardware
+    return dataclasses.replace(
+        hardware, prefill_s_per_token=hardware.prefill_s_per_token * compute,
+        decode_s_per_token=hardware.decode_s_per_token * compute,
+        attention_s_per_context_token=hardware.attention_s_per_context_token * kv,
+        provenance=f"{hardware.provenance}; per-token costs rescaled to {model.name} "
+                   f"[roofline]: x{compute:.3g} (weight bytes per token), "
+                   f"x{kv:.3g} (KV bytes per token)")

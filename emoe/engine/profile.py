@@ -1,32 +1,46 @@
-"""``emoe profile``: measure the engine on this machine for the simulator's cost model.
+"""``emoe profile``: measure the engine on this machine, as served, for the simulator.
 
-Measured, with every expert resident (the compute the cost model charges per step):
+By default it profiles the reference model with the thread count ``emoe serve`` uses (torch's
+default unless ``--threads``) and the server's KV slots (``--max-batch-size``). Measured:
 
-- step time over a grid of prefill tokens, decode batch sizes and decode context lengths (the
-  median of ``repeats`` runs each), written as raw samples that ``emoe.core.profile`` fits to
-  its linear step-time model;
-- expert copies host -> device through the engine's own copy stream, for buffers of 1/8 to 2
-  experts: a least-squares line gives the per-copy latency (intercept) and the bandwidth (1 /
-  slope). On CUDA the host side is pinned; on CPU a "device copy" is a host memcpy;
+- **engine steps** with every expert resident (the median of ``repeats`` runs each, fresh
+  random prompts each run): steps of one prompt of N tokens over a grid of N (the
+  ``step_table``: the kernels' crossovers make a straight line miss by 30-50% here), decode
+  steps over batch sizes and contexts (fitted as a cost per decode request and per context
+  token), and mixed steps (prefill + decodes) to check the model; all raw steps go to
+  ``samples``, whose linear fit gives the scheduler its cost coefficients;
+- **the serving path** in a live serving session of the same model, threads and slots, driven
+  from a client process (``emoe.rpc.serving_profile``): what it adds per step, per streamed
+  token and per request, and how much slower the engine steps when served (``--no-serving``
+  skips it);
+- **expert copies** host -> device through the engine's own copy stream, for buffers of 1/8 to
+  2 experts: a least-squares line gives the bandwidth (1 / slope); on CUDA the host side is
+  pinned, on CPU a "device copy" is a host memcpy. The per-copy latency is what an expert
+  fetched on a miss costs the engine beyond its bytes / bandwidth (the cache's bookkeeping and
+  wait included), from decode steps of an engine whose cache holds 5/8 of the experts;
+- **the expert predictor**: one ``predict`` + top-L per task in play, as the planner runs it;
 - bytes per expert, non-expert weights and KV per token, from the model as loaded.
 
-The file (format: emoe.core.profile, docs/profile-format.md) records machine and date.
+The file (format: emoe.core.profile, docs/profile-format.md) records the machine, the date, the
+load average and how each number was obtained.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from emoe.core.plan import PrefillChunk, StepPlan
-from emoe.core.profile import EngineProfile, StepSample
+from emoe.core.profile import EngineProfile, EngineSetup, StepSample, StepTimes
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -34,9 +48,10 @@ if TYPE_CHECKING:  # torch is imported only when the command runs
     from emoe.engine.engine import Engine
     from emoe.engine.model import MoEModel
 
-PREFILL_TOKENS = (8, 32, 64, 128, 192)
-DECODE_BATCH = (1, 2, 4, 8, 16)
-DECODE_CONTEXT = (32, 128)
+PREFILL_TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DECODE_BATCH = (1, 2, 4, 8, 12, 16)
+DECODE_CONTEXT = (16, 64, 160)
+MIXED = ((64, 8, 64), (128, 4, 96), (32, 16, 32), (200, 2, 40))  # prefill, decodes, context
 COPY_FRACTIONS = (0.125, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -45,8 +60,8 @@ def machine_description(device: torch.device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), host {platform.node()}"
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch "
-            f"threads, host {platform.node()}")
+    return (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+            f"{torch.get_num_threads()} torch threads, host {platform.node()}")
 
 
 def _sync(device: torch.device) -> None:
@@ -68,42 +83,118 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> floa
     return statistics.median(times)
 
 
-def measure_steps(engine: Engine, prefill_tokens: Sequence[int], decode_batch: Sequence[int],
-                  decode_context: Sequence[int], repeats: int, seed: int = 0) -> list[StepSample]:
-    """Step times of prefill-only and decode-only steps over the grid."""
-    import torch
+class _Steps:
+    """Runs timed engine steps on fresh random prompts."""
 
-    from emoe.engine.sampling import SamplingParams
+    def __init__(self, engine: Engine, repeats: int, seed: int = 0):
+        import torch
 
-    g = torch.Generator().manual_seed(seed)
-    vocab, device = engine.config.vocab_size, engine.device
-    ids = iter(range(1 << 30))
-    limit = engine.max_seq_len
-    samples = []
+        from emoe.engine.sampling import SamplingParams
 
-    def prompt(n: int) -> list[int]:
-        return torch.randint(0, vocab, (n,), generator=g).tolist()
+        self.engine, self.repeats = engine, repeats
+        self._g = torch.Generator().manual_seed(seed)
+        self._ids = iter(range(1 << 30))
+        self._sampling = SamplingParams(max_new_tokens=engine.max_seq_len, ignore_eos=True)
 
-    sampling = SamplingParams(max_new_tokens=limit, ignore_eos=True)
-    for n in (n for n in prefill_tokens if n < limit):
-        def prefill(n=n) -> None:
-            rid = f"p{next(ids)}"
-            engine.add_request(rid, prompt(n), sampling)
-            engine.execute(StepPlan(prefill=[PrefillChunk(rid, 0, n)]))
-            engine.abort(rid)
-        samples.append(StepSample(n, 0, 0, _timed(prefill, device, repeats)))
-    for context in (c for c in decode_context if c + repeats + 2 < limit):
-        for batch in (b for b in decode_batch if b <= engine.cache.num_slots):
-            rids = [f"d{next(ids)}" for _ in range(batch)]
-            for rid in rids:
-                engine.add_request(rid, prompt(context), sampling)
-            engine.execute(StepPlan(prefill=[PrefillChunk(r, 0, context) for r in rids]))
-            decode = StepPlan(decode=rids)
-            seconds = _timed(lambda: engine.execute(decode), device, repeats)
-            samples.append(StepSample(0, batch, batch * (context + 1), seconds))
-            for rid in rids:
-                engine.abort(rid)
-    return samples
+    def add(self, n: int) -> str:
+        import torch
+
+        rid = f"profile-{next(self._ids)}"
+        prompt = torch.randint(3, self.engine.config.vocab_size, (n,), generator=self._g).tolist()
+        self.engine.add_request(rid, prompt, self._sampling)
+        return rid
+
+    def prefilled(self, batch: int, context: int) -> list[str]:
+        rids = [self.add(context) for _ in range(batch)]
+        self.engine.execute(StepPlan(prefill=[PrefillChunk(r, 0, context) for r in rids]))
+        return rids
+
+    def release(self, rids: Sequence[str]) -> None:
+        for rid in rids:
+            self.engine.abort(rid)
+
+    def prefill(self, n: int) -> float:
+        """A step of one n-token prompt."""
+        def run() -> None:
+            rid = self.add(n)
+            self.engine.execute(StepPlan(prefill=[PrefillChunk(rid, 0, n)]))
+            self.engine.abort(rid)
+        return _timed(run, self.engine.device, self.repeats)
+
+    def step(self, prefill: int, batch: int, context: int) -> float:
+        """A step of ``batch`` decodes at ``context`` tokens each (+ one ``prefill``-token
+        prompt when > 0)."""
+        rids = self.prefilled(batch, context)
+
+        def run() -> None:
+            new = [self.add(prefill)] if prefill else []
+            self.engine.execute(StepPlan(prefill=[PrefillChunk(r, 0, prefill) for r in new],
+                                         decode=rids))
+            self.release(new)
+        seconds = _timed(run, self.engine.device, self.repeats)
+        self.release(rids)
+        return seconds
+
+
+def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] = PREFILL_TOKENS,
+                   decode_batch: Sequence[int] = DECODE_BATCH,
+                   decode_context: Sequence[int] = DECODE_CONTEXT,
+                   mixed: Sequence[tuple[int, int, int]] = MIXED
+                   ) -> tuple[StepTimes, list[StepSample], str]:
+    """The step table, the raw samples, and a line on how well the table predicts mixed steps.
+
+    Every grid point is measured once per round (the median of three runs) and ``repeats``
+    rounds run one after another, each over the whole grid: on a shared machine a burst of
+    load then spreads over all points instead of skewing a few; each point's time is the
+    median of its rounds.
+    """
+    steps = _Steps(engine, 3)
+    limit, slots = engine.max_seq_len, engine.cache.num_slots
+    prefills = [n for n in prefill_tokens if n < limit]
+    if prefills and prefills[-1] < limit - 1:  # up to the longest prompt the engine takes
+        prefills.append(limit - 1)
+    decodes = [(b, c) for c in decode_context if c + 8 < limit
+               for b in decode_batch if b <= slots]
+    mixes = [(p, b, c) for p, b, c in mixed if b <= slots - 1 and p < limit and c + 8 < limit]
+    rounds: dict[tuple, list[float]] = {}
+    for _ in range(repeats):
+        for n in prefills:
+            rounds.setdefault(("p", n), []).append(steps.prefill(n))
+        for batch, context in decodes:
+            rounds.setdefault(("d", batch, context), []).append(steps.step(0, batch, context))
+        for prefill, batch, context in mixes:
+            rounds.setdefault(("m", prefill, batch, context), []).append(
+                steps.step(prefill, batch, context))
+    t = {key: statistics.median(values) for key, values in rounds.items()}
+    samples = [StepSample(n, 0, 0, t["p", n]) for n in prefills]
+    tokens, seconds = tuple(prefills), tuple(t["p", n] for n in prefills)
+    partial = StepTimes(tokens, seconds, 0.0, 0.0)
+    rows, residual = [], []
+    for batch, context in decodes:
+        attended = batch * (context + 2)  # the context grows by one per run of three
+        samples.append(StepSample(0, batch, attended, t["d", batch, context]))
+        rows.append((batch, attended))
+        residual.append(t["d", batch, context] - partial.table(batch))
+    per_decode, per_context = _nonnegative_fit(rows, residual)
+    model = StepTimes(tokens, seconds, per_decode, per_context)
+    errors = []
+    for prefill, batch, context in mixes:
+        attended = batch * (context + 2)
+        measured = t["m", prefill, batch, context]
+        samples.append(StepSample(prefill, batch, attended, measured))
+        errors.append(abs(model.step_s(prefill + batch, batch, attended) / measured - 1))
+    check = (f"mixed prefill+decode steps predicted within {statistics.median(errors):.0%} "
+             f"(median of {len(errors)})" if errors else "no mixed steps measured")
+    return model, samples, check
+
+
+def _nonnegative_fit(rows: list[tuple[int, int]], values: list[float]) -> tuple[float, float]:
+    if not rows:
+        return 0.0, 0.0
+    from scipy.optimize import nnls
+
+    coef, _ = nnls(np.asarray(rows, dtype=np.float64), np.asarray(values))
+    return float(coef[0]), float(coef[1])
 
 
 def measure_copies(expert_bytes: int, device: torch.device, repeats: int,
@@ -131,66 +222,199 @@ def measure_copies(expert_bytes: int, device: torch.device, repeats: int,
     return float(bandwidth), float(max(intercept, 0.0))
 
 
+def measure_fetches(model: MoEModel, table: StepTimes, slots: int, max_batch_size: int,
+                    max_seq_len: int | None, repeats: int) -> tuple[float, int]:
+    """Seconds one expert costs when the engine fetches it on a miss through its expert cache
+    (the copy, the slot bookkeeping and the wait), and how many fetches that was measured on.
+
+    An engine whose cache holds ``slots`` experts per layer (miss policy fetch, as the ``lru``
+    planner serves) runs decode steps of 1-16 fresh requests; each step's time beyond the
+    standalone step model is fitted to the experts it fetched (least squares, no intercept).
+    """
+    import torch
+
+    from emoe.engine.engine import Engine
+    from emoe.engine.offload.budget import ExpertBudget
+    from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
+
+    cfg = model.config
+    expert_bytes = cfg.expert_params * model.embed_tokens.weight.element_size()
+    executor = OffloadedExperts.install(
+        model, ExpertBudget(bytes=slots * cfg.num_layers * expert_bytes), MissPolicy.FETCH,
+        slots_per_layer=[slots] * cfg.num_layers)
+    engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                    expert_handler=executor)
+    steps = _Steps(engine, 1, seed=1)
+    extra, fetched = [], []
+    with torch.inference_mode():
+        engine.warm_up()
+        for _ in range(repeats):
+            for batch in (b for b in (1, 2, 4, 8, 16) if b <= engine.cache.num_slots):
+                rids = steps.prefilled(batch, 16)
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    result = engine.execute(StepPlan(decode=rids))
+                    seconds = time.perf_counter() - t0
+                    context = sum(engine.seqs[r].num_tokens for r in rids)
+                    extra.append(seconds - table.step_s(batch, batch, context))
+                    fetched.append(len(result.fetched_on_miss))
+                steps.release(rids)
+    x, y = np.asarray(fetched, dtype=np.float64), np.asarray(extra)
+    per_fetch = float(x @ y / (x @ x)) if x @ x > 0 else 0.0
+    return max(per_fetch, 0.0), int(x.sum())
+
+
+def measure_predictor(num_layers: int, num_experts: int, slots: int, repeats: int) -> float:
+    """Seconds of one planner prediction: the frequency predictor's ``predict`` for each of
+    the five default tasks and a top-``slots`` per layer, as the ``emoe`` planner runs it."""
+    from emoe.core.estimates import top_experts
+    from emoe.core.predictor import make_predictor
+    from emoe.core.tasks import DEFAULT_TASKS
+
+    rng = np.random.default_rng(0)
+    predictor = make_predictor("frequency", num_layers, num_experts)
+    per_layer = np.full(num_layers, slots)
+
+    def predict() -> None:
+        for task in DEFAULT_TASKS:
+            predictor.observe(task, rng.integers(0, 50, (num_layers, num_experts)))
+        scores = sum(predictor.predict(task) for task in DEFAULT_TASKS)
+        top_experts(scores, per_layer)
+
+    return _timed(predict, _cpu(), repeats)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
 def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu",
-                  repeats: int = 5, max_batch_size: int = 16,
+                  repeats: int = 5, max_batch_size: int = 16, max_seq_len: int | None = None,
                   prefill_tokens: Sequence[int] = PREFILL_TOKENS,
                   decode_batch: Sequence[int] = DECODE_BATCH,
-                  decode_context: Sequence[int] = DECODE_CONTEXT) -> EngineProfile:
+                  decode_context: Sequence[int] = DECODE_CONTEXT,
+                  mixed: Sequence[tuple[int, int, int]] = MIXED) -> EngineProfile:
+    """Everything but the serving path (``emoe.rpc.serving_profile`` adds that)."""
+    import copy
+
     import torch
 
     from emoe.engine.engine import Engine
 
     device = torch.device(device)
     model = model.to(device)
+    cached = copy.deepcopy(model)  # an expert cache takes over its experts
     cfg = model.config
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     spec = cfg.to_model_spec(name, dtype=dtype)
-    engine = Engine(model, max_batch_size=max_batch_size)
+    engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
     with torch.inference_mode():
-        samples = measure_steps(engine, prefill_tokens, decode_batch, decode_context, repeats)
-    bandwidth, latency = measure_copies(spec.expert_bytes, device, repeats)
+        engine.warm_up()
+        table, samples, check = measure_engine(engine, repeats, prefill_tokens, decode_batch,
+                                               decode_context, mixed)
+    bandwidth, _ = measure_copies(spec.expert_bytes, device, repeats)
+    slots = max(1, (5 * cfg.num_experts) // 8)
+    per_fetch, fetches = measure_fetches(cached, table, slots, max_batch_size, max_seq_len,
+                                         repeats)
+    latency = max(0.0, per_fetch - spec.expert_bytes / bandwidth)
+    predictor_s = measure_predictor(cfg.num_layers, cfg.num_experts,
+                                    max(1, cfg.num_experts // 2), repeats)
     memory = {"expert_bytes": spec.expert_bytes, "non_expert_bytes": spec.non_expert_bytes,
               "kv_bytes_per_token": spec.kv_bytes_per_token}
     if device.type == "cuda":
         memory["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    setup = EngineSetup(model=name, num_layers=cfg.num_layers, num_experts=cfg.num_experts,
+                        top_k=cfg.top_k, hidden_size=cfg.hidden_size,
+                        threads=torch.get_num_threads(), device=str(device), dtype=dtype,
+                        max_batch_size=engine.cache.num_slots, max_seq_len=engine.max_seq_len)
     return EngineProfile(
         model=name, device=machine_description(device),
-        provenance=(f"measured by `emoe profile` on {when}: {len(samples)} steps (median of "
-                    f"{repeats}), all experts resident, {dtype}; copies of {COPY_FRACTIONS} x "
-                    f"one expert ({spec.expert_bytes} B) on the engine's copy stream"
-                    + ("" if device.type == "cuda" else " (CPU: host memcpy, no PCIe)")),
+        provenance=(f"measured by `emoe profile` on {when}, load average {load} [measured]: "
+                    f"{len(samples)} engine steps (median of {repeats} rounds over the grid, fresh "
+                    f"random prompts), "
+                    f"all experts resident, {dtype}; step_table from one-prompt steps, "
+                    f"per-decode and per-context costs fitted to decode steps, {check}; "
+                    f"pcie bandwidth: copies of {COPY_FRACTIONS} x one expert "
+                    f"({spec.expert_bytes} B) on the engine's copy stream"
+                    + ("" if device.type == "cuda" else " (CPU: host memcpy, no PCIe)")
+                    + f"; pcie latency: what an expert fetched on a miss through the engine's "
+                      f"cache costs ({per_fetch * 1e6:.0f} us, {fetches} fetches at {slots} of "
+                      f"{cfg.num_experts} experts per layer) less its bytes / bandwidth"
+                    + "; predictor_s: the frequency predictor's predict + top-L for five tasks"),
         pcie_bandwidth_bytes_per_s=bandwidth, pcie_latency_s=latency, memory=memory,
-        samples=tuple(samples))
+        samples=tuple(samples), engine=setup, step_table=table, predictor_s=predictor_s)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="model folder (config.json, *.safetensors)")
-    p.add_argument("-o", "--output", required=True, help="profile file to write (JSON)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="model folder (config.json, *.safetensors); default: the reference "
+                        "model emoe-tiny")
+    p.add_argument("--checkpoint", dest="checkpoint_flag", metavar="DIR", default=None,
+                   help="the same, as an option")
+    p.add_argument("-o", "--out", "--output", dest="output", default="profile.json",
+                   help="profile file to write (JSON)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: as stored; half precision runs as float32 on CPU")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7,
+                   help="rounds over the measurement grid (each point: the median of rounds)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice)")
+                   help="torch CPU threads (default: what `emoe serve` uses: torch's choice, "
+                        "one per core)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="KV slots, as `emoe serve --max-batch-size`")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length, as `emoe serve --max-seq-len` (default: the model's)")
+    p.add_argument("--no-serving", action="store_true",
+                   help="skip measuring the serving path through a live `emoe serve`")
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    import dataclasses
 
     import torch
 
+    from emoe.core.errors import ConfigError
+    from emoe.core.paths import resolve_path
     from emoe.core.profile import write_profile
     from emoe.engine.checkpoint import load_model
+    from emoe.rpc.local import REFERENCE_CHECKPOINT
 
+    if args.checkpoint and args.checkpoint_flag:
+        raise ConfigError("checkpoint: give it once (as an argument or --checkpoint)")
+    given = args.checkpoint or args.checkpoint_flag
+    checkpoint = Path(resolve_path(given)) if given else REFERENCE_CHECKPOINT
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats: must be >= 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, device="cpu", dtype=args.dtype)
-    profile = profile_model(model, Path(args.checkpoint).name, args.device, args.repeats)
+    model = load_model(checkpoint, device="cpu", dtype=args.dtype)
+    print(f"emoe profile: {checkpoint.name} on {args.device}, {torch.get_num_threads()} "
+          f"thread(s), {args.max_batch_size} KV slots; measuring engine steps ...", flush=True)
+    profile = profile_model(model, checkpoint.name, args.device, args.repeats,
+                            max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    if not args.no_serving:
+        from emoe.rpc.serving_profile import measure_serving
+
+        print("measuring the serving path in a live serving session ...", flush=True)
+        serving, how = measure_serving(checkpoint, profile, args.dtype, args.repeats)
+        profile = dataclasses.replace(profile, serving=serving,
+                                      provenance=f"{profile.provenance}; serving: {how}")
     write_profile(profile, args.output)
-    coefficients = profile.coefficients()
-    print(f"wrote {args.output}: {len(profile.samples)} step samples; "
-          + ", ".join(f"{k} {v:.3g}" for k, v in coefficients.items())
-          + f"; copy {profile.pcie_bandwidth_bytes_per_s / 1e9:.2f} GB/s, "
-            f"latency {profile.pcie_latency_s * 1e6:.1f} us")
+    table = profile.step_table
+    print(f"wrote {args.output}: {len(profile.samples)} engine steps; step table "
+          + ", ".join(f"{n} tok {s * 1e3:.2f} ms" for n, s in zip(table.tokens, table.seconds))
+          + f"; per decode request {table.per_decode_s * 1e6:.0f} us, per context token "
+            f"{table.per_context_token_s * 1e9:.1f} ns; copy "
+            f"{profile.pcie_bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency "
+            f"{profile.pcie_latency_s * 1e6:.1f} us")
+    if profile.serving is not None:
+        s = profile.serving
+        print(f"serving path: engine steps x{s.engine_scale:.2f} when served, "
+              f"{s.step_s * 1e6:.0f} us per step, {s.token_s * 1e6:.0f} us per streamed token, "
+              f"{s.ingress_s * 1e3:.2f} ms in, {s.egress_s * 1e3:.2f} ms out")
     return 0

@@ -35,6 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--policy", type=Path, help="policy file (emoe-policy JSON) to schedule by")
     serve.add_argument("--gpu", default="a100-40gb",
                        help="hardware preset for the scheduler's memory and cost estimates")
+    serve.add_argument("--profile", type=Path,
+                       help="engine profile (`emoe profile`) of this model and thread count: "
+                            "the scheduler's cost estimates use its measured figures, as "
+                            "`emoe sim --profile` does")
     serve.add_argument("--default-task", default="conversation",
                        help="task of requests whose prompt matches no task keyword")
     serve.add_argument("--max-queue", type=int, default=1024,
@@ -116,6 +120,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--out", type=Path, help="per-request results (CSV)")
     replay.add_argument("--wait-ready", type=float, default=60.0, metavar="SECONDS",
                         help="wait up to this long for the server to be ready (0: do not wait)")
+    replay.add_argument("--fit", choices=("reject", "skip", "scale"), default="reject",
+                        help="requests whose prompt + output exceed the model's context: sent "
+                             "as recorded (the server refuses them), skipped, or scaled down to "
+                             "fit; `emoe sim --fit` applies the same rule")
     replay.set_defaults(func=_replay)
 
 
@@ -142,6 +150,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", help="compute dtype (default: as stored; half precision runs as float32 on CPU)")
     p.add_argument("--max-batch-size", type=int, default=16, help="KV cache slots")
     p.add_argument("--max-seq-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads of the engine (default: torch's choice, one per core)")
     p.add_argument("--fake-step-delay", type=float, default=0.0,
                    help="seconds per step of the fake backend")
     p.add_argument("--expert-budget", metavar="BUDGET",
@@ -233,16 +243,22 @@ def _local_backend(args: argparse.Namespace, policy=None):
     from emoe.core.policy_file import PolicyConfig
     from emoe.rpc.local import REFERENCE_CHECKPOINT, LocalEngineBackend
 
-    checkpoint = args.checkpoint or REFERENCE_CHECKPOINT
+    from emoe.core.paths import resolve_path
+
+    checkpoint = Path(resolve_path(args.checkpoint)) if args.checkpoint else REFERENCE_CHECKPOINT
     if not (checkpoint / "config.json").is_file():
         hint = ("the reference model is not built yet: train it (emoe model train-tiny) or "
                 if args.checkpoint is None else "")
         raise ConfigError(f"--checkpoint: {checkpoint} has no config.json; {hint}"
                           "name a Hugging Face model folder")
-    offload = _offload(args, policy if policy is not None else PolicyConfig())
+    policy = policy if policy is not None else PolicyConfig()
+    from emoe.core.model_config import model_spec_from
+
+    policy.check_model(model_spec_from(checkpoint))  # before the model loads
+    offload = _offload(args, policy)
     return LocalEngineBackend(checkpoint, device=args.device, dtype=args.dtype,
                               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                              offload=offload)
+                              offload=offload, threads=args.threads)
 
 
 def _setup_logging(level: str) -> None:
@@ -269,13 +285,36 @@ def _serve(args: argparse.Namespace) -> int:
                     for target in args.worker]
     else:
         backends = [_local_backend(args, policy)]
+    hardware = get_hardware(args.gpu)
+    if args.profile is not None:
+        hardware = _profiled(args, hardware)
     server = SchedulerServer(
-        backends, policy, get_hardware(args.gpu), _listen(args), default_task=args.default_task,
+        backends, policy, hardware, _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
         max_prompt_chars=args.max_prompt_chars, metrics_port=args.metrics_port or None,
         metrics_host=args.metrics_host, remote_workers=tuple(args.worker),
-        http_port=args.http_port, http_host=args.http_host)
+        http_port=args.http_port, http_host=args.http_host,
+        policy_source=f"policy file {args.policy}" if args.policy else "built-in defaults")
     return asyncio.run(run_until_signal(server, args.drain_grace))
+
+
+def _profiled(args: argparse.Namespace, hardware):
+    """``hardware`` with the profile's measured figures, once the profile is known to be of
+    the in-process engine's model and thread count."""
+    import torch
+
+    from emoe.core.model_config import model_spec_from
+    from emoe.core.profile import load_profile
+    from emoe.rpc.local import REFERENCE_CHECKPOINT
+
+    if args.worker:
+        raise ConfigError("--profile: checked against the in-process engine's model and threads; "
+                          "with --worker the workers' engines are not known here")
+    profile = load_profile(args.profile)
+    model = model_spec_from(args.checkpoint or REFERENCE_CHECKPOINT)
+    profile.check_model(model)
+    profile.check_threads(args.threads or torch.get_num_threads(), "this server's engine")
+    return profile.apply(hardware, model)[0]
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -373,6 +412,6 @@ def _replay(args: argparse.Namespace) -> int:
     check_trace(args.trace, rate_scale=args.rate_scale, limit=args.limit, seed=args.seed)
     async def run() -> int:  # the client's channel belongs to this event loop
         return await replay_file(args.trace, await _replay_target(args), rate_scale=args.rate_scale,
-                                 limit=args.limit, seed=args.seed, out=args.out)
+                                 limit=args.limit, seed=args.seed, out=args.out, fit=args.fit)
 
     return asyncio.run(run())

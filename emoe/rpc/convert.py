@@ -108,7 +108,7 @@ def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
         name=m.model.name, num_layers=m.model.num_layers, num_experts=m.model.num_experts,
         top_k=m.model.top_k, expert_bytes=m.expert_bytes, non_expert_bytes=m.non_expert_bytes,
         kv_bytes_per_token=m.kv_bytes_per_token, hidden_size=m.hidden_size,
-        provenance=f"reported by engine worker {address}")
+        provenance=f"reported by engine worker {address}", max_context=m.model.max_context)
     return BackendInfo(model=model, vocab_size=m.model.vocab_size, max_context=m.model.max_context,
                        eos_token_id=m.model.eos_token_id, tokenizer_json=m.tokenizer_json,
                        max_running=m.max_running,

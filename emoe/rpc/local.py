@@ -30,8 +30,9 @@ class LocalEngineBackend:
 
     def __init__(self, checkpoint: Path, device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 16, max_seq_len: int | None = None,
-                 offload: OffloadConfig | None = None):
+                 offload: OffloadConfig | None = None, threads: int | None = None):
         self.name = f"local:{checkpoint.name}"
+        self.threads = threads
         self._checkpoint = checkpoint
         self._device, self._dtype = device, dtype
         self._max_batch_size, self._max_seq_len = max_batch_size, max_seq_len
@@ -46,7 +47,12 @@ class LocalEngineBackend:
         return await loop.run_in_executor(self._thread, self._load)
 
     def _load(self) -> BackendInfo:
+        import torch
+
         from emoe.engine.engine import Engine
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
         folder = self._checkpoint
         tokenizer_file = folder / "tokenizer.json"
@@ -65,7 +71,7 @@ class LocalEngineBackend:
         self._engine = engine
         cfg = engine.config
         dtype = str(engine.dtype).removeprefix("torch.")
-        model = cfg.to_model_spec(folder.name, dtype=dtype,
+        model = cfg.to_model_spec(folder.name, dtype=dtype, max_context=engine.max_seq_len,
                                   provenance=f"computed from {folder / 'config.json'}")
         eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else 0
         if self.experts is None:

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from emoe.core.plan import StepPlan, StepResult
+from emoe.rpc.policy_info import PolicyInForce
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0)
@@ -108,6 +109,7 @@ class ExpertCounters:
     misses: int = 0
     loads: int = 0
     evictions: int = 0
+    predictor_calls: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -167,6 +169,14 @@ class ServiceMetrics:
         self._hit_rate = Gauge("emoe_expert_hit_rate", "Expert hits / (hits + misses) since start",
                                registry=r)
         self._hit_rate.set_function(lambda: self.experts.hit_rate)
+        self._predictor_calls = Counter("emoe_predictor_calls", "Expert-predictor runs planned",
+                                        registry=r)
+        self._policy = Info("emoe_policy", "The policy in force (names, sources)", registry=r)
+        self._policy_values = Gauge("emoe_policy_value", "The policy in force (numbers)",
+                                    ("setting",), registry=r)
+        self._policy_slots = Gauge("emoe_policy_experts_per_layer",
+                                   "Expert slots per layer of the policy in force", ("layer",),
+                                   registry=r)
 
     @property
     def uptime_s(self) -> float:
@@ -214,6 +224,17 @@ class ServiceMetrics:
         met_finished[1] += 1
         self._attainment.labels(task).set(met_finished[0] / met_finished[1])
 
+    def policy(self, p: PolicyInForce) -> None:
+        self._policy.info({"scheduling": p.scheduling, "planner": p.planner,
+                           "predictor": p.predictor, "miss_policy": p.miss_policy,
+                           "sensitivity_source": p.sensitivity_source, "source": p.source,
+                           "tuned_for": p.tuned_for})
+        for name in ("prediction_interval", "expert_budget_bytes", "memory_budget_bytes",
+                     "max_num_seqs", "max_batch_tokens"):
+            self._policy_values.labels(name).set(getattr(p, name))
+        for layer, slots in enumerate(p.experts_per_layer):
+            self._policy_slots.labels(str(layer)).set(slots)
+
     def step(self, plan: StepPlan, result: StepResult) -> None:
         hits = sum(o.expert_hits for o in result.outputs)
         misses = sum(o.expert_misses for o in result.outputs)
@@ -228,6 +249,9 @@ class ServiceMetrics:
         self._expert_misses.inc(misses)
         self._expert_loads.inc(loads)
         self._expert_evictions.inc(evictions)
+        if plan.run_predictor:
+            e.predictor_calls += 1
+            self._predictor_calls.inc()
 
     def tasks(self, owner: str | None = None) -> list[TaskSnapshot]:
         """Per task, the requests of ``owner`` (None: of every identity)."""

@@ -6,21 +6,22 @@ of ``--expert-budget`` (bytes or a fraction of all experts; default: the policy'
 ``experts_per_layer``/``expert_budget_bytes``) that carries out each plan's load/evict lists,
 and a miss policy (``--miss``; default ``fetch`` for ``lru``, ``reroute`` for the planners
 that plan loads themselves). The scheduler is then built from the engine's own numbers
-(``scheduler_policy``): its expert budget is the engine's slots, split per layer the same way,
-its memory budget is non-expert weights + the slot pool + the engine's KV cache, and it is
-told the pool is fixed (``Scheduler(fixed_expert_slots=True)``), so no planner - not the
-``emoe`` first prompt either - plans more resident experts than the pool's slots.
+(``emoe.core.serving.serving_scheduler_policy``, which the simulator shares): its expert
+budget is the engine's slots, split per layer the same way, its memory budget is non-expert
+weights + the slot pool + the engine's KV cache, and it is told the pool is fixed
+(``Scheduler(fixed_expert_slots=True)``), so no planner - not the ``emoe`` first prompt
+either - plans more resident experts than the pool's slots.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from emoe.core.errors import ConfigError
 from emoe.core.policy_file import PolicyConfig
+from emoe.core.serving import with_slots
 from emoe.core.specs import ModelSpec
 from emoe.engine.offload.budget import ExpertBudget
 
@@ -57,19 +58,6 @@ def miss_policy(planner: str, miss: str | None):
     return policy
 
 
-def with_slots(policy: PolicyConfig, model: ModelSpec, slots: int) -> PolicyConfig:
-    """``policy`` with an expert budget of ``slots`` experts: its own per-layer split where it
-    has one of that total, else ``expert_budget_bytes`` = ``slots`` experts."""
-    try:
-        own = policy.slots_per_layer(model)
-    except ConfigError:
-        own = None
-    if own is not None and int(own.sum()) == slots:
-        return policy
-    return dataclasses.replace(policy, experts_per_layer=None,
-                               expert_budget_bytes=slots * model.expert_bytes)
-
-
 def engine_slots(config: OffloadConfig, model: ModelSpec) -> tuple[PolicyConfig, np.ndarray]:
     """The policy the engine's cache follows and its slots per layer."""
     policy = config.policy
@@ -81,16 +69,3 @@ def engine_slots(config: OffloadConfig, model: ModelSpec) -> tuple[PolicyConfig,
     except ConfigError as exc:
         raise ConfigError(f"{exc}; or pass --expert-budget (bytes or a fraction)") from None
     return policy, per_layer
-
-
-def scheduler_policy(policy: PolicyConfig, model: ModelSpec, expert_slots: int,
-                     kv_bytes: int) -> PolicyConfig:
-    """The policy the scheduler runs with over an engine of ``expert_slots`` expert slots
-    (0: no expert cache, ``policy`` unchanged) and ``kv_bytes`` of KV cache."""
-    if not expert_slots or policy.planner == "all":
-        return policy
-    policy = with_slots(policy, model, expert_slots)
-    memory = model.non_expert_bytes + expert_slots * model.expert_bytes + kv_bytes
-    if policy.memory_budget_bytes is None or policy.memory_budget_bytes > memory:
-        policy = dataclasses.replace(policy, memory_budget_bytes=memory)
-    return policy

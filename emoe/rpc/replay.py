@@ -5,7 +5,8 @@ Each trace request is sent at its recorded arrival time (divided by ``rate_scale
 ids: ``input_tokens`` random non-special ids, ``max_tokens = output_tokens`` with EOS ignored,
 so the service generates exactly the trace's output length (an HTTP server that cannot be
 told to ignore EOS may stop sooner: the actual lengths are reported). A request that does not
-fit the model's context is shortened to fit, prompt first, then output (counted and reported).
+fit the model's context is sent as recorded (and refused), skipped or scaled to fit, by the
+rule the simulator applies too (``emoe.core.workload.fit``; counted and reported).
 Results are the simulator's per-request columns (emoe.core.metrics) and its summary table,
 times in seconds from the replay's start:
 
@@ -34,6 +35,7 @@ import grpc
 
 from emoe.core.metrics import MetricsCollector, SystemCounters, format_summary
 from emoe.core.request import Request, RequestStatus
+from emoe.core.workload.fit import ContextFit
 from emoe.rpc.client import EmoeClient, generate_request
 from emoe.rpc.v1 import scheduler_pb2 as pb
 
@@ -118,26 +120,26 @@ class _Replay:
         self.target = target
         self.model = model
         self.rng = random.Random(seed)
-        self.shortened = 0
         self.start = 0.0
 
     def prompt(self, request: Request) -> list[int]:
-        context = self.model.max_context
-        if context is not None and request.input_tokens + request.output_tokens > context:
-            request.output_tokens = min(request.output_tokens, context - 1)
-            request.input_tokens = min(request.input_tokens, context - request.output_tokens)
-            self.shortened += 1
         high = max(self.model.vocab_size - 1, FIRST_NON_SPECIAL_ID)
         return [self.rng.randint(FIRST_NON_SPECIAL_ID, high)
                 for _ in range(request.input_tokens)]
 
 
 async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
-                 metrics: MetricsCollector, seed: int = 0) -> float:
+                 metrics: MetricsCollector, seed: int = 0,
+                 fit: ContextFit | None = None) -> float:
     """Replays ``requests`` (arrival order); adds each to ``metrics`` as it ends. Returns the
-    wall-clock seconds from the first send to the last answer."""
+    wall-clock seconds from the first send to the last answer. ``fit`` (default: ``reject``)
+    fits the requests to the served model's context, which it is given here, and counts what
+    it met."""
     target = as_target(target)
     model = await target.model()
+    fit = fit if fit is not None else ContextFit(0)
+    fit.context = model.max_context or 0
+    requests = fit(requests)
     run = _Replay(target, model, seed)
     run.start = time.monotonic()
     pending: set[asyncio.Task] = set()
@@ -162,10 +164,6 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
         task.add_done_callback(done)
     while pending:
         await asyncio.wait(set(pending))
-    if run.shortened:
-        log.warning("%d requests were shortened (prompt first, then output) to fit the "
-                    "model's context of %d tokens",
-                    run.shortened, model.max_context)
     if short:
         log.warning("%d finished requests generated fewer tokens than the trace asks "
                     "(the server stopped them early; generated_tokens has the actual lengths)",
@@ -187,7 +185,7 @@ def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = Non
 
 async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
                       rate_scale: float = 1.0, limit: int | None = None, seed: int = 0,
-                      out: Path | None = None) -> int:
+                      out: Path | None = None, fit: str = "reject") -> int:
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``; closes
     the target."""
     from emoe.core.workload import read_trace
@@ -197,12 +195,14 @@ async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
     requests = read_trace(trace, seed=seed, rate_scale=rate_scale)
     if limit is not None:
         requests = itertools.islice(requests, limit)
+    fitted = ContextFit(0, fit)
     try:
         with MetricsCollector(out) as metrics:
-            elapsed = await replay(requests, target, metrics, seed=seed)
+            elapsed = await replay(requests, target, metrics, seed=seed, fit=fitted)
             summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name=f"replay {trace.name}")
     finally:
         await target.close()
+    print(fitted.describe())
     print(format_summary(summary))
     if out is not None:
         print(f"per-request results: {out}", file=sys.stderr)

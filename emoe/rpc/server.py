@@ -9,7 +9,6 @@ new requests are refused with UNAVAILABLE, and streams in flight get ``grace_s``
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -31,6 +30,7 @@ from emoe.rpc.errors import ErrorInterceptor
 from emoe.rpc.memory import MemoryKeeper
 from emoe.rpc.metrics import ServiceMetrics
 from emoe.rpc.metrics_http import MetricsServer
+from emoe.rpc.policy_info import policy_in_force
 from emoe.rpc.replica import Replica, Scheduler, SchedulerFactory
 from emoe.rpc.service import DEFAULT_MAX_MESSAGE_BYTES, SchedulerService, ServiceConfig
 from emoe.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -159,19 +159,15 @@ async def _set_health(health: health_aio.HealthServicer, services: tuple[str, ..
 def scheduler_factory(policy: PolicyConfig, hardware: HardwareSpec) -> SchedulerFactory:
     """Builds the core scheduler for an engine, capping the running batch at its KV slots;
     over an offloading engine (``info.expert_slots``) its expert and memory budgets are the
-    engine's (``emoe.rpc.offload.scheduler_policy``)."""
+    engine's (``emoe.core.serving.serving_scheduler_policy``, shared with the simulator)."""
 
     def make(info: BackendInfo) -> Scheduler:
         from emoe.core.scheduler import Scheduler as CoreScheduler
-        from emoe.rpc.offload import scheduler_policy
+        from emoe.core.serving import EngineLimits, serving_scheduler_policy
 
-        # An offloading engine: plan for its expert slots, KV cache and real byte sizes.
-        config = scheduler_policy(policy, info.model, info.expert_slots,
-                                  info.max_running * info.max_context * info.model.kv_bytes_per_token)
-        if info.max_running < policy.max_num_seqs:
-            config = dataclasses.replace(config, max_num_seqs=info.max_running)
-        return CoreScheduler(info.model, hardware, config,
-                             fixed_expert_slots=bool(info.expert_slots) and policy.planner != "all")
+        limits = EngineLimits(info.max_running, info.max_context, info.expert_slots)
+        config, fixed = serving_scheduler_policy(policy, info.model, limits)
+        return CoreScheduler(info.model, hardware, config, fixed_expert_slots=fixed)
 
     return make
 
@@ -186,7 +182,8 @@ class SchedulerServer:
                  max_queue: int = 1024, default_max_tokens: int = 128,
                  max_prompt_chars: int | None = None, metrics_port: int | None = None,
                  metrics_host: str = "127.0.0.1", remote_workers: tuple[str, ...] = (),
-                 http_port: int | None = None, http_host: str = "127.0.0.1"):
+                 http_port: int | None = None, http_host: str = "127.0.0.1",
+                 policy_source: str = "built-in defaults"):
         self.listen = listen
         self._http_listen = (http_host, http_port)
         self.http = None
@@ -195,7 +192,8 @@ class SchedulerServer:
         self.metrics = ServiceMetrics(list(policy.tasks), load=lambda: self.service.load())
         make_scheduler = scheduler_factory(policy, hardware)
         for backend in backends:
-            replicas.append(Replica(backend, make_scheduler, self.metrics))
+            replicas.append(Replica(backend, self._reporting(make_scheduler, backend, policy_source),
+                                    self.metrics))
         if default_task not in policy.tasks:
             default_task = next(iter(policy.tasks))
         config = ServiceConfig(tasks=dict(policy.tasks), default_task=default_task,
@@ -216,6 +214,24 @@ class SchedulerServer:
         self.metrics_port = 0
         self.failed: BaseException | None = None
         self.stopped = asyncio.Event()
+
+    def _reporting(self, make: SchedulerFactory, backend: Backend, source: str) -> SchedulerFactory:
+        """``make``, reporting the policy in force of each scheduler it builds (log line,
+        GetServerInfo, metrics)."""
+
+        def build(info: BackendInfo) -> Scheduler:
+            scheduler = make(info)
+            experts = getattr(backend, "experts", None)  # an in-process expert cache
+            miss = experts.miss.value if experts is not None else None
+            if miss is None and info.expert_slots and scheduler.planner.name != "all":
+                miss = f"the worker's ({scheduler.planner.miss_mode.value} unless it has --miss)"
+            in_force = policy_in_force(scheduler, miss, source)
+            log.info("%s", in_force.log_line())
+            self.service.policy_in_force = in_force
+            self.metrics.policy(in_force)
+            return scheduler
+
+        return build
 
     async def start(self) -> None:
         services = (SCHEDULER_SERVICE,)

@@ -28,12 +28,14 @@ import grpc
 
 import emoe
 from emoe.core.request import SLO
+from emoe.core.serving import context_error
 from emoe.core.tasks import TaskProfile
 from emoe.rpc.auth import ANONYMOUS, Identity, TokenTable, authorization
 from emoe.rpc.backend import BackendInfo, SamplingParams
 from emoe.rpc.errors import (AlreadyExists, InvalidArgument, NotFound, RequestFailed,
                              ResourceExhausted, ServiceError, Unauthenticated, Unavailable, clip)
 from emoe.rpc.metrics import Outcome, ServiceMetrics
+from emoe.rpc.policy_info import PolicyInForce
 from emoe.rpc.replica import Finish, Replica, RequestStream, Submission
 from emoe.rpc.task_detect import TaskDetector
 from emoe.rpc.text import IncrementalDetokenizer, load_tokenizer
@@ -106,6 +108,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-tokenize")
         self._info: BackendInfo | None = None
         self.max_prompt_chars = 0
+        self.policy_in_force: PolicyInForce | None = None  # set when a scheduler is built
         for replica in replicas:
             replica.on_terminal = self._terminal
 
@@ -220,21 +223,21 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             encodings = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, self._tokenizer.encode_batch, [text])
             prompt = encodings[0].ids
+            too_long = context_error(len(prompt), 1, info.max_context, prompt_field="text")
+            if too_long is not None:
+                raise InvalidArgument(*too_long)
         else:
             ids = request.token_ids.ids
             if not ids:
                 raise InvalidArgument("token_ids.ids", "must not be empty")
-            if len(ids) >= info.max_context:
-                raise InvalidArgument("token_ids.ids", f"{len(ids)} prompt tokens leave no room "
-                                      f"in the model's context of {info.max_context} tokens")
+            too_long = context_error(len(ids), 1, info.max_context)
+            if too_long is not None:  # before the ids are copied: a huge list costs nothing
+                raise InvalidArgument(*too_long)
             prompt = list(ids)
             if max(prompt) >= info.vocab_size:
                 bad = next(i for i, t in enumerate(prompt) if t >= info.vocab_size)
                 raise InvalidArgument(f"token_ids.ids[{bad}]",
                                       f"{prompt[bad]} is not below the vocabulary size {info.vocab_size}")
-        if len(prompt) >= info.max_context:
-            raise InvalidArgument(kind, f"{len(prompt)} prompt tokens leave no room in the "
-                                        f"model's context of {info.max_context} tokens")
 
         if request.task:
             task = request.task
@@ -265,10 +268,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             max_tokens = s.max_tokens
             if max_tokens < 1:
                 raise InvalidArgument("sampling.max_tokens", "must be at least 1")
-            if max_tokens > room:
-                raise InvalidArgument(
-                    "sampling.max_tokens", f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
-                    f"exceeds the model's context of {info.max_context} tokens")
+            too_long = context_error(prompt_len, max_tokens, info.max_context)
+            if too_long is not None:
+                raise InvalidArgument(*too_long)
         else:
             max_tokens = min(self.config.default_max_tokens, room)
         temperature = s.temperature if s.HasField("temperature") else 1.0
@@ -386,7 +388,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         stats = pb.Stats(uptime_s=self.metrics.uptime_s, waiting=waiting, running=running,
                          experts=pb.ExpertStats(hits=e.hits, misses=e.misses, hit_rate=e.hit_rate,
                                                 loads=e.loads, evictions=e.evictions,
-                                                resident=resident, resident_bytes=resident_bytes))
+                                                resident=resident, resident_bytes=resident_bytes,
+                                                predictor_calls=e.predictor_calls))
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,
@@ -404,7 +407,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             tasks=[pb.TaskInfo(name=t.name, ttft_s=t.slo.ttft_s, tpot_s=t.slo.tpot_s,
                                keywords=list(t.keywords)) for t in self.config.tasks.values()],
             default_task=self.config.default_task, max_queue=self.config.max_queue,
-            default_max_tokens=self.config.default_max_tokens, workers=self._remote_workers)
+            default_max_tokens=self.config.default_max_tokens, workers=self._remote_workers,
+            policy_in_force=self.policy_in_force.to_proto() if self.policy_in_force else None)
 
     # -- RPCs --------------------------------------------------------------------------------
 

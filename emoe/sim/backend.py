@@ -9,7 +9,9 @@ What a step costs, in order:
 3. expert loads are issued on the PCIe link; layer l's compute waits for its loads (the
    paper's engine guards each layer with an event), so loads overlap with the compute of the
    layers before them and only the rest is a stall (``load_wait_s``);
-4. compute follows the cost model over prefill tokens, decode tokens and attended context;
+4. compute follows the cost model over prefill tokens, decode tokens and attended context
+   (measured step times when a profile has them), plus what the serving path adds per step
+   and per streamed token when the profile measured it;
    a decode-only plan runs up to ``plan.iterations`` iterations at once, stopping after the
    iteration in which the next request arrives (the scheduler's bound already stops at the
    first iteration in which a request reaches its output length);
@@ -26,6 +28,7 @@ import numpy as np
 
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
+from emoe.core.profile import ServingCosts, StepTimes
 from emoe.core.request import Request
 from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.sim.cost import CostModel
@@ -36,10 +39,11 @@ from emoe.sim.routing import RoutingSource
 
 class SimBackend:
     def __init__(self, *, model: ModelSpec, hardware: HardwareSpec, memory_bytes: int,
-                 routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray):
+                 routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray,
+                 steps: StepTimes | None = None, serving: ServingCosts | None = None):
         self.model = model
         self.hardware = hardware
-        self.cost = CostModel(hardware, model)
+        self.cost = CostModel(hardware, model, steps, serving)
         self.memory = GpuMemory(memory_bytes, model)
         self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
         self.routing = routing
@@ -106,11 +110,13 @@ class SimBackend:
         prefill = int(prefill_tokens.sum())
         context = memory.kv_tokens  # the KV held by running requests: what decodes attend to
 
+        first_tokens = sum(c.start + c.num_tokens == self.live[c.request_id].input_tokens
+                           for c in plan.prefill)
         result = StepResult(started_at=now, finished_at=now, predictor_s=predictor_s)
         result.decode_routing, self._decode_routing = self._decode_routing, {}
         if self._lru is not None:
             self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
-                                      prefill_tokens, decode_slots)
+                                      prefill_tokens, decode_slots, first_tokens)
         else:
             iterations = 1 if plan.prefill else plan.iterations
             if iterations > 1 and next_arrival < math.inf:
@@ -128,10 +134,12 @@ class SimBackend:
                 prefill_tokens=prefill, decode_tokens=decode, context_tokens=context,
                 resident_experts=memory.experts, iterations=iterations)
             wait = self._load_wait(start, first, ready)
+            serving = self.cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
+                                          iterations=iterations)
             result.iterations = iterations
             result.compute_s = compute
             result.load_wait_s = wait
-            result.finished_at = start + compute + wait
+            result.finished_at = start + compute + wait + serving
         memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
         result.bytes_loaded += len(plan.load) * model.expert_bytes
 
@@ -165,7 +173,7 @@ class SimBackend:
     def _fetch_on_miss_steps(self, plan: StepPlan, result: StepResult, start: float,
                              ready: np.ndarray | None, next_arrival: float,
                              prefill_slots: np.ndarray, prefill_tokens: np.ndarray,
-                             decode_slots: np.ndarray) -> None:
+                             decode_slots: np.ndarray, first_tokens: int) -> None:
         """Iteration by iteration: fetch touched experts that are missing, then compute.
 
         The result reports the step's net expert changes (an expert fetched and evicted again
@@ -214,7 +222,8 @@ class SimBackend:
                 context_tokens=memory.kv_tokens + decode * iteration,
                 resident_experts=memory.experts)
             wait = self._load_wait(t, compute, iteration_ready)
-            t += compute + wait
+            t += compute + wait + self.cost.serving_s(
+                decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0)
             compute_total += compute
             wait_total += wait
             iteration += 1

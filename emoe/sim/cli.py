@@ -116,6 +116,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="task mix for unlabelled requests, e.g. qa=1,conversation=2")
     src.add_argument("--duration", type=float, default=None, metavar="S",
                      help="simulate only the first S seconds of arrivals")
+    src.add_argument("--fit", choices=("reject", "skip", "scale"), default="reject",
+                     help="requests whose prompt + output exceed the model's context: rejected "
+                          "with the server's reason, skipped, or scaled down to fit (as "
+                          "`emoe replay --fit`)")
     pol = p.add_argument_group("configurations (comma-separated lists run every combination)")
     pol.add_argument("--scheduler", type=_names, default=None,
                      help="scheduling policies: fcfs, sjf, edf, emoe (default: the study)")
@@ -139,7 +143,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="GPU memory to use (default: all of the card)")
     pol.add_argument("--gpu", type=_names, default=["h100-80gb"],
                      help="GPU presets: a100-40gb, h100-80gb, h200-141gb")
-    pol.add_argument("--model", default="mixtral-8x7b")
+    pol.add_argument("--model", default="mixtral-8x7b",
+                     help="a preset (mixtral-8x7b, mixtral-8x22b, qwen1.5-moe-a2.7b, "
+                          "olmoe-1b-7b) or a Hugging Face model folder or its config.json "
+                          "(Mixtral, Qwen2-MoE, OLMoE): the spec is computed from the config")
     pol.add_argument("--profile", type=Path, default=None,
                      help="engine profile JSON replacing the preset's coefficients "
                           "(docs/profile-format.md)")
@@ -254,6 +261,7 @@ def run_sim(args: argparse.Namespace) -> int:
     mark_pareto(results)
     first = results[0].outcome
     print(f"routing: {first.routing}; expert hits {first.hits_method}")
+    print(first.fit.describe())
     print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
           "provenance: docs/simulator.md")
     print(_accuracy_note(configs[0].policy(model), calibration))
@@ -318,7 +326,7 @@ def _workload(args: argparse.Namespace):
 
         trace = STUDY_TRACE
     return Workload(trace=trace, synthetic_requests=args.synthetic, synthetic_rate=args.rate,
-                    cv=cv, mix=args.mix, duration_s=args.duration)
+                    cv=cv, mix=args.mix, duration_s=args.duration, fit=args.fit)
 
 
 def _configs(args: argparse.Namespace) -> list:

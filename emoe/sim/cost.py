@@ -1,24 +1,38 @@
-"""Step-time cost model: how long the GPU computes for a step of prefill and decode tokens."""
+"""Step-time cost model: how long the engine computes for a step of prefill and decode tokens,
+and what the serving path adds to each step."""
 
 from __future__ import annotations
 
 import math
 
+from emoe.core.profile import ServingCosts, StepTimes
 from emoe.core.specs import HardwareSpec, ModelSpec
 
 
 class CostModel:
-    """The linear step-time model of ``HardwareSpec`` over one or many decode iterations.
+    """Step time over one or many decode iterations.
 
-    One iteration costs ``fixed + decode_s_per_token * D + attention_s_per_context_token * C``
-    plus ``prefill_s_per_token * P`` when it carries prefill, where ``fixed`` is the step
-    overhead plus reading the resident weights once. Over ``n`` decode iterations the context
-    ``C`` grows by ``D`` tokens per iteration, which the closed forms below sum exactly.
+    Compute, by default the linear model of ``HardwareSpec``: one iteration costs
+    ``fixed + decode_s_per_token * D + attention_s_per_context_token * C`` plus
+    ``prefill_s_per_token * P`` when it carries prefill, where ``fixed`` is the step overhead
+    plus reading the resident weights once. With measured ``steps`` (a profile's step table) an
+    iteration costs ``steps.step_s(P + D, D, C)`` instead.
+
+    ``serving`` (a profile's serving costs) scales the compute by its ``engine_scale`` (a served
+    engine shares its interpreter with the serving path) and adds ``step_s + token_s * (D +
+    first tokens)`` to every iteration: the serving loop's time between steps.
+
+    Over ``n`` decode iterations the context ``C`` grows by ``D`` tokens per iteration, which
+    the closed forms below sum exactly.
     """
 
-    def __init__(self, hardware: HardwareSpec, model: ModelSpec):
+    def __init__(self, hardware: HardwareSpec, model: ModelSpec, steps: StepTimes | None = None,
+                 serving: ServingCosts | None = None):
         self.hardware = hardware
         self.model = model
+        self.steps = steps
+        self.serving = serving
+        self._scale = serving.engine_scale if serving is not None else 1.0
 
     def fixed_s(self, resident_experts: int) -> float:
         hw = self.hardware
@@ -27,28 +41,51 @@ class CostModel:
         weight_bytes = self.model.non_expert_bytes + resident_experts * self.model.expert_bytes
         return hw.step_overhead_s + weight_bytes / hw.hbm_bandwidth_bytes_per_s
 
+    def _decode_iteration_s(self, decode_tokens: int, resident_experts: int) -> float:
+        """A decode-only iteration's compute without its attention over context."""
+        if self.steps is not None:
+            return self.steps.step_s(decode_tokens, decode_tokens, 0)
+        return self.fixed_s(resident_experts) + self.hardware.decode_s_per_token * decode_tokens
+
+    def _per_context_token_s(self) -> float:
+        if self.steps is not None:
+            return self.steps.per_context_token_s
+        return self.hardware.attention_s_per_context_token
+
     def step_s(self, *, prefill_tokens: int, decode_tokens: int, context_tokens: int,
                resident_experts: int, iterations: int = 1) -> float:
         """Compute time of ``iterations`` iterations; prefill (if any) runs in the first."""
-        hw = self.hardware
-        per_iteration = self.fixed_s(resident_experts) + hw.decode_s_per_token * decode_tokens
         attended = iterations * context_tokens + decode_tokens * iterations * (iterations - 1) / 2
-        return (iterations * per_iteration + hw.attention_s_per_context_token * attended
-                + hw.prefill_s_per_token * prefill_tokens)
+        attention = self._per_context_token_s() * attended
+        if self.steps is not None and prefill_tokens:
+            first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0)
+            rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
+            return self._scale * (first + rest + attention)
+        return self._scale * (iterations * self._decode_iteration_s(decode_tokens,
+                                                                    resident_experts)
+                              + attention + self.hardware.prefill_s_per_token * prefill_tokens)
+
+    def serving_s(self, *, decode_tokens: int, first_tokens: int = 0, iterations: int = 1) -> float:
+        """What the serving path adds to ``iterations`` iterations streaming ``decode_tokens``
+        tokens each, plus ``first_tokens`` first tokens in the first one."""
+        if self.serving is None:
+            return 0.0
+        s = self.serving
+        return iterations * (s.step_s + s.token_s * decode_tokens) + s.token_s * first_tokens
 
     def iterations_within(self, budget_s: float, *, decode_tokens: int, context_tokens: int,
                           resident_experts: int) -> int:
         """The iteration during which ``budget_s`` of decode time runs out (1-based).
 
-        That is the smallest n with step_s(n) >= budget_s: the iteration an event at
-        ``budget_s`` falls in, after which a macro step must stop.
+        That is the smallest n with step_s(n) + serving_s(n) >= budget_s: the iteration an
+        event at ``budget_s`` falls in, after which a macro step must stop.
         """
         if budget_s <= 0:
             return 1
-        hw = self.hardware
-        a = (self.fixed_s(resident_experts) + hw.decode_s_per_token * decode_tokens
-             + hw.attention_s_per_context_token * context_tokens)
-        b = hw.attention_s_per_context_token * decode_tokens  # step_s(n) = a n + b n (n - 1) / 2
+        c = self._scale * self._per_context_token_s()
+        a = (self._scale * self._decode_iteration_s(decode_tokens, resident_experts)
+             + c * context_tokens + self.serving_s(decode_tokens=decode_tokens))
+        b = c * decode_tokens  # step_s(n) = a n + b n (n - 1) / 2
         if b <= 0:
             return max(1, math.ceil(budget_s / a))
         half = a - b / 2

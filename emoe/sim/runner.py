@@ -4,20 +4,26 @@ stream the workload through them and collect the metrics."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
-from emoe.core.policy_file import PolicyConfig
+from emoe.core.paths import resolve_path
+from emoe.core.policy_file import PolicyConfig, model_shape
+from emoe.core.profile import EngineProfile, ServingCosts, load_profile
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
-from emoe.core.specs import HardwareSpec, ModelSpec, get_hardware, get_model
-from emoe.core.workload import DEFAULT_TRACE, TaskMix, read_trace, synthetic_requests
+from emoe.core.serving import EngineLimits, serving_scheduler_policy
+from emoe.core.specs import HardwareSpec, ModelSpec, get_hardware, get_model, hardware_for
+from emoe.core.tasks import TaskProfile
+from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
+                                synthetic_requests)
 from emoe.sim.backend import SimBackend
 from emoe.sim.routing import RoutingSource, SyntheticRouting
 from emoe.sim.world import World
@@ -42,6 +48,8 @@ class Workload:
     rate_scale: float = 1.0
     start_s: float = 0.0
     duration_s: float | None = None
+    fit: str = "reject"
+    limit: int | None = None
 
     def describe(self) -> str:
         if self.synthetic_requests is not None:
@@ -52,18 +60,23 @@ class Workload:
             what = f"trace {self.trace or DEFAULT_TRACE}"
         extras = [f"task mix {self.mix}" if self.mix else "",
                   f"rate x{self.rate_scale:g}" if self.rate_scale != 1.0 else "",
-                  f"window {self.start_s:g}s+{self.duration_s:g}s" if self.duration_s else ""]
+                  f"window {self.start_s:g}s+{self.duration_s:g}s" if self.duration_s else "",
+                  f"first {self.limit} requests" if self.limit is not None else ""]
         return ", ".join([what, *filter(None, extras)])
 
-    def requests(self, seed: int, rate_scale: float = 1.0) -> Iterator[Request]:
-        """The stream, its rate multiplied by ``rate_scale`` (on top of the workload's own)."""
+    def requests(self, seed: int, rate_scale: float = 1.0,
+                 tasks: Mapping[str, TaskProfile] | None = None) -> Iterator[Request]:
+        """The stream, its rate multiplied by ``rate_scale`` (on top of the workload's own),
+        SLOs and expected lengths from ``tasks`` (default: the built-in task profiles)."""
         mix = TaskMix.parse(self.mix) if self.mix else None
         scale = self.rate_scale * rate_scale
         if self.synthetic_requests is not None:
             return synthetic_requests(rate=self.synthetic_rate * scale, cv=self.cv,
-                                      num_requests=self.synthetic_requests, mix=mix, seed=seed)
-        return read_trace(self.trace or DEFAULT_TRACE, mix=mix, seed=seed, start_s=self.start_s,
-                          duration_s=self.duration_s, rate_scale=scale)
+                                      num_requests=self.synthetic_requests, mix=mix, seed=seed,
+                                      tasks=tasks)
+        requests = read_trace(self.trace or DEFAULT_TRACE, tasks=tasks, mix=mix, seed=seed,
+                              start_s=self.start_s, duration_s=self.duration_s, rate_scale=scale)
+        return requests if self.limit is None else itertools.islice(requests, self.limit)
 
     def stats(self, seed: int) -> "WorkloadStats":
         """Request count, mean request length and arrival span (reads the stream once)."""
@@ -219,12 +232,21 @@ class SimConfig:
         }
 
     def specs(self) -> tuple[ModelSpec, HardwareSpec]:
-        model, hardware = get_model(self.model), get_hardware(self.gpu)
-        if self.profile is not None:
-            from emoe.core.profile import load_profile
-
-            hardware, model = load_profile(self.profile).apply(hardware, model)
+        """The model (a preset, or a Hugging Face model folder / config.json) and the card,
+        with a profile's measured figures substituted (a profile of another model is
+        refused); a profile of a served engine also sets the context it serves."""
+        model = get_model(self.model)
+        hardware = hardware_for(get_hardware(self.gpu), model)
+        profile = self.engine_profile()
+        if profile is not None:
+            profile.check_model(model)
+            hardware, model = profile.apply(hardware, model)
+            if profile.engine is not None:
+                model = dataclasses.replace(model, max_context=profile.engine.max_seq_len)
         return model, hardware
+
+    def engine_profile(self) -> EngineProfile | None:
+        return None if self.profile is None else load_profile(self.profile)
 
     def policy(self, model: ModelSpec) -> PolicyConfig:
         if self.policy_file is not None:
@@ -242,7 +264,8 @@ class SimConfig:
             policy = PolicyConfig(scheduling=self.scheduling, planner=self.planner,
                                   prediction_interval=self.prediction_interval,
                                   experts_per_layer=per_layer, expert_budget_bytes=budget,
-                                  memory_budget_bytes=self.memory_budget_bytes, model=model.name)
+                                  memory_budget_bytes=self.memory_budget_bytes, model=model.name,
+                                  model_shape=model_shape(model))
         if self.sensitivity is not None:  # a measured table replaces the policy's
             from emoe.core.sensitivity import load_sensitivity
 
@@ -271,6 +294,7 @@ class SimOutcome:
     wall_s: float
     stopped: bool = False
     cdf: dict = dataclasses.field(default_factory=dict)
+    fit: ContextFit | None = None
 
 
 def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
@@ -283,12 +307,22 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     if budget is not None and budget > hardware.gpu_memory_bytes:
         raise ConfigError(f"memory budget: {budget / GIB:.1f} GiB exceeds the "
                           f"{hardware.gpu_memory_bytes / GIB:.1f} GiB of {hardware.name}")
-    scheduler = Scheduler(model, hardware, policy)
+    profile = config.engine_profile()
+    fixed_slots = False
+    if profile is not None and profile.engine is not None:
+        # The engine as served: the scheduler the server would build over it.
+        engine = profile.engine
+        slots = 0 if policy.planner == "all" else int(policy.slots_per_layer(model).sum())
+        policy, fixed_slots = serving_scheduler_policy(
+            policy, model, EngineLimits(engine.max_batch_size, engine.max_seq_len, slots))
+    scheduler = Scheduler(model, hardware, policy, fixed_expert_slots=fixed_slots)
     backend = SimBackend(model=model, hardware=hardware,
                          memory_bytes=scheduler.memory_budget_bytes,
                          routing=_routing(config, model, policy),
                          miss_mode=scheduler.planner.miss_mode,
-                         slots_per_layer=scheduler.planner.slots_per_layer)
+                         slots_per_layer=scheduler.planner.slots_per_layer,
+                         steps=profile.step_table if profile else None,
+                         serving=profile.serving if profile else None)
     return scheduler, backend
 
 
@@ -322,7 +356,7 @@ def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> Routi
     from emoe.core.routing_trace import read_routing_trace
     from emoe.sim.routing import TraceRouting
 
-    trace = read_routing_trace(config.routing_trace)
+    trace = read_routing_trace(resolve_path(config.routing_trace))
     return TraceRouting(model, sensitivity, trace, str(config.routing_trace))
 
 
@@ -352,8 +386,12 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
                 return (misses > stop_after_misses
                         or misses + certain_misses(live.values(), now) > stop_after_misses)
 
-        world = World(scheduler, backend, workload.requests(config.seed, config.rate_scale),
-                      on_end, stop=stop)
+        fit = ContextFit(backend.model.max_context, workload.fit)
+        requests = fit(workload.requests(config.seed, config.rate_scale, scheduler.tasks))
+        serving = backend.cost.serving
+        if serving is not None:
+            requests, on_end = _as_the_client_sees(requests, on_end, serving)
+        world = World(scheduler, backend, requests, on_end, stop=stop)
         try:
             elapsed = world.run()
         finally:
@@ -371,7 +409,8 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
     return SimOutcome(summary=summary, config=config, steps=world.steps,
                       routing=backend.routing.label, hits_method=backend.routing.hits_method,
                       hardware=backend.hardware, model=backend.model,
-                      wall_s=time.perf_counter() - started, stopped=world.stopped, cdf=cdf)
+                      wall_s=time.perf_counter() - started, stopped=world.stopped, cdf=cdf,
+                      fit=fit)
 
 
 CDF_QS = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]
@@ -401,6 +440,33 @@ def _size_label(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.4g}{unit}"
     return f"{nbytes}B"
+
+
+def _as_the_client_sees(requests: Iterator[Request], on_end: Callable[[Request], None],
+                        serving: ServingCosts) -> tuple[Iterator[Request], Callable]:
+    """The serving path around the scheduler: a request reaches it ``ingress_s`` after the
+    client sent it (its arrival there is that moment, as the server's is its acceptance), and
+    the client sees each token ``egress_s`` after the step made it. Requests are handed back
+    on the client's clock: arrival when sent, admission ``ingress_s`` earlier (the server's
+    queueing time, as replay counts it), first token and finish ``egress_s`` later."""
+    ingress, egress = serving.ingress_s, serving.egress_s
+
+    def delayed() -> Iterator[Request]:
+        for request in requests:
+            request.arrival += ingress
+            yield request
+
+    def ended(request: Request) -> None:
+        request.arrival -= ingress
+        if request.admitted_at is not None:
+            request.admitted_at -= ingress
+        if request.first_token_at is not None:
+            request.first_token_at += egress
+        if request.finished_at is not None:
+            request.finished_at += egress
+        on_end(request)
+
+    return delayed(), ended
 
 
 def _progress(name: str):

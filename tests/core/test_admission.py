@@ -198,9 +198,12 @@ def test_a_decoding_requests_target_is_its_tpot_slo_from_its_first_token():
     s.on_step_done(StepResult(0.02, 2.0, iterations=99))  # 100 tokens at 0.02 s each
     # target 0.02 + 0.02 * (100 + 0.2 - 1) = 2.004; margin 2.004 - 2.0 - 0.2 * 0.011 = 0.0018
     s.add_request(make_request("b", 2.0, input_tokens=10, ttft=5.0))  # delay 0.01: refused
-    assert s.next_step(2.0).prefill == []
-    s.on_step_done(StepResult(2.0, 2.1, iterations=10))  # 10 tokens in 0.1 s: ahead by 0.1
-    assert [c.request_id for c in s.next_step(2.1).prefill] == ["b"]
+    plan = s.next_step(2.0)
+    # refused by Eq. 3 while it fits: margins move every iteration, so the next one re-checks
+    assert plan.prefill == [] and plan.iterations == 1
+    s.on_step_done(StepResult(2.0, 2.01))  # a token in 0.01 s: the target moves on by 0.02
+    # margin 2.024 - 2.01 - 0.2 * 0.011 = 0.0118 >= 0.01
+    assert [c.request_id for c in s.next_step(2.01).prefill] == ["b"]
 
 
 @pytest.mark.parametrize("scheduling, order", [("emoe", ["on-time", "late"]),

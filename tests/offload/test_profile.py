@@ -12,13 +12,17 @@ from .conftest import TINY, tiny_model
 def test_profile_round_trips_through_core_profile(tmp_path):
     profile = profile_model(tiny_model(), "tiny", repeats=1, max_batch_size=4,
                             prefill_tokens=(4, 16, 32), decode_batch=(1, 4),
-                            decode_context=(8, 24))
+                            decode_context=(8, 24), mixed=((16, 2, 8),))
     path = tmp_path / "profile.json"
     write_profile(profile, path)
     loaded = load_profile(path)
-    assert len(loaded.samples) == 3 + 2 * 2
-    assert {s.prefill_tokens for s in loaded.samples} == {0, 4, 16, 32}
-    assert {s.decode_tokens for s in loaded.samples} == {0, 1, 4}
+    # one-prompt steps up to the context (127), decode steps, one mixed step
+    assert len(loaded.samples) == 4 + 2 * 2 + 1
+    assert {s.prefill_tokens for s in loaded.samples} == {0, 4, 16, 32, 127}
+    assert {s.decode_tokens for s in loaded.samples} == {0, 1, 2, 4}
+    assert loaded.step_table.tokens == (4, 16, 32, 127)
+    assert loaded.engine.model == "tiny" and loaded.engine.max_seq_len == 128
+    assert loaded.engine.num_layers == TINY.num_layers and loaded.engine.max_batch_size == 4
     assert all(s.seconds > 0 for s in loaded.samples)
     assert loaded.memory["expert_bytes"] == 3 * TINY.hidden_size * TINY.intermediate_size * 4
     assert loaded.memory["kv_bytes_per_token"] == TINY.kv_bytes_per_token("float32")

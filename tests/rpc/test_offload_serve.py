@@ -17,7 +17,7 @@ from emoe.core.policy_file import PolicyConfig
 from emoe.core.specs import get_hardware
 from emoe.rpc import cli, convert
 from emoe.rpc.backend import BackendInfo
-from emoe.rpc.offload import scheduler_policy
+from emoe.core.serving import EngineLimits, serving_scheduler_policy
 from emoe.rpc.server import Listen, WorkerServer, scheduler_factory
 from emoe.rpc.remote import RemoteBackend
 from emoe.rpc.v1 import scheduler_pb2 as pb
@@ -159,7 +159,7 @@ async def test_planner_all_keeps_every_expert_resident(checkpoint):  # noqa: F81
     assert stats.experts.resident == info.model.num_layers * info.model.num_experts
     assert stats.experts.misses == 0 and stats.experts.evictions == 0
     assert all(r[-1].completion.output_tokens == 6 for r in results)
-    assert scheduler_policy(policy, info.model, 0, 1 << 20) is policy
+    assert serving_scheduler_policy(policy, info.model, EngineLimits(4, 256))[0].planner == "all"
 
 
 def test_scheduler_plans_for_the_engines_slots_kv_and_model():

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 
 TRACE = [  # arrival_s, input_tokens, output_tokens, task
     (0.00, 12, 5, "qa"), (0.05, 30, 1, "classification"), (0.10, 7, 9, "summarization"),
-    (0.10, 100, 10, "conversation"),  # does not fit the 64-token context: prompt shortened
+    (0.10, 100, 10, "conversation"),  # does not fit the 64-token context: scaled (--fit scale)
     (0.20, 3, 4, "similarity"), (0.30, 20, 3, "qa"), (0.40, 9, 7, "qa"), (2.00, 5, 5, "qa"),
 ]
 
@@ -31,7 +31,8 @@ async def test_replay_sends_at_arrival_times_and_writes_simulator_columns(tmp_pa
     out = tmp_path / "results.csv"
     async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
         client = EmoeClient(f"127.0.0.1:{server.port}")
-        assert await replay_file(trace, client, rate_scale=2.0, limit=7, out=out) == 0
+        assert await replay_file(trace, client, rate_scale=2.0, limit=7, out=out,
+                                 fit="scale") == 0
     with out.open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
@@ -41,26 +42,40 @@ async def test_replay_sends_at_arrival_times_and_writes_simulator_columns(tmp_pa
     for i, (arrival, input_tokens, output_tokens, task) in enumerate(TRACE[:7]):
         row = by_id[i]
         assert row["status"] == "finished" and row["task"] == task
+        if input_tokens + output_tokens > 64:  # scaled by 64 / 110, rounded down
+            input_tokens, output_tokens = 58, 5
         # EOS after the first token is ignored: every output is the trace's length
         assert int(row["generated_tokens"]) == int(row["output_tokens"]) == output_tokens
+        assert int(row["input_tokens"]) == input_tokens
         assert float(row["arrival_s"]) >= arrival / 2.0 - 1e-3
         assert float(row["arrival_s"]) <= float(row["first_token_at_s"]) <= float(row["finished_at_s"])
-        assert int(row["input_tokens"]) == (64 - output_tokens if input_tokens + output_tokens > 64
-                                            else input_tokens)
     assert float(by_id[6]["arrival_s"]) < 1.0  # the 2.0 s arrival was past the limit
     printed = capsys.readouterr().out
     assert "replay trace.csv" in printed and "7" in printed
+    assert "1 of 7 requests (14.3%) exceed the model's context of 64 tokens" in printed
 
 
-async def test_replay_fits_an_output_longer_than_the_context(tmp_path):
+@pytest.mark.parametrize("fit", ["reject", "skip", "scale"])
+async def test_replay_fits_requests_longer_than_the_context_by_the_rule(tmp_path, fit, capsys):
     trace = tmp_path / "long.csv"
-    trace.write_text("arrival_s,input_tokens,output_tokens,task\n0.0,40,100,conversation\n")
+    trace.write_text("arrival_s,input_tokens,output_tokens,task\n0.0,40,100,conversation\n"
+                     "0.0,10,5,qa\n")
     out = tmp_path / "results.csv"
     async with serving([FakeBackend(max_context=64, emit_eos_after=0)]) as server:
         client = EmoeClient(f"127.0.0.1:{server.port}")
-        assert await replay_file(trace, client, out=out) == 0
+        assert await replay_file(trace, client, out=out, fit=fit) == 0
     with out.open() as f:
-        (row,) = csv.DictReader(f)
-    assert row["status"] == "finished"
-    assert (int(row["input_tokens"]), int(row["output_tokens"])) == (1, 63)
-    assert int(row["generated_tokens"]) == 63
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert rows["1"]["status"] == "finished"
+    assert "1 of 2 requests (50.0%) exceed the model's context of 64 tokens" in capsys.readouterr().out
+    if fit == "skip":
+        assert "0" not in rows
+        return
+    long = rows["0"]
+    if fit == "reject":  # refused by the server with the reason the simulator gives too
+        assert long["status"] == "rejected"
+        assert long["reason"] == ("INVALID_ARGUMENT: sampling.max_tokens: prompt (40 tokens) + "
+                                  "max_tokens (100) exceeds the model's context of 64 tokens")
+    else:  # 64 / 140 of each, rounded down
+        assert long["status"] == "finished"
+        assert (int(long["input_tokens"]), int(long["generated_tokens"])) == (18, 45)

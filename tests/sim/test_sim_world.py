@@ -84,13 +84,16 @@ def test_macro_steps_match_single_iteration_steps(planner):
 
 def test_a_prompt_that_can_never_fit_is_rejected_and_the_run_goes_on():
     requests = workload(n=20, rate=5.0)
-    huge = Request(id="huge", arrival=requests[5].arrival, task="qa", input_tokens=500_000,
-                   output_tokens=10, slo=SLO(2.0, 0.15))
-    requests.insert(6, huge)
-    _, ended, _, _ = run(SimConfig(), requests)
+    for i, (rid, tokens) in enumerate((("huge", 30_000), ("too-long", 500_000))):
+        requests.insert(6 + i, Request(id=rid, arrival=requests[5].arrival, task="qa",
+                                       input_tokens=tokens, output_tokens=10, slo=SLO(2.0, 0.15)))
+    # 58 GiB leave ~2.7 GB of KV cache beside the weights and 5 experts per layer: 20k tokens
+    _, ended, _, _ = run(SimConfig(memory_budget_bytes=58 * GIB), requests)
     status = {r.id: r for r in ended}
     assert status["huge"].status is RequestStatus.REJECTED
     assert "KV cache" in status["huge"].reason
+    assert status["too-long"].status is RequestStatus.REJECTED
+    assert "leave no room in the model's context of 32768 tokens" in status["too-long"].reason
     assert sum(r.status is RequestStatus.FINISHED for r in ended) == 20
 
 

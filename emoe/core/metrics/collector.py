@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from typing import Any
 
@@ -19,6 +20,8 @@ from emoe.core.metrics.histogram import QuantileSketch
 from emoe.core.metrics.sinks import RowSink, open_sink
 from emoe.core.metrics.summary import LatencyStats, Summary, SystemCounters, TaskStats
 from emoe.core.request import Request, RequestStatus
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 def _elapsed(start: float | None, end: float | None) -> float | None:
@@ -43,6 +46,12 @@ def request_row(request: Request) -> dict[str, Any]:
         "expert_hits": r.expert_hits, "expert_misses": r.expert_misses,
         "weighted_hits": r.weighted_hits, "weighted_choices": r.weighted_choices,
     }
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason with its numbers replaced by N, so the summary counts kinds of reasons
+    ("token_ids.ids: N prompt tokens leave no room in the model's context of N tokens")."""
+    return _NUMBER.sub("N", reason)
 
 
 def slo_met(request: Request) -> bool:
@@ -117,7 +126,7 @@ class MetricsCollector:
                 self.slo_met += 1
                 task[2] += 1
         else:
-            self.not_finished[r.reason or r.status.value] += 1
+            self.not_finished[_reason_kind(r.reason) or r.status.value] += 1
         if self._sink is not None:
             self._sink.write(request_row(r))
 

@@ -17,6 +17,7 @@ from datetime import date
 from typing import Any, NoReturn
 
 from emoe.core.errors import ConfigError, TraceFormatError, UnknownNameError
+from emoe.core.paths import resolve_path
 from emoe.core.request import SLO, Request
 from emoe.core.tasks import DEFAULT_TASKS, TaskProfile
 from emoe.core.workload.taskmix import TaskMix
@@ -42,6 +43,7 @@ def read_trace(path: PathLike, *, tasks: Mapping[str, TaskProfile] | None = None
     window's start, then arrivals are divided by ``rate_scale`` (2.0 = twice the rate).
     Rows without a task get one drawn from ``mix`` (default: uniform over ``tasks``), seeded.
     """
+    path = resolve_path(path)
     if not os.path.isfile(path):
         raise ConfigError(f"trace {os.fspath(path)!r}: no such file")
     if str(path).endswith(JSONL_SUFFIXES):

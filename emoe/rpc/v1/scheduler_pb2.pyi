@@ -127,7 +127,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "policy", "tasks", "default_task", "max_queue", "default_max_tokens", "workers")
+    __slots__ = ("version", "model", "policy", "tasks", "default_task", "max_queue", "default_max_tokens", "workers", "policy_in_force")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class ServerInfo(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_IN_FORCE_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: ModelInfo
     policy: str
@@ -144,7 +145,38 @@ class ServerInfo(_message.Message):
     max_queue: int
     default_max_tokens: int
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., policy: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., default_task: _Optional[str] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    policy_in_force: PolicyInfo
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., policy: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., default_task: _Optional[str] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., policy_in_force: _Optional[_Union[PolicyInfo, _Mapping]] = ...) -> None: ...
+
+class PolicyInfo(_message.Message):
+    __slots__ = ("scheduling", "planner", "predictor", "prediction_interval", "expert_budget_bytes", "experts_per_layer", "miss_policy", "sensitivity_source", "memory_budget_bytes", "max_num_seqs", "max_batch_tokens", "source", "tuned_for")
+    SCHEDULING_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    MISS_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TUNED_FOR_FIELD_NUMBER: _ClassVar[int]
+    scheduling: str
+    planner: str
+    predictor: str
+    prediction_interval: int
+    expert_budget_bytes: int
+    experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    miss_policy: str
+    sensitivity_source: str
+    memory_budget_bytes: int
+    max_num_seqs: int
+    max_batch_tokens: int
+    source: str
+    tuned_for: str
+    def __init__(self, scheduling: _Optional[str] = ..., planner: _Optional[str] = ..., predictor: _Optional[str] = ..., prediction_interval: _Optional[int] = ..., expert_budget_bytes: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., miss_policy: _Optional[str] = ..., sensitivity_source: _Optional[str] = ..., memory_budget_bytes: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., source: _Optional[str] = ..., tuned_for: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "num_layers", "num_experts", "top_k", "vocab_size", "max_context", "eos_token_id")
@@ -239,7 +271,7 @@ class Durations(_message.Message):
     def __init__(self, count: _Optional[int] = ..., mean_s: _Optional[float] = ..., p50_s: _Optional[float] = ..., p90_s: _Optional[float] = ..., p99_s: _Optional[float] = ..., max_s: _Optional[float] = ...) -> None: ...
 
 class ExpertStats(_message.Message):
-    __slots__ = ("hits", "misses", "hit_rate", "loads", "evictions", "resident", "resident_bytes")
+    __slots__ = ("hits", "misses", "hit_rate", "loads", "evictions", "resident", "resident_bytes", "predictor_calls")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     HIT_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +279,7 @@ class ExpertStats(_message.Message):
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTOR_CALLS_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     hit_rate: float
@@ -254,4 +287,5 @@ class ExpertStats(_message.Message):
     evictions: int
     resident: int
     resident_bytes: int
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., resident: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    predictor_calls: int
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., loads: _Optional[int] = ..., evictions: _Optional[int] = ..., resident: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., predictor_calls: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,475 @@
+"""``emoe fidelity``: how far the simulation is off, on one trace, under one or more policies.
+
+For each policy (``--scheduler a,b --experts c,d`` as in ``emoe sim``, or ``--policy FILE``)
+the same workload (trace, limit, rate scale, seed, context fit) runs twice:
+
+- **simulated**: ``emoe sim --model CHECKPOINT --profile PROFILE --policy P``, the engine as
+  served on this machine (the profile's step table, serving path and engine limits);
+- **measured**: ``emoe replay`` against ``emoe serve --checkpoint CHECKPOINT --policy P
+  --profile PROFILE`` started here in a child process for each policy (or ``--target``, one
+  policy, a server already running it).
+
+The report gives, per policy and metric (TTFT, TPOT, E2E, queueing), p50/p90/p99 simulated and
+measured with the relative error (sim - real) / real and the two-sample Kolmogorov-Smirnov
+statistic; SLO attainment, goodput, expert hit rate, bytes of experts loaded and predictor
+calls on both sides; the ranking of the policies by goodput on each side and whether they
+agree; CDF plots. The machine's load average before and after is printed: the measured side
+runs on this machine's cores, and other load slows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS = (("ttft", "ttft_s", "TTFT (s)"), ("tpot", "tpot_s", "TPOT (ms)"),
+           ("e2e", "e2e_s", "E2E (s)"), ("queueing", "queueing_s", "queueing (s)"))
+QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99))
+DEFAULT_LIMIT = 200
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fidelity", help="simulate a trace and replay it against a live server: how far off "
+                         "is the simulation",
+        description="Run the same trace under the same policies in the simulator (the "
+                    "served engine modelled from its profile) and against a live emoe serve, "
+                    "and report how far the simulation was off (docs/fidelity.md).")
+    src = p.add_argument_group("workload (as emoe replay)")
+    src.add_argument("--trace", type=Path, default=None,
+                     help="request trace; default: the built-in traces/mixed-tasks-poisson.csv")
+    src.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
+                     help=f"the first N requests (default {DEFAULT_LIMIT})")
+    src.add_argument("--rate-scale", type=float, default=1.0,
+                     help="multiply the arrival rate (2 = twice as fast)")
+    src.add_argument("--seed", type=int, default=0, help="task mix and prompt seed")
+    src.add_argument("--fit", choices=("reject", "skip", "scale"), default="reject",
+                     help="requests longer than the model's context: rejected (both sides), "
+                          "skipped, or scaled down to fit")
+    sys_ = p.add_argument_group("engine")
+    sys_.add_argument("--checkpoint", type=Path, default=None,
+                      help="model folder (default: the reference model emoe-tiny)")
+    sys_.add_argument("--profile", type=Path, default=None,
+                      help="`emoe profile` of this model and thread count (default: measure "
+                           "one now, into --out-dir)")
+    sys_.add_argument("--threads", type=int, default=None,
+                      help="engine threads (default: the profile's; another count is refused)")
+    sys_.add_argument("--target", default=None, metavar="HOST:PORT",
+                      help="a running `emoe serve` to measure instead of starting one "
+                           "(one policy: the one it runs)")
+    pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
+    pol.add_argument("--policy", type=Path, default=None,
+                     help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
+                          "vary it")
+    pol.add_argument("--scheduler", default=None, help="scheduling policies, e.g. fcfs,emoe")
+    pol.add_argument("--experts", default=None, help="expert planners, e.g. all,emoe")
+    pol.add_argument("-p", "--prediction-interval", type=int, default=None, metavar="P")
+    pol.add_argument("--experts-per-layer", type=int, default=None, metavar="L",
+                     help="expert slots per layer for planners other than all (default: the "
+                          "policy's, else 5)")
+    pol.add_argument("--routing-trace", type=Path, default=None,
+                     help="recorded routing for the simulated side (docs/routing-trace.md); "
+                          "default: synthetic (hit rates then differ by construction)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out-dir", type=Path, default=Path("fidelity-out"),
+                     help="per-request rows of both sides, policy files, plots, the profile")
+    out.add_argument("--json", type=Path, default=None, help="the report as JSON")
+    out.add_argument("--no-plots", action="store_true", help="skip the CDF plots")
+    out.add_argument("--start-timeout", type=float, default=180.0,
+                     help="seconds a started server gets to come up")
+    p.set_defaults(func=run)
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+def _names(text: str | None, default: list[str]) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()] if text else default
+
+
+def policies(args: argparse.Namespace, model: "ModelSpec") -> dict[str, "PolicyConfig"]:
+    """name -> policy, for the model served (each written to a file the server loads)."""
+    from emoe.core.policy_file import PolicyConfig, model_shape
+
+    base = PolicyConfig.from_file(args.policy) if args.policy else PolicyConfig()
+    base.check_model(model)
+    out = {}
+    for scheduling in _names(args.scheduler, [base.scheduling]):
+        for planner in _names(args.experts, [base.planner]):
+            changes: dict = {"scheduling": scheduling, "planner": planner, "model": model.name,
+                             "model_shape": model_shape(model)}
+            if args.prediction_interval is not None:
+                changes["prediction_interval"] = args.prediction_interval
+            if planner != "all" and (args.experts_per_layer is not None or (
+                    base.experts_per_layer is None and base.expert_budget_bytes is None)):
+                changes["experts_per_layer"] = args.experts_per_layer or 5
+                changes["expert_budget_bytes"] = None
+            policy = dataclasses.replace(base, **changes)
+            policy.validate("policy")
+            out[f"{scheduling}/{planner}"] = policy
+    return out
+
+
+# -- the two sides ---------------------------------------------------------------------------
+
+@dataclass
+class Side:
+    """One side's run of one policy: its summary, per-request rows and counters."""
+
+    summary: "Summary"
+    rows: "pd.DataFrame"
+    bytes_loaded: int | None
+    predictor_calls: int | None
+    elapsed_s: float
+    context: str = ""  # what fitting the workload to the model's context met
+
+
+def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
+             rows_path: Path, routing_trace: Path | None = None) -> Side:
+    import pandas as pd
+
+    from emoe.sim.runner import SimConfig
+    from emoe.sim.runner import simulate as run_sim
+
+    config = SimConfig(model=str(checkpoint), profile=profile, policy_file=policy_file,
+                       seed=seed, routing_trace=routing_trace)
+    outcome = run_sim(config, workload, out=rows_path)
+    s = outcome.summary
+    return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
+                s.system.predictor_invocations, s.elapsed_s, outcome.fit.describe())
+
+
+async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
+                  expert_bytes: int) -> Side:
+    import pandas as pd
+
+    from emoe.core.metrics import MetricsCollector, SystemCounters
+    from emoe.core.workload import ContextFit
+    from emoe.rpc.client import EmoeClient
+    from emoe.rpc.replay import replay
+
+    async with EmoeClient(target) as client:
+        before = (await client.stats()).experts
+        fitted = ContextFit(0, fit)
+        with MetricsCollector(rows_path) as metrics:
+            elapsed = await replay(requests, client, metrics, seed=seed, fit=fitted)
+        after = (await client.stats()).experts
+        summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
+    loads = after.loads - before.loads
+    return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
+                after.predictor_calls - before.predictor_calls, elapsed, fitted.describe())
+
+
+# -- comparison ------------------------------------------------------------------------------
+
+def _values(rows, column: str):
+    import numpy as np
+
+    values = rows[column].to_numpy(dtype=float)
+    return values[np.isfinite(values)]
+
+
+def _rel(sim: float | None, real: float | None) -> float | None:
+    if sim is None or real is None or not math.isfinite(sim) or not math.isfinite(real) \
+            or real == 0:
+        return None
+    return (sim - real) / real
+
+
+def compare(sim: Side, real: Side) -> dict:
+    """Per metric: p50/p90/p99 sim and real, relative errors, KS statistic; the rest."""
+    import numpy as np
+    from scipy.stats import ks_2samp
+
+    report: dict = {"metrics": {}}
+    for key, column, _ in METRICS:
+        a, b = _values(sim.rows, column), _values(real.rows, column)
+        entry: dict = {"sim": {}, "real": {}, "rel_error": {}, "count": {"sim": len(a),
+                                                                         "real": len(b)}}
+        for q, pct in QUANTILES:
+            s = float(np.percentile(a, pct)) if len(a) else None
+            r = float(np.percentile(b, pct)) if len(b) else None
+            entry["sim"][q], entry["real"][q], entry["rel_error"][q] = s, r, _rel(s, r)
+        entry["ks"] = float(ks_2samp(a, b).statistic) if len(a) and len(b) else None
+        report["metrics"][key] = entry
+    s, r = sim.summary, real.summary
+
+    def pair(a, b, *, points: bool = False) -> dict:
+        out = {"sim": a, "real": b}
+        if points:
+            out["diff_points"] = None if a is None or b is None else 100 * (a - b)
+        else:
+            out["rel_error"] = _rel(a, b)
+        return out
+
+    report["requests"] = {"sim": s.requests, "real": r.requests}
+    report["finished"] = {"sim": s.finished, "real": r.finished}
+    report["rejected"] = {"sim": s.rejected, "real": r.rejected}
+    report["slo_attainment"] = pair(s.slo_attainment, r.slo_attainment, points=True)
+    report["goodput_rps"] = pair(s.goodput_rps, r.goodput_rps)
+    report["hit_rate"] = pair(s.hit_rate, r.hit_rate, points=True)
+    report["bytes_loaded"] = pair(sim.bytes_loaded, real.bytes_loaded)
+    report["predictor_calls"] = pair(sim.predictor_calls, real.predictor_calls)
+    report["elapsed_s"] = pair(sim.elapsed_s, real.elapsed_s)
+    return report
+
+
+def ranking(reports: dict[str, dict], side: str) -> list[str]:
+    """Policies by goodput, then SLO attainment, best first (ties: by name)."""
+    def key(name: str):
+        r = reports[name]
+        return (-(r["goodput_rps"][side] or 0.0), -(r["slo_attainment"][side] or 0.0), name)
+    return sorted(reports, key=key)
+
+
+def _order(reports: dict[str, dict], side: str, a: str, b: str) -> int:
+    """+1 when ``a`` has the higher goodput on ``side``, -1 when ``b`` has, 0 when they tie:
+    within one SLO-meeting request over the run (the resolution of a goodput)."""
+    ra, rb = reports[a], reports[b]
+    ga, gb = ra["goodput_rps"][side] or 0.0, rb["goodput_rps"][side] or 0.0
+    elapsed = max(ra["elapsed_s"][side] or 0.0, rb["elapsed_s"][side] or 0.0)
+    if elapsed <= 0 or abs(ga - gb) * elapsed < 1.0:
+        return 0
+    return 1 if ga > gb else -1
+
+
+def rank_pairs(reports: dict[str, dict]) -> dict:
+    """Every pair of policies: ordered alike by both sides, tied on one side, or opposite.
+    The rankings agree when no pair is ordered oppositely."""
+    names = sorted(reports)
+    out = {"same": [], "tied": [], "opposite": []}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            s, r = _order(reports, "sim", a, b), _order(reports, "real", a, b)
+            kind = "tied" if 0 in (s, r) and s != r else ("same" if s == r else "opposite")
+            out[kind].append(f"{a} vs {b}")
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1%}"
+
+
+def format_report(name: str, report: dict) -> str:
+    from emoe.core.metrics import format_table
+
+    rows = []
+    for key, _, label in METRICS:
+        m = report["metrics"][key]
+        scale = 1e3 if key == "tpot" else 1.0
+        cells = [label]
+        for q, _ in QUANTILES:
+            cells.append(f"{_fmt(m['sim'][q], scale)} / {_fmt(m['real'][q], scale)} "
+                         f"({_pct(m['rel_error'][q])})")
+        cells.append(_fmt(m["ks"], digits=2))
+        rows.append(cells)
+    slo, hit = report["slo_attainment"], report["hit_rate"]
+    lines = [
+        f"policy {name}: {report['requests']['real']} requests, {report['finished']['real']} "
+        f"finished and {report['rejected']['real']} rejected measured "
+        f"({report['finished']['sim']} and {report['rejected']['sim']} simulated)",
+        format_table(["metric", "p50 sim / real (err)", "p90 sim / real (err)",
+                      "p99 sim / real (err)", "KS"], rows),
+        f"SLO attainment sim {_fmt(slo['sim'], 100, 1)}% real {_fmt(slo['real'], 100, 1)}% "
+        f"({_fmt(slo['diff_points'], 1, 1)} points); goodput sim "
+        f"{_fmt(report['goodput_rps']['sim'])} real {_fmt(report['goodput_rps']['real'])} req/s",
+        f"experts: hit rate sim {_fmt(hit['sim'], 100, 1)}% real {_fmt(hit['real'], 100, 1)}%; "
+        f"bytes loaded sim {report['bytes_loaded']['sim']} real "
+        f"{report['bytes_loaded']['real']}; predictor calls sim "
+        f"{report['predictor_calls']['sim']} real {report['predictor_calls']['real']}",
+    ]
+    return "\n".join(lines)
+
+
+def write_cdfs(name: str, sim: Side, real: Side, directory: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, column, label) in zip(axes, METRICS):
+        scale = 1e3 if key == "tpot" else 1.0
+        for side, rows, style in (("simulated", sim.rows, "--"), ("measured", real.rows, "-")):
+            values = np.sort(_values(rows, column)) * scale
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), style, label=side)
+        ax.set_title(label)
+        ax.set_ylabel("CDF")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SIMULATED vs MEASURED: {name}", fontsize=10)
+    fig.tight_layout()
+    path = directory / f"cdf-{name.replace('/', '-')}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- the command -----------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from emoe.core.errors import ConfigError
+    from emoe.core.model_config import model_spec_from
+    from emoe.core.paths import resolve_path
+    from emoe.core.profile import load_profile
+    from emoe.core.workload import read_trace
+    from emoe.core.workload.default_trace import DEFAULT_TRACE
+    from emoe.rpc.local import REFERENCE_CHECKPOINT
+    from emoe.rpc.serve_process import ServeProcess, serve_args
+    from emoe.sim.runner import Workload
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
+    if args.rate_scale <= 0:
+        raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
+    load_before = os.getloadavg()
+    print(f"emoe fidelity: load average before {_load(load_before)} (other work on this "
+          f"machine slows the measured side)", flush=True)
+    checkpoint = Path(resolve_path(args.checkpoint or REFERENCE_CHECKPOINT)).resolve()
+    model = model_spec_from(checkpoint)
+    out_dir = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile_path = args.profile or _measure_profile(checkpoint, args.threads,
+                                                    out_dir / "profile.json")
+    profile = load_profile(profile_path)
+    profile.check_model(model)
+    if profile.engine is None or profile.step_table is None or profile.serving is None:
+        raise ConfigError(f"{profile_path}: no engine, step_table or serving section: profile "
+                          "the served engine with `emoe profile` (without --no-serving)")
+    engine = profile.engine
+    if args.threads is not None:
+        profile.check_threads(args.threads, "--threads")
+    trace = args.trace or DEFAULT_TRACE
+    chosen = policies(args, model)
+    if args.target and len(chosen) > 1:
+        raise ConfigError("--target: a running server has one policy; give one --scheduler "
+                          "and one --experts (the ones it runs)")
+    if args.target:
+        await _check_target(args.target, model.name, next(iter(chosen.values())))
+    workload = Workload(trace=trace, rate_scale=args.rate_scale, fit=args.fit, limit=args.limit)
+    print(f"model {model.name} ({checkpoint}); profile {profile_path} ({engine.threads} "
+          f"thread(s), {engine.max_batch_size} KV slots of {engine.max_seq_len} tokens); "
+          f"workload: {workload.describe()}, seed {args.seed}, --fit {args.fit}", flush=True)
+
+    reports: dict[str, dict] = {}
+    plots: list[str] = []
+    for name, policy in chosen.items():
+        stem = name.replace("/", "-")
+        policy_file = out_dir / f"policy-{stem}.json"
+        policy.to_file(policy_file)
+        sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
+                       out_dir / f"{stem}-sim.csv", args.routing_trace)
+        requests = read_trace(trace, tasks=policy.tasks, seed=args.seed,
+                              rate_scale=args.rate_scale)
+        if args.limit is not None:
+            requests = itertools.islice(requests, args.limit)
+        rows = out_dir / f"{stem}-real.csv"
+        if args.target:
+            real = await measure(args.target, requests, args.fit, args.seed, rows,
+                                 profile.memory.get("expert_bytes", model.expert_bytes))
+        else:
+            server_args = serve_args(checkpoint, engine.threads, engine.max_batch_size,
+                                     engine.max_seq_len, policy=policy_file, profile=profile_path)
+            print(f"{name}: simulated ({sim.summary.requests} requests); measuring against "
+                  f"emoe serve {' '.join(server_args)} ...", flush=True)
+            async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
+                real = await measure(server.target, requests, args.fit, args.seed, rows,
+                                     profile.memory.get("expert_bytes", model.expert_bytes))
+        reports[name] = compare(sim, real)
+        if len(reports) == 1:
+            print(f"simulated {sim.context}\nmeasured {real.context}")
+        print(format_report(name, reports[name]), flush=True)
+        print(flush=True)
+        if not args.no_plots:
+            plots.append(str(write_cdfs(name, sim, real, out_dir)))
+
+    by_sim, by_real = ranking(reports, "sim"), ranking(reports, "real")
+    pairs = rank_pairs(reports)
+    agree = not pairs["opposite"]
+    load_after = os.getloadavg()
+    if len(reports) > 1:
+        print(f"ranking by goodput: simulated {' > '.join(by_sim)}; measured "
+              f"{' > '.join(by_real)}: {'they agree' if agree else 'they DISAGREE'} "
+              f"({len(pairs['same'])} pairs ordered alike, {len(pairs['opposite'])} "
+              f"oppositely{': ' + ', '.join(pairs['opposite']) if pairs['opposite'] else ''}, "
+              f"{len(pairs['tied'])} tied on one side within one request)")
+    print(f"load average after {_load(load_after)} (before {_load(load_before)})")
+    if plots:
+        print("CDF plots: " + ", ".join(plots))
+    if args.json is not None:
+        document = {
+            "checkpoint": str(checkpoint), "model": model.name, "profile": str(profile_path),
+            "trace": str(trace), "limit": args.limit, "rate_scale": args.rate_scale,
+            "seed": args.seed, "fit": args.fit, "target": args.target,
+            "load_average": {"before": list(load_before), "after": list(load_after)},
+            "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
+            "rank_agreement": agree,
+        }
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        print(f"report: {args.json}")
+    return 0
+
+
+def _load(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
+
+
+def _measure_profile(checkpoint: Path, threads: int | None, path: Path) -> Path:
+    """No profile given: measure one now, as ``emoe profile`` would."""
+    import torch
+
+    from emoe.core.profile import write_profile
+    from emoe.engine.checkpoint import load_model
+    from emoe.engine.profile import profile_model
+    from emoe.rpc.serving_profile import measure_serving
+
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"no --profile: measuring one ({checkpoint.name}, {torch.get_num_threads()} "
+          f"thread(s)) into {path} ...", flush=True)
+    profile = profile_model(load_model(checkpoint), checkpoint.name)
+    serving, how = measure_serving(checkpoint, profile)
+    write_profile(dataclasses.replace(profile, serving=serving,
+                                      provenance=f"{profile.provenance}; serving: {how}"), path)
+    return path
+
+
+async def _check_target(target: str, model_name: str, policy) -> None:
+    """A running server must serve the model and the policy compared, else the comparison
+    means nothing; it must also answer within seconds."""
+    from emoe.core.errors import ConfigError
+    from emoe.rpc.client import EmoeClient
+
+    async with EmoeClient(target) as client:
+        try:
+            await client.wait_serving(timeout=5.0)
+            info = await client.server_info(timeout=5.0)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - any failure: not up
+            raise ConfigError(f"--target {target}: no emoe serve answering there within 5 s "
+                              f"({type(exc).__name__}: {exc})") from None
+    served = info.policy_in_force
+    if info.model.name != model_name:
+        raise ConfigError(f"--target {target}: serves model {info.model.name!r}, the "
+                          f"simulation models {model_name!r}")
+    if (served.scheduling, served.planner) != (policy.scheduling, policy.planner):
+        raise ConfigError(f"--target {target}: runs {served.scheduling}/{served.planner}, the "
+                          f"simulation {policy.scheduling}/{policy.planner}; give the same "
+                          "--scheduler/--experts (or --policy) as the server")

@@ -1,0 +1,248 @@
+"""What the serving path adds to the engine, measured in one live serving session.
+
+``emoe profile`` measures the engine's steps alone; a served request also waits for the
+scheduler loop, the hand-off to the engine thread, the token fan-out, the Generate coroutines
+and gRPC, which share the interpreter (and its lock) with the engine's Python. This serves the
+model here, exactly as ``emoe serve`` does (``SchedulerServer`` over ``LocalEngineBackend``),
+and drives it from a client in another process (``python -m emoe.rpc.serving_profile``) with
+calibration requests (never the trace a fidelity run replays): lone prompts of several sizes
+and 1..16 concurrent streams. Every step the engine loop runs is recorded in the server, every
+send and receipt in the client, on the one monotonic clock both processes share, so all of it
+is measured at the same moment, under the same load:
+
+- ``engine_scale``, ``step_s``, ``token_s``: one fit of every served cycle (a step's start to
+  the next one's, while the loop had work): ``engine_scale`` times the profile's standalone
+  step model (the engine shares its interpreter with the loop and the streams) plus the
+  loop's ``step_s`` plus ``token_s`` per token the step streamed (scheduler, bookkeeping,
+  token fan-out, the Generate coroutines);
+- ``ingress_s``: from a client's send to the server accepting the request (median over lone
+  prompts sent to an idle server; one sent while a step runs also waits for the interpreter
+  lock the engine holds, but that wait ends before the next step starts, which the simulator
+  already makes it wait for);
+- ``egress_s``: from the end of the step that made a lone prompt's first token, serving time
+  included, to the client receiving it (median).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from emoe.core.profile import EngineProfile, ServingCosts, StepTimes
+
+LONE_PROMPTS = (8, 32, 64, 128, 200)
+BATCHES = (1, 2, 4, 8, 12, 16)
+PROMPT, TOKENS = 16, 40  # concurrent streams: prompt tokens, tokens generated
+
+
+# -- the client (another process) ------------------------------------------------------------
+
+async def _request(client, rid: str, prompt_tokens: int, max_tokens: int, seed: int,
+                   vocab: int) -> dict:
+    from emoe.rpc.client import generate_request
+    from emoe.rpc.replay import FIRST_NON_SPECIAL_ID
+
+    rng = np.random.default_rng(seed)  # random ids over the vocabulary, as replay sends them
+    prompt = rng.integers(FIRST_NON_SPECIAL_ID, max(vocab, FIRST_NON_SPECIAL_ID + 1),
+                          prompt_tokens).tolist()
+    request = generate_request(prompt, request_id=rid,
+                               task="qa", max_tokens=max_tokens, ignore_eos=True)
+    sent = time.monotonic()
+    receipts: list[float] = []
+    async for response in client.stream(request):
+        receipts.extend([time.monotonic()] * len(response.token_ids))
+    return {"id": rid, "sent": sent, "receipts": receipts}
+
+
+async def _calibrate(target: str, rounds: int, slots: int, context: int, vocab: int
+                     ) -> list[dict]:
+    """``rounds`` rounds over every batch size and prompt length (a burst of load on a shared
+    machine then spreads over all of them)."""
+    from emoe.rpc.client import EmoeClient
+
+    records: list[dict] = []
+    n = iter(range(1 << 30))
+    async with EmoeClient(target) as client:
+        for _ in range(3):  # warm the path (connection, first calls)
+            await _request(client, f"warm-{next(n)}", 16, 4, 0, vocab)
+        for _ in range(rounds):
+            for batch in (b for b in BATCHES if b <= slots):
+                records += await asyncio.gather(*(
+                    _request(client, f"b{batch}-{next(n)}", PROMPT, TOKENS, next(n), vocab)
+                    for _ in range(batch)))
+            for prompt in (p for p in LONE_PROMPTS if p + 8 < context):
+                records.append(await _request(client, f"p{prompt}-{next(n)}", prompt, 2,
+                                              next(n), vocab))
+    return records
+
+
+# -- the server (this process) ---------------------------------------------------------------
+
+@dataclass
+class _Step:
+    start: float
+    end: float
+    tokens: int          # prompt + decode tokens in the step
+    decode: int
+    context: int         # tokens decodes attend to
+    streamed: int        # tokens the step streamed (decodes + completed prompts)
+    first: list[str] = field(default_factory=list)   # requests whose first token it made
+    idle_before: bool = False
+
+
+class _Recorder:
+    """Wraps the served engine and scheduler: records every step and every acceptance."""
+
+    def __init__(self) -> None:
+        self.steps: list[_Step] = []
+        self.accepted: dict[str, float] = {}  # by request id
+        self.request_id: dict[str, str] = {}  # the engine's key -> the client's request id
+        self._idle = False
+
+    def engine(self, backend) -> None:
+        execute = backend.execute
+
+        async def recorded(plan):
+            engine = backend._engine
+            first = [c.request_id for c in plan.prefill
+                     if c.start + c.num_tokens == len(engine.seqs[c.request_id].prompt)]
+            context = sum(engine.seqs[r].num_tokens for r in plan.decode)
+            tokens = sum(c.num_tokens for c in plan.prefill) + len(plan.decode)
+            start = time.monotonic()
+            result = await execute(plan)
+            self.steps.append(_Step(start, time.monotonic(), tokens, len(plan.decode), context,
+                                    len(plan.decode) + len(first), first, self._idle))
+            self._idle = False
+            return result
+
+        backend.execute = recorded
+
+    def scheduler(self, make):
+        def build(info):
+            scheduler = make(info)
+            next_step = scheduler.next_step
+
+            def recorded(now, max_iterations=None):
+                plan = next_step(now, max_iterations)
+                self._idle |= plan.empty
+                return plan
+
+            scheduler.next_step = recorded
+            return scheduler
+        return build
+
+    def replica(self, replica) -> None:
+        submit = replica.submit
+
+        def recorded(submission):
+            self.accepted[submission.request_id] = submission.accepted_at
+            self.request_id[submission.key] = submission.request_id
+            return submit(submission)
+
+        replica.submit = recorded
+
+
+def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
+         ) -> tuple[ServingCosts, str]:
+    """Fit every served cycle (one step's start to the next one's, while the loop had work):
+    cycle = engine_scale x the standalone step model + step_s + token_s x tokens streamed,
+    all >= 0, with a robust loss (a burst of load from elsewhere costs a few cycles, not the
+    fit)."""
+    from scipy.optimize import least_squares
+
+    served = recorder.steps
+    rows, cycles = [], []
+    for step, after in zip(served, served[1:]):
+        if not after.idle_before:  # the loop went straight on to the next step
+            rows.append((steps.step_s(step.tokens, step.decode, step.context), 1.0,
+                         step.streamed))
+            cycles.append(after.start - step.start)
+    a, y = np.asarray(rows), np.asarray(cycles)
+    fit = least_squares(lambda x: a @ x - y, x0=[1.0, 1e-4, 1e-5], bounds=(0.0, np.inf),
+                        loss="soft_l1", f_scale=5e-4)
+    engine_scale, step_s, token_s = map(float, fit.x)
+    # Lone prompts, sent to an idle server: a request sent while a step runs waits for the
+    # interpreter lock the engine holds (up to the 5 ms switch interval), which is then hidden
+    # in its wait for the step's end: the simulator counts that wait already
+    lone = [r for r in records if r["id"].startswith("p")]
+    ingress = [recorder.accepted[r["id"]] - r["sent"] for r in lone if r["id"] in recorder.accepted]
+    made_at = {}  # the end of the step that made a first token, as the simulator has it
+    for step in served:
+        end = step.start + (engine_scale * steps.step_s(step.tokens, step.decode, step.context)
+                            + step_s + token_s * step.streamed)
+        for key in step.first:
+            made_at[recorder.request_id.get(key, key)] = end
+    egress = [r["receipts"][0] - made_at[r["id"]] for r in lone
+              if r["receipts"] and r["id"] in made_at]
+    costs = ServingCosts(step_s=float(step_s), token_s=float(token_s),
+                         ingress_s=max(0.0, float(statistics.median(ingress))),
+                         egress_s=max(0.0, float(statistics.median(egress))),
+                         engine_scale=engine_scale)
+    misfit = float(np.median(np.abs(a @ fit.x - y) / y))
+    how = (f"one live serving session (SchedulerServer over the engine, as emoe serve; client "
+           f"in another process): {len(records)} calibration requests (lone prompts of "
+           f"{','.join(str(p) for p in LONE_PROMPTS)} tokens, 1-16 concurrent streams of "
+           f"{TOKENS} tokens), {len(served)} served steps [measured]: each cycle (a step's "
+           f"start to the next one's) = engine_scale x the step model + step_s + token_s x "
+           f"tokens it streamed ({len(cycles)} cycles, robust least squares, median misfit "
+           f"{misfit:.0%}); ingress = send to acceptance, egress = step end to receipt of a "
+           f"first token (medians over {len(ingress)} lone prompts)")
+    return costs, how
+
+
+def measure_serving(checkpoint: Path, profile: EngineProfile, dtype: str | None = None,
+                    rounds: int = 5) -> tuple[ServingCosts, str]:
+    """Serve ``checkpoint`` here like the profiled engine, calibrate it from a client process,
+    and fit the serving costs against ``profile``'s step model."""
+    engine = profile.engine
+    assert engine is not None and profile.step_table is not None
+    return asyncio.run(_serve_and_measure(checkpoint, profile, dtype, rounds))
+
+
+async def _serve_and_measure(checkpoint: Path, profile: EngineProfile, dtype: str | None,
+                             rounds: int) -> tuple[ServingCosts, str]:
+    from emoe.core.errors import ConfigError
+    from emoe.core.policy_file import PolicyConfig
+    from emoe.core.specs import get_hardware
+    from emoe.rpc.local import LocalEngineBackend
+    from emoe.rpc.server import Listen, SchedulerServer
+
+    engine = profile.engine
+    backend = LocalEngineBackend(checkpoint, device=engine.device, dtype=dtype,
+                                 max_batch_size=engine.max_batch_size,
+                                 max_seq_len=engine.max_seq_len, threads=engine.threads)
+    recorder = _Recorder()
+    server = SchedulerServer([backend], PolicyConfig(), get_hardware("a100-40gb"),
+                             Listen(port=0))
+    replica = server.service.replicas[0]
+    replica._make_scheduler = recorder.scheduler(replica._make_scheduler)
+    await server.start()
+    try:
+        await server.wait_serving()
+        recorder.engine(backend)
+        recorder.replica(replica)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "emoe.rpc.serving_profile", f"127.0.0.1:{server.port}",
+            str(rounds), str(engine.max_batch_size), str(engine.max_seq_len),
+            str(replica.info.vocab_size),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        if process.returncode:
+            raise ConfigError(f"serving calibration client failed: "
+                              f"{err.decode().strip().splitlines()[-1:]}")
+        records = json.loads(out)
+    finally:
+        await server.stop()
+    return _fit(profile.step_table, recorder, records)
+
+
+if __name__ == "__main__":  # the calibration client: TARGET ROUNDS SLOTS CONTEXT VOCAB
+    target, rounds, slots, context, vocab = sys.argv[1], *map(int, sys.argv[2:6])
+    print(json.dumps(asyncio.run(_calibrate(target, rounds, slots, context, vocab))))

@@ -1,0 +1,99 @@
+"""`emoe profile` of the served engine, its use by `emoe sim` and `emoe serve`, and `emoe
+fidelity` end to end on the reference model (a few requests, a live server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from emoe.cli import main
+from emoe.core.errors import ConfigError
+from emoe.core.profile import load_profile
+from emoe.rpc import cli
+from emoe.rpc.local import REFERENCE_CHECKPOINT
+from emoe.rpc.serve_process import free_port
+
+from .test_offload_serve import parse
+
+REF = str(REFERENCE_CHECKPOINT)
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    """`emoe profile` as the README shows it, one round over every grid (quick, noisy)."""
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    assert main(["profile", "--threads", "1", "--repeats", "1", "--out", str(path)]) == 0
+    return path
+
+
+def test_profile_of_the_served_engine_has_every_section(profile, capsys):
+    p = load_profile(profile)
+    e = p.engine
+    assert (e.model, e.num_layers, e.num_experts, e.top_k, e.hidden_size) == (
+        "emoe-tiny", 4, 8, 2, 128)
+    assert (e.threads, e.max_batch_size, e.max_seq_len, e.dtype) == (1, 16, 256, "float32")
+    table = p.step_table
+    assert table.tokens[0] == 1 and table.tokens[-1] == 255 and all(s > 0 for s in table.seconds)
+    assert p.serving is not None and p.serving.ingress_s > 0 and p.serving.egress_s >= 0
+    assert p.predictor_s is not None and p.memory["expert_bytes"] == 3 * 128 * 256 * 4
+    assert "load average" in p.provenance and "serving: one live serving session" in p.provenance
+    assert "pcie latency: what an expert fetched on a miss" in p.provenance
+    assert main(["sim", "--model", REF, "--profile", str(profile), "--duration", "10",
+                 "--fit", "skip", "--scheduler", "fcfs", "--experts", "all",
+                 "--no-progress"]) == 0
+    assert "SIMULATED emoe-tiny" in capsys.readouterr().out
+
+
+def test_a_profile_of_another_model_or_thread_count_is_refused(profile, capsys):
+    assert main(["sim", "--profile", str(profile), "--duration", "5", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "measured on model 'emoe-tiny' (4 layers x 8 experts, top-2, hidden 128)" in err
+    assert "'mixtral-8x7b', differs: layers 4 vs 32, hidden_size 128 vs 4096" in err
+    with pytest.raises(ConfigError, match="measured with 1 engine thread.*this server's engine "
+                                          "runs 2.*--threads 2"):
+        cli._profiled(parse("serve", "--profile", str(profile), "--threads", "2"), None)
+
+
+def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    assert main(["fidelity", "--profile", str(profile), "--limit", "6", "--rate-scale", "4",
+                 "--fit", "scale", "--out-dir", str(tmp_path / "out"),
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "load average before" in printed and "load average after" in printed
+    doc = json.loads(report.read_text())
+    assert isinstance(doc["rank_agreement"], bool)
+    assert set(doc["load_average"]) == {"before", "after"}
+    (name, policy), = doc["policies"].items()
+    assert name == "fcfs/all"
+    for metric in ("ttft", "tpot", "e2e", "queueing"):
+        entry = policy["metrics"][metric]
+        for side in ("sim", "real", "rel_error"):
+            assert set(entry[side]) == {"p50", "p90", "p99"}, (metric, side)
+        assert 0 <= entry["ks"] <= 1
+        assert entry["sim"]["p50"] > 0 or metric == "queueing"
+    assert policy["requests"] == {"sim": 6, "real": 6}
+    assert policy["finished"]["real"] == 6
+    for key in ("slo_attainment", "hit_rate"):
+        assert set(policy[key]) == {"sim", "real", "diff_points"}
+    for key in ("goodput_rps", "bytes_loaded", "predictor_calls"):
+        assert set(policy[key]) >= {"sim", "real"}
+    assert policy["bytes_loaded"]["sim"] == policy["bytes_loaded"]["real"] > 0  # all experts once
+    assert (tmp_path / "out" / "cdf-fcfs-all.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "fcfs-all-real.csv").exists()
+
+
+def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
+    broken = tmp_path / "emoe-tiny"
+    broken.mkdir()
+    shutil.copy(REFERENCE_CHECKPOINT / "config.json", broken / "config.json")  # no weights
+    assert main(["fidelity", "--checkpoint", str(broken), "--profile", str(profile),
+                 "--limit", "2", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "emoe serve --checkpoint" in err and "before it came up: emoe serve: error:" in err
+    assert "no *.safetensors files" in err
+    assert main(["fidelity", "--profile", str(profile), "--limit", "2", "--target",
+                 f"127.0.0.1:{free_port()}", "--out-dir", str(tmp_path / "out")]) == 2
+    assert "no emoe serve answering there within 5 s" in capsys.readouterr().err
