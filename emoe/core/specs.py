@@ -177,17 +177,31 @@ HARDWARE_PRESETS: dict[str, HardwareSpec] = {
 }
 
 
+class _ModelPresets(dict):
+    """Model specs by name: a preset is computed from its config on first use (the parser
+    lives in ``emoe.core.model_config``); a caller may register a spec of its own."""
+
+    def __missing__(self, name: str) -> ModelSpec:
+        if name not in MODEL_CONFIGS:
+            raise KeyError(name)
+        from emoe.core.model_config import model_spec_from
+
+        spec = self[name] = model_spec_from(name)
+        return spec
+
+
+MODEL_PRESETS: dict[str, ModelSpec] = _ModelPresets()
+
+
 def get_model(name: str) -> ModelSpec:
-    """A preset by name, or the spec of a Hugging Face model folder or its config.json."""
-    from emoe.core.model_config import model_spec_from
+    """A preset (or registered spec) by name, or the spec of a Hugging Face model folder or
+    its config.json."""
+    try:
+        return MODEL_PRESETS[name]
+    except KeyError:
+        from emoe.core.model_config import model_spec_from
 
-    return model_spec_from(name)
-
-
-def __getattr__(name: str):
-    if name == "MODEL_PRESETS":  # built on first use: the parser lives in model_config
-        return {preset: get_model(preset) for preset in MODEL_CONFIGS}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return model_spec_from(name)
 
 
 def get_hardware(name: str) -> HardwareSpec:

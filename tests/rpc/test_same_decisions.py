@@ -205,6 +205,7 @@ async def serve(config: SimConfig, monkeypatch) -> tuple[dict[str, Request], lis
             arrivals.submit_until(clock.now)
         await asyncio.sleep(0)
     await replica.close()
+    sim_backend.flush()
     for rid, request in seen.items():  # the simulated engine's hit counters
         request.expert_hits = engine.due.by_id[rid].expert_hits
     return seen, log

@@ -26,9 +26,10 @@ def test_the_engines_routing_trace_replays_in_the_simulator_of_its_model(tmp_pat
     assert "exceed the model's context of 256 tokens" in printed and "scaled down" in printed
     runs = json.loads(summary.read_text())
     for run in runs:
-        assert run["finished"] == run["requests"] > 0
-        assert run["system"]["synthetic_routing"] is False
-        assert 0 < run["hit_rate"] <= 1
+        summary = run["summary"]
+        assert summary["finished"] == summary["requests"] > 0
+        assert summary["system"]["synthetic_routing"] is False
+        assert 0 < summary["hit_rate"] <= 1
 
 
 def test_a_routing_trace_of_another_model_is_refused_naming_both(capsys):
