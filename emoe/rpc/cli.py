@@ -341,9 +341,9 @@ async def _wait_ready(client, seconds: float) -> None:
         return
     try:
         await client.wait_serving(timeout=seconds)
-    except TimeoutError:
-        raise ConfigError(f"--target {client.target}: not ready (health SERVING) within "
-                          f"{seconds:g} s (--wait-ready)") from None
+    except TimeoutError as exc:
+        raise ConfigError(f"--target {client.target}: not ready within {seconds:g} s "
+                          f"(--wait-ready); last answer: {exc}") from None
 
 
 async def _replay_target(args: argparse.Namespace):

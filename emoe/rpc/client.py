@@ -124,14 +124,22 @@ class EmoeClient:
         return response.status
 
     async def wait_serving(self, timeout: float = 60.0, poll_s: float = 0.05) -> None:
-        """Waits until the server's health is SERVING; TimeoutError after ``timeout`` seconds."""
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    if await self.health(timeout=poll_s * 20) == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE,
-                                          grpc.StatusCode.DEADLINE_EXCEEDED):
-                        raise
-                await asyncio.sleep(poll_s)
+        """Waits until the server's health is SERVING; TimeoutError after ``timeout`` seconds,
+        saying what the server last answered (nothing, or its health status)."""
+        last = "no answer"
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        status = await self.health(timeout=poll_s * 20)
+                        if status == health_pb2.HealthCheckResponse.SERVING:
+                            return
+                        last = f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}"
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                              grpc.StatusCode.DEADLINE_EXCEEDED):
+                            raise
+                        last = f"no answer ({exc.code().name})"
+                    await asyncio.sleep(poll_s)
+        except TimeoutError:
+            raise TimeoutError(last) from None

@@ -94,8 +94,8 @@ def test_submit_to_no_server_fails_after_its_wait():
     result = emoe("submit", "hello", "--target", target, "--wait-ready", "0.5")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"emoe submit: error: --target {target}: not ready (health SERVING) within 0.5 s "
-        "(--wait-ready)"]
+        f"emoe submit: error: --target {target}: not ready within 0.5 s (--wait-ready); "
+        "last answer: no answer (UNAVAILABLE)"]
 
 
 def _one_error_line(result: subprocess.CompletedProcess, *expected: str) -> None:
