@@ -16,11 +16,12 @@ experts (before top-k renormalisation).
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from emoe.core.plan import StepPlan
+from emoe.core.request import Request
 from emoe.core.routing_trace import RoutingTraceWriter
 
 if TYPE_CHECKING:  # torch is imported only when recording runs
@@ -104,14 +105,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="model folder (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("-o", "--output", required=True, help="routing trace to write (Parquet)")
     p.add_argument("--per-task", type=int, default=40, help="prompts per task (default 40)")
-    p.add_argument("--seed", type=int, default=2,
-                   help="prompt seed (default 2: neither training nor the eval prompts)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="prompt seed (default 2: neither training nor the eval prompts; with "
+                        "--trace: 0, the default seed of emoe sim and replay)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    w = p.add_argument_group(
+        "a workload's routing (the task prompts `emoe replay --prompts tasks` sends; `emoe sim "
+        "--routing-trace` then replays it request by request)")
+    w.add_argument("--trace", type=Path, default=None,
+                   help="record the requests of this trace (its task, prompt and output "
+                        "lengths) instead of --per-task prompts")
+    w.add_argument("--limit", type=int, default=None, help="the trace's first N requests")
+    w.add_argument("--fit", choices=("reject", "skip", "scale"), default="reject",
+                   help="requests longer than the model's context: left out (reject, skip) or "
+                        "scaled down to fit, as emoe sim and replay do")
+
+
+def record_workload(checkpoint: str | Path, requests: Iterable[Request], output: str | Path,
+                    seed: int = 0, max_batch_size: int = 16, max_seq_len: int | None = None,
+                    device: str = "cpu") -> int:
+    """Record the routing of ``requests`` (already fitted to the context) on the engine, all
+    experts resident, greedy: each request is sent as its ``TaskPrompts`` prompt of its input
+    length and generates exactly its output length (EOS ignored), as ``emoe replay --prompts
+    tasks`` sends it. Rows are keyed by the request's id. Returns the requests recorded."""
+    from emoe.engine.checkpoint import load_model
+    from emoe.engine.offload.session import OffloadSession, SessionConfig, SessionRequest
+    from emoe.engine.reference.prompts import TaskPrompts
+
+    prompts = TaskPrompts.for_checkpoint(checkpoint, seed)
+    batch = [SessionRequest(r.id, r.task, prompts(r), r.output_tokens, ignore_eos=True)
+             for r in requests if max_seq_len is None
+             or r.input_tokens + r.output_tokens <= max_seq_len]  # the rest are refused
+    model = load_model(checkpoint)
+    session = OffloadSession(model, SessionConfig(max_batch_size=max_batch_size,
+                                                  max_seq_len=max_seq_len, device=device),
+                             model_name=Path(checkpoint).name)
+    recorder = RoutingRecorder.open(output, model, Path(checkpoint).name)
+    try:
+        session.run(batch, recorder=recorder, arrivals_per_step=None)
+    finally:
+        recorder.close()
+    return len(batch)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.trace is not None:
+        return _record_trace(args)
     from emoe.engine.checkpoint import load_model
     from emoe.engine.offload.session import OffloadSession, SessionConfig, SessionRequest
     from emoe.engine.reference.data import TASKS, generate_examples
@@ -122,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     session = OffloadSession(model, SessionConfig(max_batch_size=args.max_batch_size,
                                                   device=args.device),
                              model_name=Path(args.checkpoint).name)
-    examples = generate_examples(args.per_task * len(TASKS), seed=args.seed)
+    examples = generate_examples(args.per_task * len(TASKS),
+                                 seed=2 if args.seed is None else args.seed)
     requests = [SessionRequest(f"{ex.task}-{i}", ex.task, tokenizer.encode(ex.prompt),
                                args.max_new_tokens) for i, ex in enumerate(examples)]
     recorder = RoutingRecorder.open(args.output, model, Path(args.checkpoint).name)
@@ -133,4 +175,25 @@ def run(args: argparse.Namespace) -> int:
     tokens = sum(len(r.token_ids) for r in stats.requests.values())
     print(f"wrote {args.output}: {len(requests)} requests, {tokens} generated tokens, "
           f"{Path(args.output).stat().st_size} bytes")
+    return 0
+
+
+def _record_trace(args: argparse.Namespace) -> int:
+    import itertools
+
+    from emoe.core.model_config import read_model_config
+    from emoe.core.workload import ContextFit, read_trace
+
+    seed = 0 if args.seed is None else args.seed
+    config, *_ = read_model_config(args.checkpoint)
+    fit = ContextFit(config.max_position_embeddings, args.fit)
+    requests = read_trace(args.trace, seed=seed)
+    if args.limit is not None:
+        requests = itertools.islice(requests, args.limit)
+    recorded = record_workload(args.checkpoint, fit(requests), args.output, seed=seed,
+                               max_batch_size=args.max_batch_size,
+                               max_seq_len=config.max_position_embeddings, device=args.device)
+    print(fit.describe())
+    print(f"wrote {args.output}: the routing of {recorded} requests of {args.trace} (task "
+          f"prompts, seed {seed}, greedy), {Path(args.output).stat().st_size} bytes")
     return 0
