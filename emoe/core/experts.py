@@ -38,7 +38,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -489,6 +489,15 @@ class LruExpertCache:
     def resident(self, layer: int) -> list[int]:
         """The layer's resident experts, least recently used first."""
         return list(self._layers[layer])
+
+    def step_order(self, layer: int, experts: Iterable[int]) -> list[int]:
+        """The order in which one step accesses the distinct ``experts`` its tokens chose in
+        ``layer`` (engine and simulator alike): the resident ones first, then the missing ones,
+        each ascending, so a miss never displaces an expert the same step still needs while
+        the layer has room for all of them."""
+        entries = self._layers[layer]
+        needed = sorted(set(int(e) for e in experts))
+        return [e for e in needed if e in entries] + [e for e in needed if e not in entries]
 
 
 PLANNERS: dict[str, type[ExpertPlanner]] = {

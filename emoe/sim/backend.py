@@ -16,7 +16,9 @@ What a step costs, in order:
    iteration in which the next request arrives (the scheduler's bound already stops at the
    first iteration in which a request reaches its output length);
 5. under fetch-on-miss (``lru``) each iteration fetches the experts it touches that are not
-   resident, evicting the layer's least recently used, and waits for them as in 3.
+   resident, evicting the layer's least recently used (in the engine's order:
+   ``LruExpertCache.step_order``); a layer's fetches are issued when that layer starts (its
+   router decides them), so they stall it in full.
 """
 
 from __future__ import annotations
@@ -170,6 +172,22 @@ class SimBackend:
         end = max(start + compute_s, float(np.max(ready + self._layers_left * per_layer)))
         return end - start - compute_s
 
+    def _fetch_wait(self, start: float, compute_s: float, fetches: dict[int, int]) -> float:
+        """Stall of one iteration of ``compute_s`` whose layer l fetches ``fetches[l]`` experts
+        on a miss: only the router of layer l knows what it misses, so its copies are issued as
+        layer l starts and the layer waits for them (nothing overlaps them but earlier copies
+        still on the link)."""
+        per_layer = compute_s / self.model.num_layers
+        nbytes = self.model.expert_bytes
+        stall = 0.0
+        for layer in sorted(fetches):
+            issued = start + layer * per_layer + stall
+            landed = issued
+            for _ in range(fetches[layer]):
+                landed = self.link.copy(issued, nbytes)
+            stall += landed - issued
+        return stall
+
     def _fetch_on_miss_steps(self, plan: StepPlan, result: StepResult, start: float,
                              ready: np.ndarray | None, next_arrival: float,
                              prefill_slots: np.ndarray, prefill_tokens: np.ndarray,
@@ -181,7 +199,6 @@ class SimBackend:
         """
         routing, memory, lru = self.routing, self.memory, self._lru
         resident_before = self.resident.copy()
-        layers = self.model.num_layers
         nbytes = self.model.expert_bytes
         decode = len(decode_slots)
         prefill = int(prefill_tokens.sum())
@@ -199,29 +216,27 @@ class SimBackend:
             if decode:
                 routing.count(decode_slots, 1, True, self.resident, self._version,
                               served_all=True)
-            iteration_ready = (np.full(layers, -math.inf) if ready is None else ready)
-            ready = None
-            fetched = 0
-            for layer, expert in zip(*np.nonzero(touched)):
-                layer, expert = int(layer), int(expert)
-                hit, evicted = lru.access(layer, expert)
-                if hit:
-                    continue
-                if evicted is not None:
-                    self.resident[layer, evicted] = False
-                    memory.change(t, experts=-1)
-                memory.change(t, experts=1)
-                self.resident[layer, expert] = True
-                iteration_ready[layer] = self.link.copy(t, nbytes)
-                result.bytes_loaded += nbytes
-                fetched += 1
-            if fetched:
+            fetches: dict[int, int] = {}  # layer -> experts fetched
+            for layer in np.flatnonzero(touched.any(axis=1)).tolist():
+                for expert in lru.step_order(layer, np.flatnonzero(touched[layer]).tolist()):
+                    hit, evicted = lru.access(layer, expert)
+                    if hit:
+                        continue
+                    if evicted is not None:
+                        self.resident[layer, evicted] = False
+                        memory.change(t, experts=-1)
+                    memory.change(t, experts=1)
+                    self.resident[layer, expert] = True
+                    fetches[layer] = fetches.get(layer, 0) + 1
+            if fetches:
                 self._version += 1
             compute = self.cost.step_s(
                 prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
                 context_tokens=memory.kv_tokens + decode * iteration,
                 resident_experts=memory.experts)
-            wait = self._load_wait(t, compute, iteration_ready)
+            wait = self._load_wait(t, compute, ready) + self._fetch_wait(t, compute, fetches)
+            ready = None
+            result.bytes_loaded += nbytes * sum(fetches.values())
             t += compute + wait + self.cost.serving_s(
                 decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0)
             compute_total += compute

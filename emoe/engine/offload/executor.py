@@ -259,9 +259,7 @@ class OffloadedExperts:
 
     def _fetch(self, x: Tensor, gates: Tensor, ids: Tensor, layer: int) -> Tensor:
         """Bring each chosen expert in (the layer's LRU rule), in waves that fit the layer."""
-        needed = ids.unique().tolist()
-        resident = set(self.cache.resident_in(layer))
-        order = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
+        order = self.lru.step_order(layer, ids.unique().tolist())
         width = self.slots_per_layer[layer]
         waves = [order[i:i + width] for i in range(0, len(order), width)]
         out = None
