@@ -9,6 +9,14 @@ the same workload (trace, limit, rate scale, seed, context fit) runs twice:
   --profile PROFILE`` started here in a child process for each policy (or ``--target``, one
   policy, a server already running it).
 
+Both sides see the same routing by default (``--prompts tasks``): replay sends each request
+as text of its task (``emoe.engine.reference.prompts``), greedily, and before the policies run
+the routing of exactly those prompts is recorded on the engine (``emoe record-routing
+--trace``, all experts, in ``--out-dir``) and replayed by the simulator, request by request.
+Greedy routing does not depend on the batch, so the server routes as recorded wherever it
+computes every chosen expert (``all``, ``lru``); under ``reroute`` a miss changes the hidden
+states after it, and the served routing drifts from the recording (docs/fidelity.md).
+
 The report gives, per policy and metric (TTFT, TPOT, E2E, queueing), p50/p90/p99 simulated and
 measured with the relative error (sim - real) / real and the two-sample Kolmogorov-Smirnov
 statistic; SLO attainment, goodput, expert hit rate, bytes of experts loaded and predictor
@@ -26,6 +34,7 @@ import itertools
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--fit", choices=("reject", "skip", "scale"), default="reject",
                      help="requests longer than the model's context: rejected (both sides), "
                           "skipped, or scaled down to fit")
+    src.add_argument("--prompts", choices=("tasks", "random"), default="tasks",
+                     help="what replay sends: text of each request's task, greedy, whose "
+                          "routing is recorded first and replayed by the simulator, so both "
+                          "sides see the same routing (default); or random token ids, with "
+                          "synthetic routing simulated")
     sys_ = p.add_argument_group("engine")
     sys_.add_argument("--checkpoint", type=Path, default=None,
                       help="model folder (default: the reference model emoe-tiny)")
@@ -76,7 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "policy's, else 5)")
     pol.add_argument("--routing-trace", type=Path, default=None,
                      help="recorded routing for the simulated side (docs/routing-trace.md); "
-                          "default: synthetic (hit rates then differ by construction)")
+                          "default: with --prompts tasks, the workload's routing recorded "
+                          "now (ROUTING in --out-dir); with --prompts random, synthetic "
+                          "(hit rates then differ by construction)")
     out = p.add_argument_group("output")
     out.add_argument("--out-dir", type=Path, default=Path("fidelity-out"),
                      help="per-request rows of both sides, policy files, plots, the profile")
@@ -146,19 +162,23 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
 
 
 async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
-                  expert_bytes: int) -> Side:
+                  expert_bytes: int, prompts=None) -> Side:
+    """Replay against ``target``; ``prompts`` (task prompts) are sent greedily, else random
+    ids with the server's default sampling."""
     import pandas as pd
 
     from emoe.core.metrics import MetricsCollector, SystemCounters
     from emoe.core.workload import ContextFit
     from emoe.rpc.client import EmoeClient
-    from emoe.rpc.replay import replay
+    from emoe.rpc.replay import GrpcTarget, replay
 
     async with EmoeClient(target) as client:
         before = (await client.stats()).experts
         fitted = ContextFit(0, fit)
+        sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
         with MetricsCollector(rows_path) as metrics:
-            elapsed = await replay(requests, client, metrics, seed=seed, fit=fitted)
+            elapsed = await replay(requests, sender, metrics, seed=seed, fit=fitted,
+                                   prompts=prompts)
         after = (await client.stats()).experts
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
@@ -368,6 +388,16 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"model {model.name} ({checkpoint}); profile {profile_path} ({engine.threads} "
           f"thread(s), {engine.max_batch_size} KV slots of {engine.max_seq_len} tokens); "
           f"workload: {workload.describe()}, seed {args.seed}, --fit {args.fit}", flush=True)
+    prompts, routing_trace = None, args.routing_trace
+    if args.prompts == "tasks":
+        from emoe.engine.reference.prompts import TaskPrompts
+
+        prompts = TaskPrompts.for_checkpoint(checkpoint, args.seed)
+        if routing_trace is None:
+            routing_trace = _record_routing(checkpoint, workload, next(iter(chosen.values())),
+                                            engine, args.seed, out_dir)
+    print(f"prompts: {_PROMPTS[args.prompts]}; simulated routing: "
+          f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
     reports: dict[str, dict] = {}
     plots: list[str] = []
@@ -376,7 +406,7 @@ async def _run(args: argparse.Namespace) -> int:
         policy_file = out_dir / f"policy-{stem}.json"
         policy.to_file(policy_file)
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", args.routing_trace)
+                       out_dir / f"{stem}-sim.csv", routing_trace)
         requests = read_trace(trace, tasks=policy.tasks, seed=args.seed,
                               rate_scale=args.rate_scale)
         if args.limit is not None:
@@ -384,7 +414,7 @@ async def _run(args: argparse.Namespace) -> int:
         rows = out_dir / f"{stem}-real.csv"
         if args.target:
             real = await measure(args.target, requests, args.fit, args.seed, rows,
-                                 profile.memory.get("expert_bytes", model.expert_bytes))
+                                 profile.memory.get("expert_bytes", model.expert_bytes), prompts)
         else:
             server_args = serve_args(checkpoint, engine.threads, engine.max_batch_size,
                                      engine.max_seq_len, policy=policy_file, profile=profile_path)
@@ -392,7 +422,8 @@ async def _run(args: argparse.Namespace) -> int:
                   f"emoe serve {' '.join(server_args)} ...", flush=True)
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
-                                     profile.memory.get("expert_bytes", model.expert_bytes))
+                                     profile.memory.get("expert_bytes", model.expert_bytes),
+                                     prompts)
         reports[name] = compare(sim, real)
         if len(reports) == 1:
             print(f"simulated {sim.context}\nmeasured {real.context}")
@@ -419,6 +450,8 @@ async def _run(args: argparse.Namespace) -> int:
             "checkpoint": str(checkpoint), "model": model.name, "profile": str(profile_path),
             "trace": str(trace), "limit": args.limit, "rate_scale": args.rate_scale,
             "seed": args.seed, "fit": args.fit, "target": args.target,
+            "prompts": args.prompts,
+            "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
@@ -426,6 +459,46 @@ async def _run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"report: {args.json}")
     return 0
+
+
+_PROMPTS = {"tasks": "task text of each request's task (the reference model's tasks), greedy",
+            "random": "random token ids, the server's default sampling"}
+ROUTING = "routing.parquet"
+
+
+def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
+                    out_dir: Path) -> Path:
+    """The routing of the workload's task prompts on this engine, all experts resident
+    (``emoe record-routing --trace``), into ``out_dir``; reused while the workload, seed and
+    model are the same."""
+    from emoe.core.workload import ContextFit
+
+    path = out_dir / ROUTING
+    key = {"checkpoint": str(checkpoint), "workload": workload.describe(), "fit": workload.fit,
+           "seed": seed, "context": engine.max_seq_len, "tasks": sorted(policy.tasks)}
+    stamp = path.with_suffix(".json")
+    if path.exists() and stamp.exists() and json.loads(stamp.read_text()) == key:
+        print(f"routing of the task prompts: {path} (recorded earlier for this workload)")
+        return path
+    import torch
+
+    from emoe.engine.routing import record_workload
+
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(engine.threads)
+    try:
+        fit = ContextFit(engine.max_seq_len, workload.fit)
+        count = record_workload(checkpoint, fit(workload.requests(seed, tasks=policy.tasks)),
+                                path, seed=seed, max_batch_size=engine.max_batch_size,
+                                max_seq_len=engine.max_seq_len, device=engine.device)
+    finally:
+        torch.set_num_threads(threads)
+    stamp.write_text(json.dumps(key) + "\n")
+    print(f"recorded the routing of {count} task prompts on the engine ({engine.threads} "
+          f"thread(s), all experts, greedy) into {path} in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    return path
 
 
 def _load(values) -> str:

@@ -2,8 +2,10 @@
 server (``emoe.rpc.http.replay``).
 
 Each trace request is sent at its recorded arrival time (divided by ``rate_scale``) as token
-ids: ``input_tokens`` random non-special ids, ``max_tokens = output_tokens`` with EOS ignored,
-so the service generates exactly the trace's output length (an HTTP server that cannot be
+ids: ``input_tokens`` random non-special ids (or, with task prompts, text of the request's task
+that the reference model was trained on: ``emoe.engine.reference.prompts``, sampled greedily
+so that its routing is the one ``emoe record-routing --trace`` records), ``max_tokens =
+output_tokens`` with EOS ignored, so the service generates exactly the trace's output length (an HTTP server that cannot be
 told to ignore EOS may stop sooner: the actual lengths are reported). A request that does not
 fit the model's context is sent as recorded (and refused), skipped or scaled to fit, by the
 rule the simulator applies too (``emoe.core.workload.fit``; counted and reported).
@@ -26,7 +28,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,10 +68,11 @@ class ReplayTarget(Protocol):
 
 
 class GrpcTarget:
-    """emoe's gRPC scheduler service."""
+    """emoe's gRPC scheduler service. ``temperature`` None: the server's default sampling."""
 
-    def __init__(self, client: EmoeClient):
+    def __init__(self, client: EmoeClient, temperature: float | None = None):
         self.client = client
+        self.temperature = temperature
         self.prefix = f"replay-{uuid.uuid4().hex[:8]}-"
 
     async def model(self) -> TargetModel:
@@ -83,7 +86,7 @@ class GrpcTarget:
         message = generate_request(
             prompt, request_id=self.prefix + request.id, task=request.task,
             ttft_s=request.slo.ttft_s, tpot_s=request.slo.tpot_s,
-            max_tokens=request.output_tokens, ignore_eos=True)
+            max_tokens=request.output_tokens, ignore_eos=True, temperature=self.temperature)
         clock = time.monotonic
         try:
             async for response in self.client.stream(message):
@@ -115,32 +118,42 @@ def as_target(target: ReplayTarget | EmoeClient) -> ReplayTarget:
     return GrpcTarget(target) if isinstance(target, EmoeClient) else target
 
 
+class RandomPrompts:
+    """``input_tokens`` random non-special ids per request, from one seeded stream."""
+
+    def __init__(self, vocab_size: int, seed: int):
+        self.high = max(vocab_size - 1, FIRST_NON_SPECIAL_ID)
+        self.rng = random.Random(seed)
+
+    def __call__(self, request: Request) -> list[int]:
+        return [self.rng.randint(FIRST_NON_SPECIAL_ID, self.high)
+                for _ in range(request.input_tokens)]
+
+
 class _Replay:
-    def __init__(self, target: ReplayTarget, model: TargetModel, seed: int):
+    def __init__(self, target: ReplayTarget, model: TargetModel, seed: int,
+                 prompts: Callable[[Request], list[int]] | None):
         self.target = target
         self.model = model
-        self.rng = random.Random(seed)
+        self.prompt = prompts or RandomPrompts(model.vocab_size, seed)
         self.start = 0.0
-
-    def prompt(self, request: Request) -> list[int]:
-        high = max(self.model.vocab_size - 1, FIRST_NON_SPECIAL_ID)
-        return [self.rng.randint(FIRST_NON_SPECIAL_ID, high)
-                for _ in range(request.input_tokens)]
 
 
 async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
                  metrics: MetricsCollector, seed: int = 0,
-                 fit: ContextFit | None = None) -> float:
+                 fit: ContextFit | None = None,
+                 prompts: Callable[[Request], list[int]] | None = None) -> float:
     """Replays ``requests`` (arrival order); adds each to ``metrics`` as it ends. Returns the
     wall-clock seconds from the first send to the last answer. ``fit`` (default: ``reject``)
     fits the requests to the served model's context, which it is given here, and counts what
-    it met."""
+    it met. ``prompts`` makes each request's prompt ids (default: ``RandomPrompts``; task
+    prompts: ``emoe.engine.reference.prompts.TaskPrompts``)."""
     target = as_target(target)
     model = await target.model()
     fit = fit if fit is not None else ContextFit(0)
     fit.context = model.max_context or 0
     requests = fit(requests)
-    run = _Replay(target, model, seed)
+    run = _Replay(target, model, seed, prompts)
     run.start = time.monotonic()
     pending: set[asyncio.Task] = set()
     short = 0

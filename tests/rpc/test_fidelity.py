@@ -59,13 +59,18 @@ def test_a_profile_of_another_model_or_thread_count_is_refused(profile, capsys):
 def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path, capsys):
     report = tmp_path / "report.json"
     assert main(["fidelity", "--profile", str(profile), "--limit", "6", "--rate-scale", "4",
-                 "--fit", "scale", "--out-dir", str(tmp_path / "out"),
+                 "--fit", "scale", "--experts", "all,lru", "--out-dir", str(tmp_path / "out"),
                  "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "load average before" in printed and "load average after" in printed
     doc = json.loads(report.read_text())
     assert isinstance(doc["rank_agreement"], bool)
     assert set(doc["load_average"]) == {"before", "after"}
+    # the same routing on both sides: task prompts whose routing was recorded first
+    assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")
+    lru = doc["policies"].pop("fcfs/lru")
+    assert 0 < lru["hit_rate"]["sim"] < 1 and 0 < lru["hit_rate"]["real"] < 1
+    assert lru["bytes_loaded"]["sim"] > 0 and lru["bytes_loaded"]["real"] > 0
     (name, policy), = doc["policies"].items()
     assert name == "fcfs/all"
     for metric in ("ttft", "tpot", "e2e", "queueing"):
@@ -90,10 +95,14 @@ def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
     broken.mkdir()
     shutil.copy(REFERENCE_CHECKPOINT / "config.json", broken / "config.json")  # no weights
     assert main(["fidelity", "--checkpoint", str(broken), "--profile", str(profile),
-                 "--limit", "2", "--out-dir", str(tmp_path / "out")]) == 2
+                 "--limit", "2", "--prompts", "random", "--out-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "emoe serve --checkpoint" in err and "before it came up: emoe serve: error:" in err
     assert "no *.safetensors files" in err
+    # task prompts: the routing of the workload is recorded on the engine first
+    assert main(["fidelity", "--checkpoint", str(broken), "--profile", str(profile),
+                 "--limit", "2", "--out-dir", str(tmp_path / "out")]) == 2
+    assert "tokenizer.json: not found" in capsys.readouterr().err
     assert main(["fidelity", "--profile", str(profile), "--limit", "2", "--target",
                  f"127.0.0.1:{free_port()}", "--out-dir", str(tmp_path / "out")]) == 2
     assert "no emoe serve answering there within 5 s" in capsys.readouterr().err
