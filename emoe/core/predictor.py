@@ -14,20 +14,28 @@ importable here) and is registered before the policy is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar
 
 import numpy as np
 
 from emoe.core.errors import ConfigError, UnknownNameError
+from emoe.core.specs import HardwareSpec
 
 PHASES = ("prefill", "decode")
 
 
 class ExpertPredictor(ABC):
-    """Predicts a task's next-prompt routing frequencies from the routing it has observed."""
+    """Predicts a task's next-prompt routing frequencies from the routing it has observed.
+
+    ``call_s``: the measured seconds of one planner prediction with this predictor on the
+    machine that runs it, where its definition records one (a learned predictor's file: timed
+    by ``emoe predictor train``); None: the hardware's ``predictor_s`` stands (``predictor_cost``).
+    """
 
     name: ClassVar[str]
+    call_s: float | None = None
 
     def __init__(self, num_layers: int, num_experts: int):
         self.num_layers = num_layers
@@ -142,6 +150,19 @@ class LastPromptPredictor(FrequencyPredictor):
 
     def __init__(self, num_layers: int, num_experts: int):
         super().__init__(num_layers, num_experts, decay=1.0)
+
+
+def predictor_cost(hardware: HardwareSpec, predictor: ExpertPredictor) -> HardwareSpec:
+    """``hardware`` with ``predictor_s`` = the predictor's own measured call time where it has
+    one. The scheduler applies it to the hardware it is built with, so its Eq. 3 estimate and
+    the simulated step charge the same time, in the simulator and in the server alike."""
+    call_s = getattr(predictor, "call_s", None)
+    if call_s is None or call_s == hardware.predictor_s:
+        return hardware
+    return dataclasses.replace(
+        hardware, predictor_s=call_s,
+        provenance=f"{hardware.provenance}; predictor_s {call_s * 1e3:.3f} ms: the "
+                   f"{getattr(predictor, 'name', 'given')} predictor's measured call time")
 
 
 PredictorFactory = Callable[[int, int], ExpertPredictor]

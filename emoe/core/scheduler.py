@@ -71,7 +71,7 @@ from emoe.core.experts import ExpertPlanner, PlannerSetup, make_planner
 from emoe.core.plan import ExpertKey, PrefillChunk, StepPlan, StepResult
 from emoe.core.policies import BatchEstimate, make_policy
 from emoe.core.policy_file import PolicyConfig
-from emoe.core.predictor import ExpertPredictor, make_predictor
+from emoe.core.predictor import ExpertPredictor, make_predictor, predictor_cost
 from emoe.core.request import Request, RequestStatus
 from emoe.core.serving import context_error
 from emoe.core.specs import HardwareSpec, ModelSpec
@@ -104,13 +104,15 @@ class Scheduler:
                  predictor: ExpertPredictor | None = None, fixed_expert_slots: bool = False):
         config = policy if policy is not None else PolicyConfig()
         config.check_model(model)
+        predictor = predictor or make_predictor(config.predictor, model.num_layers,
+                                                model.num_experts)
+        hardware = predictor_cost(hardware, predictor)  # what the backend charges, too
         self.model, self.hardware, self.config = model, hardware, config
         self.tasks = config.tasks
         self.policy = make_policy(config.scheduling)
         self.planner: ExpertPlanner = make_planner(config.planner, model, PlannerSetup(
             slots_per_layer=config.slots_per_layer(model),
-            predictor=predictor or make_predictor(config.predictor, model.num_layers,
-                                                  model.num_experts),
+            predictor=predictor,
             sensitivity=config.layer_sensitivity(model),
             prediction_interval=config.prediction_interval,
             frequencies=config.frequencies(model), fixed_slots=fixed_expert_slots,

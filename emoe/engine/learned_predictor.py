@@ -301,15 +301,23 @@ def load_predictor(path: str | Path) -> tuple[PredictorNet, list[str], dict]:
 
 
 def loader(path: str) -> Callable[[int, int], ExpertPredictor]:
-    """The factory of the predictor in ``path`` (for ``learned:PATH`` names)."""
-    net, tasks, _ = load_predictor(path)
+    """The factory of the predictor in ``path`` (for ``learned:PATH`` names); its predictors
+    carry the call time measured when it was trained (``call_s``), which the scheduler and the
+    simulator charge for each prediction."""
+    net, tasks, report = load_predictor(path)
+    call_s = report.get("call_seconds")
+    if not isinstance(call_s, (int, float)) or not call_s >= 0:
+        raise ConfigError(f"{path}: no measured call time in the learned predictor file "
+                          "(report.call_seconds; train it with `emoe predictor train`)")
 
     def factory(num_layers: int, num_experts: int) -> ExpertPredictor:
         if (num_layers, num_experts) != net.shape[1:]:
             raise ConfigError(f"{path}: predictor trained for {net.shape[1]} layers x "
                               f"{net.shape[2]} experts; the model has {num_layers} x "
                               f"{num_experts}")
-        return LearnedPredictor(net, tasks)
+        predictor = LearnedPredictor(net, tasks)
+        predictor.call_s = float(call_s)
+        return predictor
 
     return factory
 

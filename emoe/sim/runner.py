@@ -302,7 +302,6 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     config.normalized()  # checks the miss policy against the planner
     model, hardware = config.specs()
     policy = config.policy(model)
-    hardware = _predictor_cost(hardware, policy.predictor)
     budget = policy.memory_budget_bytes
     if budget is not None and budget > hardware.gpu_memory_bytes:
         raise ConfigError(f"memory budget: {budget / GIB:.1f} GiB exceeds the "
@@ -316,7 +315,7 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
         policy, fixed_slots = serving_scheduler_policy(
             policy, model, EngineLimits(engine.max_batch_size, engine.max_seq_len, slots))
     scheduler = Scheduler(model, hardware, policy, fixed_expert_slots=fixed_slots)
-    backend = SimBackend(model=model, hardware=hardware,
+    backend = SimBackend(model=model, hardware=scheduler.hardware,  # the predictor's cost in
                          memory_bytes=scheduler.memory_budget_bytes,
                          routing=_routing(config, model, policy),
                          miss_mode=scheduler.planner.miss_mode,
@@ -324,29 +323,6 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          steps=profile.step_table if profile else None,
                          serving=profile.serving if profile else None)
     return scheduler, backend
-
-
-def _predictor_cost(hardware: HardwareSpec, predictor: str) -> HardwareSpec:
-    """A learned predictor's call time as measured when it was trained (``emoe predictor
-    train``, on that machine's CPU, where it runs) replaces the preset's ``predictor_s``."""
-    prefix, _, path = predictor.partition(":")
-    if prefix != "learned":
-        return hardware
-    import dataclasses
-    import json
-
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="numpy") as f:
-            seconds = float(json.loads(f.metadata()["emoe.predictor.report"])["call_seconds"])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: no measured call time in the learned predictor file "
-                          f"({exc})") from None
-    return dataclasses.replace(
-        hardware, predictor_s=seconds,
-        provenance=f"{hardware.provenance}; predictor_s {seconds * 1e3:.3f} ms measured by "
-                   f"`emoe predictor train` for {path}")
 
 
 def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> RoutingSource:

@@ -47,16 +47,24 @@ def test_learned_predictor_beats_a_constant_one_on_structured_routing(tmp_path):
     assert recall["oracle"][0] == pytest.approx(1.0)
     # the file round-trips and resolves as learned:FILE
     path = tmp_path / "p.safetensors"
-    save_predictor(learned, path, {"recall": recall})
+    save_predictor(learned, path, {"recall": recall, "call_seconds": 0.0021})
     net, tasks, report = load_predictor(path)
     assert tasks == ["qa"] and report["recall"] == recall
     again, fresh = loader(str(path))(LAYERS, EXPERTS), LearnedPredictor(learned.net, tasks)
+    assert again.call_s == 0.0021  # what the scheduler and the simulator charge per call
     for predictor in (fresh, again):
         predictor.observe("qa", np.array([[3, 3, 0, 0], [3, 3, 0, 0]]))
     np.testing.assert_allclose(again.predict("qa"), fresh.predict("qa"), atol=1e-6)
     assert set(np.argsort(-again.predict("qa")[0])[:2]) == {2, 3}
     with pytest.raises(ConfigError, match="trained for 2 layers x 4 experts"):
         loader(str(path))(3, 4)
+
+
+def test_a_predictor_file_without_its_call_time_is_refused(tmp_path):
+    path = tmp_path / "p.safetensors"
+    save_predictor(train_predictor([alternating_trace(4)], hidden=4, steps=2), path, {})
+    with pytest.raises(ConfigError, match="no measured call time.*emoe predictor train"):
+        loader(str(path))
 
 
 def test_unknown_or_bad_predictor_files_are_config_errors(tmp_path):

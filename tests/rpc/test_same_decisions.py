@@ -23,6 +23,7 @@ import pytest
 
 from emoe.core.plan import StepPlan, StepResult
 from emoe.core.policy_file import PolicyConfig
+from emoe.core.predictor import FrequencyPredictor, register_predictor_loader
 from emoe.core.request import SLO, Request
 from emoe.rpc import replica as replica_module
 from emoe.rpc.backend import BackendInfo, SamplingParams
@@ -211,21 +212,46 @@ async def serve(config: SimConfig, monkeypatch) -> tuple[dict[str, Request], lis
     return seen, log
 
 
-@pytest.mark.parametrize("scheduling, planner", [("fcfs", "all"), ("sjf", "static"),
-                                                 ("edf", "lru"), ("emoe", "emoe"),
-                                                 ("emoe", "all")])
+class TimedPredictor(FrequencyPredictor):
+    """A predictor whose definition records its measured call time, as a learned one does."""
+
+    name = "timed"
+
+
+def timed_predictors(seconds: str):
+    def factory(num_layers: int, num_experts: int) -> TimedPredictor:
+        predictor = TimedPredictor(num_layers, num_experts)
+        predictor.call_s = float(seconds)
+        return predictor
+    return factory
+
+
+register_predictor_loader("timed", timed_predictors)
+
+
+@pytest.mark.parametrize("scheduling, planner, predictor", [
+    ("fcfs", "all", "frequency"), ("sjf", "static", "frequency"), ("edf", "lru", "frequency"),
+    ("emoe", "emoe", "frequency"), ("emoe", "all", "frequency"),
+    ("emoe", "emoe", "timed:0.004")])  # costlier than the profile's 1 ms: Eq. 3 sees it
 async def test_simulator_and_server_decide_alike(served_model, tmp_path, monkeypatch,
-                                                 scheduling, planner):
+                                                 scheduling, planner, predictor):
     folder, profile = served_model
     policy = PolicyConfig(scheduling=scheduling, planner=planner, prediction_interval=2,
                           experts_per_layer=None if planner == "all" else LAYER_SLOTS,
-                          max_batch_tokens=48, max_num_seqs=8, model=folder.name)
+                          max_batch_tokens=48, max_num_seqs=8, model=folder.name,
+                          predictor=predictor)
     policy_file = tmp_path / "policy.json"
     policy.to_file(policy_file)
     config = SimConfig(model=str(folder), profile=profile, policy_file=policy_file, seed=3)
 
     simulated, sim_log = simulate(config)
     served, served_log = await serve(config, monkeypatch)
+    if predictor.startswith("timed:"):  # one rule charges a predictor's own call time
+        sim_scheduler, sim_backend = build(config)
+        engine = SimulatedEngine(sim_backend, sim_scheduler.model, Clock(), Arrivals(planner))
+        server_scheduler = scheduler_factory(policy, config.specs()[1])(await engine.start())
+        assert (sim_scheduler.cost.predictor_s == sim_backend.hardware.predictor_s
+                == server_scheduler.cost.predictor_s == 0.004)
 
     assert set(simulated) == set(served) == {str(i) for i in range(len(ARRIVALS))}
     fates = {}
