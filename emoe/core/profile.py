@@ -104,9 +104,10 @@ class ServingCosts:
     adds to the engine, measured in a live serving session (``emoe.rpc.serving_profile``).
 
     ``step_s`` per engine step and ``token_s`` per token streamed in it are added to the step's
-    duration; ``ingress_s`` passes between a client sending a request and the server accepting
-    it, ``egress_s`` between the end of the step that made a token and the client receiving
-    it. ``engine_scale``: a served step takes this times the standalone step model (the engine
+    duration; ``ingress_s`` + ``ingress_per_stream_s`` x the streams running pass between a
+    client sending a request and the server accepting it (``ingress``), ``egress_s`` +
+    ``egress_per_stream_s`` x the tokens the step streamed between the end of the step that
+    made a token and the client receiving it (``egress``). ``engine_scale``: a served step takes this times the standalone step model (the engine
     shares its interpreter with the serving path).
     """
 
@@ -115,6 +116,19 @@ class ServingCosts:
     ingress_s: float
     egress_s: float
     engine_scale: float = 1.0
+    ingress_per_stream_s: float = 0.0
+    egress_per_stream_s: float = 0.0
+
+    def ingress(self, streams: int) -> float:
+        """Send to acceptance of a request that arrives while a step runs ``streams``
+        requests: their Generate coroutines share the event loop (and the interpreter) that
+        accepts it."""
+        return self.ingress_s + self.ingress_per_stream_s * streams
+
+    def egress(self, streamed: int) -> float:
+        """Step end to the client's receipt of a token made in a step that streamed
+        ``streamed`` tokens: it goes out behind the others."""
+        return self.egress_s + self.egress_per_stream_s * streamed
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,7 +357,8 @@ def load_profile(path: "str | Path") -> EngineProfile:
         if unknown:
             raise ConfigError(f"{path}: serving: unknown field(s) {sorted(unknown)}; valid: "
                               f"{', '.join(fields)}")
-        defaults = {"engine_scale": 1.0}
+        defaults = {"engine_scale": 1.0, "ingress_per_stream_s": 0.0,
+                    "egress_per_stream_s": 0.0}
         profile = dataclasses.replace(profile, serving=ServingCosts(
             **{k: number(f"serving.{k}", serving.get(k, defaults.get(k))) for k in fields}))
     profile = dataclasses.replace(profile, path=str(path))

@@ -16,11 +16,15 @@ is measured at the same moment, under the same load:
   loop's ``step_s`` plus ``token_s`` per token the step streamed (scheduler, bookkeeping,
   token fan-out, the Generate coroutines);
 - ``ingress_s``: from a client's send to the server accepting the request (median over lone
-  prompts sent to an idle server; one sent while a step runs also waits for the interpreter
-  lock the engine holds, but that wait ends before the next step starts, which the simulator
-  already makes it wait for);
-- ``egress_s``: from the end of the step that made a lone prompt's first token, serving time
-  included, to the client receiving it (median).
+  prompts sent to an idle server);
+- ``ingress_per_stream_s``: what acceptance waits beyond that per stream running, from probe
+  requests sent while 1-16 streams decode (the streams' Generate coroutines share the event
+  loop that accepts a request, and the engine's thread holds the interpreter lock through
+  part of every step): a request that is accepted after the next step has started waits a
+  whole step more;
+- ``egress_s``, ``egress_per_stream_s``: from the end of the step that made a first token,
+  serving time included, to the client receiving it, a line in the tokens the step streamed
+  (the new token goes out behind the others).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from emoe.core.profile import EngineProfile, ServingCosts, StepTimes
 LONE_PROMPTS = (8, 32, 64, 128, 200)
 BATCHES = (1, 2, 4, 8, 12, 16)
 PROMPT, TOKENS = 16, 40  # concurrent streams: prompt tokens, tokens generated
+PROBES_AFTER_S = (0.012, 0.027, 0.043, 0.061, 0.08)  # probes sent while the streams run
+PROBE_PROMPT = 8
 
 
 # -- the client (another process) ------------------------------------------------------------
@@ -72,11 +78,17 @@ async def _calibrate(target: str, rounds: int, slots: int, context: int, vocab: 
     async with EmoeClient(target) as client:
         for _ in range(3):  # warm the path (connection, first calls)
             await _request(client, f"warm-{next(n)}", 16, 4, 0, vocab)
+        async def probe(batch: int, after: float) -> dict:
+            await asyncio.sleep(after)
+            return await _request(client, f"q{batch}-{next(n)}", PROBE_PROMPT, 1, next(n),
+                                  vocab)
+
         for _ in range(rounds):
             for batch in (b for b in BATCHES if b <= slots):
-                records += await asyncio.gather(*(
-                    _request(client, f"b{batch}-{next(n)}", PROMPT, TOKENS, next(n), vocab)
-                    for _ in range(batch)))
+                records += await asyncio.gather(
+                    *(_request(client, f"b{batch}-{next(n)}", PROMPT, TOKENS, next(n), vocab)
+                      for _ in range(batch)),
+                    *(probe(batch, after) for after in PROBES_AFTER_S))
             for prompt in (p for p in LONE_PROMPTS if p + 8 < context):
                 records.append(await _request(client, f"p{prompt}-{next(n)}", prompt, 2,
                                               next(n), vocab))
@@ -103,6 +115,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.steps: list[_Step] = []
         self.accepted: dict[str, float] = {}  # by request id
+        self.streaming: dict[str, int] = {}  # by request id: streams running at its acceptance
         self.request_id: dict[str, str] = {}  # the engine's key -> the client's request id
         self._idle = False
 
@@ -143,6 +156,7 @@ class _Recorder:
 
         def recorded(submission):
             self.accepted[submission.request_id] = submission.accepted_at
+            self.streaming[submission.request_id] = replica.running
             self.request_id[submission.key] = submission.request_id
             return submit(submission)
 
@@ -168,23 +182,31 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     fit = least_squares(lambda x: a @ x - y, x0=[1.0, 1e-4, 1e-5], bounds=(0.0, np.inf),
                         loss="soft_l1", f_scale=5e-4)
     engine_scale, step_s, token_s = map(float, fit.x)
-    # Lone prompts, sent to an idle server: a request sent while a step runs waits for the
-    # interpreter lock the engine holds (up to the 5 ms switch interval), which is then hidden
-    # in its wait for the step's end: the simulator counts that wait already
+    # Send to acceptance: at an idle server (lone prompts, median), and beyond that per
+    # stream running at acceptance (probes sent while 1-16 streams decode: the streams'
+    # Generate coroutines share the event loop that accepts a request)
     lone = [r for r in records if r["id"].startswith("p")]
     ingress = [recorder.accepted[r["id"]] - r["sent"] for r in lone if r["id"] in recorder.accepted]
-    made_at = {}  # the end of the step that made a first token, as the simulator has it
+    ingress_s = max(0.0, float(statistics.median(ingress)))
+    probes = [(recorder.streaming[r["id"]], recorder.accepted[r["id"]] - r["sent"] - ingress_s)
+              for r in records if r["id"].startswith("q") and r["id"] in recorder.accepted]
+    ingress_per_stream = _robust_line([k for k, _ in probes], [w for _, w in probes],
+                                      intercept=False)[1]
+    # The modelled end of the step that made each first token to its receipt, by the tokens
+    # that step streamed (the new one goes out behind the others): every request's first token
+    made_at = {}  # request id -> (the step's end as the simulator has it, tokens it streamed)
     for step in served:
         end = step.start + (engine_scale * steps.step_s(step.tokens, step.decode, step.context)
                             + step_s + token_s * step.streamed)
         for key in step.first:
-            made_at[recorder.request_id.get(key, key)] = end
-    egress = [r["receipts"][0] - made_at[r["id"]] for r in lone
+            made_at[recorder.request_id.get(key, key)] = (end, step.streamed)
+    firsts = [(made_at[r["id"]][1], r["receipts"][0] - made_at[r["id"]][0]) for r in records
               if r["receipts"] and r["id"] in made_at]
-    costs = ServingCosts(step_s=float(step_s), token_s=float(token_s),
-                         ingress_s=max(0.0, float(statistics.median(ingress))),
-                         egress_s=max(0.0, float(statistics.median(egress))),
-                         engine_scale=engine_scale)
+    egress_s, egress_per_stream = _robust_line([k for k, _ in firsts], [e for _, e in firsts])
+    costs = ServingCosts(step_s=float(step_s), token_s=float(token_s), ingress_s=ingress_s,
+                         egress_s=egress_s, engine_scale=engine_scale,
+                         ingress_per_stream_s=ingress_per_stream,
+                         egress_per_stream_s=egress_per_stream)
     misfit = float(np.median(np.abs(a @ fit.x - y) / y))
     how = (f"one live serving session (SchedulerServer over the engine, as emoe serve; client "
            f"in another process): {len(records)} calibration requests (lone prompts of "
@@ -192,9 +214,26 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
            f"{TOKENS} tokens), {len(served)} served steps [measured]: each cycle (a step's "
            f"start to the next one's) = engine_scale x the step model + step_s + token_s x "
            f"tokens it streamed ({len(cycles)} cycles, robust least squares, median misfit "
-           f"{misfit:.0%}); ingress = send to acceptance, egress = step end to receipt of a "
-           f"first token (medians over {len(ingress)} lone prompts)")
+           f"{misfit:.0%}); ingress = send to acceptance (median over {len(ingress)} lone "
+           f"prompts to an idle server) + per stream running (robust fit over {len(probes)} "
+           f"probes sent while streams ran); egress = modelled step end to receipt of a first "
+           f"token, a line in the tokens that step streamed (robust fit over {len(firsts)} "
+           f"first tokens)")
     return costs, how
+
+
+def _robust_line(xs, ys, intercept: bool = True) -> tuple[float, float]:
+    """(a, b) >= 0 of y = a + b x (a = 0 without ``intercept``), robust to bursts of load."""
+    from scipy.optimize import least_squares
+
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if not len(x):
+        return 0.0, 0.0
+    a = np.stack([np.ones_like(x) if intercept else np.zeros_like(x), x], axis=1)
+    fit = least_squares(lambda p: a @ p - y, x0=[float(np.median(y)) if intercept else 0.0,
+                                                  1e-5],
+                        bounds=(0.0, np.inf), loss="soft_l1", f_scale=5e-4)
+    return float(fit.x[0]) if intercept else 0.0, float(fit.x[1])
 
 
 def measure_serving(checkpoint: Path, profile: EngineProfile, dtype: str | None = None,

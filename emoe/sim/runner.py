@@ -8,7 +8,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
 from emoe.core.paths import resolve_path
 from emoe.core.policy_file import PolicyConfig, model_shape
-from emoe.core.profile import EngineProfile, ServingCosts, load_profile
+from emoe.core.profile import EngineProfile, load_profile
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
 from emoe.core.serving import EngineLimits, serving_scheduler_policy
@@ -25,6 +25,7 @@ from emoe.core.tasks import TaskProfile
 from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
                                 synthetic_requests)
 from emoe.sim.backend import SimBackend
+from emoe.sim.client import ClientView
 from emoe.sim.routing import RoutingSource, SyntheticRouting
 from emoe.sim.world import World
 
@@ -365,9 +366,8 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
         fit = ContextFit(backend.model.max_context, workload.fit)
         requests = fit(workload.requests(config.seed, config.rate_scale, scheduler.tasks))
         serving = backend.cost.serving
-        if serving is not None:
-            requests, on_end = _as_the_client_sees(requests, on_end, serving)
-        world = World(scheduler, backend, requests, on_end, stop=stop)
+        client = None if serving is None else ClientView(serving, on_end)
+        world = World(scheduler, backend, requests, on_end, stop=stop, client=client)
         try:
             elapsed = world.run()
         finally:
@@ -416,33 +416,6 @@ def _size_label(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.4g}{unit}"
     return f"{nbytes}B"
-
-
-def _as_the_client_sees(requests: Iterator[Request], on_end: Callable[[Request], None],
-                        serving: ServingCosts) -> tuple[Iterator[Request], Callable]:
-    """The serving path around the scheduler: a request reaches it ``ingress_s`` after the
-    client sent it (its arrival there is that moment, as the server's is its acceptance), and
-    the client sees each token ``egress_s`` after the step made it. Requests are handed back
-    on the client's clock: arrival when sent, admission ``ingress_s`` earlier (the server's
-    queueing time, as replay counts it), first token and finish ``egress_s`` later."""
-    ingress, egress = serving.ingress_s, serving.egress_s
-
-    def delayed() -> Iterator[Request]:
-        for request in requests:
-            request.arrival += ingress
-            yield request
-
-    def ended(request: Request) -> None:
-        request.arrival -= ingress
-        if request.admitted_at is not None:
-            request.admitted_at -= ingress
-        if request.first_token_at is not None:
-            request.first_token_at += egress
-        if request.finished_at is not None:
-            request.finished_at += egress
-        on_end(request)
-
-    return delayed(), ended
 
 
 def _progress(name: str):

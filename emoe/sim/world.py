@@ -24,6 +24,7 @@ from emoe.core.errors import EmoeError
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
 from emoe.sim.backend import SimBackend
+from emoe.sim.client import ClientView
 
 
 HAND_OVER_EVERY = 256
@@ -42,14 +43,17 @@ class World:
 
     def __init__(self, scheduler: Scheduler, backend: SimBackend, requests: Iterable[Request],
                  on_end: Callable[[Request], None], max_iterations: int | None = None,
-                 stop: Callable[[float], bool] | None = None):
+                 stop: Callable[[float], bool] | None = None, client: ClientView | None = None):
         """``stop(now)``: asked as ended requests are handed over and every
-        ``STOP_CHECK_STEPS`` steps; True ends the run there (``stopped`` is set)."""
+        ``STOP_CHECK_STEPS`` steps; True ends the run there (``stopped`` is set).
+        ``client``: the serving path of a served engine; requests reach the scheduler when
+        it accepts them, and end on its clock (``on_end`` is then the client's)."""
         self.env = simpy.Environment()
         self.scheduler = scheduler
         self.backend = backend
         self._requests: Iterator[Request] = iter(requests)
-        self._on_end = on_end
+        self._client = client
+        self._on_end = on_end if client is None else client.ended
         self._max_iterations = max_iterations
         self.next_arrival = math.inf
         self.steps = 0
@@ -83,19 +87,30 @@ class World:
             self._done.succeed()
 
     def _engine(self):
-        env, scheduler, backend = self.env, self.scheduler, self.backend
+        env, scheduler, backend, client = self.env, self.scheduler, self.backend, self._client
         requests = self._requests
         pending = next(requests, None)
+        accepted = None  # when the server accepts ``pending``, once the step it is sent in is known
+        streams = 0  # requests the step in progress runs
         while True:
             now = env.now
             # Hand over every request that has arrived by now: the scheduler can only act on
             # them here, between steps, so arrivals need no SimPy events of their own.
-            while pending is not None and pending.arrival <= now:
+            while pending is not None:
+                if accepted is None:
+                    accepted = self._accepted(pending, streams)
+                if accepted > now:
+                    break
+                if client is not None:
+                    client.accept(pending, accepted)
                 backend.admit(pending)
                 scheduler.add_request(pending)
-                pending = next(requests, None)
-            self.next_arrival = math.inf if pending is None else pending.arrival
+                pending, accepted = next(requests, None), None
             plan = scheduler.next_step(now, self._max_iterations)
+            streams = len(plan.decode) + len(plan.prefill)
+            if pending is not None and pending.arrival > now:  # sent while this step runs
+                accepted = self._accepted(pending, streams)
+            self.next_arrival = math.inf if pending is None else accepted
             if plan.rejected or plan.aborted:
                 self._end([backend.live[rid] for rid, _ in plan.rejected + plan.aborted])
             if plan.empty:
@@ -106,7 +121,7 @@ class World:
                             f"{scheduler.num_waiting} requests waiting and "
                             f"{scheduler.num_running} running")
                     return
-                yield env.timeout(pending.arrival - now)  # idle until the next arrival
+                yield env.timeout(accepted - now)  # idle until the next arrival
                 continue
             result = backend.execute(plan, now, self.next_arrival)
             self.steps += 1
@@ -116,8 +131,16 @@ class World:
                     return
             yield env.timeout(result.finished_at - now)
             finished = scheduler.on_step_done(result)
+            if client is not None:
+                client.step_done(plan, backend.live, finished)
             if finished:
                 self._end(finished)
+
+    def _accepted(self, request: Request, streams: int) -> float:
+        """When the scheduler can see ``request``, sent while a step runs ``streams``."""
+        if self._client is None:
+            return request.arrival
+        return self._client.accepted_at(request, streams)
 
     def _end(self, requests: list[Request]) -> None:
         """Free what ended requests hold now; hand them to ``on_end`` in batches (their expert

@@ -1,0 +1,87 @@
+"""The served engine as its client sees it: a request reaches the scheduler ingress(streams)
+after it was sent, a token reaches the client egress(streamed) after its step ended, and the
+ended request is reported on the client's clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emoe.core.request import SLO, Request
+from emoe.sim.client import ClientView
+from emoe.sim.runner import SimConfig, build
+from emoe.sim.world import World
+
+INGRESS, PER_STREAM_IN, EGRESS, PER_STREAM_OUT = 1e-3, 4e-4, 5e-4, 2e-4
+
+
+@pytest.fixture()
+def served(tmp_path):
+    folder = tmp_path / "tiny-moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64,
+        "torch_dtype": "float32"}))
+    profile = folder / "profile.json"
+    profile.write_text(json.dumps({
+        "format": "emoe-engine-profile", "version": 1, "model": folder.name,
+        "step_time": {"step_overhead_s": 0.002, "prefill_s_per_token": 1e-4,
+                      "decode_s_per_token": 3e-4, "attention_s_per_context_token": 0.0},
+        "serving": {"step_s": 1e-4, "token_s": 1e-5, "ingress_s": INGRESS,
+                    "egress_s": EGRESS, "ingress_per_stream_s": PER_STREAM_IN,
+                    "egress_per_stream_s": PER_STREAM_OUT},
+        "engine": {"model": folder.name, "num_layers": 2, "num_experts": 4, "top_k": 2,
+                   "hidden_size": 16, "threads": 1, "device": "cpu", "dtype": "float32",
+                   "max_batch_size": 4, "max_seq_len": 64}}))
+    return SimConfig(model=str(folder), profile=profile, scheduling="fcfs", planner="all")
+
+
+def test_ingress_grows_with_the_streams_running_and_egress_with_the_tokens_streamed(served):
+    scheduler, backend = build(served)
+    costs = backend.cost.serving
+    assert (costs.ingress(3), costs.egress(2)) == pytest.approx(
+        (INGRESS + 3 * PER_STREAM_IN, EGRESS + 2 * PER_STREAM_OUT))
+    accepted, server_side = {}, {}
+    admit = backend.admit
+
+    def admitted(request):  # the server's clock: arrival = acceptance
+        accepted[request.id] = (request.arrival, world.env.now)
+        admit(request)
+
+    backend.admit = admitted
+    ended: list[Request] = []
+    client = ClientView(costs, ended.append)
+    convert = client.ended
+
+    def on_end(request):
+        server_side[request.id] = (request.first_token_at, request.finished_at)
+        convert(request)
+
+    client.ended = on_end
+    slo = SLO(1.0, 1.0)
+    # "a" streams alone; "b" is sent while a step runs it; "c" and "d" join while both stream
+    requests = [Request("a", 0.0, "qa", 8, 30, slo), Request("b", 0.0101, "qa", 4, 3, slo),
+                Request("c", 0.0202, "qa", 4, 2, slo), Request("d", 0.0203, "qa", 4, 2, slo)]
+    sent = {r.id: r.arrival for r in requests}
+    world = World(scheduler, backend, requests, lambda r: None, client=client)
+    world.run()
+
+    assert {r.id for r in ended} == set(sent)
+    a_at, a_seen = accepted["a"]
+    assert a_at == pytest.approx(INGRESS) and a_seen == pytest.approx(a_at)  # idle server
+    b_at, b_seen = accepted["b"]
+    assert b_at == pytest.approx(0.0101 + INGRESS + PER_STREAM_IN)  # one stream running
+    assert b_seen >= b_at
+    for r in ended:
+        first, finished = server_side[r.id]
+        assert r.arrival == sent[r.id]  # back on the client's clock
+        egress_first = r.first_token_at - first
+        assert EGRESS + PER_STREAM_OUT <= egress_first + 1e-12
+        assert egress_first <= EGRESS + 4 * PER_STREAM_OUT + 1e-12
+        assert finished < r.finished_at <= finished + EGRESS + 4 * PER_STREAM_OUT + 1e-12
+    # "b" made its first token in a step that also streamed "a"'s: two tokens out
+    b = next(r for r in ended if r.id == "b")
+    assert b.first_token_at - server_side["b"][0] == pytest.approx(EGRESS + 2 * PER_STREAM_OUT)
