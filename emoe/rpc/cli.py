@@ -117,6 +117,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="multiply the arrival rate (2 = twice as fast)")
     replay.add_argument("--limit", type=int, help="replay at most this many requests")
     replay.add_argument("--seed", type=int, default=0, help="seed for the synthetic prompts")
+    replay.add_argument("--prompts", choices=("random", "tasks"), default="random",
+                        help="random token ids (default), or text of each request's task sent "
+                             "greedily (gRPC): the prompts whose routing `emoe record-routing "
+                             "--trace` records for `emoe sim --routing-trace`")
+    replay.add_argument("--tokenizer", type=Path, default=None, metavar="CHECKPOINT",
+                        help="--prompts tasks: the served model's folder (its tokenizer, bos "
+                             "and eos; default: the reference model)")
     replay.add_argument("--out", type=Path, help="per-request results (CSV)")
     replay.add_argument("--wait-ready", type=float, default=60.0, metavar="SECONDS",
                         help="wait up to this long for the server to be ready (0: do not wait)")
@@ -366,7 +373,7 @@ async def _replay_target(args: argparse.Namespace):
                           "forces output lengths with ignore_eos)")
     client = _client(args)
     await _wait_ready(client, args.wait_ready)
-    return GrpcTarget(client)
+    return GrpcTarget(client, temperature=0.0 if args.prompts == "tasks" else None)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -410,8 +417,18 @@ def _replay(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     check_trace(args.trace, rate_scale=args.rate_scale, limit=args.limit, seed=args.seed)
+    prompts = None
+    if args.prompts == "tasks":
+        from emoe.engine.reference.prompts import TaskPrompts
+        from emoe.rpc.local import REFERENCE_CHECKPOINT
+
+        if args.target.startswith(("http://", "https://")):
+            raise ConfigError("--prompts tasks: gRPC targets only (they are sent greedily)")
+        prompts = TaskPrompts.for_checkpoint(args.tokenizer or REFERENCE_CHECKPOINT, args.seed)
+
     async def run() -> int:  # the client's channel belongs to this event loop
         return await replay_file(args.trace, await _replay_target(args), rate_scale=args.rate_scale,
-                                 limit=args.limit, seed=args.seed, out=args.out, fit=args.fit)
+                                 limit=args.limit, seed=args.seed, out=args.out, fit=args.fit,
+                                 prompts=prompts)
 
     return asyncio.run(run())

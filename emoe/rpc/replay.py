@@ -198,7 +198,8 @@ def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = Non
 
 async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
                       rate_scale: float = 1.0, limit: int | None = None, seed: int = 0,
-                      out: Path | None = None, fit: str = "reject") -> int:
+                      out: Path | None = None, fit: str = "reject",
+                      prompts: Callable[[Request], list[int]] | None = None) -> int:
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``; closes
     the target."""
     from emoe.core.workload import read_trace
@@ -211,7 +212,8 @@ async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
     fitted = ContextFit(0, fit)
     try:
         with MetricsCollector(out) as metrics:
-            elapsed = await replay(requests, target, metrics, seed=seed, fit=fitted)
+            elapsed = await replay(requests, target, metrics, seed=seed, fit=fitted,
+                                   prompts=prompts)
             summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name=f"replay {trace.name}")
     finally:
         await target.close()

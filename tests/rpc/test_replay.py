@@ -79,3 +79,32 @@ async def test_replay_fits_requests_longer_than_the_context_by_the_rule(tmp_path
     else:  # 64 / 140 of each, rounded down
         assert long["status"] == "finished"
         assert (int(long["input_tokens"]), int(long["generated_tokens"])) == (18, 45)
+
+
+async def test_replay_with_task_prompts_sends_each_requests_task_text_greedily(tmp_path):
+    from emoe.core.workload import read_trace
+    from emoe.engine.reference.prompts import TaskPrompts
+    from emoe.rpc.local import REFERENCE_CHECKPOINT
+    from emoe.rpc.replay import GrpcTarget
+
+    trace = tmp_path / "trace.csv"
+    with trace.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["arrival_s", "input_tokens", "output_tokens", "task"])
+        writer.writerows(TRACE[:3])
+    prompts = TaskPrompts.for_checkpoint(REFERENCE_CHECKPOINT)
+    backend = FakeBackend(max_context=64)
+    backend._vocab = 960  # the reference model's ids are valid here
+    sent = {}
+    add = backend.add_request
+
+    def received(request_id, prompt, sampling):
+        sent[request_id.rpartition("-")[2]] = (prompt, sampling.temperature)
+        add(request_id, prompt, sampling)
+
+    backend.add_request = received
+    async with serving([backend]) as server:
+        target = GrpcTarget(EmoeClient(f"127.0.0.1:{server.port}"), temperature=0.0)
+        assert await replay_file(trace, target, prompts=prompts) == 0
+    for request in read_trace(trace):  # what emoe record-routing --trace records
+        assert sent[request.id] == (prompts(request), 0.0)
