@@ -85,3 +85,33 @@ def test_ingress_grows_with_the_streams_running_and_egress_with_the_tokens_strea
     # "b" made its first token in a step that also streamed "a"'s: two tokens out
     b = next(r for r in ended if r.id == "b")
     assert b.first_token_at - server_side["b"][0] == pytest.approx(EGRESS + 2 * PER_STREAM_OUT)
+
+
+def test_emoe_sim_reports_requests_as_the_client_of_a_served_engine_sees_them(served,
+                                                                              tmp_path):
+    """Through ``simulate`` (what ``emoe sim --profile`` and ``emoe fidelity`` run): a lone
+    request's TTFT and E2E are the engine's plus its way in and its tokens' way out."""
+    import dataclasses
+
+    import pandas as pd
+
+    from emoe.sim.runner import Workload, simulate
+
+    trace = tmp_path / "one.csv"
+    trace.write_text("arrival_s,input_tokens,output_tokens,task\n0.5,8,3,qa\n")
+    doc = json.loads(served.profile.read_text())
+    doc["serving"].update(ingress_s=0.0, egress_s=0.0, ingress_per_stream_s=0.0,
+                          egress_per_stream_s=0.0)
+    engine_only = tmp_path / "no-path.json"
+    engine_only.write_text(json.dumps(doc))
+    rows = {}
+    for name, config in (("served", served),
+                         ("engine", dataclasses.replace(served, profile=engine_only))):
+        simulate(config, Workload(trace=trace), out=tmp_path / f"{name}.csv")
+        rows[name] = pd.read_csv(tmp_path / f"{name}.csv").iloc[0]
+    served_row, engine_row = rows["served"], rows["engine"]
+    assert served_row["arrival_s"] == engine_row["arrival_s"] == pytest.approx(0.5)
+    way = INGRESS + EGRESS + PER_STREAM_OUT  # idle server; each step streams one token
+    assert served_row["ttft_s"] - engine_row["ttft_s"] == pytest.approx(way)
+    assert served_row["e2e_s"] - engine_row["e2e_s"] == pytest.approx(way)
+    assert served_row["tpot_s"] == pytest.approx(engine_row["tpot_s"])
