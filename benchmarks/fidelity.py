@@ -1,18 +1,24 @@
 """How far the simulator is off on the engine it models: issue 14's goal, in one command.
 
-    .venv/bin/python benchmarks/fidelity.py [--out DIR] [--limit N] [--quick]
+    .venv/bin/python benchmarks/fidelity.py [--out DIR] [--limit N] [--profile FILE] [--quick]
 
 On the reference model with one engine thread:
 1. ``emoe profile --threads 1``: the engine as served on this machine;
 2. ``emoe fidelity`` on the built-in trace and on the Azure code trace, both scaled to the
-   model's 256-token context (``--fit scale``) and to a rate the engine sustains, under four
-   policies (fcfs/emoe scheduling x all/lru planner), with the task SLOs scaled to this
-   model (``SLO_SCALE``: the defaults are for Mixtral-8x7B on a GPU);
-3. prints one table: simulated vs measured p50/p90 of TTFT and E2E (relative error), SLO
-   attainment (points), goodput, whether the goodput rankings agree, against the goal (within
-   10% / 3 points / same ranking), with the load average before and after.
+   model's 256-token context (``--fit scale``) and to a rate the engine sustains, under six
+   policies (fcfs/emoe scheduling x all/lru/emoe planner; lru and emoe keep 5 of 8 experts
+   per layer), with the task SLOs scaled to this model (``SLO_SCALE``: the defaults are for
+   Mixtral-8x7B on a GPU); replay sends task prompts whose routing is recorded first, so
+   both sides see the same routing;
+3. prints, per trace, one table: simulated vs measured p50/p90 of TTFT and E2E (relative
+   error), SLO attainment (points), goodput, against the goal (within 10% / 3 points), expert
+   hit rate, MB of experts loaded and predictor calls on both sides (load-independent but for
+   the batches that timing forms); whether the goodput rankings agree; and the load average
+   before and after that trace's runs.
 
-Everything is written to ``--out`` (profile, per-request rows, CDF plots, JSON reports). The
+A fresh profile is measured for every run (the load it ran under is in its provenance)
+unless ``--profile`` names one. Everything is written to ``--out`` (profile, per-request rows,
+CDF plots, JSON reports, ``summary.json``). The
 measured side runs on this machine's cores: run it on a quiet machine (the load average is
 printed) for numbers that say something about the simulator rather than the neighbours.
 """
@@ -43,7 +49,7 @@ WORKLOADS = (  # name, trace, rate scale
     ("built-in", REPO / "traces/mixed-tasks-poisson.csv", 6.0),
     ("azure-code", CODE_TRACE, 3.0),
 )
-POLICIES = ("--scheduler", "fcfs,emoe", "--experts", "all,lru")
+POLICIES = ("--scheduler", "fcfs,emoe", "--experts", "all,lru,emoe")
 GOAL_REL, GOAL_POINTS = 0.10, 3.0
 
 
@@ -56,8 +62,8 @@ def base_policy(path: Path) -> Path:
     return path
 
 
-def row(workload: str, name: str, p: dict) -> list[str]:
-    cells = [workload, name]
+def row(name: str, p: dict) -> list[str]:
+    cells = [name]
     misses = 0
     for metric in ("ttft", "e2e"):
         for q in ("p50", "p90"):
@@ -71,7 +77,23 @@ def row(workload: str, name: str, p: dict) -> list[str]:
     cells.append(f"{100 * slo['sim']:.1f}/{100 * slo['real']:.1f} ({slo['diff_points']:+.1f})")
     cells.append(f"{p['goodput_rps']['sim']:.2f}/{p['goodput_rps']['real']:.2f}")
     cells.append("met" if not misses else f"{misses} off")
+    hit, loaded, calls = p["hit_rate"], p["bytes_loaded"], p["predictor_calls"]
+    cells.append("/".join("-" if v is None else f"{100 * v:.1f}" for v in (hit["sim"], hit["real"]))
+                 + (f" ({hit['diff_points']:+.1f})" if hit["diff_points"] is not None else ""))
+    cells.append("/".join("-" if v is None else f"{v / 1e6:.0f}"
+                          for v in (loaded["sim"], loaded["real"])))
+    cells.append(f"{calls['sim']}/{calls['real']}")
     return cells
+
+
+HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real",
+          "E2E p90 sim/real", "SLO % sim/real (pts)", "goodput sim/real",
+          f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)", "hit % sim/real (pts)",
+          "MB loaded sim/real", "predictor calls sim/real"]
+
+
+def _load(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()
-    profile = out / "profile.json"
-    if not profile.exists() or args.reprofile:
+    profile = args.profile or out / "profile.json"
+    if args.profile is None:
         assert main(["profile", "--threads", "1", "--out", str(profile)]) == 0
     policy = base_policy(out / "base-policy.json")
-    policies = POLICIES if not args.quick else ("--scheduler", "fcfs,emoe", "--experts", "all")
+    policies = POLICIES if not args.quick else ("--scheduler", "fcfs", "--experts", "all,lru,emoe")
     reports = {}
     for name, trace, rate in WORKLOADS:
         if not trace.exists():
@@ -99,28 +121,28 @@ def run(args: argparse.Namespace) -> int:
         reports[name] = json.loads(report.read_text())
     load_after = os.getloadavg()
 
-    rows, agreement = [], []
-    for name, doc in reports.items():
-        for policy_name, p in doc["policies"].items():
-            rows.append(row(name, policy_name, p))
-        pairs = doc["ranking"]["pairs"]
-        agreement.append(f"{name}: simulated {' > '.join(doc['ranking']['sim'])}; measured "
-                         f"{' > '.join(doc['ranking']['real'])}: "
-                         f"{'agree' if doc['rank_agreement'] else 'DISAGREE'} "
-                         f"({len(pairs['same'])} pairs alike, {len(pairs['opposite'])} "
-                         f"opposite, {len(pairs['tied'])} tied on one side)")
     print()
     print(f"fidelity on {profile} ({args.limit} requests per trace, SLOs x{SLO_SCALE}, "
-          f"--fit scale), {time.time() - started:.0f} s")
-    print(format_table(["trace", "policy", "TTFT p50 sim/real", "TTFT p90 sim/real",
-                        "E2E p50 sim/real", "E2E p90 sim/real", "SLO % sim/real (pts)",
-                        "goodput sim/real", f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)"],
-                       rows))
-    print("ranking by goodput: " + "; ".join(agreement))
-    print(f"load average before {' '.join(f'{v:.2f}' for v in load_before)}, after "
-          f"{' '.join(f'{v:.2f}' for v in load_after)} ({os.cpu_count()} cores)")
+          f"--fit scale, task prompts with recorded routing), {time.time() - started:.0f} s; "
+          f"load average before {_load(load_before)}, after {_load(load_after)} "
+          f"({os.cpu_count()} cores)")
+    summary = {}
+    for (name, trace, rate), doc in ((w, reports[w[0]]) for w in WORKLOADS if w[0] in reports):
+        rows = [row(policy_name, p) for policy_name, p in doc["policies"].items()]
+        pairs = doc["ranking"]["pairs"]
+        agreement = (f"simulated {' > '.join(doc['ranking']['sim'])}; measured "
+                     f"{' > '.join(doc['ranking']['real'])}: "
+                     f"{'agree' if doc['rank_agreement'] else 'DISAGREE'} "
+                     f"({len(pairs['same'])} pairs alike, {len(pairs['opposite'])} "
+                     f"opposite, {len(pairs['tied'])} tied on one side)")
+        load = doc["load_average"]
+        print(f"\n{name} ({trace.name} x{rate:g} rate)")
+        print(format_table(HEADER, rows))
+        print(f"ranking by goodput: {agreement}")
+        print(f"load average before {_load(load['before'])}, after {_load(load['after'])}")
+        summary[name] = {"rows": rows, "agreement": agreement, "load_average": load}
     (out / "summary.json").write_text(json.dumps({
-        "rows": rows, "agreement": agreement, "load_average": {
+        "header": HEADER, "traces": summary, "load_average": {
             "before": load_before, "after": load_after}}, indent=2) + "\n")
     return 0
 
@@ -129,7 +151,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "out" / "fidelity")
     parser.add_argument("--limit", type=int, default=300, help="requests per trace")
-    parser.add_argument("--quick", action="store_true", help="two policies (a smoke run)")
-    parser.add_argument("--reprofile", action="store_true",
-                        help="measure a new profile even if --out has one")
+    parser.add_argument("--quick", action="store_true",
+                        help="fcfs with each planner only (a smoke run)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="use this engine profile (default: measure one now)")
     sys.exit(run(parser.parse_args()))
