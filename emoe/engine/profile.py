@@ -416,5 +416,7 @@ def run(args: argparse.Namespace) -> int:
         s = profile.serving
         print(f"serving path: engine steps x{s.engine_scale:.2f} when served, "
               f"{s.step_s * 1e6:.0f} us per step, {s.token_s * 1e6:.0f} us per streamed token, "
-              f"{s.ingress_s * 1e3:.2f} ms in, {s.egress_s * 1e3:.2f} ms out")
+              f"{s.ingress_s * 1e3:.2f} ms in + {s.ingress_per_stream_s * 1e6:.0f} us per stream "
+              f"running, {s.egress_s * 1e3:.2f} ms out + {s.egress_per_stream_s * 1e6:.0f} us "
+              f"per token the step streamed")
     return 0
