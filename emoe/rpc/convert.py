@@ -64,11 +64,19 @@ def result_to_proto(r: StepResult) -> wpb.ExecuteStepResponse:
         compute_s=r.compute_s, load_wait_s=r.load_wait_s, predictor_s=r.predictor_s,
         bytes_loaded=r.bytes_loaded, fetched_on_miss=keys_to_proto(r.fetched_on_miss),
         evicted_on_miss=keys_to_proto(r.evicted_on_miss))
-    for request_id, counts in r.routing.items():
-        a = np.asarray(counts)
-        response.routing[request_id].CopyFrom(wpb.RoutingCounts(
-            num_layers=a.shape[0], num_experts=a.shape[1], counts=a.astype(np.int64).ravel().tolist()))
+    for field, routing in ((response.routing, r.routing),
+                           (response.decode_routing, r.decode_routing)):
+        for request_id, counts in routing.items():
+            a = np.asarray(counts)
+            field[request_id].CopyFrom(wpb.RoutingCounts(
+                num_layers=a.shape[0], num_experts=a.shape[1],
+                counts=a.astype(np.int64).ravel().tolist()))
     return response
+
+
+def _routing_from_proto(routing) -> dict[str, np.ndarray]:
+    return {rid: np.asarray(c.counts, dtype=np.int64).reshape(c.num_layers, c.num_experts)
+            for rid, c in routing.items()}
 
 
 def result_from_proto(m: wpb.ExecuteStepResponse, started_at: float, finished_at: float) -> StepResult:
@@ -80,8 +88,8 @@ def result_from_proto(m: wpb.ExecuteStepResponse, started_at: float, finished_at
             finished=o.finished, finish_reason=o.finish_reason, expert_hits=o.expert_hits,
             expert_misses=o.expert_misses, weighted_hits=o.weighted_hits,
             weighted_choices=o.weighted_choices, error=o.error) for o in m.outputs],
-        routing={rid: np.asarray(c.counts, dtype=np.int64).reshape(c.num_layers, c.num_experts)
-                 for rid, c in m.routing.items()},
+        routing=_routing_from_proto(m.routing),
+        decode_routing=_routing_from_proto(m.decode_routing),
         compute_s=m.compute_s, load_wait_s=m.load_wait_s, predictor_s=m.predictor_s,
         bytes_loaded=m.bytes_loaded,
         fetched_on_miss=[(k.layer, k.expert) for k in m.fetched_on_miss],

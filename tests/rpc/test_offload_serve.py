@@ -147,6 +147,43 @@ async def test_worker_serves_the_planner_to_a_remote_scheduler(tmp_path, checkpo
     assert replica_resident == backend.experts.cache.resident()
 
 
+async def test_a_remote_workers_planner_learns_from_generated_tokens(tmp_path,
+                                                                    checkpoint):  # noqa: F811
+    """`serve --worker`: the routing of each finished request's generated tokens crosses the
+    worker protocol (ExecuteStepResponse.decode_routing) and reaches the scheduler's planner,
+    as with an in-process engine, not only its prompt's routing."""
+    path = policy_file(tmp_path, "emoe", checkpoint.name)
+    args = parse("worker", "--checkpoint", str(checkpoint), "--max-batch-size", "4",
+                 "--policy", path, "--expert-budget", "0.5")
+    worker = WorkerServer(cli._local_backend(args, PolicyConfig.from_file(path)), Listen(port=0))
+    await worker.start()
+    observed: list[tuple[str, str, object]] = []
+    try:
+        target = f"127.0.0.1:{worker.port}"
+        async with serving([RemoteBackend(target)], policy=PolicyConfig.from_file(path),
+                           remote_workers=(target,)) as server, connected(server) as client:
+            planner = server.service.replicas[0]._scheduler.planner
+            observe = planner.observe_routing
+
+            def recording(task, routing, phase="prefill"):
+                observed.append((task, phase, routing))
+                observe(task, routing, phase)
+
+            planner.observe_routing = recording
+            await asyncio.gather(*(client.complete(
+                [3 + i, 40, 50, 7], task=task, max_tokens=6, ignore_eos=True, temperature=0.0)
+                for i, task in enumerate(("qa", "summarization"))))
+            info = server.service.replicas[0].info.model
+    finally:
+        await worker.stop()
+    decode = {task: routing for task, phase, routing in observed if phase == "decode"}
+    assert sorted(decode) == ["qa", "summarization"]
+    assert sorted(task for task, phase, _ in observed if phase == "prefill") == sorted(decode)
+    for routing in decode.values():  # 5 generated tokens fed back, top-k experts in each layer
+        assert routing.shape == (info.num_layers, info.num_experts)
+        assert (routing.sum(axis=1) == 5 * info.top_k).all()
+
+
 async def test_planner_all_keeps_every_expert_resident(checkpoint):  # noqa: F811
     args = parse("serve", "--checkpoint", str(checkpoint), "--max-batch-size", "4")
     policy = PolicyConfig()

@@ -140,8 +140,15 @@ class RoutingCounts(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ExecuteStepResponse(_message.Message):
-    __slots__ = ("step_s", "iterations", "outputs", "routing", "compute_s", "load_wait_s", "predictor_s", "bytes_loaded", "fetched_on_miss", "evicted_on_miss")
+    __slots__ = ("step_s", "iterations", "outputs", "routing", "compute_s", "load_wait_s", "predictor_s", "bytes_loaded", "fetched_on_miss", "evicted_on_miss", "decode_routing")
     class RoutingEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: RoutingCounts
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[RoutingCounts, _Mapping]] = ...) -> None: ...
+    class DecodeRoutingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +165,7 @@ class ExecuteStepResponse(_message.Message):
     BYTES_LOADED_FIELD_NUMBER: _ClassVar[int]
     FETCHED_ON_MISS_FIELD_NUMBER: _ClassVar[int]
     EVICTED_ON_MISS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ROUTING_FIELD_NUMBER: _ClassVar[int]
     step_s: float
     iterations: int
     outputs: _containers.RepeatedCompositeFieldContainer[RequestStepOutput]
@@ -168,4 +176,5 @@ class ExecuteStepResponse(_message.Message):
     bytes_loaded: int
     fetched_on_miss: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     evicted_on_miss: _containers.RepeatedCompositeFieldContainer[ExpertKey]
-    def __init__(self, step_s: _Optional[float] = ..., iterations: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., routing: _Optional[_Mapping[str, RoutingCounts]] = ..., compute_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., predictor_s: _Optional[float] = ..., bytes_loaded: _Optional[int] = ..., fetched_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., evicted_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
+    decode_routing: _containers.MessageMap[str, RoutingCounts]
+    def __init__(self, step_s: _Optional[float] = ..., iterations: _Optional[int] = ..., outputs: _Optional[_Iterable[_Union[RequestStepOutput, _Mapping]]] = ..., routing: _Optional[_Mapping[str, RoutingCounts]] = ..., compute_s: _Optional[float] = ..., load_wait_s: _Optional[float] = ..., predictor_s: _Optional[float] = ..., bytes_loaded: _Optional[int] = ..., fetched_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., evicted_on_miss: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., decode_routing: _Optional[_Mapping[str, RoutingCounts]] = ...) -> None: ...
