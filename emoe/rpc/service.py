@@ -402,7 +402,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
     def server_info(self) -> pb.ServerInfo:
         if self._info is None:
             raise Unavailable("the engine is not warm yet")
+        serving, why = self.health()
         return pb.ServerInfo(
+            serving=serving, not_serving_reason=why,
             version=emoe.__version__, model=model_info(self._info), policy=self.config.policy,
             tasks=[pb.TaskInfo(name=t.name, ttft_s=t.slo.ttft_s, tpot_s=t.slo.tpot_s,
                                keywords=list(t.keywords)) for t in self.config.tasks.values()],

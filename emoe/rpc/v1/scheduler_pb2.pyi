@@ -127,7 +127,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "model", "policy", "tasks", "default_task", "max_queue", "default_max_tokens", "workers", "policy_in_force")
+    __slots__ = ("version", "model", "policy", "tasks", "default_task", "max_queue", "default_max_tokens", "workers", "policy_in_force", "serving", "not_serving_reason")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class ServerInfo(_message.Message):
     DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_IN_FORCE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    NOT_SERVING_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: ModelInfo
     policy: str
@@ -146,7 +148,9 @@ class ServerInfo(_message.Message):
     default_max_tokens: int
     workers: _containers.RepeatedScalarFieldContainer[str]
     policy_in_force: PolicyInfo
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., policy: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., default_task: _Optional[str] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., policy_in_force: _Optional[_Union[PolicyInfo, _Mapping]] = ...) -> None: ...
+    serving: bool
+    not_serving_reason: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., policy: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., default_task: _Optional[str] = ..., max_queue: _Optional[int] = ..., default_max_tokens: _Optional[int] = ..., workers: _Optional[_Iterable[str]] = ..., policy_in_force: _Optional[_Union[PolicyInfo, _Mapping]] = ..., serving: _Optional[bool] = ..., not_serving_reason: _Optional[str] = ...) -> None: ...
 
 class PolicyInfo(_message.Message):
     __slots__ = ("scheduling", "planner", "predictor", "prediction_interval", "expert_budget_bytes", "experts_per_layer", "miss_policy", "sensitivity_source", "memory_budget_bytes", "max_num_seqs", "max_batch_tokens", "source", "tuned_for")
