@@ -51,8 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="longest text prompt, checked before tokenizing (default: 16 "
                             "characters per token of the model's context)")
     serve.add_argument("--step-timeout", type=float, default=60.0,
-                       help="with --worker: seconds a step may take before its worker is "
-                            "marked down (default 60)")
+                       help="seconds a step may take before its engine (in-process, or a "
+                            "--worker) is marked down (default 60)")
     serve.add_argument("--worker-timeout", type=float, default=3.0,
                        help="with --worker: seconds a worker may leave a health check "
                             "unanswered before it is marked down (default 3)")
@@ -161,6 +161,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads of the engine (default: torch's choice, one per core)")
     p.add_argument("--fake-step-delay", type=float, default=0.0,
                    help="seconds per step of the fake backend")
+    p.add_argument("--engine-timeout", type=float, default=10.0,
+                   help="seconds a step may go without entering a model layer before the "
+                        "engine counts as hung (default 10): its requests end UNAVAILABLE and "
+                        "it serves again once the step returns")
     p.add_argument("--expert-budget", metavar="BUDGET",
                    help="expert cache size when the policy's planner is not 'all': bytes "
                         "(64MiB) or a fraction of all experts (0.5, 50%%); default: the "
@@ -248,7 +252,7 @@ def _local_backend(args: argparse.Namespace, policy=None):
 
         return FakeBackend(step_delay_s=args.fake_step_delay, max_running=args.max_batch_size)
     from emoe.core.policy_file import PolicyConfig
-    from emoe.rpc.local import REFERENCE_CHECKPOINT, LocalEngineBackend
+    from emoe.rpc.local import DEFAULT_STEP_TIMEOUT_S, REFERENCE_CHECKPOINT, LocalEngineBackend
 
     from emoe.core.paths import resolve_path
 
@@ -263,9 +267,12 @@ def _local_backend(args: argparse.Namespace, policy=None):
 
     policy.check_model(model_spec_from(checkpoint))  # before the model loads
     offload = _offload(args, policy)
+    step_timeout = getattr(args, "step_timeout", None)  # a worker's: its scheduler's flag
     return LocalEngineBackend(checkpoint, device=args.device, dtype=args.dtype,
                               max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                              offload=offload, threads=args.threads)
+                              offload=offload, threads=args.threads,
+                              step_timeout_s=step_timeout or DEFAULT_STEP_TIMEOUT_S,
+                              stall_timeout_s=args.engine_timeout)
 
 
 def _setup_logging(level: str) -> None:

@@ -3,21 +3,74 @@
 Steps run on one dedicated thread, so the event loop stays responsive while torch computes;
 the loop never adds or removes requests while a step runs (see backend.py), so the engine is
 only ever touched by one thread at a time.
+
+A step that hangs (a deadlocked kernel, a transfer that never completes) is found by its
+progress: every decoder layer the step enters is a heartbeat, and a step that goes
+``stall_timeout_s`` without one, or runs longer than ``step_timeout_s`` in all, marks the
+engine lost (BackendUnavailable: the server fails its requests with UNAVAILABLE and says why).
+A thread cannot be stopped from outside, so the engine stays lost until that step returns;
+then ``start`` resets it (every request dropped, the expert cache resynchronised) and it
+serves again. The engine thread is a daemon: a step that never returns does not keep the
+process from exiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from emoe.core.errors import ConfigError
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
-from emoe.rpc.backend import BackendInfo, SamplingParams
+from emoe.rpc.backend import BackendInfo, BackendUnavailable, SamplingParams
 from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "engine" / "reference" / "emoe-tiny"
+DEFAULT_STEP_TIMEOUT_S = 60.0
+DEFAULT_STALL_TIMEOUT_S = 10.0
+WATCH_INTERVAL_S = 0.1  # how often a running step's progress is looked at
+
+log = logging.getLogger(__name__)
+
+
+class EngineThread:
+    """Runs calls one after another on a daemon thread of its own."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def stop(self, wait: bool) -> None:
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
 
 
 class LocalEngineBackend:
@@ -25,26 +78,45 @@ class LocalEngineBackend:
 
     With ``offload`` (a policy whose planner is not ``all``) the engine keeps its experts in
     an ``OffloadedExperts`` slot cache and carries out each plan's load/evict lists; ``experts``
-    is that executor once started (None: every expert resident).
+    is that executor once started (None: every expert resident). ``step_timeout_s`` and
+    ``stall_timeout_s``: when a step counts as hung (module docstring).
     """
 
     def __init__(self, checkpoint: Path, device: str = "cpu", dtype: str | None = None,
                  max_batch_size: int = 16, max_seq_len: int | None = None,
-                 offload: OffloadConfig | None = None, threads: int | None = None):
+                 offload: OffloadConfig | None = None, threads: int | None = None,
+                 step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+                 stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S):
         self.name = f"local:{checkpoint.name}"
         self.threads = threads
+        self.step_timeout_s, self.stall_timeout_s = step_timeout_s, stall_timeout_s
         self._checkpoint = checkpoint
         self._device, self._dtype = device, dtype
         self._max_batch_size, self._max_seq_len = max_batch_size, max_seq_len
         self._offload = offload if offload is not None and offload.enabled else None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emoe-engine")
+        self._thread = EngineThread("emoe-engine")
         self._engine = None
+        self._info: BackendInfo | None = None
+        self._beat = 0.0  # time.monotonic() when the running step last entered a layer
+        self._hung: asyncio.Future | None = None  # the step that stopped making progress
+        self._hung_reason = ""
         self.experts = None
         self.draining = False
 
     async def start(self) -> BackendInfo:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._load)
+        """Loads and warms up the model; after a hung step, waits for it to return and
+        brings the engine back (every request dropped)."""
+        if self._info is None:
+            self._info = await self._thread.run(self._load)
+            return self._info
+        if self._hung is not None:
+            await asyncio.wait((self._hung,))
+        try:
+            resident = await self.recover()
+        except Exception as exc:  # noqa: BLE001 - the loop retries
+            raise BackendUnavailable(f"cannot be reset after a hung step: "
+                                     f"{type(exc).__name__}: {exc}") from exc
+        return dataclasses.replace(self._info, resident=resident)
 
     def _load(self) -> BackendInfo:
         import torch
@@ -68,6 +140,8 @@ class LocalEngineBackend:
         else:
             engine = self._offloaded_engine(folder)
         engine.warm_up()
+        for layer in engine.model.layers:
+            layer.register_forward_pre_hook(self._heartbeat)
         self._engine = engine
         cfg = engine.config
         dtype = str(engine.dtype).removeprefix("torch.")
@@ -118,21 +192,50 @@ class LocalEngineBackend:
     def add_request(self, request_id: str, prompt: list[int], sampling: SamplingParams) -> None:
         from emoe.engine.sampling import SamplingParams as EngineSampling
 
+        if self._hung is not None:
+            raise BackendUnavailable(self._hung_reason)
+
         self._engine.add_request(request_id, prompt, EngineSampling(
             max_new_tokens=sampling.max_tokens, temperature=sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
             stop_token_ids=sampling.stop_token_ids, ignore_eos=sampling.ignore_eos))
 
     def remove_request(self, request_id: str) -> None:
-        self._engine.abort(request_id)
+        if self._hung is None:  # else the hung step owns the engine; start() drops everything
+            self._engine.abort(request_id)
+
+    def _heartbeat(self, module: Any, args: Any) -> None:
+        self._beat = time.monotonic()
 
     async def execute(self, plan: StepPlan) -> StepResult:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._engine.execute, plan)
+        if self._hung is not None:
+            raise BackendUnavailable(self._hung_reason)
+        started = self._beat = time.monotonic()
+        step = asyncio.wrap_future(self._thread.submit(self._engine.execute, plan))
+        while not (await asyncio.wait((step,), timeout=WATCH_INTERVAL_S))[0]:
+            now = time.monotonic()
+            if now - self._beat > self.stall_timeout_s:
+                why = (f"a step made no progress (entered no model layer) for "
+                       f"{now - self._beat:.1f} s (--engine-timeout {self.stall_timeout_s:g} s)")
+            elif now - started > self.step_timeout_s:
+                why = f"a step ran past --step-timeout ({self.step_timeout_s:g} s)"
+            else:
+                continue
+            self._hung, self._hung_reason = step, f"hung: {why}; it serves again once the step returns"
+            raise BackendUnavailable(self._hung_reason)
+        return step.result()
 
     async def recover(self) -> tuple[ExpertKey, ...]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._recover)
+        """Also after a hung step, once it returned (BackendUnavailable while it runs)."""
+        hung = self._hung
+        if hung is not None:
+            if not hung.done():
+                raise BackendUnavailable(self._hung_reason)
+            failed = None if hung.cancelled() else hung.exception()
+            log.warning("engine %s: the hung step returned%s; resetting the engine", self.name,
+                        f" ({type(failed).__name__}: {failed})" if failed else "")
+            self._hung = None
+        return await self._thread.run(self._recover)
 
     def _recover(self) -> tuple[ExpertKey, ...]:
         self._engine.reset()
@@ -148,7 +251,7 @@ class LocalEngineBackend:
         """In-process: answers whenever the loop asks."""
 
     async def close(self) -> None:
-        self._thread.shutdown(wait=True, cancel_futures=True)
+        self._thread.stop(wait=self._hung is None)
         self._engine = None
 
 

@@ -15,8 +15,8 @@ import grpc
 
 from emoe.core.plan import RequestStepOutput
 from emoe.rpc import convert
-from emoe.rpc.backend import Backend, BackendInfo
-from emoe.rpc.errors import FailedPrecondition
+from emoe.rpc.backend import Backend, BackendInfo, BackendUnavailable
+from emoe.rpc.errors import FailedPrecondition, Unavailable
 from emoe.rpc.v1 import worker_pb2 as wpb
 from emoe.rpc.v1 import worker_pb2_grpc
 
@@ -58,7 +58,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
         async with self._lock:
             self._held.clear()
             self._update_idle()
-            resident = await self._backend.recover()
+            try:
+                resident = await self._backend.recover()
+            except BackendUnavailable as exc:  # its engine is hung in a step
+                raise Unavailable(f"engine {self._backend.name}: {exc}") from None
         return wpb.ResetResponse(resident=convert.keys_to_proto(resident))
 
     async def ExecuteStep(self, request: wpb.ExecuteStepRequest,
@@ -86,7 +89,10 @@ class WorkerService(worker_pb2_grpc.WorkerServiceServicer):
             if refused:
                 plan.prefill = [c for c in plan.prefill if c.request_id not in refused]
                 plan.decode = [r for r in plan.decode if r not in refused]
-            result = await self._backend.execute(plan)
+            try:
+                result = await self._backend.execute(plan)
+            except BackendUnavailable as exc:  # hung: the scheduler fails its requests, retries
+                raise Unavailable(f"engine {self._backend.name}: {exc}") from None
             for out in result.outputs:
                 if out.finished:
                     self._backend.remove_request(out.request_id)
