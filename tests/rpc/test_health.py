@@ -250,3 +250,37 @@ async def test_a_hung_in_process_engine_is_marked_down_and_serves_again_when_its
     assert info_after.serving and info_after.not_serving_reason == ""
     assert after.token_ids == before.token_ids and len(after.token_ids) == 6
     assert engine.num_requests == 0 and engine.cache.num_free == 4
+
+
+async def test_a_worker_whose_engine_hangs_in_a_step_is_marked_down_and_back(
+        checkpoint):  # noqa: F811
+    """`serve --worker` over a worker whose engine hangs (its process still answers health):
+    the worker says UNAVAILABLE and why, the scheduler fails the streams and reconnects once
+    the step returns."""
+    from emoe.rpc.server import Listen, WorkerServer
+
+    backend = LocalEngineBackend(checkpoint, max_batch_size=4, stall_timeout_s=1.0)
+    worker = WorkerServer(backend, Listen(port=0))
+    await worker.start()
+    try:
+        target = f"127.0.0.1:{worker.port}"
+        async with serving([RemoteBackend(target)], remote_workers=(target,)) as server, \
+                connected(server) as client:
+            hang = Hang(backend)
+            call = client.stream(generate_request([3, 4], max_tokens=200, ignore_eos=True))
+            assert (await call.read()).token_ids
+            hang.armed.set()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(_read_all(call), 15)
+            await _until(lambda: _is(client, NOT_SERVING), 5)
+            reason = (await client.server_info()).not_serving_reason
+            hang.release.set()
+            await client.wait_serving(timeout=15)
+            after = await client.complete([3, 4], max_tokens=4, ignore_eos=True)
+    finally:
+        hang.release.set()
+        await worker.stop()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no progress" in err.value.details()
+    assert target in reason and "no progress" in reason
+    assert after.completion.output_tokens == 4
