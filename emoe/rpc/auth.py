@@ -125,10 +125,13 @@ def authorization(metadata) -> str | bytes | None:
 
 
 def _deny(message: str) -> grpc.RpcMethodHandler:
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+    """Refuses a call without reading its request message (a request-streaming handler: gRPC
+    reads no message for it), whatever its size."""
+
+    async def deny(requests: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    return grpc.unary_unary_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):

@@ -4,8 +4,9 @@ Service code raises a :class:`ServiceError` subclass (or lets an ``EmoeError`` t
 :class:`ErrorInterceptor` turns it into a status with a message that says what was wrong and,
 for bad input, names the field (also sent as trailing metadata ``emoe-field``). Anything else
 is logged with its traceback and reaches the client as INTERNAL with an incident id: never
-UNKNOWN, never a stack trace. The interceptor also parses request messages itself, so one that
-is not valid protobuf is INVALID_ARGUMENT. Messages never echo more than ``MAX_ECHO_CHARS`` of
+UNKNOWN, never a stack trace. The interceptor also reads and parses request messages itself:
+one at a time per receive slot (``emoe.rpc.intake``: the bound on the memory requests take),
+and one that is not valid protobuf is INVALID_ARGUMENT. Messages never echo more than ``MAX_ECHO_CHARS`` of
 a client's input (:func:`clip`), and no status message exceeds ``MAX_DETAILS_CHARS``.
 """
 
@@ -16,11 +17,14 @@ import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from emoe.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from emoe.rpc.intake import Intake
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +143,46 @@ def _take(parse: Callable[[bytes], Any], raw: bytes) -> tuple[Any, ServiceError 
         return None, exc.with_traceback(None)
 
 
-def _wrap_unary(behavior: Callable[..., Awaitable[Any]], parse: Callable[[bytes], Any]
-                ) -> Callable[..., Awaitable[Any]]:
-    async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+async def _receive(context: grpc.aio.ServicerContext, parse: Callable[[bytes], Any],
+                   intake: "Intake") -> Any:
+    """The call's next request message, read and parsed in a receive slot; grpc.aio.EOF after
+    the last."""
+    async with intake.slot():
+        raw = await intake.read(context.read())
+        if raw is grpc.aio.EOF:
+            return raw
+        request, refusal = _take(parse, raw)
+        del raw
+    if refusal is not None:
+        raise refusal
+    return request
+
+
+def _receiver(parse: Callable[[bytes], Any], intake: "Intake", streaming: bool
+              ) -> Callable[[grpc.aio.ServicerContext], Awaitable[Any]]:
+    """What a handler is given: its one request message, or (``streaming``) an iterator of
+    them, each read in a receive slot."""
+
+    async def requests(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        while (request := await _receive(context, parse, intake)) is not grpc.aio.EOF:
+            yield request
+
+    async def receive(context: grpc.aio.ServicerContext) -> Any:
+        if streaming:
+            return requests(context)
+        request = await _receive(context, parse, intake)
+        if request is grpc.aio.EOF:
+            raise InvalidArgument("request", "the call ended before its request message")
+        return request
+
+    return receive
+
+
+def _wrap_unary_response(behavior: Callable[..., Awaitable[Any]],
+                         receive: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request_iterator: object, context: grpc.aio.ServicerContext) -> Any:
         try:
-            request, refusal = _take(parse, raw)
-            del raw
-            if refusal is not None:
-                raise refusal
-            return await behavior(request, context)
+            return await behavior(await receive(context), context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - this is the one place that maps them all
@@ -156,18 +191,16 @@ def _wrap_unary(behavior: Callable[..., Awaitable[Any]], parse: Callable[[bytes]
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[..., Any], parse: Callable[[bytes], Any]) -> Callable[..., Any]:
+def _wrap_stream_response(behavior: Callable[..., Any], receive: Callable[..., Awaitable[Any]]
+                          ) -> Callable[..., Any]:
     if not inspect.isasyncgenfunction(behavior):
         # a handler that writes with context.write (grpc_health's Watch) and returns nothing
-        return _wrap_unary(behavior, parse)
+        return _wrap_unary_response(behavior, receive)
 
-    async def wrapped(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapped(request_iterator: object, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[Any]:
         try:
-            request, refusal = _take(parse, raw)
-            del raw
-            if refusal is not None:
-                raise refusal
-            async for message in behavior(request, context):
+            async for message in behavior(await receive(context), context):
                 yield message
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
@@ -177,25 +210,31 @@ def _wrap_stream(behavior: Callable[..., Any], parse: Callable[[bytes], Any]) ->
     return wrapped
 
 
-def _wrap(handler: grpc.RpcMethodHandler, max_bytes: int | None) -> grpc.RpcMethodHandler:
-    parse = _parser(handler.request_deserializer, max_bytes)
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary, parse),
+def _wrap(handler: grpc.RpcMethodHandler, max_bytes: int | None,
+          intake: "Intake") -> grpc.RpcMethodHandler:
+    """``handler`` as a request-streaming handler that reads its requests itself (see
+    emoe.rpc.intake), with every exception mapped to a status."""
+    receive = _receiver(_parser(handler.request_deserializer, max_bytes), intake,
+                        handler.request_streaming)
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream_response(handler.unary_stream or handler.stream_stream, receive),
             response_serializer=handler.response_serializer)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream(handler.unary_stream, parse),
-            response_serializer=handler.response_serializer)
-    return handler
+    return grpc.stream_unary_rpc_method_handler(
+        _wrap_unary_response(handler.unary_unary or handler.stream_unary, receive),
+        response_serializer=handler.response_serializer)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary-unary and unary-stream handlers to status codes, and refuses
-    request messages over ``max_message_bytes``."""
+    """Maps the exceptions of every handler to status codes, reads request messages through
+    ``intake``'s receive slots, and refuses those over ``max_message_bytes``."""
 
-    def __init__(self, max_message_bytes: int | None = None) -> None:
+    def __init__(self, max_message_bytes: int | None = None,
+                 intake: "Intake | None" = None) -> None:
+        from emoe.rpc.intake import Intake
+
         self._max_bytes = max_message_bytes
+        self._intake = intake if intake is not None else Intake()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -209,5 +248,5 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        wrapped = self._wrapped[method] = _wrap(handler, self._max_bytes)
+        wrapped = self._wrapped[method] = _wrap(handler, self._max_bytes, self._intake)
         return wrapped

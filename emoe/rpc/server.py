@@ -27,6 +27,7 @@ from emoe.core.specs import HardwareSpec
 from emoe.rpc.auth import BearerTokenInterceptor, TokenTable
 from emoe.rpc.backend import Backend, BackendInfo
 from emoe.rpc.errors import ErrorInterceptor
+from emoe.rpc.intake import Intake
 from emoe.rpc.memory import MemoryKeeper
 from emoe.rpc.metrics import ServiceMetrics
 from emoe.rpc.metrics_http import MetricsServer
@@ -48,6 +49,12 @@ SERVER_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.max_send_message_length", 64 << 20),
+    # A stream's receive window stays at 64 KiB until its handler reads the message; BDP
+    # probing would widen every window to megabytes, so that a flood of calls waiting for a
+    # receive slot would hold megabytes each (emoe.rpc.intake).
+    ("grpc.http2.bdp_probe", 0),
+    # Each connection holds buffers (~0.1 MiB measured); past this many, new ones are closed.
+    ("grpc.max_allowed_incoming_connections", 1024),
 )
 
 
@@ -107,18 +114,20 @@ def _check_free(host: str, port: int) -> None:
                                   f"{exc.strerror}") from None
 
 
-def build_server(listen: Listen, services: tuple[str, ...], max_message_bytes: int
+def build_server(listen: Listen, services: tuple[str, ...], max_message_bytes: int,
+                 intake: Intake | None = None
                  ) -> tuple[grpc.aio.Server, int, health_aio.HealthServicer]:
     """A grpc.aio server with auth, error mapping, health (NOT_SERVING) and reflection, bound
-    to ``listen``; returns it, the bound port and its health servicer. Errors that stop it
-    from listening (unreadable certificates, a port in use) are ConfigErrors."""
+    to ``listen``, reading request messages through ``intake``'s receive slots; returns it,
+    the bound port and its health servicer. Errors that stop it from listening (unreadable
+    certificates, a port in use) are ConfigErrors."""
     limit = listen.max_message_bytes or max_message_bytes
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if listen.auth is not None:
         interceptors.append(BearerTokenInterceptor(listen.auth))
-    interceptors.append(ErrorInterceptor(limit))
+    interceptors.append(ErrorInterceptor(limit, intake))
     # gRPC's own refusal of an oversized message comes 100-300 ms after the message arrived
-    # (measured, grpcio 1.85); up to TRANSPORT_LIMIT the message is taken and the interceptor
+    # (measured, grpcio 1.85); up to TRANSPORT_LIMIT the message is read and the interceptor
     # refuses it at once. Beyond, gRPC discards it as it arrives.
     options = (*SERVER_OPTIONS, ("grpc.max_receive_message_length",
                                  max(limit, min(5 * limit, TRANSPORT_LIMIT))))
@@ -202,6 +211,7 @@ class SchedulerServer:
                                max_message_bytes=listen.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES,
                                max_prompt_chars=max_prompt_chars, auth=listen.auth)
         self.service = SchedulerService(config, replicas, self.metrics, list(remote_workers))
+        self.intake = Intake()  # the receive slots of both front doors
         self._metrics_port = metrics_port
         self._metrics_host = metrics_host
         self._metrics_http: MetricsServer | None = None
@@ -236,7 +246,7 @@ class SchedulerServer:
     async def start(self) -> None:
         services = (SCHEDULER_SERVICE,)
         self._server, self.port, self._health = build_server(
-            self.listen, services, self.service.config.max_message_bytes)
+            self.listen, services, self.service.config.max_message_bytes, self.intake)
         scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(self.service, self._server)
         await _set_health(self._health, services, False)
         if self._metrics_port is not None:
@@ -252,7 +262,8 @@ class SchedulerServer:
 
             try:
                 self.http = HttpFrontDoor(self.service, self.metrics.registry, host, port,
-                                          ssl_context=self.listen.ssl_context())
+                                          ssl_context=self.listen.ssl_context(),
+                                          intake=self.intake)
                 await self.http.start()
             except BaseException:
                 await self._server.stop(None)

@@ -137,3 +137,100 @@ def test_memory_keeper_trims_when_the_server_grew_past_its_slack(monkeypatch):
     # baseline 100: 150 is within the slack; 400 -> trim (freed 280); 130 fine; 500 -> trim
     # (freed 20: little, so it looks again later); 470 -> trim; then within the slack
     assert trims == [0, 0, 0]
+
+
+async def _until(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_request_messages_are_read_a_few_at_a_time(monkeypatch):
+    """One receive slot: a call whose message has not arrived holds it, the next call waits
+    for it, a call beyond ``max_waiting`` is refused at once, the holder is refused once its
+    message is ``timeout_s`` late, and the waiting call is then served."""
+    from emoe.rpc import intake, server as server_module
+    from emoe.rpc.v1 import scheduler_pb2 as pb
+
+    monkeypatch.setattr(server_module, "Intake",
+                        lambda: intake.Intake(slots=1, max_waiting=1, timeout_s=1.0))
+    async with serving() as server, connected(server) as client:
+        slots = server.intake
+        never = asyncio.Event()
+
+        async def nothing():  # a request stream that sends no message
+            await never.wait()
+            yield pb.GenerateRequest()
+
+        generate = client.channel.stream_stream(
+            "/emoe.v1.SchedulerService/Generate",
+            request_serializer=pb.GenerateRequest.SerializeToString,
+            response_deserializer=pb.GenerateResponse.FromString)
+        holder = generate(nothing())
+        await _until(slots._free.locked)
+        waiting = asyncio.create_task(client.complete([3, 4], max_tokens=2))
+        await _until(lambda: slots.waiting == 1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.complete([3, 4], max_tokens=2)
+        with pytest.raises(grpc.aio.AioRpcError) as late:
+            await holder.read()
+        served = await asyncio.wait_for(waiting, 10)
+        never.set()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == "request: 1 requests are waiting to be read; retry later"
+    assert late.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert late.value.details() == "request: the message did not arrive within 1 s"
+    assert served.completion.output_tokens == 2
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, bytes."""
+    fields = {}
+    for line in open(f"/proc/{pid}/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) << 10
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def test_a_flood_of_oversized_messages_takes_bounded_memory():
+    """48 clients, each on its own connection, send a 16 MiB prompt at once to `emoe serve`:
+    the server's peak memory grows by what its receive slots hold (4 messages of at most 5x
+    the message limit, a few copies each), not by what 48 messages would (before: 3.6x each,
+    about 2.7 GB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from emoe.rpc.intake import RECEIVE_SLOTS
+
+    from .conftest import emoe_process, free_port, stop_process
+
+    port = free_port()
+    server = emoe_process("serve", "--backend", "fake", "--port", str(port), "--metrics-port",
+                          "0", "--log-level", "WARNING")
+    address = f"127.0.0.1:{port}"
+    raw = generate_request("x" * (16 << 20), max_tokens=1).SerializeToString()
+
+    def send(_: int) -> grpc.StatusCode:
+        options = [("grpc.max_send_message_length", 1 << 30),
+                   ("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        with grpc.insecure_channel(address, options=options) as channel:
+            try:
+                for _ in channel.unary_stream("/emoe.v1.SchedulerService/Generate")(raw, timeout=60):
+                    pass
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        ready = _memory(server.pid)[0]
+        with ThreadPoolExecutor(48) as pool:
+            codes = set(pool.map(send, range(48)))
+        peak = _memory(server.pid)[1]
+    finally:
+        stop_process(server)
+    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert peak - ready < RECEIVE_SLOTS * 4 * (20 << 20)

@@ -36,6 +36,7 @@ from emoe.rpc.errors import InvalidArgument, ServiceError, Unavailable, clip
 from emoe.rpc.http.chat import ChatTemplate, ChatTemplateError
 from emoe.rpc.http.output import OutputText
 from emoe.rpc.http.protocol import Params, choice, parse, response, usage
+from emoe.rpc.intake import Intake
 from emoe.rpc.metrics import Outcome
 from emoe.rpc.replica import RequestStream
 from emoe.rpc.service import SchedulerService
@@ -141,8 +142,10 @@ class HttpFrontDoor:
     """The HTTP server; ``start`` binds ``host``:``port`` (0: any free port, see ``port``)."""
 
     def __init__(self, service: SchedulerService, registry: CollectorRegistry, host: str,
-                 port: int, *, ssl_context: ssl.SSLContext | None = None):
+                 port: int, *, ssl_context: ssl.SSLContext | None = None,
+                 intake: Intake | None = None):
         self.service = service
+        self._intake = intake if intake is not None else Intake()
         self._registry = registry
         self._host, self._requested_port = host, port
         self._ssl = ssl_context
@@ -211,13 +214,15 @@ class HttpFrontDoor:
                                          if r.info is not None))
         return self._model
 
-    @staticmethod
-    async def _body(request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidArgument("body", f"not valid JSON: {exc}") from None
+    async def _body(self, request: web.Request) -> Any:
+        """The request's JSON body, read and parsed in a receive slot (emoe.rpc.intake)."""
+        async with self._intake.slot():
+            raw = await self._intake.read(request.read())
+            try:
+                return json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                error = InvalidArgument("body", f"not valid JSON: {exc}")
+        raise error
 
     # -- endpoints ---------------------------------------------------------------------------
 
