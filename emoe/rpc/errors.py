@@ -107,7 +107,20 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
         details = details[:MAX_DETAILS_CHARS - 3] + "..."
     if trailing:
         context.set_trailing_metadata(trailing)
+    _drop_frames(exc)
     await context.abort(code, details)
+
+
+def _drop_frames(exc: BaseException | None) -> None:
+    """Drops the tracebacks of ``exc`` and the exceptions it chains to. gRPC keeps an abort,
+    and so the exception it was raised in, in a reference cycle until the collector runs;
+    the frames of a traceback hold the handler's locals (the parsed request, its text: up to
+    the message limit each), which would stay in memory with it."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _parser(deserializer: Callable[[bytes], Any] | None,

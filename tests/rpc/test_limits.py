@@ -195,11 +195,13 @@ def _memory(pid: int) -> tuple[int, int]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
-def test_a_flood_of_oversized_messages_takes_bounded_memory():
-    """48 clients, each on its own connection, send a 16 MiB prompt at once to `emoe serve`:
-    the server's peak memory grows by what its receive slots hold (4 messages of at most 5x
-    the message limit, a few copies each), not by what 48 messages would (before: 3.6x each,
-    about 2.7 GB)."""
+def test_floods_of_large_messages_take_bounded_memory():
+    """48 clients, each on its own connection, send at once to `emoe serve`: 48 prompts of
+    16 MiB (over the message limit), then 96 of 4 MiB less 1 KiB (inside it; the prompt is
+    refused for its length once parsed). The server's peak memory grows by what its receive
+    slots hold (4 messages of at most 5x the message limit, a few copies each), not by what
+    the flood sends (before: ~3.6x each 16 MiB message held at once; each refused 4 MiB
+    request kept in memory by its exception until the garbage collector ran)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from emoe.rpc.intake import RECEIVE_SLOTS
@@ -210,27 +212,36 @@ def test_a_flood_of_oversized_messages_takes_bounded_memory():
     server = emoe_process("serve", "--backend", "fake", "--port", str(port), "--metrics-port",
                           "0", "--log-level", "WARNING")
     address = f"127.0.0.1:{port}"
-    raw = generate_request("x" * (16 << 20), max_tokens=1).SerializeToString()
 
-    def send(_: int) -> grpc.StatusCode:
-        options = [("grpc.max_send_message_length", 1 << 30),
-                   ("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
-        with grpc.insecure_channel(address, options=options) as channel:
-            try:
-                for _ in channel.unary_stream("/emoe.v1.SchedulerService/Generate")(raw, timeout=60):
-                    pass
-            except grpc.RpcError as exc:
-                return exc.code()
-        return grpc.StatusCode.OK
+    def flood(raw: bytes, sends: int) -> tuple[set[grpc.StatusCode], int]:
+        """The codes, and how far the server's peak memory rose above its size before."""
+        def send(_: int) -> grpc.StatusCode:
+            options = [("grpc.max_send_message_length", 1 << 30),
+                       ("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+            with grpc.insecure_channel(address, options=options) as channel:
+                try:
+                    for _ in channel.unary_stream("/emoe.v1.SchedulerService/Generate")(
+                            raw, timeout=60):
+                        pass
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        before = _memory(server.pid)[0]
+        with open(f"/proc/{server.pid}/clear_refs", "w") as refs:
+            refs.write("5")  # resets the peak (VmHWM)
+        with ThreadPoolExecutor(48) as pool:
+            codes = set(pool.map(send, range(sends)))
+        return codes, _memory(server.pid)[1] - before
 
     try:
         with grpc.insecure_channel(address) as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
-        ready = _memory(server.pid)[0]
-        with ThreadPoolExecutor(48) as pool:
-            codes = set(pool.map(send, range(48)))
-        peak = _memory(server.pid)[1]
+        over = flood(generate_request("x" * (16 << 20), max_tokens=1).SerializeToString(), 48)
+        inside = flood(generate_request("x" * ((4 << 20) - 1024), max_tokens=1)
+                       .SerializeToString(), 96)
     finally:
         stop_process(server)
-    assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert peak - ready < RECEIVE_SLOTS * 4 * (20 << 20)
+    slots = RECEIVE_SLOTS * 4 * (20 << 20)  # each: the transport limit, a few copies
+    assert over[0] == {grpc.StatusCode.RESOURCE_EXHAUSTED} and over[1] < slots
+    assert inside[0] == {grpc.StatusCode.INVALID_ARGUMENT} and inside[1] < slots // 2
