@@ -15,15 +15,19 @@ child process and, from this process:
    call's, from send to status) while they run; the innocents' largest gap between two
    messages in either phase. Goal: the 16 MiB prompt refused within 50 ms, the other streams
    not stalled (a gap like the one without the prompts).
-3. memory: 4 clients at once send each of: text of 4 MiB less 1 KiB (just inside the message
-   limit), 16 MiB, 64 MiB and 256 MiB, and 1,000,000 token ids, 3 times each; the server's
-   peak resident memory (VmHWM) over the whole run. Goal: under 1 GiB.
+3. memory: N = 4, 16, 64 clients, each on a connection of its own, send a 16 MiB prompt at
+   once; the server's peak resident memory for each N (VmHWM, reset before each through
+   /proc/PID/clear_refs). Then a flood: 16 clients at once send each of: text of 4 MiB less
+   1 KiB (just inside the message limit), 20 MiB less 1 KiB (just inside the transport limit,
+   the most a receive slot holds), 16, 64 and 256 MiB, and 1,000,000 token ids, 3 times each.
+   Goal: the server's peak over the whole run under 1 GiB.
 Prints one table with the machine's load average (timings on a shared machine are noisy).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
@@ -70,9 +74,26 @@ def largest_gap(innocents: Innocents) -> float:
     return max(r.max_gap_s for r in innocents.records)
 
 
-def memory(label: str, pid: int) -> tuple[str, str]:
-    rss, hwm = peak_rss(pid)
-    return label, f"{rss / MiB:.0f} MiB (peak so far {hwm / MiB:.0f} MiB)"
+class Memory:
+    """A process's resident memory, and its peak over every stretch measured."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak = pid, 0
+
+    def row(self, label: str) -> tuple[str, str]:
+        rss, hwm = peak_rss(self.pid)
+        self.peak = max(self.peak, hwm)
+        return label, f"{rss / MiB:.0f} MiB (peak so far {self.peak / MiB:.0f} MiB)"
+
+    def stretch(self, work) -> int:
+        """The peak while ``work()`` runs (since the start where VmHWM cannot be reset)."""
+        self.row("")
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")  # resets VmHWM
+        work()
+        hwm = peak_rss(self.pid)[1]
+        self.peak = max(self.peak, hwm)
+        return hwm
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -123,18 +144,20 @@ def timed_refusals(channel, raw: bytes, times: int) -> tuple[list[float], set[st
     return samples, codes
 
 
-def flood(channel, inputs: list[bytes], clients: int, repeats: int) -> set[str]:
-    call = channel.unary_stream("/emoe.v1.SchedulerService/Generate")
+def flood(address: str, inputs: list[bytes], clients: int, repeats: int = 1) -> set[str]:
+    """Each input sent by ``clients`` at once, each on a connection of its own."""
     codes: set[str] = set()
     lock = threading.Lock()
+    options = [("grpc.max_send_message_length", 1 << 30), ("grpc.use_local_subchannel_pool", 1)]
 
     def send(raw: bytes) -> None:
-        try:
-            for _ in call(raw, timeout=120):
-                pass
-            code = "OK"
-        except grpc.RpcError as exc:
-            code = exc.code().name
+        with grpc.insecure_channel(address, options=options) as channel:
+            try:
+                for _ in channel.unary_stream("/emoe.v1.SchedulerService/Generate")(raw, timeout=120):
+                    pass
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
         with lock:
             codes.add(code)
 
@@ -160,7 +183,8 @@ def main() -> int:
         started = time.monotonic()
         wait_serving(address, 300)
         rows.append(("server ready after", f"{time.monotonic() - started:.1f} s"))
-        rows.append(memory("server RSS when ready", server.pid))
+        memory = Memory(server.pid)
+        rows.append(memory.row("server RSS when ready"))
         with grpc.insecure_channel(address) as channel:
             stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
@@ -174,7 +198,7 @@ def main() -> int:
                                                f"{codes.get('UNKNOWN', 0)}"))
             rows.append(("innocent requests (failed)",
                          f"{len(innocents.records)} ({len(innocents.failures())})"))
-            rows.append(memory("server RSS after the fuzz", server.pid))
+            rows.append(memory.row("server RSS after the fuzz"))
 
             with Innocents(address, streams=args.innocent_streams) as innocents:
                 time.sleep(5)
@@ -197,18 +221,28 @@ def main() -> int:
             rows.append(("innocents meanwhile (failed)",
                          f"{len(innocents.records)} ({len(innocents.failures())}); largest gap "
                          f"between two messages {largest_gap(innocents) * 1e3:.0f} ms"))
-            rows.append(memory("server RSS after the oversized prompts", server.pid))
+            rows.append(memory.row("server RSS after the oversized prompts"))
 
+            for clients in (4, 16, 64):
+                codes: set[str] = set()
+                peak = memory.stretch(lambda: codes.update(flood(address, [sixteen], clients)))
+                rows.append((f"{clients} x 16 MiB at once: server peak",
+                             f"{peak / MiB:.0f} MiB ({', '.join(sorted(codes))})"))
+            del sixteen, one
             inputs = [generate_request("x" * (size - 1024), max_tokens=1).SerializeToString()
-                      for size in (4 * MiB,)]
+                      for size in (4 * MiB, 20 * MiB)]
             inputs += [generate_request("x" * size, max_tokens=1).SerializeToString()
                        for size in (16 * MiB, 64 * MiB, 256 * MiB)]
             inputs.append(generate_request([5] * 1_000_000, max_tokens=1).SerializeToString())
-            flood_codes = flood(channel, inputs, clients=4, repeats=3)
+            flood_codes: set[str] = set()
+            peak = memory.stretch(lambda: flood_codes.update(flood(address, inputs, 16, 3)))
+            del inputs
             after = stub.Generate(generate_request([5, 6, 7], max_tokens=3, ignore_eos=True))
-            rows.append(("oversized flood answers", ", ".join(sorted(flood_codes))))
+            rows.append(("flood (16 clients at once, every size): server peak",
+                         f"{peak / MiB:.0f} MiB ({', '.join(sorted(flood_codes))})"))
             rows.append(("a request after the flood", f"{sum(len(r.token_ids) for r in after)} tokens"))
-        rows.append(memory("server RSS after the flood", server.pid))
+        rows.append(memory.row("server RSS after the flood"))
+        rows.append(("server peak over the whole run", f"{memory.peak / MiB:.0f} MiB"))
     finally:
         server.terminate()
         server.wait(60)
