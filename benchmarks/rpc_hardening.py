@@ -16,8 +16,9 @@ child process and, from this process:
    messages in either phase. Goal: the 16 MiB prompt refused within 50 ms, the other streams
    not stalled (a gap like the one without the prompts).
 3. memory: N = 4, 16, 64 clients, each on a connection of its own, send a 16 MiB prompt at
-   once; the server's peak resident memory for each N (VmHWM, reset before each through
-   /proc/PID/clear_refs). Then a flood: 16 clients at once send each of: text of 4 MiB less
+   once, while the innocent streams run (their requests wait for a receive slot like any
+   other); the server's peak resident memory for each N (VmHWM, reset before each through
+   /proc/PID/clear_refs), the innocents' failures and largest gap. Then a flood: 16 clients at once send each of: text of 4 MiB less
    1 KiB (just inside the message limit), 20 MiB less 1 KiB (just inside the transport limit,
    the most a receive slot holds), 16, 64 and 256 MiB, and 1,000,000 token ids, 3 times each.
    Goal: the server's peak over the whole run under 1 GiB.
@@ -225,9 +226,12 @@ def main() -> int:
 
             for clients in (4, 16, 64):
                 codes: set[str] = set()
-                peak = memory.stretch(lambda: codes.update(flood(address, [sixteen], clients)))
+                with Innocents(address, streams=args.innocent_streams) as innocents:
+                    peak = memory.stretch(lambda: codes.update(flood(address, [sixteen], clients)))
                 rows.append((f"{clients} x 16 MiB at once: server peak",
-                             f"{peak / MiB:.0f} MiB ({', '.join(sorted(codes))})"))
+                             f"{peak / MiB:.0f} MiB ({', '.join(sorted(codes))}); innocents "
+                             f"{len(innocents.records)} ({len(innocents.failures())} failed), "
+                             f"largest gap {largest_gap(innocents) * 1e3:.0f} ms"))
             del sixteen, one
             inputs = [generate_request("x" * (size - 1024), max_tokens=1).SerializeToString()
                       for size in (4 * MiB, 20 * MiB)]
