@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIELD_METADATA_KEY = "emoe-field"
+HEALTH_METHODS = "/grpc.health.v1.Health/"
 MAX_ECHO_CHARS = 64
 MAX_DETAILS_CHARS = 1024
 
@@ -240,7 +241,8 @@ def _wrap(handler: grpc.RpcMethodHandler, max_bytes: int | None,
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps the exceptions of every handler to status codes, reads request messages through
-    ``intake``'s receive slots, and refuses those over ``max_message_bytes``."""
+    ``intake``'s receive slots (health checks through a slot of their own, so that a flood of
+    large requests does not delay them), and refuses those over ``max_message_bytes``."""
 
     def __init__(self, max_message_bytes: int | None = None,
                  intake: "Intake | None" = None) -> None:
@@ -248,6 +250,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
         self._max_bytes = max_message_bytes
         self._intake = intake if intake is not None else Intake()
+        self._health_intake = Intake(slots=1)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -261,5 +264,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        wrapped = self._wrapped[method] = _wrap(handler, self._max_bytes, self._intake)
+        intake = self._health_intake if method.startswith(HEALTH_METHODS) else self._intake
+        wrapped = self._wrapped[method] = _wrap(handler, self._max_bytes, intake)
         return wrapped

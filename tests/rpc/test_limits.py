@@ -17,6 +17,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from emoe.rpc.client import generate_request
 from emoe.rpc.errors import MAX_DETAILS_CHARS
@@ -149,8 +150,9 @@ async def _until(predicate, timeout: float = 10.0) -> None:
 @pytest.mark.anyio
 async def test_request_messages_are_read_a_few_at_a_time(monkeypatch):
     """One receive slot: a call whose message has not arrived holds it, the next call waits
-    for it, a call beyond ``max_waiting`` is refused at once, the holder is refused once its
-    message is ``timeout_s`` late, and the waiting call is then served."""
+    for it (a health check does not: it has a slot of its own), a call beyond ``max_waiting``
+    is refused at once, the holder is refused once its message is ``timeout_s`` late, and the
+    waiting call is then served."""
     from emoe.rpc import intake, server as server_module
     from emoe.rpc.v1 import scheduler_pb2 as pb
 
@@ -170,6 +172,7 @@ async def test_request_messages_are_read_a_few_at_a_time(monkeypatch):
             response_deserializer=pb.GenerateResponse.FromString)
         holder = generate(nothing())
         await _until(slots._free.locked)
+        health = await client.health(timeout=5)  # through a slot of its own
         waiting = asyncio.create_task(client.complete([3, 4], max_tokens=2))
         await _until(lambda: slots.waiting == 1)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -183,6 +186,7 @@ async def test_request_messages_are_read_a_few_at_a_time(monkeypatch):
     assert late.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert late.value.details() == "request: the message did not arrive within 1 s"
     assert served.completion.output_tokens == 2
+    assert health == health_pb2.HealthCheckResponse.SERVING
 
 
 def _memory(pid: int) -> tuple[int, int]:
