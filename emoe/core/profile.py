@@ -72,7 +72,8 @@ class StepTimes:
     ``table(tokens) + per_decode_s * decode + per_context_token_s * context``.
 
     ``table`` interpolates linearly between measured steps of ``tokens[i]`` tokens (one prompt,
-    no context) taking ``seconds[i]``, and extrapolates with the last segment's slope: it holds
+    no context) taking ``seconds[i]``, and extrapolates with the last segment's slope (the whole
+    table's where that one falls, never below flat): it holds
     the kernels' crossovers that a straight line misses (e.g. the fused expert kernel up to 64
     tokens). ``per_decode_s`` is what each decoding request adds over a prompt token (its own
     attention over its KV and its sampled row), ``per_context_token_s`` what each token of
@@ -90,6 +91,8 @@ class StepTimes:
             return ys[0]
         if tokens >= xs[-1]:
             slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            if slope < 0:  # a noisy last point (a loaded machine): the whole table's slope
+                slope = max(0.0, (ys[-1] - ys[0]) / (xs[-1] - xs[0]))
             return ys[-1] + slope * (tokens - xs[-1])
         return float(np.interp(tokens, xs, ys))
 

@@ -129,6 +129,10 @@ class World:
                 self._check_stop()
                 if self.stopped:
                     return
+            if result.finished_at < now:
+                raise SimulationError(f"t={now:.3f}s: the cost model made a step of "
+                                      f"{result.finished_at - now:.6f} s ({len(plan.prefill)} prefill chunks, "
+                                      f"{len(plan.decode)} decodes)")
             yield env.timeout(result.finished_at - now)
             finished = scheduler.on_step_done(result)
             if client is not None:
