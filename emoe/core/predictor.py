@@ -126,7 +126,7 @@ class FrequencyPredictor(ExpertPredictor):
             self._estimates[key] = (estimate * (1.0 - self.decay)
                                     + self.decay * self._normalised(queue[0]))
             return
-        observed = self._normalised(np.stack(queue))  # [k, layers, experts]
+        observed = self._normalised(np.array(queue))  # [k, layers, experts]
         k = len(queue)
         weights = self.decay * (1.0 - self.decay) ** np.arange(k - 1, -1, -1)
         if estimate is None:
@@ -134,11 +134,15 @@ class FrequencyPredictor(ExpertPredictor):
             estimate = np.zeros((self.num_layers, self.num_experts))
         else:
             estimate = estimate * (1.0 - self.decay) ** k
-        self._estimates[key] = estimate + np.tensordot(weights, observed, axes=1)
+        # sum_j weights[j] * observed[j], as one [1, k] x [k, layers * experts] product
+        folded = np.dot(weights.reshape(1, k), observed.reshape(k, -1))
+        self._estimates[key] = estimate + folded.reshape(self.num_layers, self.num_experts)
 
     def _normalised(self, counts: np.ndarray) -> np.ndarray:
         """Counts over the last axis (experts) as frequencies; uniform where none."""
         totals = counts.sum(axis=-1, keepdims=True)
+        if totals.min() > 0:
+            return counts / totals
         return np.divide(counts, totals, out=np.full_like(counts, 1.0 / self.num_experts),
                          where=totals > 0)
 

@@ -101,43 +101,56 @@ class SimBackend:
         if plan.evict or plan.load:
             self._version += 1
 
-        prefill_slots = _slots(self.routing.slot, [c.request_id for c in plan.prefill])
-        prefill_tokens = np.fromiter((c.num_tokens for c in plan.prefill), np.int64,
-                                     len(plan.prefill))
+        live, slot_of = self.live, self.routing.slot
+        completed: list[Request] = []  # requests whose chunk ends their prompt
+        if plan.prefill:
+            prefill_slots = np.array([slot_of[c.request_id] for c in plan.prefill], np.intp)
+            token_counts = [c.num_tokens for c in plan.prefill]
+            prefill_tokens = np.array(token_counts, np.int64)
+            prefill = sum(token_counts)
+            for chunk in plan.prefill:
+                request = live[chunk.request_id]
+                if chunk.start + chunk.num_tokens == request.input_tokens:
+                    completed.append(request)
+        else:
+            prefill_slots, prefill_tokens, prefill = _NO_SLOTS, _NO_TOKENS, 0
         if plan.decode is not self._decode_ids:
             self._decode_ids = plan.decode
-            self._decode_slots = _slots(self.routing.slot, plan.decode)
+            self._decode_slots = _slots(slot_of, plan.decode)
         decode_slots = self._decode_slots
         decode = len(decode_slots)
-        prefill = int(prefill_tokens.sum())
         context = memory.kv_tokens  # the KV held by running requests: what decodes attend to
 
-        first_tokens = sum(c.start + c.num_tokens == self.live[c.request_id].input_tokens
-                           for c in plan.prefill)
+        first_tokens = len(completed)
         result = StepResult(started_at=now, finished_at=now, predictor_s=predictor_s)
         result.decode_routing, self._decode_routing = self._decode_routing, {}
         if self._lru is not None:
             self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
                                       prefill_tokens, decode_slots, first_tokens)
         else:
+            cost = self.cost
             iterations = 1 if plan.prefill else plan.iterations
             if iterations > 1 and next_arrival < math.inf:
-                iterations = min(iterations, self.cost.iterations_within(
+                iterations = min(iterations, cost.iterations_within(
                     next_arrival - start, decode_tokens=decode, context_tokens=context,
                     resident_experts=memory.experts))
-            if len(prefill_slots):
+            if plan.prefill:
                 self.routing.count(prefill_slots, prefill_tokens, False, self.resident,
                                    self._version)
             if decode:
                 self.routing.count(decode_slots, iterations, True, self.resident, self._version)
-            first = self.cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
-                                     context_tokens=context, resident_experts=memory.experts)
-            compute = first if iterations == 1 else self.cost.step_s(
-                prefill_tokens=prefill, decode_tokens=decode, context_tokens=context,
-                resident_experts=memory.experts, iterations=iterations)
-            wait = self._load_wait(start, first, ready)
-            serving = self.cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
-                                          iterations=iterations)
+            compute = cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
+                                  context_tokens=context, resident_experts=memory.experts,
+                                  iterations=iterations)
+            if ready is None:
+                wait = 0.0
+            else:  # the first iteration waits for the loads
+                first = compute if iterations == 1 else cost.step_s(
+                    prefill_tokens=prefill, decode_tokens=decode, context_tokens=context,
+                    resident_experts=memory.experts)
+                wait = self._load_wait(start, first, ready)
+            serving = cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
+                                     iterations=iterations)
             result.iterations = iterations
             result.compute_s = compute
             result.load_wait_s = wait
@@ -145,10 +158,8 @@ class SimBackend:
         memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
         result.bytes_loaded += len(plan.load) * model.expert_bytes
 
-        for chunk in plan.prefill:
-            request = self.live[chunk.request_id]
-            if chunk.start + chunk.num_tokens == request.input_tokens:
-                result.routing[chunk.request_id] = self.routing.prefill_counts(request)
+        for request in completed:
+            result.routing[request.id] = self.routing.prefill_counts(request)
         return result
 
     def _load(self, keys: list[ExpertKey], now: float, issue_at: float) -> np.ndarray | None:
@@ -250,6 +261,10 @@ class SimBackend:
         result.compute_s = compute_total
         result.load_wait_s = wait_total
         result.finished_at = t
+
+
+_NO_SLOTS = np.zeros(0, dtype=np.intp)
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
 
 
 def _keys(mask: np.ndarray) -> list[ExpertKey]:

@@ -38,12 +38,13 @@ class GpuMemory:
     def change(self, now: float, *, experts: int = 0, kv_tokens: int = 0) -> None:
         """Add (or with negatives, free) experts and KV tokens at time ``now``; a change that
         would exceed the capacity raises and leaves the accounting as it was."""
-        used = (self.used + experts * self._expert_bytes + kv_tokens * self._kv_bytes_per_token)
+        before = self.used
+        used = (before + experts * self._expert_bytes + kv_tokens * self._kv_bytes_per_token)
         if used > self.capacity:
             raise CapacityExceeded(
                 f"t={now:.3f}s: {used} B would be in use ({self.experts + experts} experts, "
                 f"{self.kv_tokens + kv_tokens} KV tokens), over the {self.capacity} B capacity")
-        self._integral += self.used * (now - self._since)
+        self._integral += before * (now - self._since)
         self._since = now
         self.experts += experts
         self.kv_tokens += kv_tokens

@@ -28,6 +28,10 @@ if TYPE_CHECKING:  # pyarrow loads only when a routing trace is read
     from emoe.core.routing_trace import RoutingTrace
 
 
+def _with_sum(s: np.ndarray) -> tuple[np.ndarray, float]:
+    return s, s.sum()
+
+
 class RoutingSource(ABC):
     """Per-request routing and hit counters. Requests are admitted in arrival order."""
 
@@ -39,8 +43,10 @@ class RoutingSource(ABC):
         self.num_layers = model.num_layers
         self.num_experts = model.num_experts
         self.top_k = model.top_k
-        self._sensitivity = {t: np.asarray(s, dtype=np.float64) for t, s in sensitivity.items()}
-        self._uniform_sensitivity = np.ones(model.num_layers)
+        # per task: s over layers and its sum
+        self._sensitivity = {t: _with_sum(np.asarray(s, dtype=np.float64))
+                             for t, s in sensitivity.items()}
+        self._uniform_sensitivity = _with_sum(np.ones(model.num_layers))
         self.slot: dict[str, int] = {}
         self._retired: list[tuple[Request, int]] = []
         self._free: list[int] = []
@@ -58,9 +64,9 @@ class RoutingSource(ABC):
             self._grow(max(64, 2 * self._capacity))
         slot = self._free.pop()
         self.slot[request.id] = slot
-        sens = self._sensitivity.get(request.task, self._uniform_sensitivity)
+        sens, total = self._sensitivity.get(request.task, self._uniform_sensitivity)
         self._sens[slot] = sens
-        self._sens_sum[slot] = sens.sum()
+        self._sens_sum[slot] = total
         self._counts[slot] = 0.0
         self._assign(slot, request)
 
@@ -173,13 +179,15 @@ class SyntheticRouting(RoutingSource):
                  concentration: float = 0.3, shared: float = 0.5, prompt_noise: float = 0.2,
                  drift: float = 0.02):
         self._probs = np.zeros((0, model.num_layers, model.num_experts))
-        self._pending = np.zeros((0, 2))  # per slot: tokens to settle; of them, served all
+        self._pending = np.zeros(0)  # per slot: tokens to settle
+        self._pending_served = np.zeros(0)  # of them, served by their chosen expert (fetched)
         super().__init__(model, sensitivity)
         self._rng = np.random.default_rng([seed, 0x5EED])
         self._concentration = concentration
         self._draws = np.zeros((0, model.num_layers, model.num_experts))
         self._shared_weight, self._noise, self._drift = shared, prompt_noise, drift
         self._shared = self._draw()
+        self._shared_part = (shared * (1.0 - prompt_noise)) * self._shared
         self._own = {t: self._draw() for t in sorted(sensitivity)}
         self._mask = np.zeros((model.num_layers, model.num_experts))
         self._mask_version: int | None = None
@@ -188,14 +196,17 @@ class SyntheticRouting(RoutingSource):
         """One Dirichlet draw per layer, ``[layers, experts]``; drawn in blocks for speed."""
         if not len(self._draws):
             gammas = self._rng.standard_gamma(
-                self._concentration, (self._BLOCK, self.num_layers, self.num_experts)) + 1e-12
-            self._draws = gammas / gammas.sum(axis=2, keepdims=True)
+                self._concentration, (self._BLOCK, self.num_layers, self.num_experts))
+            gammas += 1e-12
+            gammas /= gammas.sum(axis=2, keepdims=True)
+            self._draws = gammas
         draw, self._draws = self._draws[0], self._draws[1:]
         return draw
 
     def _grown(self, old: int, new: int) -> None:
         self._probs = np.concatenate([self._probs, np.zeros((new - old,) + self._probs.shape[1:])])
-        self._pending = np.concatenate([self._pending, np.zeros((new - old, 2))])
+        self._pending = np.concatenate([self._pending, np.zeros(new - old)])
+        self._pending_served = np.concatenate([self._pending_served, np.zeros(new - old)])
 
     def _assign(self, slot: int, request: Request) -> None:
         own = self._own.get(request.task)
@@ -206,9 +217,9 @@ class SyntheticRouting(RoutingSource):
         own += self._drift * fresh
         probs = self._probs[slot]
         np.multiply(own, (1.0 - self._shared_weight) * (1.0 - self._noise), out=probs)
-        probs += (self._shared_weight * (1.0 - self._noise)) * self._shared
+        probs += self._shared_part
         probs += self._noise * fresh
-        self._pending[slot] = 0.0
+        self._pending[slot] = self._pending_served[slot] = 0.0
 
     def distribution(self, request_id: str) -> np.ndarray:
         """The request's ``[layers, experts]`` choice distribution (rows sum to 1)."""
@@ -224,28 +235,29 @@ class SyntheticRouting(RoutingSource):
 
     def count(self, slots, tokens, decode, resident, resident_version, served_all=False):
         if resident_version != self._mask_version:
-            self._settle(np.flatnonzero(self._pending[:, 0]))
+            self._settle(np.flatnonzero(self._pending))
             self._mask = resident.astype(np.float64)
             self._mask_version = resident_version
-        self._pending[slots, 0] += tokens
+        self._pending[slots] += tokens
         if served_all:
-            self._pending[slots, 1] += tokens
+            self._pending_served[slots] += tokens
 
     def _settle(self, slots: np.ndarray) -> None:
-        slots = slots[self._pending[slots, 0] > 0]
+        slots = slots[self._pending[slots] > 0]
         if not len(slots):
             return
-        choices = self._pending[slots] * self.top_k  # [S, 2]
+        choices = self._pending[slots] * self.top_k
+        served = self._pending_served[slots] * self.top_k
         mass = np.einsum("sle,le->sl", self._probs[slots], self._mask)  # [S, L]
         sens = self._sens[slots]
         counts = self._counts
-        counts[slots, 0] += choices[:, 0] * mass.sum(axis=1)
-        counts[slots, 1] += choices[:, 0] * self.num_layers
-        weighted_choices = choices[:, 0] * self._sens_sum[slots]
+        counts[slots, 0] += choices * mass.sum(axis=1)
+        counts[slots, 1] += choices * self.num_layers
+        weighted_choices = choices * self._sens_sum[slots]
         missed_mass = np.einsum("sl,sl->s", 1.0 - mass, sens)
-        counts[slots, 2] += weighted_choices - (choices[:, 0] - choices[:, 1]) * missed_mass
+        counts[slots, 2] += weighted_choices - (choices - served) * missed_mass
         counts[slots, 3] += weighted_choices
-        self._pending[slots] = 0.0
+        self._pending[slots] = self._pending_served[slots] = 0.0
 
     def touched(self, slots, tokens, decode):
         # Expected choices per expert, then P(chosen at least once) from a Poisson count.
