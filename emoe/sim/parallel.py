@@ -49,10 +49,7 @@ def run_tasks(fn: Callable[[T], R], tasks: Sequence[T], *, jobs: int | None = No
             if on_done:
                 on_done(len(results))
         return results
-    methods = multiprocessing.get_all_start_methods()
-    # fork: workers start at once with emoe already imported (the simulator holds no threads)
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with ProcessPoolExecutor(jobs, mp_context=_worker_context(fn)) as pool:
         futures = [pool.submit(fn, task) for task in tasks]
         pending = set(futures)
         try:
@@ -67,6 +64,19 @@ def run_tasks(fn: Callable[[T], R], tasks: Sequence[T], *, jobs: int | None = No
                 future.cancel()
             raise
         return [future.result() for future in futures]
+
+
+def _worker_context(fn: Callable) -> multiprocessing.context.BaseContext:
+    """Workers forked from a fresh server process (``forkserver``) that has imported ``fn``'s
+    module once, else spawned. Never a fork of the caller: a process holding other threads
+    (torch's, grpc's, a test runner's) may be forked while one of them holds a lock, and the
+    child then waits on it forever."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    if fn.__module__ != "__main__":
+        context.set_forkserver_preload([fn.__module__])  # only before the server starts
+    return context
 
 
 def _on_ray(fn: Callable[[T], R], tasks: Sequence[T], address: str,

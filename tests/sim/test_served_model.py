@@ -1,8 +1,5 @@
 """Simulating the model that serves: a model folder as --model, its recorded routing, its
-context (requests that do not fit are rejected with the server's reason).
-
-Runs of several configurations use ``--jobs 1``: ``emoe sim`` forks its workers, and a fork of
-this test process, which earlier tests left holding torch's and grpc's threads, can hang."""
+context (requests that do not fit are rejected with the server's reason)."""
 
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ def test_the_engines_routing_trace_replays_in_the_simulator_of_its_model(tmp_pat
     summary = tmp_path / "runs.json"
     rc = main(["sim", "--model", str(REFERENCE), "--routing-trace", str(ROUTING),
                "--scheduler", "fcfs", "--experts", "emoe,lru", "--duration", "60",
-               "--fit", "scale", "--json", str(summary), "--no-progress", "--jobs", "1"])
+               "--fit", "scale", "--json", str(summary), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "SIMULATED emoe-tiny" in printed and "routing trace" in printed
@@ -36,7 +33,7 @@ def test_the_engines_routing_trace_replays_in_the_simulator_of_its_model(tmp_pat
 
 
 def test_a_routing_trace_of_another_model_is_refused_naming_both(capsys):
-    assert main(["sim", "--routing-trace", str(ROUTING), "--duration", "5", "--jobs", "1",
+    assert main(["sim", "--routing-trace", str(ROUTING), "--duration", "5",
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "recorded for 4 layers x 8 experts" in err and "mixtral-8x7b has 32 x 8" in err
