@@ -87,12 +87,10 @@ class DecodeTargets:
     ``tpot`` later per token once G rests at its floor. ``join``/``leave`` are O(1).
     """
 
-    _JOIN, _EXPECTED, _FIRST, _TPOT = range(4)
-
     def __init__(self) -> None:
         self._slot: dict[str, int] = {}
         self._ids: list[str] = []
-        self._data = np.empty((4, 64))
+        self._data = np.empty((5, 64))  # per request: join, expected, first, tpot, floor of G
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -104,7 +102,8 @@ class DecodeTargets:
         size = len(self._ids)
         if size == self._data.shape[1]:
             self._data = np.concatenate([self._data, np.empty_like(self._data)], axis=1)
-        self._data[:, size] = (join_iter, expected_output, first_token_at, tpot_s)
+        self._data[:, size] = (join_iter, expected_output, first_token_at, tpot_s,
+                               REMAINING_FLOOR * expected_output)
         self._slot[request_id] = size
         self._ids.append(request_id)
 
@@ -118,10 +117,10 @@ class DecodeTargets:
 
     def at(self, iterations: int) -> tuple[np.ndarray, np.ndarray]:
         """(G, SLO target time) per decoding request after ``iterations`` decode iterations."""
-        join, expected, first, tpot = self._data[:, :len(self._ids)]
+        join, expected, first, tpot, floor = self._data[:, :len(self._ids)]
         generated = (iterations + 1) - join
         left = expected - generated
-        remaining = np.where(left > 0, left, REMAINING_FLOOR * expected)
+        remaining = np.where(left > 0, left, floor)
         return remaining, first + tpot * (generated + remaining - 1)
 
 

@@ -142,7 +142,7 @@ class Scheduler:
         self._num_waiting = 0
         self._seq = 0
         self._decoding: dict[str, _Entry] = {}
-        self._decode_ids: list[str] = []
+        self._decode_ids: list[str] | None = []  # None: to rebuild from _decoding
         self._partial: _Entry | None = None
         self._iters = 0
         self._max_end: list[tuple[int, int, _Entry]] = []
@@ -194,14 +194,13 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; one that can never fit in memory is rejected in the next plan."""
-        where = f"request {request.id!r}"
         if request.id in self._entries:
-            raise RequestError(f"{where}: id already waiting or running")
+            raise RequestError(f"request {request.id!r}: id already waiting or running")
         if request.input_tokens < 1:
-            raise RequestError(f"{where}: field 'input_tokens' must be >= 1, "
+            raise RequestError(f"request {request.id!r}: field 'input_tokens' must be >= 1, "
                                f"got {request.input_tokens}")
         if request.output_tokens < 1:
-            raise RequestError(f"{where}: field 'output_tokens' must be >= 1, "
+            raise RequestError(f"request {request.id!r}: field 'output_tokens' must be >= 1, "
                                f"got {request.output_tokens}")
         task = get_task(request.task, self.tasks)
         expected = request.expected_output_tokens or task.mean_output_tokens
@@ -267,6 +266,8 @@ class Scheduler:
         that reports after every iteration; None for a simulator)."""
         if self._inflight is not None:
             raise RuntimeError("next_step called before on_step_done for the plan in flight")
+        if self._decode_ids is None:
+            self._decode_ids = list(self._decoding)
         plan = StepPlan(decode=self._decode_ids)
         if self._rejected:
             plan.rejected, self._rejected = self._rejected, []
@@ -316,7 +317,7 @@ class Scheduler:
                 self.planner.observe_routing(task, counts, "decode")
         self.planner.observe_step(result)
         if result.compute_s > 0:
-            prefill_tokens = sum(chunk.num_tokens for chunk in plan.prefill)
+            prefill_tokens = sum([chunk.num_tokens for chunk in plan.prefill])
             self.cost.observe_step(prefill_tokens, len(plan.decode), iterations,
                                    result.compute_s)
 
@@ -466,7 +467,7 @@ class Scheduler:
         request = entry.request
         request.generated_tokens = 1
         self._decoding[request.id] = entry
-        self._decode_ids = list(self._decoding)
+        self._decode_ids = None
         self._seq += 1
         heapq.heappush(self._max_end,
                        (entry.join_iter + request.output_tokens - 1, self._seq, entry))
@@ -485,8 +486,10 @@ class Scheduler:
         request = entry.request
         request.generated_tokens = self._generated(entry)
         request.status, request.finished_at, request.reason = RequestStatus.FINISHED, at, reason
-        self._outputs.setdefault(request.task, deque(maxlen=OUTPUT_WINDOW)).append(
-            request.generated_tokens)
+        outputs = self._outputs.get(request.task)
+        if outputs is None:
+            outputs = self._outputs[request.task] = deque(maxlen=OUTPUT_WINDOW)
+        outputs.append(request.generated_tokens)
         self._just_finished[request.id] = request.task
         del self._entries[request.id]
         self._release(entry)
@@ -499,7 +502,7 @@ class Scheduler:
         self._demand[request.task][0] -= 1
         self._demand[request.task][1] -= request.input_tokens
         if self._decoding.pop(request.id, None) is not None:
-            self._decode_ids = list(self._decoding)
+            self._decode_ids = None
             live = len(self._decoding)
             _compact(self._max_end, live, self._is_decoding)
             if self.policy.uses_estimates:

@@ -43,7 +43,8 @@ class QuantileSketch:
             raise ValueError(f"quantile sketch takes values >= 0, got {value}")
         self.count += 1
         self.total += value
-        self.max = max(self.max, value)
+        if value > self.max:
+            self.max = value
         self._counts[self._bucket(value)] += 1
         if self._exact is not None:
             self._exact.append(value)
