@@ -57,10 +57,12 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
     results, names = [results[i] for i in order], [names[i] for i in order]
     points = ax.scatter(memory, accuracy, c=colour, cmap="viridis", s=60, zorder=3)
     fig.colorbar(points, ax=ax, label=axis_name)
-    for r, x, y, name in zip(results, memory, accuracy, names):
-        if r.pareto:
-            ax.scatter([x], [y], s=180, facecolors="none", edgecolors="black", zorder=4)
-            ax.annotate(name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    front = [(x, y, name) for r, x, y, name in zip(results, memory, accuracy, names)
+             if r.pareto]
+    if front:
+        ax.scatter([x for x, _, _ in front], [y for _, y, _ in front], s=180,
+                   facecolors="none", edgecolors="black", zorder=4)
+        _label_points(ax, front)
     ax.set_xlabel("GPU memory for weights: non-expert + resident experts (GiB)")
     ax.set_ylabel("accuracy proxy (%)")
     ax.set_title("accuracy vs memory; ringed: Pareto front", fontsize=10)
@@ -90,7 +92,7 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
             if quantiles and not math.isnan(quantiles[0]):
                 fractions = [i / (len(quantiles) - 1) for i in range(len(quantiles))]
                 ax.plot([scale * q for q in quantiles], fractions, label=name)
-        ax.set_xscale("log")
+        _log_x(ax)
         ax.set_xlabel(unit + ", log scale")
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{unit.split()[0]} CDF of the Pareto front"
@@ -106,6 +108,51 @@ def _whatif(results: Sequence, names: list[str], directory: Path, title: str,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+LABEL_LINES = 4
+"""Names listed in one label of points that coincide; more are counted."""
+CLOSE_PIXELS = 12
+"""Points this close (in the figure, both ways) share one label."""
+
+
+def _label_points(ax, points: Sequence[tuple[float, float, str]]) -> None:
+    """One label per spot, listing every configuration whose point lies within a few pixels
+    (points that coincide would otherwise print their names over each other), beside the spot
+    on the side with more room."""
+    ax.autoscale_view()
+    to_pixels = ax.transData.transform
+    spots: list[tuple[tuple[float, float], tuple[float, float], list[str]]] = []
+    for x, y, name in points:
+        px, py = to_pixels((x, y))
+        for (sx, sy), _, group in spots:
+            if abs(px - sx) <= CLOSE_PIXELS and abs(py - sy) <= CLOSE_PIXELS:
+                group.append(name)
+                break
+        else:
+            spots.append(((px, py), (x, y), [name]))
+    low, high = ax.get_xlim()
+    for _, (x, y), group in spots:
+        if len(group) > LABEL_LINES:
+            group = [*group[:LABEL_LINES - 1], f"and {len(group) - LABEL_LINES + 1} more"]
+        right = x <= low + 2 * (high - low) / 3
+        ax.annotate("\n".join(group), (x, y), fontsize=7, va="center",
+                    ha="left" if right else "right", xytext=(9 if right else -9, 0),
+                    textcoords="offset points", zorder=5,
+                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8,
+                          "linewidth": 0})
+
+
+def _log_x(ax) -> None:
+    """A log x axis labelled in plain numbers at 1, 2 and 5 per decade (matplotlib's default
+    labels every minor tick of a short range as 2x10^1, 3x10^1, ..., which overlap)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    axis = ax.xaxis
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _bars(summaries: Sequence[Summary], directory: Path, title: str) -> list[Path]:
