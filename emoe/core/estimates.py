@@ -57,17 +57,23 @@ def expected_expert_tokens(demand: Mapping[str, TaskDemand],
     routing, which differs from the prompt's); without, by ``frequencies`` alone (the paper).
     """
     total = np.zeros(shape)
+    if decode_frequencies is not None:
+        for task, tokens in expert_tokens(demand, frequencies, decode_frequencies).items():
+            total += sensitivity[task][:, None] * tokens
+        return total
     for task, d in demand.items():
-        if not d.requests:
-            continue
-        s = sensitivity[task][:, None]
-        if decode_frequencies is None:
-            total += d.tokens * s * frequencies[task]
-        else:
-            output = d.requests * d.expected_output_tokens
-            total += s * (d.input_tokens * frequencies[task]
-                          + output * decode_frequencies[task])
+        if d.requests:
+            total += d.tokens * sensitivity[task][:, None] * frequencies[task]
     return total
+
+
+def expert_tokens(demand: Mapping[str, TaskDemand], frequencies: Mapping[str, np.ndarray],
+                  decode_frequencies: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per task with requests in ``demand``, Eq. 2 without s: ``[layers, experts]`` expected
+    tokens, input tokens spread by ``frequencies`` and output tokens by the decode ones."""
+    return {task: d.input_tokens * frequencies[task]
+            + (d.requests * d.expected_output_tokens) * decode_frequencies[task]
+            for task, d in demand.items() if d.requests}
 
 
 def top_experts(scores: np.ndarray, slots_per_layer: np.ndarray) -> np.ndarray:

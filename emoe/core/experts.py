@@ -46,7 +46,7 @@ import numpy as np
 
 from emoe.core.allocation import allocate_slots
 from emoe.core.errors import ConfigError, UnknownNameError
-from emoe.core.estimates import TaskDemand, expected_expert_tokens, top_experts
+from emoe.core.estimates import TaskDemand, expert_tokens, top_experts
 from emoe.core.plan import ExpertKey, StepResult
 from emoe.core.predictor import ExpertPredictor
 from emoe.core.specs import ModelSpec
@@ -279,6 +279,14 @@ class EmoePlanner(ExpertPlanner):
         self._early = False
         self._served: set[str] = set()
         self._new_task = False
+        self._sensitive: dict[str, bool] = {}  # per task: s > 0 in some layer
+
+    def _hurt(self, task: str) -> bool:
+        """Whether wrong routing costs ``task`` anything (s > 0 in some layer)."""
+        hurt = self._sensitive.get(task)
+        if hurt is None:
+            hurt = self._sensitive[task] = bool((self.sensitivity[task] > 0).any())
+        return hurt
 
     def _due(self, first: int, last: int) -> int | None:
         """The first prompt in ``first .. last`` at which the predictor is due, else None."""
@@ -288,8 +296,7 @@ class EmoePlanner(ExpertPlanner):
 
     def plan(self, admitted_tasks: Sequence[str], demand: DemandFn,
              spare_bytes: int) -> ExpertChange:
-        if self.predictions and any(task not in self._served
-                                    and (self.sensitivity[task] > 0).any()
+        if self.predictions and any(task not in self._served and self._hurt(task)
                                     for task in admitted_tasks):
             self._new_task = True
         return super().plan(admitted_tasks, demand, spare_bytes)
@@ -307,7 +314,7 @@ class EmoePlanner(ExpertPlanner):
             return None, False
         self._schedule(due, last)
         in_play = {task: d for task, d in demand().items() if d.requests}
-        if not any((self.sensitivity[task] > 0).any() for task in in_play):
+        if not any(self._hurt(task) for task in in_play):
             # no task in play is hurt by wrong routing anywhere: the prediction is skipped
             return self._keep_resident(), False
         target = self._predicted_target(in_play)
@@ -362,9 +369,10 @@ class EmoePlanner(ExpertPlanner):
         shape = self.resident.shape
         prefill = {task: self.predictor.predict(task, "prefill") for task in in_play}
         decode = {task: self.predictor.predict(task, "decode") for task in in_play}
-        scores = expected_expert_tokens(in_play, prefill, self.sensitivity, shape, decode)
-        ones = {task: np.ones(self.model.num_layers) for task in in_play}
-        usage = expected_expert_tokens(in_play, prefill, ones, shape, decode)
+        scores, usage = np.zeros(shape), np.zeros(shape)
+        for task, tokens in expert_tokens(in_play, prefill, decode).items():
+            scores += self.sensitivity[task][:, None] * tokens
+            usage += tokens
         if self.allocate:
             return allocate_slots(scores, self.slot_total, self.min_slots, usage=usage,
                                   prefer=self.resident)
