@@ -306,7 +306,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", help=f"expert planner, repeatable "
                    f"(default: {', '.join(DEFAULT_POLICIES)})")
     p.add_argument("--expert-budget", action="append", dest="budgets", metavar="BUDGET",
-                   help="fraction (0.4, 40%%) or bytes (64MiB), repeatable (default: "
+                   type=_budget,
+                   help="experts per layer (5/layer), a fraction of all experts (62.5%%, "
+                        "0.625) or a size (64MiB), repeatable (default: "
                         + ", ".join(b.replace("%", "%%") for b in DEFAULT_BUDGETS) + ")")
     p.add_argument("--miss", choices=["reroute", "fetch", "drop"], default=None,
                    help="miss handling (default: fetch for lru, reroute otherwise)")
@@ -343,6 +345,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, type=Path,
                    help="also write one row per planner and budget as JSON here")
+
+
+def _budget(text: str) -> str:
+    """A budget as written, checked (``emoe.core.budget``: the spellings of every command)."""
+    from emoe.core.budget import ExpertBudget
+    from emoe.core.errors import ConfigError
+
+    try:
+        ExpertBudget.parse(text, flag=None)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -234,7 +234,7 @@ def measure_fetches(model: MoEModel, table: StepTimes, slots: int, max_batch_siz
     import torch
 
     from emoe.engine.engine import Engine
-    from emoe.engine.offload.budget import ExpertBudget
+    from emoe.core.budget import ExpertBudget
     from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
 
     cfg = model.config

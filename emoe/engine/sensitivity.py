@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     from emoe.core.errors import ConfigError
     from emoe.engine.checkpoint import load_model
     from emoe.engine.engine import Engine
-    from emoe.engine.offload.budget import ExpertBudget
+    from emoe.core.budget import ExpertBudget
     from emoe.engine.offload.executor import OffloadedExperts
     from emoe.engine.reference.data import TASKS, generate_examples
     from emoe.engine.tokenizer import Tokenizer

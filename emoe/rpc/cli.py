@@ -166,9 +166,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "engine counts as hung (default 10): its requests end UNAVAILABLE and "
                         "it serves again once the step returns")
     p.add_argument("--expert-budget", metavar="BUDGET",
-                   help="expert cache size when the policy's planner is not 'all': bytes "
-                        "(64MiB) or a fraction of all experts (0.5, 50%%); default: the "
-                        "policy's experts_per_layer / expert_budget_bytes")
+                   help="expert cache size when the policy's planner is not 'all': experts "
+                        "per layer (5/layer), a fraction of all experts (62.5%%, 0.625) or a "
+                        "size (64MiB); default: the policy's experts_per_layer / "
+                        "expert_budget_bytes")
     p.add_argument("--miss", choices=("reroute", "fetch", "drop"),
                    help="what a token whose expert is not resident does (default: fetch for "
                         "the lru planner, reroute otherwise)")

@@ -163,7 +163,7 @@ class LocalEngineBackend:
     def _offloaded_engine(self, folder: Path):
         from emoe.engine.checkpoint import load_model
         from emoe.engine.engine import Engine
-        from emoe.engine.offload.budget import ExpertBudget
+        from emoe.core.budget import ExpertBudget
         from emoe.engine.offload.executor import OffloadedExperts
 
         offload = self._offload

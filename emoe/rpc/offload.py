@@ -2,7 +2,7 @@
 expert planner on the real engine.
 
 With a planner other than ``all`` the engine is built with ``OffloadedExperts``: a slot cache
-of ``--expert-budget`` (bytes or a fraction of all experts; default: the policy's
+of ``--expert-budget`` (any spelling of ``emoe.core.budget``; default: the policy's
 ``experts_per_layer``/``expert_budget_bytes``) that carries out each plan's load/evict lists,
 and a miss policy (``--miss``; default ``fetch`` for ``lru``, ``reroute`` for the planners
 that plan loads themselves). The scheduler is then built from the engine's own numbers
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from emoe.core.budget import ExpertBudget
 from emoe.core.errors import ConfigError
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.serving import with_slots
 from emoe.core.specs import ModelSpec
-from emoe.engine.offload.budget import ExpertBudget
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,5 +67,5 @@ def engine_slots(config: OffloadConfig, model: ModelSpec) -> tuple[PolicyConfig,
     try:
         per_layer = policy.slots_per_layer(model)
     except ConfigError as exc:
-        raise ConfigError(f"{exc}; or pass --expert-budget (bytes or a fraction)") from None
+        raise ConfigError(f"{exc}; or pass --expert-budget (5/layer, 62.5%, 64MiB)") from None
     return policy, per_layer

@@ -24,18 +24,16 @@ scheduler's effect), and the emoe scheduler with every offloading planner at 4, 
 per layer (the planners' accuracy/memory trade-off)."""
 GIB = 1024**3
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
 
 def parse_size(text: str) -> int:
-    """Bytes from '80GiB', '40GB', '3.5e9' (decimal and binary units)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; e.g. 48GiB, 40GB, 3.5e9")
-    unit = (match.group(2) or "").lower().removesuffix("b")
-    return int(float(match.group(1)) * _UNITS[unit])
+    """Bytes from '80GiB', '40GB', '3.5e9' (decimal and binary units; emoe.core.budget)."""
+    from emoe.core.budget import parse_size as size
+    from emoe.core.errors import ConfigError
+
+    try:
+        return size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str) -> list[str]:
@@ -56,30 +54,21 @@ def _sizes(text: str) -> list[int]:
     return [parse_size(v) for v in _names(text)]
 
 
-_PER_LAYER = re.compile(r"^\s*(\d+)\s*/\s*layer\s*$", re.IGNORECASE)
-_FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
-
-
 def parse_budget(text: str) -> dict:
-    """An expert budget: ``5/layer`` (experts per layer), ``62.5%`` or ``0.625`` (of all
-    experts), or a size (``40GiB``, ``3.5e10``): the SimConfig fields it sets."""
-    per_layer = _PER_LAYER.match(text)
-    if per_layer:
-        return {"experts_per_layer": int(per_layer.group(1))}
-    fraction = _FRACTION.match(text)
-    if fraction:
-        return {"expert_fraction": float(fraction.group(1)) / 100}
+    """An expert budget in any spelling of ``emoe.core.budget`` (``5/layer``, ``62.5%``,
+    ``0.625``, ``40GiB``): the SimConfig fields it sets."""
+    from emoe.core.budget import ExpertBudget
+    from emoe.core.errors import ConfigError
+
     try:
-        value = float(text)
-    except ValueError:
-        value = None
-    if value is not None and 0 < value <= 1:
-        return {"expert_fraction": value}
-    try:
-        return {"expert_budget_bytes": parse_size(text)}
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an expert budget; e.g. 5/layer, 62.5%, 0.6, 40GiB") from None
+        budget = ExpertBudget.parse(text, flag=None)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if budget.per_layer is not None:
+        return {"experts_per_layer": budget.per_layer}
+    if budget.fraction is not None:
+        return {"expert_fraction": budget.fraction}
+    return {"expert_budget_bytes": budget.bytes}
 
 
 def _budgets(text: str) -> list[dict]:

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from emoe.core.budget import ExpertBudget, size_label
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
 from emoe.core.paths import resolve_path
@@ -159,7 +160,7 @@ class SimConfig:
             parts.append(f"miss={self.miss_policy}")
         parts.append(rate)
         if self.memory_budget_bytes is not None:
-            parts.append(f"mem={_size_label(self.memory_budget_bytes)}")
+            parts.append(f"mem={size_label(self.memory_budget_bytes)}")
         parts.append(self.gpu)
         return " ".join(parts)
 
@@ -171,7 +172,7 @@ class SimConfig:
         if self.experts_per_layer is not None:
             return f"{self.experts_per_layer}/layer"
         if self.expert_budget_bytes is not None:
-            return _size_label(self.expert_budget_bytes)
+            return size_label(self.expert_budget_bytes)
         if self.expert_fraction is not None:
             return f"{100 * self.expert_fraction:g}%"
         return "-"
@@ -258,8 +259,9 @@ class SimConfig:
                 if not 0.0 < self.expert_fraction <= 1.0:
                     raise ConfigError(f"expert budget {self.budget_label}: a fraction of all "
                                       "experts must be in (0%, 100%]")
-                experts = model.num_layers * model.num_experts
-                budget = int(self.expert_fraction * experts + 1e-9) * model.expert_bytes
+                slots = ExpertBudget(fraction=self.expert_fraction).slots(
+                    model.num_layers, model.num_experts, model.expert_bytes)
+                budget = slots * model.expert_bytes
             if per_layer is not None:
                 budget = None
             policy = PolicyConfig(scheduling=self.scheduling, planner=self.planner,
@@ -408,14 +410,6 @@ def certain_misses(requests: Iterable[Request], now: float) -> int:
         elif r.output_tokens > 1:
             count += now - first > slo.tpot_s * (r.output_tokens - 1) * (1 + 1e-9)
     return count
-
-
-def _size_label(nbytes: int) -> str:
-    """``80GiB``, ``40.5GiB``, ``512MiB``: the shortest binary unit that keeps 3 digits."""
-    for unit, size in (("TiB", 1024**4), ("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
-        if nbytes >= size:
-            return f"{nbytes / size:.4g}{unit}"
-    return f"{nbytes}B"
 
 
 def _progress(name: str):

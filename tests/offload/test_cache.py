@@ -8,10 +8,9 @@ import threading
 import pytest
 import torch
 
-from emoe.engine.offload.budget import ExpertBudget
+from emoe.core.budget import ExpertBudget, ExpertBudgetError
 from emoe.engine.offload.cache import SlotCache
-from emoe.engine.offload.errors import (CacheFullError, ExpertBudgetError, ExpertInUseError,
-                                        UnknownExpertError)
+from emoe.engine.offload.errors import CacheFullError, ExpertInUseError, UnknownExpertError
 from emoe.engine.offload.loader import ThreadCopyStream
 from emoe.engine.offload.store import ExpertStore
 
@@ -188,7 +187,7 @@ def test_budget_too_small_names_what_is_needed():
     with pytest.raises(ExpertBudgetError, match="plus non-expert weights"):
         ExpertBudget.parse("1000").num_slots(3, 4, 100, non_expert_bytes=500,
                                              device_memory_bytes=1200)
-    with pytest.raises(ExpertBudgetError, match="expected a fraction"):
+    with pytest.raises(ExpertBudgetError, match="is not an expert budget; expected experts per layer"):
         ExpertBudget.parse("lots")
-    with pytest.raises(ExpertBudgetError, match=r"must be in \(0, 1\]"):
+    with pytest.raises(ExpertBudgetError, match=r"must be in \(0%, 100%\]"):
         ExpertBudget.parse("0")

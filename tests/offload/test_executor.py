@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emoe.core.budget import ExpertBudget
 from emoe.core.errors import UnknownNameError
-from emoe.engine.offload.budget import ExpertBudget
 from emoe.engine.offload.cache import SlotCache
 from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
 from emoe.engine.offload.store import ExpertStore
@@ -167,7 +167,7 @@ def test_memory_accounting_holds_the_budget_and_no_expert_weights_elsewhere():
 
 
 def test_budget_below_one_expert_per_layer_is_refused_at_install():
-    from emoe.engine.offload.errors import ExpertBudgetError
+    from emoe.core.budget import ExpertBudgetError
 
     with pytest.raises(ExpertBudgetError, match="at least one per MoE layer"):
         OffloadedExperts.install(tiny_model(), ExpertBudget.parse("2KiB"))

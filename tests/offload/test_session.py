@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from emoe.core.errors import ConfigError
-from emoe.engine.offload.errors import ExpertBudgetError
+from emoe.core.budget import ExpertBudgetError
 from emoe.engine.offload.session import OffloadSession, SessionConfig, SessionRequest
 
 from .conftest import TINY, tiny_model

@@ -249,7 +249,7 @@ def test_engine_folds_expert_activity_into_every_step_once():
     from emoe.engine.config import MoEConfig
     from emoe.engine.engine import Engine
     from emoe.engine.model import MoEModel
-    from emoe.engine.offload.budget import ExpertBudget
+    from emoe.core.budget import ExpertBudget
     from emoe.engine.offload.executor import OffloadedExperts
     from emoe.engine.sampling import SamplingParams
 

@@ -139,7 +139,6 @@ def test_gamma_and_poisson_arrivals_from_the_command_line(capsys):
     (["--search", "capacity", "--rate-scale", "1,2"], "give one --rate-scale"),
     (["--search", "capacity", "--slo-target", "1.5"], "--slo-target 1.5: must be in (0, 1]"),
     (["--experts", "emoe", "--miss", "fetch"], "planner 'emoe' plans its loads itself"),
-    (["--expert-budget", "120%"], "a fraction of all experts must be in (0%, 100%]"),
 ])
 def test_bad_search_and_workload_options_are_clear_errors(capsys, args, message):
     assert main(["sim", "--duration", "5", "--no-progress", *args]) == 2

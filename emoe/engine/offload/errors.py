@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from emoe.core.errors import ConfigError, EmoeError
-
-
-class ExpertBudgetError(ConfigError):
-    """An expert budget that cannot be parsed, or is too small for the model on this device."""
+from emoe.core.errors import EmoeError
 
 
 class UnknownExpertError(EmoeError):

@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from emoe.core.budget import ExpertBudget
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.experts import LruExpertCache
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.engine import cpu_kernels
 from emoe.engine.model import MoEModel, expert_mlp, route
-from emoe.engine.offload.budget import ExpertBudget
 from emoe.engine.offload.cache import SlotCache
 from emoe.engine.offload.store import ExpertStore
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from emoe.core.budget import ExpertBudget, ExpertBudgetError
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.experts import MissMode, PLANNERS
 from emoe.core.policy_file import PolicyConfig
@@ -40,8 +41,6 @@ from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.core.tasks import TaskProfile
 from emoe.engine.engine import Engine
 from emoe.engine.model import MoEModel
-from emoe.engine.offload.budget import ExpertBudget
-from emoe.engine.offload.errors import ExpertBudgetError
 from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
 from emoe.engine.offload.memory import MemoryReport, measure_memory
 from emoe.engine.routing import RoutingRecorder
