@@ -168,6 +168,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "started for the run (needs the ray extra)")
     run.add_argument("--routing-trace", type=Path, default=None,
                      help="recorded routing (Parquet, docs/routing-trace.md); default: synthetic")
+    run.add_argument("--warm-start", type=Path, default=None, metavar="TRACE",
+                     help="routing trace of earlier prompts the planner starts from: warms the "
+                          "predictor, sets each task's expected output length, pins static "
+                          "(as `emoe eval --calibration`)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--out", type=Path, default=None,
                      help="per-request results, .csv/.jsonl/.parquet (one file per "
@@ -250,6 +254,10 @@ def run_sim(args: argparse.Namespace) -> int:
     mark_pareto(results)
     first = results[0].outcome
     print(f"routing: {first.routing}; expert hits {first.hits_method}")
+    if args.warm_start is not None:
+        print(f"warm start: the planner starts from the routing history {args.warm_start} "
+              f"(predictor observed it, output lengths per task measured on it, static pinned "
+              f"by it)")
     print(first.fit.describe())
     print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
           "provenance: docs/simulator.md")
@@ -328,7 +336,8 @@ def _configs(args: argparse.Namespace) -> list:
                                             for L in args.experts_per_layer or []]
     base = SimConfig(model=args.model, profile=args.profile, policy_file=args.policy,
                      routing_trace=args.routing_trace, seed=args.seed, experts_per_layer=None,
-                     sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode)
+                     sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode,
+                     warm_start=args.warm_start)
     if args.policy is not None:
         pairs = [(None, None, {})]
     elif args.scheduler is None and args.experts is None:

@@ -23,6 +23,7 @@ from emoe.core.scheduler import Scheduler
 from emoe.core.serving import EngineLimits, serving_scheduler_policy
 from emoe.core.specs import HardwareSpec, ModelSpec, get_hardware, get_model, hardware_for
 from emoe.core.tasks import TaskProfile
+from emoe.core.warm_start import check_shape, warm_policy, warm_predictor
 from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
                                 synthetic_requests)
 from emoe.sim.backend import SimBackend
@@ -123,7 +124,8 @@ class SimConfig:
     ``expert_fraction`` (of all experts), checked in that order. ``miss_policy`` None is the
     planner's own (``fetch`` for ``lru``, else ``reroute``). ``rate_scale`` multiplies the
     workload's request rate. ``sensitivity``: a file from `emoe sensitivity` whose
-    ``sensitivity_mode`` values replace the policy's sensitivity table.
+    ``sensitivity_mode`` values replace the policy's sensitivity table. ``warm_start``: a
+    routing trace of earlier prompts the planner starts from (``emoe.core.warm_start``).
     """
 
     model: str = "mixtral-8x7b"
@@ -143,6 +145,7 @@ class SimConfig:
     rate_scale: float = 1.0
     sensitivity: Path | None = None
     sensitivity_mode: str = "graded"
+    warm_start: Path | None = None
 
     @property
     def name(self) -> str:
@@ -231,6 +234,7 @@ class SimConfig:
             "memory_budget_bytes": policy.memory_budget_bytes or hardware.gpu_memory_bytes,
             "gpu": hardware.name, "model": model.name, "seed": self.seed,
             "policy_file": None if self.policy_file is None else str(self.policy_file),
+            "warm_start": None if self.warm_start is None else str(self.warm_start),
         }
 
     def specs(self) -> tuple[ModelSpec, HardwareSpec]:
@@ -305,6 +309,9 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     config.normalized()  # checks the miss policy against the planner
     model, hardware = config.specs()
     policy = config.policy(model)
+    history = _history(config, model)
+    if history is not None:
+        policy = warm_policy(policy, history)
     budget = policy.memory_budget_bytes
     if budget is not None and budget > hardware.gpu_memory_bytes:
         raise ConfigError(f"memory budget: {budget / GIB:.1f} GiB exceeds the "
@@ -318,6 +325,8 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
         policy, fixed_slots = serving_scheduler_policy(
             policy, model, EngineLimits(engine.max_batch_size, engine.max_seq_len, slots))
     scheduler = Scheduler(model, hardware, policy, fixed_expert_slots=fixed_slots)
+    if history is not None:
+        warm_predictor(scheduler.planner.predictor, history)
     backend = SimBackend(model=model, hardware=scheduler.hardware,  # the predictor's cost in
                          memory_bytes=scheduler.memory_budget_bytes,
                          routing=_routing(config, model, policy),
@@ -326,6 +335,17 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          steps=profile.step_table if profile else None,
                          serving=profile.serving if profile else None)
     return scheduler, backend
+
+
+def _history(config: SimConfig, model: ModelSpec):
+    """The warm start's routing trace, checked against the model's shape."""
+    if config.warm_start is None:
+        return None
+    from emoe.core.routing_trace import read_routing_trace
+
+    trace = read_routing_trace(resolve_path(config.warm_start))
+    check_shape(trace, model, str(config.warm_start))
+    return trace
 
 
 def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> RoutingSource:

@@ -61,3 +61,25 @@ def test_a_bad_model_config_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "hidden_size": 8}))
     assert main(["sim", "--model", str(tmp_path), "--no-progress"]) == 2
     assert "config.json: missing field 'max_position_embeddings'" in capsys.readouterr().err
+
+
+def test_a_warm_start_gives_the_simulated_planner_what_the_engine_session_gets():
+    from emoe.core.routing_trace import read_routing_trace
+    from emoe.core.warm_start import routing_frequencies
+    from emoe.sim.runner import SimConfig, build
+
+    trace = read_routing_trace(ROUTING)
+    static, _ = build(SimConfig(model=str(REFERENCE), scheduling="fcfs", planner="static",
+                                experts_per_layer=2, warm_start=ROUTING))
+    assert (static.planner._frequencies == routing_frequencies(trace)).all()
+    emoe, _ = build(SimConfig(model=str(REFERENCE), scheduling="fcfs", planner="emoe",
+                              experts_per_layer=2, warm_start=ROUTING))
+    assert emoe.planner.predictor.observed
+    lengths = {task: len(rs) and sum(len(r.decode_ids) + 1 for r in rs) / len(rs)
+               for task, rs in trace.by_task().items()}
+    for task, mean in lengths.items():  # Eq. 2's W_o: the history's measured means
+        assert emoe.tasks[task].mean_output_tokens == max(1, round(mean))
+    cold, _ = build(SimConfig(model=str(REFERENCE), scheduling="fcfs", planner="emoe",
+                              experts_per_layer=2))
+    assert not cold.planner.predictor.observed
+    assert cold.tasks["conversation"].mean_output_tokens != emoe.tasks["conversation"].mean_output_tokens

@@ -9,10 +9,11 @@ them, and a ``Scheduler`` configured with the planner. ``run`` feeds it requests
     result = engine.execute(plan)            # the experts fold in hits, fetches, load waits
     scheduler.on_step_done(result)
 
-A routing calibration (a routing trace of other prompts) warms the predictor of ``emoe`` and
-``predict-every`` with its prompts' and generated tokens' routing, sets each task's expected
-output length (Eq. 2's W_o) to the trace's measured mean, and pins ``static``'s experts, as a
-deployment would from its own history.
+A routing calibration (a routing trace of other prompts) is a warm start
+(``emoe.core.warm_start``, the same as ``emoe sim --warm-start``): it warms the predictor of
+``emoe`` and ``predict-every`` with its prompts' and generated tokens' routing, sets each
+task's expected output length (Eq. 2's W_o) to the trace's measured mean, and pins
+``static``'s experts, as a deployment would from its own history.
 
 Memory given to the scheduler: non-expert weights + the slot pool + the engine's KV cache.
 The slot pool is fixed; the scheduler is told so (``fixed_expert_slots``), and its planner
@@ -27,7 +28,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from emoe.core.budget import ExpertBudget, ExpertBudgetError
 from emoe.core.errors import ConfigError, UnknownNameError
@@ -38,7 +38,7 @@ from emoe.core.request import Request
 from emoe.core.routing_trace import RoutingTrace
 from emoe.core.scheduler import Scheduler
 from emoe.core.specs import HardwareSpec, ModelSpec
-from emoe.core.tasks import TaskProfile
+from emoe.core.warm_start import warm_policy, warm_predictor
 from emoe.engine.engine import Engine
 from emoe.engine.model import MoEModel
 from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
@@ -140,9 +140,6 @@ class OffloadSession:
             raise ConfigError(f"--miss {miss.value}: planner {config.planner!r} "
                               + ("fetches on a miss (use --miss fetch)" if miss_mode is MissMode.FETCH
                                  else "plans loads itself; use --miss reroute or drop"))
-        tasks = dict(PolicyConfig().tasks)
-        if calibration is not None:
-            tasks = _measured_output_lengths(calibration, tasks)
         self.policy = PolicyConfig(
             scheduling=config.scheduling, planner=config.planner, predictor=config.predictor,
             prediction_interval=config.prediction_interval,
@@ -153,10 +150,9 @@ class OffloadSession:
             sensitivity=dict(config.sensitivity or {}),
             sensitivity_source=config.sensitivity_source,
             slot_allocation=config.slot_allocation,
-            adaptive_interval=config.adaptive_interval, random_seed=config.random_seed,
-            tasks=tasks,
-            expert_frequencies=(None if calibration is None or config.planner != "static"
-                                else _frequencies(calibration).tolist()))
+            adaptive_interval=config.adaptive_interval, random_seed=config.random_seed)
+        if calibration is not None:
+            self.policy = warm_policy(self.policy, calibration)
         self.experts: OffloadedExperts | None = None
         if config.planner != "all":
             self.experts = OffloadedExperts.install(
@@ -175,12 +171,7 @@ class OffloadSession:
         self.scheduler = Scheduler(self.spec, self.hardware, self.policy,
                                    fixed_expert_slots=self.experts is not None)
         if calibration is not None:
-            predictor = self.scheduler.planner.predictor
-            for routing in calibration.requests.values():
-                predictor.observe(routing.task, routing.counts("prefill", cfg.num_experts))
-                if len(routing.decode_ids):
-                    predictor.observe(routing.task, routing.counts("decode", cfg.num_experts),
-                                      "decode")
+            warm_predictor(self.scheduler.planner.predictor, calibration)
         self.sensitivity = self.policy.layer_sensitivity(self.spec)
         self._ids = 0
 
@@ -256,27 +247,6 @@ class OffloadSession:
         self.engine.add_request(r.request_id, r.prompt_ids,
                                 SamplingParams(max_new_tokens=r.max_new_tokens,
                                                ignore_eos=r.ignore_eos))
-
-
-def _frequencies(trace: RoutingTrace) -> np.ndarray:
-    """[layers, experts] routing frequencies over every token of a trace (prompts and
-    generated tokens)."""
-    counts = sum(r.counts("prefill", trace.num_experts) + r.counts("decode", trace.num_experts)
-                 for r in trace.requests.values())
-    counts = np.asarray(counts, dtype=np.float64)
-    return counts / counts.sum(axis=1, keepdims=True).clip(min=1.0)
-
-
-def _measured_output_lengths(trace: RoutingTrace,
-                             tasks: dict[str, TaskProfile]) -> dict[str, TaskProfile]:
-    """The task profiles with ``mean_output_tokens`` set to the trace's mean output per task
-    (generated tokens fed back in decode, plus the last one)."""
-    out = dict(tasks)
-    for task, routings in trace.by_task().items():
-        if task in out and routings:
-            mean = sum(len(r.decode_ids) + 1 for r in routings) / len(routings)
-            out[task] = dataclasses.replace(out[task], mean_output_tokens=max(1, round(mean)))
-    return out
 
 
 def _hardware(memory_bytes: int, profile: EngineProfile | None, model: ModelSpec) -> HardwareSpec:
