@@ -11,9 +11,11 @@ are compared with the ``all`` planner's output:
 - quality: the task's own metric against the reference answer (ROUGE-L F1 for
   summarization, exact match otherwise);
 - hit rate: share of router choices resident when their layer ran; proxy: the share served
-  by their own expert (resident, or fetched on a miss) weighted by the task's layer
-  sensitivity: the simulator's accuracy proxy, measured on the engine
-  (``emoe calibrate-proxy`` fits agreement and quality to it).
+  by their own expert (resident, or fetched on a miss) weighted by the planner's layer
+  sensitivity, over the offloaded run's own routing: the simulator's accuracy proxy as the
+  engine sees it. ``emoe calibrate-proxy`` replays the rows (``--json``, which carry the
+  command's settings in ``run``) in the simulator and fits agreement and quality to the
+  simulator's proxy, weighted by one measured table.
 
 ``random`` is the control: ``random_draws`` random expert sets (seeds 0, 1, ...) with the
 per-layer sizes the ``emoe`` planner chose at that budget, pinned; its rows are the mean over
@@ -226,10 +228,13 @@ def _with(base: SessionConfig, planner: str, budget: str) -> SessionConfig:
                                miss=None if planner == "all" else base.miss)
 
 
-def summarize(rows: Sequence[EvalRow], sensitivity: str = "hand-set") -> list[dict[str, Any]]:
+def summarize(rows: Sequence[EvalRow], sensitivity: str = "hand-set",
+              run: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per (planner, budget): the means over tasks (as the tables' mean column),
     pooled perplexity, hit rate and proxy (weighted by ``sensitivity``: a file, or the
-    hand-set defaults), the spread over random draws, and per task."""
+    hand-set defaults), the spread over random draws, and per task. ``run``: how the rows
+    were measured (``run_config``), copied into every row so the simulator can replay it
+    (``emoe calibrate-proxy``)."""
     groups: dict[tuple[str, str], list[EvalRow]] = defaultdict(list)
     for r in rows:
         groups[(r.policy, r.budget)].append(r)
@@ -261,6 +266,8 @@ def summarize(rows: Sequence[EvalRow], sensitivity: str = "hand-set") -> list[di
         row["tasks"] = {r.task: {"agreement": r.agreement, "quality": r.quality,
                                  "perplexity": r.perplexity, "hit_rate": r.hit_rate,
                                  "proxy": r.proxy, "n": r.n} for r in group}
+        if run is not None:
+            row["run"] = run
         out.append(row)
     return out
 
@@ -408,8 +415,25 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         weights = (f"{args.sensitivity} ({args.sensitivity_mode})"
                    if args.sensitivity is not None else "hand-set")
-        args.json.write_text(json.dumps(summarize(rows, weights), indent=1) + "\n")
+        args.json.write_text(json.dumps(summarize(rows, weights, run_config(args, forced)),
+                                        indent=1) + "\n")
     return 0
+
+
+def run_config(args: argparse.Namespace, forced: list[int] | None) -> dict[str, Any]:
+    """What a row needs to be replayed: the prompts, the engine's batch, the planner's
+    settings and history (every option of the command but the planners and budgets)."""
+    return {"checkpoint": str(args.checkpoint), "prompt_seed": args.seed,
+            "per_task": args.per_task, "max_new_tokens": args.max_new_tokens,
+            "max_batch_size": args.max_batch_size, "scheduling": "fcfs",
+            "prediction_interval": args.prediction_interval,
+            "adaptive_interval": args.adaptive_interval,
+            "calibration": args.calibration,
+            "sensitivity": None if args.sensitivity is None else str(args.sensitivity),
+            "sensitivity_mode": args.sensitivity_mode, "slot_allocation": args.slot_allocation,
+            "predictor": args.predictor, "experts_per_layer": forced, "miss": args.miss,
+            "random_draws": args.random_draws, "device": args.device,
+            "command": "emoe " + " ".join(getattr(args, "argv", []))}
 
 
 def _describe(source: dict | None) -> str:
