@@ -16,8 +16,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("record-routing", "emoe.engine.routing", "record a routing trace of the reference tasks"),
     ("predictor", "emoe.engine.predictor_cmd",
      "train the learned expert predictor on routing traces and compare its set recall"),
-    ("calibrate-proxy", "emoe.core.accuracy",
-     "fit the simulator's accuracy proxy to `emoe eval` agreement and quality"),
+    ("calibrate-proxy", "emoe.sim.calibrate",
+     "replay `emoe eval` runs in the simulator and fit its accuracy proxy to their measured "
+     "agreement and quality"),
     ("sensitivity", "emoe.engine.sensitivity",
      "measure per task and MoE layer how much wrong routing costs; write a sensitivity file"),
     ("model", "emoe.engine.reference.cli", "train or evaluate the reference model (train-tiny, eval-tiny)"),

@@ -184,8 +184,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="write the best configuration's policy file (--best, "
                           "--accuracy-floor) for `emoe serve --policy`")
     run.add_argument("--accuracy-calibration", type=Path, default=None, metavar="FILE",
-                     help="`emoe calibrate-proxy` file: print agreement and quality estimated "
-                          "from the accuracy proxy")
+                     help="`emoe calibrate-proxy` file: its sensitivity table weighs the "
+                          "accuracy proxy, and agreement and quality are estimated from it")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run_sim)
 
@@ -261,15 +261,16 @@ def run_sim(args: argparse.Namespace) -> int:
     print(first.fit.describe())
     print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
           "provenance: docs/simulator.md")
-    print(_accuracy_note(configs[0].policy(model), calibration))
+    print(_accuracy_note(configs[0].policy(model), calibration, args.accuracy_calibration))
     print()
     if stats is None:
         stats = report.stats_of(results[0].outcome.summary)
     report.print_results(results, stats, search, single)
     if calibration is not None:
         print()
-        print("accuracy estimated from the proxy (calibration: " + calibration.describe() + ")")
-        for warning in _calibration_mismatch(calibration, model, configs[0].policy(model)):
+        print(f"accuracy estimated from the proxy (calibration {args.accuracy_calibration}: "
+              f"{calibration.describe()})")
+        for warning in _calibration_mismatch(calibration, model, first):
             print(f"  warning: {warning}")
         for r in results:
             proxy = r.outcome.summary.accuracy_proxy
@@ -287,7 +288,7 @@ def run_sim(args: argparse.Namespace) -> int:
     print(f"simulated {simulations} run(s) of {len(results)} configuration(s) in {wall:.2f} s "
           f"wall ({steps} steps in the reported runs)")
     if args.json is not None:
-        report.write_json(args.json, results, freed, stats)
+        report.write_json(args.json, results, freed, stats, calibration)
         print(f"results: {args.json}")
     if args.plots is not None:
         from emoe.sim.plots import write_plots
@@ -337,7 +338,7 @@ def _configs(args: argparse.Namespace) -> list:
     base = SimConfig(model=args.model, profile=args.profile, policy_file=args.policy,
                      routing_trace=args.routing_trace, seed=args.seed, experts_per_layer=None,
                      sensitivity=args.sensitivity, sensitivity_mode=args.sensitivity_mode,
-                     warm_start=args.warm_start)
+                     warm_start=args.warm_start, proxy_sensitivity=args.accuracy_calibration)
     if args.policy is not None:
         pairs = [(None, None, {})]
     elif args.scheduler is None and args.experts is None:
@@ -383,29 +384,28 @@ def _out_path(out: Path | None, config, single: bool) -> Path | None:
     return out.with_name(f"{out.stem}-{slug}{out.suffix}")
 
 
-def _accuracy_note(policy, calibration) -> str:
-    """Which sensitivity weighs the accuracy proxy, and whether it is calibrated."""
+def _accuracy_note(policy, calibration, path) -> str:
+    """Which sensitivity weighs the accuracy proxy, and which calibration maps it."""
     source = policy.sensitivity_source
-    weights = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
+    planner = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
                if source else "hand-set task-profile defaults (not measured)")
     if calibration is None:
-        return (f"accuracy proxy: sensitivity-weighted hit share, weights {weights}; "
+        return (f"accuracy proxy: sensitivity-weighted hit share, weights {planner}; "
                 f"uncalibrated (--accuracy-calibration maps it to agreement and quality)")
-    return f"accuracy proxy: weights {weights}; calibrated against `emoe eval` (below)"
+    return (f"accuracy proxy: weights {calibration.weights()} from the calibration {path} "
+            f"(the planner's sensitivity: {planner}); estimates below")
 
 
-def _calibration_mismatch(calibration, model, policy) -> list[str]:
+def _calibration_mismatch(calibration, model, outcome) -> list[str]:
     """Why a calibration may not transfer to this simulation."""
     out = []
     if calibration.model and calibration.model != model.name:
         out.append(f"calibrated on {calibration.model}, simulating {model.name}: the estimate "
                    f"does not transfer between models")
-    measured = {p.get("sensitivity") for p in calibration.points} - {None}
-    source = policy.sensitivity_source
-    used = f"{source['file']} ({source['mode']})" if source else "hand-set"
-    if measured and used not in measured:
-        out.append(f"calibrated with sensitivity {', '.join(sorted(measured))}; this run weighs "
-                   f"the proxy with {used}")
+    if calibration.routing.startswith("replayed") and outcome.hits_method.startswith("computed"):
+        out.append("calibrated on replayed routing; this run's routing is synthetic, whose "
+                   "proxy differs from replayed routing's (by up to 0.14 on emoe-tiny, "
+                   "docs/offloading.md): give --routing-trace")
     return out
 
 

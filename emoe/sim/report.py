@@ -167,9 +167,10 @@ def print_best(results: Sequence[Result], objective: str, floor: float) -> Resul
 
 
 def rows(results: Sequence[Result], freed: Sequence[dict[str, Any]],
-         stats: WorkloadStats) -> list[dict[str, Any]]:
+         stats: WorkloadStats, calibration: Any = None) -> list[dict[str, Any]]:
     """One JSON-ready row per configuration: its parameters, the headline results (at the
-    capacity when searched), the freed-memory figures and the full summary."""
+    capacity when searched), the freed-memory figures and the full summary; with an accuracy
+    calibration, ``accuracy_estimate`` (agreement and quality estimated from the proxy)."""
     out = []
     for r, free in zip(results, freed):
         s = r.outcome.summary
@@ -185,6 +186,9 @@ def rows(results: Sequence[Result], freed: Sequence[dict[str, Any]],
             "pareto": r.pareto, "stopped_early": r.outcome.stopped,
             "probes": [dataclasses.asdict(p) for p in r.probes],
             "freed_memory": dict(free),
+            "accuracy_estimate": (calibration.predict(s.accuracy_proxy)
+                                  if calibration is not None and s.accuracy_proxy is not None
+                                  else None),
             "summary": s.to_dict(),
         })
         out.append(row)
@@ -192,8 +196,9 @@ def rows(results: Sequence[Result], freed: Sequence[dict[str, Any]],
 
 
 def write_json(path: Path, results: Sequence[Result], freed: Sequence[dict[str, Any]],
-               stats: WorkloadStats) -> None:
-    path.write_text(json.dumps(_finite(rows(results, freed, stats)), indent=2) + "\n")
+               stats: WorkloadStats, calibration: Any = None) -> None:
+    path.write_text(json.dumps(_finite(rows(results, freed, stats, calibration)), indent=2)
+                    + "\n")
 
 
 def _finite(value: Any) -> Any:

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from emoe.core.budget import ExpertBudget, size_label
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
@@ -126,6 +128,9 @@ class SimConfig:
     workload's request rate. ``sensitivity``: a file from `emoe sensitivity` whose
     ``sensitivity_mode`` values replace the policy's sensitivity table. ``warm_start``: a
     routing trace of earlier prompts the planner starts from (``emoe.core.warm_start``).
+    ``proxy_sensitivity``: an accuracy calibration (``emoe calibrate-proxy``) or a sensitivity
+    file whose table weighs the accuracy proxy whatever the policy's own (default: the
+    policy's).
     """
 
     model: str = "mixtral-8x7b"
@@ -146,6 +151,7 @@ class SimConfig:
     sensitivity: Path | None = None
     sensitivity_mode: str = "graded"
     warm_start: Path | None = None
+    proxy_sensitivity: Path | None = None
 
     @property
     def name(self) -> str:
@@ -289,7 +295,8 @@ CDF_POINTS = 101
 class SimOutcome:
     """One simulated run. ``stopped``: ended early by ``stop_after_misses`` (the summary then
     covers the requests that had ended). ``cdf``: per latency (``ttft``, ``tpot``, ``e2e``),
-    its quantiles at ``CDF_POINTS`` evenly spaced q, in seconds."""
+    its quantiles at ``CDF_POINTS`` evenly spaced q, in seconds. ``resident_per_layer``: the
+    planner's resident experts per layer when the run ended."""
 
     summary: Summary
     config: SimConfig
@@ -302,6 +309,7 @@ class SimOutcome:
     stopped: bool = False
     cdf: dict = dataclasses.field(default_factory=dict)
     fit: ContextFit | None = None
+    resident_per_layer: tuple[int, ...] = ()
 
 
 def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
@@ -348,8 +356,33 @@ def _history(config: SimConfig, model: ModelSpec):
     return trace
 
 
+def proxy_weights(config: SimConfig, model: ModelSpec,
+                  policy: PolicyConfig) -> dict[str, np.ndarray]:
+    """Per task, the ``[layers]`` weights of the accuracy proxy: the policy's sensitivity,
+    with the tasks of ``proxy_sensitivity`` (a calibration's embedded table, or a sensitivity
+    file's graded s) replaced by that table."""
+    table = policy.layer_sensitivity(model)
+    if config.proxy_sensitivity is None:
+        return table
+    from emoe.core.accuracy import CALIBRATION_FORMAT, AccuracyCalibration, read_json
+    from emoe.core.sensitivity import load_sensitivity
+
+    path = resolve_path(config.proxy_sensitivity)
+    data = read_json(path, "proxy weights")
+    if isinstance(data, dict) and data.get("format") == CALIBRATION_FORMAT:
+        weights = AccuracyCalibration.from_dict(data, str(config.proxy_sensitivity)).sensitivity
+    else:
+        weights, _ = load_sensitivity(path, "graded", model.num_layers, list(policy.tasks))
+    for task, values in weights.items():
+        if len(values) != model.num_layers:
+            raise ConfigError(f"{config.proxy_sensitivity}: field 'sensitivity.{task}': "
+                              f"{len(values)} layers; model {model.name} has {model.num_layers}")
+        table[task] = np.asarray(values, dtype=np.float64)
+    return table
+
+
 def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> RoutingSource:
-    sensitivity = policy.layer_sensitivity(model)
+    sensitivity = proxy_weights(config, model, policy)
     if config.routing_trace is None:
         return SyntheticRouting(model, sensitivity, seed=config.seed)
     from emoe.core.routing_trace import read_routing_trace
@@ -408,7 +441,8 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
                       routing=backend.routing.label, hits_method=backend.routing.hits_method,
                       hardware=backend.hardware, model=backend.model,
                       wall_s=time.perf_counter() - started, stopped=world.stopped, cdf=cdf,
-                      fit=fit)
+                      fit=fit, resident_per_layer=tuple(
+                          int(n) for n in scheduler.planner.resident.sum(axis=1)))
 
 
 CDF_QS = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]

@@ -1,15 +1,19 @@
+import json
+
 import pytest
 
 from emoe.core.accuracy import AccuracyCalibration, fit_calibration, pearson
 from emoe.core.errors import ConfigError
 
-ROWS = [{"planner": p, "budget": b, "proxy": x, "agreement": 0.2 + 0.8 * x,
-         "quality": x - 0.05, "slots_per_layer": [2, 2]}
-        for p, b, x in (("emoe", 0.25, 0.3), ("static", 0.5, 0.6), ("random", 0.75, 0.9))]
+POINTS = [{"planner": p, "budget": b, "proxy": x, "agreement": 0.2 + 0.8 * x,
+           "quality": x - 0.05, "slots_per_layer": [2, 2]}
+          for p, b, x in (("emoe", 0.25, 0.3), ("static", 0.5, 0.6), ("random", 0.75, 0.9))]
+TABLE = {"qa": [1.0, 0.0], "summarization": [0.5, 0.25]}
 
 
-def test_fit_recovers_a_line_and_round_trips(tmp_path):
-    calibration = fit_calibration(ROWS, "tiny", {"rows": ["a.json"]})
+def test_fit_recovers_a_line_and_round_trips_with_its_weights(tmp_path):
+    calibration = fit_calibration(POINTS, TABLE, "tiny", {"mode": "graded", "file": "s.json"},
+                                  "replayed: r.parquet", {"rows": ["a.json"]})
     fit = calibration.fits["agreement"]
     assert fit.slope == pytest.approx(0.8) and fit.intercept == pytest.approx(0.2)
     assert fit.r == pytest.approx(1.0)
@@ -19,19 +23,25 @@ def test_fit_recovers_a_line_and_round_trips(tmp_path):
     calibration.to_file(path)
     back = AccuracyCalibration.from_file(path)
     assert back.fits == calibration.fits and back.points == calibration.points
+    assert back.sensitivity == TABLE and back.routing == "replayed: r.parquet"
     assert back.model == "tiny" and back.predict(0.7) == calibration.predict(0.7)
-    assert "3 `emoe eval` runs of tiny" in back.describe()
+    assert "3 `emoe eval` runs of tiny replayed in the simulator" in back.describe()
+    assert back.weights() == "graded s measured on ? (s.json)"
 
 
 def test_too_few_runs_and_bad_files_are_errors(tmp_path):
     with pytest.raises(ConfigError, match="at least 3 runs"):
-        fit_calibration(ROWS[:2])
-    with pytest.raises(ConfigError, match="eval row 0"):
-        fit_calibration([{"planner": "emoe"}] * 3)
+        fit_calibration(POINTS[:2], TABLE)
+    with pytest.raises(ConfigError, match="run 0"):
+        fit_calibration([{"planner": "emoe"}] * 3, TABLE)
     path = tmp_path / "c.json"
-    path.write_text('{"format": "emoe-accuracy-calibration", "version": 1, "fits": {}}')
-    with pytest.raises(ConfigError, match="field 'fits'"):
-        AccuracyCalibration.from_file(path)
+    good = fit_calibration(POINTS, TABLE).to_dict()
+    for change, message in (({"fits": {}}, "field 'fits'"),
+                            ({"sensitivity": {}}, "field 'sensitivity'"),
+                            ({"version": 1}, "version 1 was fitted on the engine's own proxy")):
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConfigError, match=message):
+            AccuracyCalibration.from_file(path)
 
 
 def test_pearson():

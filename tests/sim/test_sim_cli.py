@@ -177,17 +177,27 @@ def test_sensitivity_and_accuracy_calibration_are_named_in_the_output(tmp_path, 
 
     trace = write_trace(tmp_path / "trace.csv", rows=20)
     calibration = tmp_path / "calibration.json"
-    fit_calibration([{"planner": "emoe", "budget": b, "proxy": x, "agreement": x,
-                      "quality": x} for b, x in ((0.25, 0.3), (0.5, 0.6), (0.75, 0.9))],
-                    "emoe-tiny").to_file(calibration)
+    points = [{"planner": "emoe", "budget": b, "proxy": x, "agreement": x, "quality": x}
+              for b, x in ((0.25, 0.3), (0.5, 0.6), (0.75, 0.9))]
+    fit_calibration(points, {"qa": [1.0] + [0.0] * 31}, "emoe-tiny", {"mode": "graded"},
+                    "replayed: r.parquet").to_file(calibration)
     rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
                "--accuracy-calibration", str(calibration), "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "weights hand-set task-profile defaults (not measured)" in printed
-    assert "calibration: 3 `emoe eval` runs of emoe-tiny" in printed
+    assert (f"accuracy proxy: weights graded s measured on ? (file not recorded) from the "
+            f"calibration {calibration} (the planner's sensitivity: hand-set task-profile "
+            f"defaults (not measured))") in printed
+    assert f"(calibration {calibration}: 3 `emoe eval` runs of emoe-tiny" in printed
     assert "warning: calibrated on emoe-tiny, simulating mixtral-8x7b" in printed
+    assert "warning: calibrated on replayed routing; this run's routing is synthetic" in printed
     assert "fcfs/emoe p=40 L=5/layer x1 h100-80gb: proxy" in printed
+    # weights for another layer count are refused by name
+    fit_calibration(points, {"qa": [1.0] * 4}, "emoe-tiny").to_file(calibration)
+    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
+               "--accuracy-calibration", str(calibration), "--no-progress"])
+    assert rc == 2
+    assert "field 'sensitivity.qa': 4 layers; model mixtral-8x7b has 32" in capsys.readouterr().err
     # a sensitivity file of another model's layer count is refused by name
     rc = main(["sim", "--trace", str(trace), "--sensitivity", "traces/sensitivity-emoe-tiny.json",
                "--no-progress"])
