@@ -220,8 +220,9 @@ def run_sim(args: argparse.Namespace) -> int:
     calibration = None
     if args.accuracy_calibration is not None:
         from emoe.core.accuracy import AccuracyCalibration
+        from emoe.core.paths import resolve_path
 
-        calibration = AccuracyCalibration.from_file(args.accuracy_calibration)
+        calibration = AccuracyCalibration.from_file(resolve_path(args.accuracy_calibration))
     jobs = 1 if args.ray is None and len(configs) == 1 else (args.jobs or default_jobs())
     where = (f"Ray ({args.ray})" if args.ray is not None
              else f"{min(jobs, len(configs))} local process(es)")
@@ -261,7 +262,8 @@ def run_sim(args: argparse.Namespace) -> int:
     print(first.fit.describe())
     print(f"cost model: {first.hardware.provenance.split('. ')[0]}; every coefficient's "
           "provenance: docs/simulator.md")
-    print(_accuracy_note(configs[0].policy(model), calibration, args.accuracy_calibration))
+    print(_accuracy_note(configs[0].policy(model), calibration, args.accuracy_calibration,
+                         model.name))
     print()
     if stats is None:
         stats = report.stats_of(results[0].outcome.summary)
@@ -384,14 +386,23 @@ def _out_path(out: Path | None, config, single: bool) -> Path | None:
     return out.with_name(f"{out.stem}-{slug}{out.suffix}")
 
 
-def _accuracy_note(policy, calibration, path) -> str:
-    """Which sensitivity weighs the accuracy proxy, and which calibration maps it."""
+def _accuracy_note(policy, calibration, path, model_name: str) -> str:
+    """Which sensitivity weighs the accuracy proxy, and which calibration maps it (or which
+    calibration the repository ships for the model, when none is given)."""
+    import os
+
+    from emoe.core.paths import REPOSITORY
+
     source = policy.sensitivity_source
     planner = (f"{source['mode']} s measured on {source['model']} ({source['file']})"
                if source else "hand-set task-profile defaults (not measured)")
     if calibration is None:
+        shipped = f"traces/accuracy-calibration-{model_name}.json"
+        hint = (f"--accuracy-calibration {shipped} maps it to agreement and quality"
+                if os.path.exists(os.path.join(REPOSITORY, shipped)) else
+                "--accuracy-calibration maps it to agreement and quality")
         return (f"accuracy proxy: sensitivity-weighted hit share, weights {planner}; "
-                f"uncalibrated (--accuracy-calibration maps it to agreement and quality)")
+                f"uncalibrated: no calibration used ({hint})")
     return (f"accuracy proxy: weights {calibration.weights()} from the calibration {path} "
             f"(the planner's sensitivity: {planner}); estimates below")
 
@@ -404,7 +415,7 @@ def _calibration_mismatch(calibration, model, outcome) -> list[str]:
                    f"does not transfer between models")
     if calibration.routing.startswith("replayed") and outcome.hits_method.startswith("computed"):
         out.append("calibrated on replayed routing; this run's routing is synthetic, whose "
-                   "proxy differs from replayed routing's (by up to 0.14 on emoe-tiny, "
+                   "proxy differs from replayed routing's (by up to 0.09 on emoe-tiny, "
                    "docs/offloading.md): give --routing-trace")
     return out
 

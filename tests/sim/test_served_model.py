@@ -24,6 +24,8 @@ def test_the_engines_routing_trace_replays_in_the_simulator_of_its_model(tmp_pat
     assert "SIMULATED emoe-tiny" in printed and "routing trace" in printed
     assert "exact: recorded top-k expert ids" in printed
     assert "exceed the model's context of 256 tokens" in printed and "scaled down" in printed
+    assert ("uncalibrated: no calibration used (--accuracy-calibration "
+            "traces/accuracy-calibration-emoe-tiny.json maps it") in printed
     runs = json.loads(summary.read_text())
     for run in runs:
         summary = run["summary"]

@@ -198,6 +198,15 @@ def test_sensitivity_and_accuracy_calibration_are_named_in_the_output(tmp_path, 
                "--accuracy-calibration", str(calibration), "--no-progress"])
     assert rc == 2
     assert "field 'sensitivity.qa': 4 layers; model mixtral-8x7b has 32" in capsys.readouterr().err
+    # a version-1 calibration (fitted on the engine's own proxy) is refused, saying what to do
+    calibration.write_text(json.dumps({"format": "emoe-accuracy-calibration", "version": 1,
+                                       "model": "emoe-tiny", "fits": {}, "points": []}))
+    rc = main(["sim", "--trace", str(trace), "--scheduler", "fcfs", "--experts", "emoe",
+               "--accuracy-calibration", str(calibration), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert (f"{calibration}: field 'version': version 1 was fitted on the engine's own proxy, "
+            f"not the simulator's; refit it with `emoe calibrate-proxy`") in err
     # a sensitivity file of another model's layer count is refused by name
     rc = main(["sim", "--trace", str(trace), "--sensitivity", "traces/sensitivity-emoe-tiny.json",
                "--no-progress"])
