@@ -47,3 +47,16 @@ def test_too_few_runs_and_bad_files_are_errors(tmp_path):
 def test_pearson():
     assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
     assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_the_shipped_calibration_reads_and_says_what_it_was_fitted_on():
+    from emoe.core.paths import REPOSITORY
+
+    calibration = AccuracyCalibration.from_file(
+        f"{REPOSITORY}/traces/accuracy-calibration-emoe-tiny.json")
+    assert calibration.model == "emoe-tiny" and calibration.routing.startswith("replayed: ")
+    assert all(len(s) == 4 for s in calibration.sensitivity.values())
+    assert calibration.sensitivity_source["file"] == "traces/sensitivity-emoe-tiny.json"
+    experiments = {p["experiment"] for p in calibration.points}
+    assert "main" in experiments and any(e.startswith("cut-layer-") for e in experiments)
+    assert set(calibration.fits) == {"agreement", "quality"}
