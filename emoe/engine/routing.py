@@ -167,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                                  seed=2 if args.seed is None else args.seed)
     requests = [SessionRequest(f"{ex.task}-{i}", ex.task, tokenizer.encode(ex.prompt),
                                args.max_new_tokens) for i, ex in enumerate(examples)]
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     recorder = RoutingRecorder.open(args.output, model, Path(args.checkpoint).name)
     try:
         stats = session.run(requests, recorder=recorder)

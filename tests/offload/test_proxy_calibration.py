@@ -47,7 +47,8 @@ def weighted_proxy(trace, resident: np.ndarray, weights: dict[str, list[float]])
 
 
 def test_eval_rows_replay_in_the_simulator_and_calibrate_it(tmp_path, capsys):
-    prompts, rows_path = tmp_path / "prompts.parquet", tmp_path / "rows.json"
+    # record-routing makes the output's folder, as the documented commands rely on
+    prompts, rows_path = tmp_path / "new" / "prompts.parquet", tmp_path / "rows.json"
     assert main(["record-routing", CHECKPOINT, "-o", str(prompts), *PROMPTS]) == 0
     assert main(["eval", CHECKPOINT, *PROMPTS[:2], "--per-task", "2", "--max-new-tokens", "6",
                  "--policy", "static", "--policy", "emoe", "--expert-budget", "25%",
