@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from emoe.core.errors import ConfigError, TraceFormatError
+from emoe.core.paths import resolve_path
 
 ROUTING_TRACE_VERSION = "1"
 PHASES = ("prefill", "decode")
@@ -146,8 +147,9 @@ class RoutingTrace:
 
 
 def read_routing_trace(path: "str | Path") -> RoutingTrace:
-    """Read and validate a routing trace; errors name the file, the row and the column."""
-    path = Path(path)
+    """Read and validate a routing trace (a relative path not found here is looked up in the
+    repository); errors name the file, the row and the column."""
+    path = Path(resolve_path(path))
     if not path.exists():
         raise ConfigError(f"{path}: routing trace not found")
     try:

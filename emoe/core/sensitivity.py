@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from emoe.core.errors import ConfigError
+from emoe.core.paths import resolve_path
 
 SENSITIVITY_FORMAT = "emoe-sensitivity"
 SENSITIVITY_VERSION = 1
@@ -202,6 +203,9 @@ class SensitivityProfile:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SensitivityProfile":
+        """Read a sensitivity file (a relative path not found here is looked up in the
+        repository, as the shipped traces/ files are named)."""
+        path = resolve_path(path)
         try:
             data = json.loads(Path(path).read_text())
         except OSError as exc:

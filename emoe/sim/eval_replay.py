@@ -86,7 +86,7 @@ class EvalReplay:
         self.proxy_sensitivity = proxy_sensitivity
         self.routing = routing
         self._dir = tempfile.TemporaryDirectory(prefix="emoe-calibrate-")
-        self._trace = read_routing_trace(resolve_path(routing_trace))
+        self._trace = read_routing_trace(routing_trace)
         self._workload = self._write_workload(self._trace, arrival_gap_s)
         self._models: dict[str, ModelSpec] = {}
         self._files = 0
@@ -158,7 +158,7 @@ class EvalReplay:
         sensitivity, source = {}, None
         if run.get("sensitivity"):
             policy_tasks = list(PolicyConfig().tasks)
-            sensitivity, source = load_sensitivity(resolve_path(run["sensitivity"]),
+            sensitivity, source = load_sensitivity(run["sensitivity"],
                                                    run.get("sensitivity_mode", "graded"),
                                                    model.num_layers, policy_tasks)
         batch = int(run["max_batch_size"])

@@ -351,7 +351,7 @@ def _history(config: SimConfig, model: ModelSpec):
         return None
     from emoe.core.routing_trace import read_routing_trace
 
-    trace = read_routing_trace(resolve_path(config.warm_start))
+    trace = read_routing_trace(config.warm_start)
     check_shape(trace, model, str(config.warm_start))
     return trace
 
@@ -388,7 +388,7 @@ def _routing(config: SimConfig, model: ModelSpec, policy: PolicyConfig) -> Routi
     from emoe.core.routing_trace import read_routing_trace
     from emoe.sim.routing import TraceRouting
 
-    trace = read_routing_trace(resolve_path(config.routing_trace))
+    trace = read_routing_trace(config.routing_trace)
     return TraceRouting(model, sensitivity, trace, str(config.routing_trace))
 
 
