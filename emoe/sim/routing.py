@@ -184,8 +184,12 @@ class SyntheticRouting(RoutingSource):
         super().__init__(model, sensitivity)
         self._rng = np.random.default_rng([seed, 0x5EED])
         self._concentration = concentration
-        self._draws = np.zeros((0, model.num_layers, model.num_experts))
-        self._shared_weight, self._noise, self._drift = shared, prompt_noise, drift
+        # the current block of draws, and drift x and prompt_noise x each (whole-block products)
+        self._draws = self._drift_draws = self._noise_draws = np.zeros(
+            (0, model.num_layers, model.num_experts))
+        self._next = 0
+        self._noise, self._drift = prompt_noise, drift
+        self._own_weight = (1.0 - shared) * (1.0 - prompt_noise)
         self._shared = self._draw()
         self._shared_part = (shared * (1.0 - prompt_noise)) * self._shared
         self._own = {t: self._draw() for t in sorted(sensitivity)}
@@ -194,14 +198,22 @@ class SyntheticRouting(RoutingSource):
 
     def _draw(self) -> np.ndarray:
         """One Dirichlet draw per layer, ``[layers, experts]``; drawn in blocks for speed."""
-        if not len(self._draws):
+        index = self._take()
+        return self._draws[index]
+
+    def _take(self) -> int:
+        """The index of the next draw in the current block (a new block when it is used up)."""
+        if self._next == len(self._draws):
             gammas = self._rng.standard_gamma(
                 self._concentration, (self._BLOCK, self.num_layers, self.num_experts))
             gammas += 1e-12
             gammas /= gammas.sum(axis=2, keepdims=True)
             self._draws = gammas
-        draw, self._draws = self._draws[0], self._draws[1:]
-        return draw
+            self._drift_draws = self._drift * gammas
+            self._noise_draws = self._noise * gammas
+            self._next = 0
+        self._next += 1
+        return self._next - 1
 
     def _grown(self, old: int, new: int) -> None:
         self._probs = np.concatenate([self._probs, np.zeros((new - old,) + self._probs.shape[1:])])
@@ -212,13 +224,13 @@ class SyntheticRouting(RoutingSource):
         own = self._own.get(request.task)
         if own is None:
             own = self._own[request.task] = self._draw()
-        fresh = self._draw()
+        fresh = self._take()
         own *= 1.0 - self._drift
-        own += self._drift * fresh
+        own += self._drift_draws[fresh]
         probs = self._probs[slot]
-        np.multiply(own, (1.0 - self._shared_weight) * (1.0 - self._noise), out=probs)
+        np.multiply(own, self._own_weight, out=probs)
         probs += self._shared_part
-        probs += self._noise * fresh
+        probs += self._noise_draws[fresh]
         self._pending[slot] = self._pending_served[slot] = 0.0
 
     def distribution(self, request_id: str) -> np.ndarray:
