@@ -127,7 +127,12 @@ class DecodeTargets:
         generated = (iterations + 1) - join
         left = expected - generated
         remaining = np.where(left > 0, left, floor)
-        return remaining, first + tpot * (generated + remaining - 1)
+        target = generated  # first + tpot * (generated + remaining - 1), in place
+        target += remaining
+        target -= 1
+        target *= tpot
+        target += first
+        return remaining, target
 
 
 class CostEstimate:

@@ -28,6 +28,9 @@ from emoe.core.estimates import CostEstimate
 from emoe.core.request import Request
 
 
+_minimum = np.minimum.reduce  # ndarray.min without its Python-level wrapper
+
+
 class BatchEstimate:
     """The running batch as Eq. 3 sees it during one step's admissions.
 
@@ -98,10 +101,12 @@ class BatchEstimate:
         if not len(g):
             return math.inf
         c = self.cost.c_decode
-        margin = self._targets - self.now - g * (self.cost.iteration_overhead_s + len(g) * c)
-        if margin.min() < 0:
+        margin = self._targets - self.now
+        margin -= g * (self.cost.iteration_overhead_s + len(g) * c)
+        if _minimum(margin) < 0:
             return -math.inf
-        return float((margin - g * c).min())
+        margin -= g * c
+        return float(_minimum(margin))
 
     def _prepare(self) -> None:
         self._merge_added()
