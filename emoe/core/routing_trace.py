@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,9 @@ import pyarrow.parquet as pq
 
 from emoe.core.errors import ConfigError, TraceFormatError
 from emoe.core.paths import resolve_path
+
+if TYPE_CHECKING:
+    from emoe.core.specs import ModelSpec
 
 ROUTING_TRACE_VERSION = "1"
 PHASES = ("prefill", "decode")
@@ -138,6 +142,15 @@ class RoutingTrace:
     num_experts: int
     top_k: int
     requests: dict[str, RequestRouting]
+
+    def check_model(self, model: "ModelSpec", source: str) -> None:
+        """Refuse a trace recorded on a model of another routing shape than ``model``."""
+        if (self.num_layers, self.num_experts, self.top_k) != (
+                model.num_layers, model.num_experts, model.top_k):
+            raise ConfigError(
+                f"{source}: recorded for {self.num_layers} layers x {self.num_experts} experts, "
+                f"top-{self.top_k}; model {model.name} has {model.num_layers} x "
+                f"{model.num_experts}, top-{model.top_k}")
 
     def by_task(self) -> dict[str, list[RequestRouting]]:
         out: dict[str, list[RequestRouting]] = {}

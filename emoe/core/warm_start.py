@@ -16,10 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emoe.core.errors import ConfigError
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.predictor import ExpertPredictor
-from emoe.core.specs import ModelSpec
 from emoe.core.tasks import TaskProfile
 
 if TYPE_CHECKING:  # pyarrow loads only when a routing trace is read
@@ -45,15 +43,6 @@ def measured_output_lengths(trace: RoutingTrace,
             mean = sum(len(r.decode_ids) + 1 for r in routings) / len(routings)
             out[task] = dataclasses.replace(out[task], mean_output_tokens=max(1, round(mean)))
     return out
-
-
-def check_shape(trace: RoutingTrace, model: ModelSpec, source: str) -> None:
-    if (trace.num_layers, trace.num_experts, trace.top_k) != (
-            model.num_layers, model.num_experts, model.top_k):
-        raise ConfigError(
-            f"{source}: recorded for {trace.num_layers} layers x {trace.num_experts} experts, "
-            f"top-{trace.top_k}; model {model.name} has {model.num_layers} x "
-            f"{model.num_experts}, top-{model.top_k}")
 
 
 def warm_policy(policy: PolicyConfig, trace: RoutingTrace) -> PolicyConfig:

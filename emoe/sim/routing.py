@@ -294,12 +294,7 @@ class TraceRouting(RoutingSource):
     def __init__(self, model: ModelSpec, sensitivity: Mapping[str, np.ndarray],
                  trace: RoutingTrace, source: str = "routing trace"):
         super().__init__(model, sensitivity)
-        if (trace.num_layers, trace.num_experts, trace.top_k) != (
-                model.num_layers, model.num_experts, model.top_k):
-            raise ConfigError(
-                f"{source}: recorded for {trace.num_layers} layers x {trace.num_experts} experts, "
-                f"top-{trace.top_k}; model {model.name} has {model.num_layers} x "
-                f"{model.num_experts}, top-{model.top_k}")
+        trace.check_model(model, source)
         self.label = f"routing trace {source} ({len(trace.requests)} recorded requests)"
         self._recorded = {rid: r for rid, r in trace.requests.items()
                           if len(r.prefill_ids) or len(r.decode_ids)}

@@ -25,7 +25,7 @@ from emoe.core.scheduler import Scheduler
 from emoe.core.serving import EngineLimits, serving_scheduler_policy
 from emoe.core.specs import HardwareSpec, ModelSpec, get_hardware, get_model, hardware_for
 from emoe.core.tasks import TaskProfile
-from emoe.core.warm_start import check_shape, warm_policy, warm_predictor
+from emoe.core.warm_start import warm_policy, warm_predictor
 from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
                                 synthetic_requests)
 from emoe.sim.backend import SimBackend
@@ -352,7 +352,7 @@ def _history(config: SimConfig, model: ModelSpec):
     from emoe.core.routing_trace import read_routing_trace
 
     trace = read_routing_trace(config.warm_start)
-    check_shape(trace, model, str(config.warm_start))
+    trace.check_model(model, str(config.warm_start))
     return trace
 
 
