@@ -37,6 +37,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only; these load when a command needs them
+    import pandas as pd
+
+    from emoe.core.metrics.summary import Summary
+    from emoe.core.policy_file import PolicyConfig
+    from emoe.core.specs import ModelSpec
+
 
 METRICS = (("ttft", "ttft_s", "TTFT (s)"), ("tpot", "tpot_s", "TPOT (ms)"),
            ("e2e", "e2e_s", "E2E (s)"), ("queueing", "queueing_s", "queueing (s)"))
