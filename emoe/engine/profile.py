@@ -290,6 +290,37 @@ def _cpu():
     return torch.device("cpu")
 
 
+class SpeedProbe:
+    """This machine's engine speed now against a profile's step table: one-prompt steps of a
+    few of the table's sizes, timed as the profile timed them, over what the table says. The
+    machine's speed drifts (a VM's neighbours, clocks) in ways the load average does not show;
+    a fidelity run probes before and after its replays to say how far its profile is off."""
+
+    SIZES = (32, 128, 255)
+
+    def __init__(self, checkpoint, table: StepTimes, max_batch_size: int, max_seq_len: int,
+                 device: str = "cpu", dtype: str | None = None):
+        from emoe.engine.checkpoint import load_model
+        from emoe.engine.engine import Engine
+
+        self.table = table
+        self.sizes = [n for n in self.SIZES if n < max_seq_len and n <= table.tokens[-1]]
+        model = load_model(checkpoint, device=device, dtype=dtype)
+        self._engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self._warm = False
+
+    def ratio(self, repeats: int = 5) -> float:
+        """Median over the probe sizes of measured / table (1.2: 20% slower than profiled)."""
+        import torch
+
+        with torch.inference_mode():
+            if not self._warm:
+                self._engine.warm_up()
+                self._warm = True
+            steps = _Steps(self._engine, repeats, seed=7)
+            return statistics.median(steps.prefill(n) / self.table.table(n) for n in self.sizes)
+
+
 def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu",
                   repeats: int = 5, max_batch_size: int = 16, max_seq_len: int | None = None,
                   prefill_tokens: Sequence[int] = PREFILL_TOKENS,

@@ -22,7 +22,9 @@ measured with the relative error (sim - real) / real and the two-sample Kolmogor
 statistic; SLO attainment, goodput, expert hit rate, bytes of experts loaded and predictor
 calls on both sides; the ranking of the policies by goodput on each side and whether they
 agree; CDF plots. The machine's load average before and after is printed: the measured side
-runs on this machine's cores, and other load slows it.
+runs on this machine's cores, and other load slows it. When it starts the server itself, it
+also times a few one-prompt engine steps before and after the replays against the profile's
+table (``speed_vs_profile``): the machine's speed drifts in ways the load average misses.
 """
 
 from __future__ import annotations
@@ -408,6 +410,7 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"prompts: {_PROMPTS[args.prompts]}; simulated routing: "
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
+    probe, speed = None, None  # this machine's engine speed against the profile's
     reports: dict[str, dict] = {}
     plots: list[str] = []
     for name, policy in chosen.items():
@@ -430,6 +433,12 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"{name}: simulated ({sim.summary.requests} requests); measuring against "
                   f"emoe serve {' '.join(server_args)} ...", flush=True)
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
+                if probe is None:
+                    probe = _speed_probe(checkpoint, profile)
+                    speed = {"before": probe.ratio()}
+                    print(f"engine speed against the profile before the replays: steps take "
+                          f"x{speed['before']:.2f} the profile's (one-prompt steps of "
+                          f"{'/'.join(map(str, probe.sizes))} tokens, median)", flush=True)
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
                                      profile.memory.get("expert_bytes", model.expert_bytes),
                                      prompts)
@@ -445,6 +454,8 @@ async def _run(args: argparse.Namespace) -> int:
     pairs = rank_pairs(reports)
     agree = not pairs["opposite"]
     load_after = os.getloadavg()
+    if probe is not None:
+        speed["after"] = probe.ratio()
     if len(reports) > 1:
         print(f"ranking by goodput: simulated {' > '.join(by_sim)}; measured "
               f"{' > '.join(by_real)}: {'they agree' if agree else 'they DISAGREE'} "
@@ -452,6 +463,10 @@ async def _run(args: argparse.Namespace) -> int:
               f"oppositely{': ' + ', '.join(pairs['opposite']) if pairs['opposite'] else ''}, "
               f"{len(pairs['tied'])} tied on one side within one request)")
     print(f"load average after {_load(load_after)} (before {_load(load_before)})")
+    if speed is not None:
+        print(f"engine speed against the profile: x{speed['before']:.2f} before the replays, "
+              f"x{speed['after']:.2f} after (the simulator assumes x1.00; the machine's own "
+              f"drift, which the load average does not show, errs it by about as much)")
     if plots:
         print("CDF plots: " + ", ".join(plots))
     if args.json is not None:
@@ -462,6 +477,7 @@ async def _run(args: argparse.Namespace) -> int:
             "prompts": args.prompts,
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
+            "speed_vs_profile": speed,
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
         }
@@ -508,6 +524,18 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
           f"thread(s), all experts, greedy) into {path} in {time.perf_counter() - started:.0f} s",
           flush=True)
     return path
+
+
+def _speed_probe(checkpoint: Path, profile):
+    """A probe of this machine's engine (the server runs here when fidelity starts it)."""
+    import torch
+
+    from emoe.engine.profile import SpeedProbe
+
+    engine = profile.engine
+    torch.set_num_threads(engine.threads)
+    return SpeedProbe(checkpoint, profile.step_table, engine.max_batch_size, engine.max_seq_len,
+                      engine.device, engine.dtype)
 
 
 def _load(values) -> str:

@@ -66,6 +66,8 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     doc = json.loads(report.read_text())
     assert isinstance(doc["rank_agreement"], bool)
     assert set(doc["load_average"]) == {"before", "after"}
+    assert set(doc["speed_vs_profile"]) == {"before", "after"}
+    assert all(0.1 < v < 10 for v in doc["speed_vs_profile"].values())
     # the same routing on both sides: task prompts whose routing was recorded first
     assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")
     lru = doc["policies"].pop("fcfs/lru")
