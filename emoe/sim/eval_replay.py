@@ -128,7 +128,7 @@ class EvalReplay:
 
     def model(self, checkpoint: str) -> ModelSpec:
         if checkpoint not in self._models:
-            self._models[checkpoint] = get_model(str(resolve_path(checkpoint)))
+            self._models[checkpoint] = get_model(checkpoint)
         return self._models[checkpoint]
 
     def check(self, row: dict[str, Any]) -> None:
@@ -260,8 +260,7 @@ def calibrate(replayed: Sequence[Replayed], replay: EvalReplay,
                           "table (--sensitivity)")
     rows = [r.row for r in replayed]
     model = replay.model(rows[0]["run"]["checkpoint"])
-    path = resolve_path(replay.proxy_sensitivity)
-    table, source = load_sensitivity(path, "graded", model.num_layers, list(PolicyConfig().tasks))
+    table, source = load_sensitivity(replay.proxy_sensitivity, "graded", model.num_layers, list(PolicyConfig().tasks))
     source["file"] = str(replay.proxy_sensitivity)
     routing = (f"replayed: {replay.routing_trace} ({replay.requests} requests)"
                if replay.routing == "replay" else "synthetic" if replay.routing == "synthetic"
