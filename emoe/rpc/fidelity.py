@@ -22,9 +22,11 @@ measured with the relative error (sim - real) / real and the two-sample Kolmogor
 statistic; SLO attainment, goodput, expert hit rate, bytes of experts loaded and predictor
 calls on both sides; the ranking of the policies by goodput on each side and whether they
 agree; CDF plots. The machine's load average before and after is printed: the measured side
-runs on this machine's cores, and other load slows it. When it starts the server itself, it
-also times a few one-prompt engine steps before and after the replays against the profile's
-table (``speed_vs_profile``): the machine's speed drifts in ways the load average misses.
+runs on this machine's cores, and other load slows it. The machine's speed also drifts in ways
+the load average misses (a VM's neighbours): when it starts the server itself, it times a few
+engine steps against the profile's table before and after each replay (``--engine-speed
+probe``) and simulates that policy's engine at the speed found; the simulation at the
+profile's own speed is reported beside it (``as_profiled``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sys_.add_argument("--target", default=None, metavar="HOST:PORT",
                       help="a running `emoe serve` to measure instead of starting one "
                            "(one policy: the one it runs)")
+    sys_.add_argument("--engine-speed", choices=("probe", "profile"), default=None,
+                      help="the engine speed simulated: 'probe' times a few engine steps on "
+                           "this machine before and after each replay and simulates the "
+                           "engine at the speed found, against the profile's (default when "
+                           "fidelity starts the server; with --target only if the target "
+                           "runs on this machine); 'profile': as the profile measured it "
+                           "(default with --target). The report gives both")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -158,14 +167,15 @@ class Side:
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
-             rows_path: Path, routing_trace: Path | None = None) -> Side:
+             rows_path: Path, routing_trace: Path | None = None,
+             engine_speed: float = 1.0) -> Side:
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
     from emoe.sim.runner import simulate as run_sim
 
     config = SimConfig(model=str(checkpoint), profile=profile, policy_file=policy_file,
-                       seed=seed, routing_trace=routing_trace)
+                       seed=seed, routing_trace=routing_trace, engine_speed=engine_speed)
     outcome = run_sim(config, workload, out=rows_path)
     s = outcome.summary
     return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
@@ -321,6 +331,14 @@ def format_report(name: str, report: dict) -> str:
         f"{report['bytes_loaded']['real']}; predictor calls sim "
         f"{report['predictor_calls']['sim']} real {report['predictor_calls']['real']}",
     ]
+    speed, as_profiled = report.get("engine_speed"), report.get("as_profiled")
+    if speed is not None and as_profiled is not None:
+        errors = ", ".join(
+            f"{key.upper()} {q} {_pct(as_profiled['metrics'][key]['rel_error'][q])}"
+            for key in ("ttft", "e2e") for q in ("p50", "p90"))
+        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's engine speed (the "
+                     f"speed probed); at x1.00: {errors}, SLO attainment "
+                     f"{_fmt(as_profiled['slo_attainment']['diff_points'], 1, 1)} points")
     return "\n".join(lines)
 
 
@@ -410,39 +428,55 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"prompts: {_PROMPTS[args.prompts]}; simulated routing: "
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
-    probe, speed = None, None  # this machine's engine speed against the profile's
+    probing = (args.engine_speed or ("profile" if args.target else "probe")) == "probe"
+    probe = None
+
+    def speed_before() -> dict:
+        nonlocal probe
+        if probing and probe is None:  # once a server is up: its errors come first
+            probe = _speed_probe(checkpoint, profile)
+            print(f"engine speed: probed before and after each replay ({probe.describe()}); "
+                  f"each policy is simulated at the speed found (the geometric mean), and as "
+                  f"profiled (x1.00)", flush=True)
+        return _probed(probe)
+
     reports: dict[str, dict] = {}
+    profiled: dict[str, dict] = {}  # the same, simulated at the profile's speed
     plots: list[str] = []
     for name, policy in chosen.items():
         stem = name.replace("/", "-")
         policy_file = out_dir / f"policy-{stem}.json"
         policy.to_file(policy_file)
-        sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", routing_trace)
         requests = read_trace(trace, tasks=policy.tasks, seed=args.seed,
                               rate_scale=args.rate_scale)
         if args.limit is not None:
             requests = itertools.islice(requests, args.limit)
         rows = out_dir / f"{stem}-real.csv"
+        expert_bytes = profile.memory.get("expert_bytes", model.expert_bytes)
         if args.target:
+            print(f"{name}: measuring against {args.target} ...", flush=True)
+            speed = speed_before()
             real = await measure(args.target, requests, args.fit, args.seed, rows,
-                                 profile.memory.get("expert_bytes", model.expert_bytes), prompts)
+                                 expert_bytes, prompts)
         else:
             server_args = serve_args(checkpoint, engine.threads, engine.max_batch_size,
                                      engine.max_seq_len, policy=policy_file, profile=profile_path)
-            print(f"{name}: simulated ({sim.summary.requests} requests); measuring against "
-                  f"emoe serve {' '.join(server_args)} ...", flush=True)
+            print(f"{name}: measuring against emoe serve {' '.join(server_args)} ...",
+                  flush=True)
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
-                if probe is None:
-                    probe = _speed_probe(checkpoint, profile)
-                    speed = {"before": probe.ratio()}
-                    print(f"engine speed against the profile before the replays: steps take "
-                          f"x{speed['before']:.2f} the profile's (one-prompt steps of "
-                          f"{'/'.join(map(str, probe.sizes))} tokens, median)", flush=True)
+                speed = speed_before()
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
-                                     profile.memory.get("expert_bytes", model.expert_bytes),
-                                     prompts)
+                                     expert_bytes, prompts)
+        speed = _probed(probe, speed)
+        sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
+                       out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"])
         reports[name] = compare(sim, real)
+        reports[name]["engine_speed"] = speed
+        if speed["simulated"] != 1.0:
+            as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
+                                   out_dir / f"{stem}-sim-profile.csv", routing_trace)
+            profiled[name] = compare(as_profiled, real)
+            reports[name]["as_profiled"] = profiled[name]
         if len(reports) == 1:
             print(f"simulated {sim.context}\nmeasured {real.context}")
         print(format_report(name, reports[name]), flush=True)
@@ -454,19 +488,17 @@ async def _run(args: argparse.Namespace) -> int:
     pairs = rank_pairs(reports)
     agree = not pairs["opposite"]
     load_after = os.getloadavg()
-    if probe is not None:
-        speed["after"] = probe.ratio()
     if len(reports) > 1:
         print(f"ranking by goodput: simulated {' > '.join(by_sim)}; measured "
               f"{' > '.join(by_real)}: {'they agree' if agree else 'they DISAGREE'} "
               f"({len(pairs['same'])} pairs ordered alike, {len(pairs['opposite'])} "
               f"oppositely{': ' + ', '.join(pairs['opposite']) if pairs['opposite'] else ''}, "
               f"{len(pairs['tied'])} tied on one side within one request)")
+        if len(profiled) == len(reports):
+            opposite = rank_pairs(profiled)["opposite"]
+            print(f"simulated as profiled (x1.00): {len(opposite)} pairs ordered oppositely"
+                  + (f": {', '.join(opposite)}" if opposite else ""))
     print(f"load average after {_load(load_after)} (before {_load(load_before)})")
-    if speed is not None:
-        print(f"engine speed against the profile: x{speed['before']:.2f} before the replays, "
-              f"x{speed['after']:.2f} after (the simulator assumes x1.00; the machine's own "
-              f"drift, which the load average does not show, errs it by about as much)")
     if plots:
         print("CDF plots: " + ", ".join(plots))
     if args.json is not None:
@@ -477,7 +509,7 @@ async def _run(args: argparse.Namespace) -> int:
             "prompts": args.prompts,
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
-            "speed_vs_profile": speed,
+            "engine_speed": probe.describe() if probe is not None else "as profiled",
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
         }
@@ -524,6 +556,20 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
           f"thread(s), all experts, greedy) into {path} in {time.perf_counter() - started:.0f} s",
           flush=True)
     return path
+
+
+def _probed(probe, speed: dict | None = None) -> dict:
+    """The engine speed against the profile: ``before`` a replay (``speed`` None), then
+    ``after`` it and the speed ``simulated`` (their geometric mean; 1.0 without a probe)."""
+    if probe is None:
+        return {"before": None, "after": None, "simulated": 1.0}
+    if speed is None:
+        return {"before": probe.ratio()}
+    after = probe.ratio()
+    simulated = math.sqrt(speed["before"] * after)
+    print(f"engine speed around the replay: steps took x{speed['before']:.2f} the profile's "
+          f"before, x{after:.2f} after: simulated at x{simulated:.2f}", flush=True)
+    return {"before": speed["before"], "after": after, "simulated": simulated}
 
 
 def _speed_probe(checkpoint: Path, profile):

@@ -19,7 +19,7 @@ from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
 from emoe.core.paths import resolve_path
 from emoe.core.policy_file import PolicyConfig, model_shape
-from emoe.core.profile import EngineProfile, load_profile
+from emoe.core.profile import EngineProfile, ServingCosts, load_profile
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
 from emoe.core.serving import EngineLimits, serving_scheduler_policy
@@ -130,7 +130,8 @@ class SimConfig:
     routing trace of earlier prompts the planner starts from (``emoe.core.warm_start``).
     ``proxy_sensitivity``: an accuracy calibration (``emoe calibrate-proxy``) or a sensitivity
     file whose table weighs the accuracy proxy whatever the policy's own (default: the
-    policy's).
+    policy's). ``engine_speed``: with a served engine's profile, its steps take this times
+    the profile's (the machine's speed when the run is compared with a measured one).
     """
 
     model: str = "mixtral-8x7b"
@@ -152,6 +153,7 @@ class SimConfig:
     sensitivity_mode: str = "graded"
     warm_start: Path | None = None
     proxy_sensitivity: Path | None = None
+    engine_speed: float = 1.0
 
     @property
     def name(self) -> str:
@@ -341,8 +343,19 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          miss_mode=scheduler.planner.miss_mode,
                          slots_per_layer=scheduler.planner.slots_per_layer,
                          steps=profile.step_table if profile else None,
-                         serving=profile.serving if profile else None)
+                         serving=_served_at(profile.serving if profile else None,
+                                            config.engine_speed))
     return scheduler, backend
+
+
+def _served_at(serving: ServingCosts | None, speed: float) -> ServingCosts | None:
+    """The serving costs with the engine's steps taking ``speed`` x the profile's (the
+    machine's speed when the run is compared with a measured one: ``emoe fidelity``)."""
+    if speed <= 0 or not math.isfinite(speed):
+        raise ConfigError(f"engine speed: must be a positive number, got {speed!r}")
+    if speed == 1.0 or serving is None:
+        return serving
+    return dataclasses.replace(serving, engine_scale=serving.engine_scale * speed)
 
 
 def _history(config: SimConfig, model: ModelSpec):

@@ -66,8 +66,13 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     doc = json.loads(report.read_text())
     assert isinstance(doc["rank_agreement"], bool)
     assert set(doc["load_average"]) == {"before", "after"}
-    assert set(doc["speed_vs_profile"]) == {"before", "after"}
-    assert all(0.1 < v < 10 for v in doc["speed_vs_profile"].values())
+    for policy in doc["policies"].values():  # each simulated at the speed probed around it
+        speed = policy["engine_speed"]
+        assert all(0.1 < speed[k] < 10 for k in ("before", "after"))
+        assert speed["simulated"] == pytest.approx((speed["before"] * speed["after"]) ** 0.5)
+        assert policy["as_profiled"]["metrics"]["e2e"]["real"] == policy["metrics"]["e2e"]["real"]
+        assert policy["as_profiled"]["metrics"]["e2e"]["sim"] != policy["metrics"]["e2e"]["sim"]
+    assert "simulated at x" in printed and "at x1.00: TTFT p50" in printed
     # the same routing on both sides: task prompts whose routing was recorded first
     assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")
     lru = doc["policies"].pop("fcfs/lru")

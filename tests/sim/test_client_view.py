@@ -115,3 +115,20 @@ def test_emoe_sim_reports_requests_as_the_client_of_a_served_engine_sees_them(se
     assert served_row["ttft_s"] - engine_row["ttft_s"] == pytest.approx(way)
     assert served_row["e2e_s"] - engine_row["e2e_s"] == pytest.approx(way)
     assert served_row["tpot_s"] == pytest.approx(engine_row["tpot_s"])
+
+
+def test_the_engine_simulated_at_another_speed_than_profiled(served):
+    """``engine_speed`` (what ``emoe fidelity`` sets from its probe) scales the engine's steps,
+    not the serving path's costs; a speed that is no positive number is refused."""
+    import dataclasses
+
+    from emoe.core.errors import ConfigError
+
+    step = dict(prefill_tokens=8, decode_tokens=2, context_tokens=20, resident_experts=8)
+    _, profiled = build(served)
+    _, slower = build(dataclasses.replace(served, engine_speed=1.5))
+    assert slower.cost.step_s(**step) == pytest.approx(1.5 * profiled.cost.step_s(**step))
+    assert slower.cost.serving_s(decode_tokens=2) == profiled.cost.serving_s(decode_tokens=2)
+    for speed in (0.0, -1.0, float("nan")):
+        with pytest.raises(ConfigError, match="engine speed: must be a positive number"):
+            build(dataclasses.replace(served, engine_speed=speed))
