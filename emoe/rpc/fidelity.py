@@ -396,8 +396,8 @@ async def _run(args: argparse.Namespace) -> int:
     model = model_spec_from(checkpoint)
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile_path = args.profile or _measure_profile(checkpoint, args.threads,
-                                                    out_dir / "profile.json")
+    profile_path = args.profile or await asyncio.to_thread(  # it serves in its own loop
+        _measure_profile, checkpoint, args.threads, out_dir / "profile.json")
     profile = load_profile(profile_path)
     profile.check_model(model)
     if profile.engine is None or profile.step_table is None or profile.serving is None:

@@ -97,6 +97,23 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert (tmp_path / "out" / "fcfs-all-real.csv").exists()
 
 
+def test_without_a_profile_fidelity_measures_one_first(tmp_path, monkeypatch, capsys):
+    """As `emoe profile` would (here with one round, for time), then the comparison."""
+    from emoe.engine import profile as engine_profile
+    from emoe.rpc import serving_profile
+
+    profile_model, measure_serving = engine_profile.profile_model, serving_profile.measure_serving
+    monkeypatch.setattr(engine_profile, "profile_model",
+                        lambda model, name: profile_model(model, name, repeats=1))
+    monkeypatch.setattr(serving_profile, "measure_serving",
+                        lambda checkpoint, profile: measure_serving(checkpoint, profile, rounds=1))
+    out = tmp_path / "out"
+    assert main(["fidelity", "--threads", "1", "--limit", "3", "--fit", "scale",
+                 "--prompts", "random", "--out-dir", str(out), "--no-plots"]) == 0
+    assert "no --profile: measuring one (emoe-tiny, 1 thread(s))" in capsys.readouterr().out
+    assert load_profile(out / "profile.json").engine.threads == 1
+
+
 def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
     broken = tmp_path / "emoe-tiny"
     broken.mkdir()
