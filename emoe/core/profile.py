@@ -7,7 +7,8 @@ Step-time coefficients are either given directly or fitted here from raw step sa
 
 Three sections describe the engine as served, so the simulator can predict it:
 ``engine`` (the model, threads, device, dtype, KV slots and context it was measured with),
-``step_table`` (measured step times by tokens, decode requests and context: ``StepTimes``) and
+``step_table`` (measured step times by tokens, attended pairs, prompts, decode requests and
+context: ``StepTimes``) and
 ``serving`` (what the serving path adds per step, per streamed token and per request:
 ``ServingCosts``). A profile of one model or thread count is refused for another
 (``check_model``, ``check_threads``), naming the difference.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +38,37 @@ _PCIE_FIELDS = {"bandwidth_bytes_per_s": "pcie_bandwidth_bytes_per_s",
 _MEMORY_FIELDS = ("gpu_memory_bytes", "non_expert_bytes", "expert_bytes", "kv_bytes_per_token")
 
 
+def attended_pairs(start: int, tokens: int) -> int:
+    """Query-key pairs a prefill chunk of ``tokens`` prompt tokens from token ``start`` of its
+    prompt attends: each token attends to the ``start`` before the chunk and to the chunk's
+    tokens up to itself."""
+    return tokens * start + tokens * (tokens + 1) // 2
+
+
 @dataclass(frozen=True, slots=True)
 class StepSample:
-    """One measured engine step."""
+    """One measured engine step. ``chunks``: its prefill chunks as (start, tokens), when they
+    are not one prompt of ``prefill_tokens`` from its start (a step of several prompts, or a
+    chunk continuing one)."""
 
     prefill_tokens: int
     decode_tokens: int
     context_tokens: int
     seconds: float
+    chunks: tuple[tuple[int, int], ...] = ()
+
+    def prefill_chunks(self) -> tuple[tuple[int, int], ...]:
+        if self.chunks:
+            return self.chunks
+        return ((0, self.prefill_tokens),) if self.prefill_tokens else ()
+
+    def to_json(self) -> dict:
+        doc: dict[str, object] = {"prefill_tokens": self.prefill_tokens,
+                                  "decode_tokens": self.decode_tokens,
+                                  "context_tokens": self.context_tokens, "seconds": self.seconds}
+        if self.chunks:
+            doc["chunks"] = [list(c) for c in self.chunks]
+        return doc
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,37 +93,106 @@ class EngineSetup:
 
 @dataclass(frozen=True, slots=True)
 class StepTimes:
-    """Measured engine step time: ``step_s(tokens, decode, context)`` =
-    ``table(tokens) + per_decode_s * decode + per_context_token_s * context``.
+    """Measured engine step time. A step of T tokens (prefill chunks and D decodes) whose
+    chunks attend ``pairs`` query-key pairs in all (``attended_pairs``), with D decodes
+    attending to C context tokens, takes
 
-    ``table`` interpolates linearly between measured steps of ``tokens[i]`` tokens (one prompt,
-    no context) taking ``seconds[i]``, and extrapolates with the last segment's slope (the whole
-    table's where that one falls, never below flat): it holds
-    the kernels' crossovers that a straight line misses (e.g. the fused expert kernel up to 64
-    tokens). ``per_decode_s`` is what each decoding request adds over a prompt token (its own
-    attention over its KV and its sampled row), ``per_context_token_s`` what each token of
-    context a decode attends to adds; both are least-squares fits of decode steps.
+    ``step_s`` = ``base(T) + per_pair_s * pairs + per_chunk_s * max(0, chunks - 1)
+    + per_decode_s * D + per_context_token_s * C``.
+
+    ``table`` interpolates linearly between measured steps of one prompt of ``tokens[i]``
+    tokens (no context) taking ``seconds[i]``: it holds the kernels' crossovers that a straight
+    line misses (e.g. the fused expert kernel up to 64 tokens). ``base(T)``, the step without
+    attended pairs, is ``table(T) - per_pair_s * T (T + 1) / 2`` within the table, so one
+    prompt from its start costs exactly the table; past the table's last point (only steps of
+    several prompts get there) it is a line from there rising ``beyond_s_per_token`` per
+    token, not the table's convex part. ``per_pair_s`` (what an attended pair costs, so k
+    prompts of n tokens cost less than one of k n), ``per_chunk_s`` (what each prompt beyond
+    the first adds) and ``beyond_s_per_token`` are non-negative least-squares fits of
+    multi-prompt steps (``fit_prompt_costs``). Profiles without them: no pair or chunk costs,
+    and past the table the base extends its last segment (the whole table's slope where that
+    one falls, never below flat), so every step costs the table of its tokens.
+    ``per_decode_s`` is what each decoding request adds over the base's token (its attention
+    over its KV and its sampled row), ``per_context_token_s`` what each token of context a
+    decode attends to adds; both are least-squares fits of decode steps (no attended pairs).
     """
 
     tokens: tuple[int, ...]
     seconds: tuple[float, ...]
     per_decode_s: float
     per_context_token_s: float
+    per_pair_s: float = 0.0
+    per_chunk_s: float = 0.0
+    beyond_s_per_token: float | None = None
 
     def table(self, tokens: float) -> float:
         xs, ys = self.tokens, self.seconds
         if len(xs) == 1:
             return ys[0]
         if tokens >= xs[-1]:
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            if slope < 0:  # a noisy last point (a loaded machine): the whole table's slope
-                slope = max(0.0, (ys[-1] - ys[0]) / (xs[-1] - xs[0]))
-            return ys[-1] + slope * (tokens - xs[-1])
+            return _extrapolate(xs, ys, tokens)
         return float(np.interp(tokens, xs, ys))
 
-    def step_s(self, tokens: int, decode: int, context: float) -> float:
-        return (self.table(tokens) + self.per_decode_s * decode
+    def base(self, tokens: float) -> float:
+        """The step of ``tokens`` tokens without any attended pairs."""
+        xs, ys, p = self.tokens, self.seconds, self.per_pair_s
+        last = xs[-1]
+        if tokens <= last:
+            return self.table(tokens) - p * _one_prompt(tokens)
+        if self.beyond_s_per_token is not None:
+            return ys[-1] - p * _one_prompt(last) + self.beyond_s_per_token * (tokens - last)
+        if len(xs) == 1:
+            return ys[0] - p * _one_prompt(last)
+        return _extrapolate(xs, [y - p * _one_prompt(x) for x, y in zip(xs, ys)], tokens)
+
+    def step_s(self, tokens: int, decode: int, context: float, pairs: float | None = None,
+               chunks: int = 1) -> float:
+        """A step of ``tokens`` tokens, ``decode`` of them decodes over ``context`` tokens of
+        context, the rest prefill chunks (``chunks`` of them) attending ``pairs`` pairs;
+        ``pairs`` by default: the prefill tokens as one prompt from its start."""
+        if pairs is None:
+            pairs = _one_prompt(tokens - decode)
+        return (self.base(tokens) + self.per_pair_s * pairs
+                + self.per_chunk_s * max(0, chunks - 1) + self.per_decode_s * decode
                 + self.per_context_token_s * context)
+
+
+def _one_prompt(tokens: float) -> float:
+    return tokens * (tokens + 1) / 2
+
+
+def _extrapolate(xs: "Sequence[int]", ys: "Sequence[float]", x: float) -> float:
+    """ys beyond xs[-1] with the last segment's slope (the whole table's where that one
+    falls, never below flat: a noisy last point on a loaded machine)."""
+    slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    if slope < 0:
+        slope = max(0.0, (ys[-1] - ys[0]) / (xs[-1] - xs[0]))
+    return ys[-1] + slope * (x - xs[-1])
+
+
+def fit_prompt_costs(table: StepTimes, samples: "Sequence[StepSample]"
+                     ) -> tuple[float, float, float | None]:
+    """``(per_pair_s, per_chunk_s, beyond_s_per_token)`` >= 0, least squares over prefill-only
+    ``samples`` (several prompts, or a chunk continuing one) given ``table``'s one-prompt
+    steps: a sample's time less ``table``'s at its tokens (at its last point for samples past
+    it) is ``per_pair_s * (its pairs - one prompt's of its tokens up to the last point) +
+    per_chunk_s * (chunks - 1) + beyond_s_per_token * (its tokens past the last point)``.
+    ``beyond_s_per_token`` is None without samples past the table, all 0 without samples."""
+    if not samples:
+        return 0.0, 0.0, None
+    from scipy.optimize import nnls
+
+    last = table.tokens[-1]
+    rows, residual = [], []
+    for s in samples:
+        chunks, n = s.prefill_chunks(), s.prefill_tokens
+        rows.append((sum(attended_pairs(a, b) for a, b in chunks) - _one_prompt(min(n, last)),
+                     max(0, len(chunks) - 1), max(0, n - last)))
+        residual.append(s.seconds - table.table(min(n, last)))
+    a = np.asarray(rows, dtype=np.float64)
+    beyond = bool(a[:, 2].any())
+    coef, _ = nnls(a if beyond else a[:, :2], np.asarray(residual))
+    return float(coef[0]), float(coef[1]), float(coef[2]) if beyond else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +309,7 @@ class EngineProfile:
             if self.hbm_bandwidth_bytes_per_s is not None:
                 doc["step_time"]["hbm_bandwidth_bytes_per_s"] = self.hbm_bandwidth_bytes_per_s
         if self.samples:
-            doc["samples"] = [dataclasses.asdict(s) for s in self.samples]
+            doc["samples"] = [s.to_json() for s in self.samples]
         pcie = {k: getattr(self, attr) for k, attr in _PCIE_FIELDS.items()
                 if getattr(self, attr) is not None}
         if pcie:
@@ -230,7 +324,11 @@ class EngineProfile:
             doc["step_table"] = {"tokens": list(self.step_table.tokens),
                                  "seconds": list(self.step_table.seconds),
                                  "per_decode_s": self.step_table.per_decode_s,
-                                 "per_context_token_s": self.step_table.per_context_token_s}
+                                 "per_context_token_s": self.step_table.per_context_token_s,
+                                 "per_pair_s": self.step_table.per_pair_s,
+                                 "per_chunk_s": self.step_table.per_chunk_s}
+            if self.step_table.beyond_s_per_token is not None:
+                doc["step_table"]["beyond_s_per_token"] = self.step_table.beyond_s_per_token
         if self.serving is not None:
             doc["serving"] = dataclasses.asdict(self.serving)
         return doc
@@ -303,11 +401,23 @@ def load_profile(path: "str | Path") -> EngineProfile:
         for k in ("prefill_tokens", "decode_tokens", "context_tokens", "seconds"):
             if k not in s:
                 raise ConfigError(f"{path}: samples[{i}]: missing field {k!r}")
+        prefill = int(number(f"samples[{i}].prefill_tokens", s["prefill_tokens"], True))
+        chunks = s.get("chunks", [])
+        if not (isinstance(chunks, list)
+                and all(isinstance(c, list) and len(c) == 2 for c in chunks)):
+            raise ConfigError(f"{path}: field 'samples[{i}].chunks' must be a list of "
+                              "[start, tokens] pairs")
+        chunks = tuple((int(number(f"samples[{i}].chunks[{j}][0]", a, True)),
+                        int(number(f"samples[{i}].chunks[{j}][1]", b, True)))
+                       for j, (a, b) in enumerate(chunks))
+        if chunks and sum(b for _, b in chunks) != prefill:
+            raise ConfigError(f"{path}: samples[{i}]: its chunks hold "
+                              f"{sum(b for _, b in chunks)} tokens, not prefill_tokens {prefill}")
         samples.append(StepSample(
-            prefill_tokens=int(number(f"samples[{i}].prefill_tokens", s["prefill_tokens"], True)),
+            prefill_tokens=prefill,
             decode_tokens=int(number(f"samples[{i}].decode_tokens", s["decode_tokens"], True)),
             context_tokens=int(number(f"samples[{i}].context_tokens", s["context_tokens"], True)),
-            seconds=number(f"samples[{i}].seconds", s["seconds"])))
+            seconds=number(f"samples[{i}].seconds", s["seconds"]), chunks=chunks))
 
     pcie = section("pcie")
     memory = section("memory")
@@ -352,7 +462,11 @@ def load_profile(path: "str | Path") -> EngineProfile:
         profile = dataclasses.replace(profile, step_table=StepTimes(
             tuple(xs), tuple(number(f"step_table.seconds[{i}]", v) for i, v in enumerate(seconds)),
             number("step_table.per_decode_s", table.get("per_decode_s")),
-            number("step_table.per_context_token_s", table.get("per_context_token_s"))))
+            number("step_table.per_context_token_s", table.get("per_context_token_s")),
+            number("step_table.per_pair_s", table.get("per_pair_s", 0.0)),
+            number("step_table.per_chunk_s", table.get("per_chunk_s", 0.0)),
+            None if table.get("beyond_s_per_token") is None else
+            number("step_table.beyond_s_per_token", table["beyond_s_per_token"])))
     serving = section("serving")
     if serving:
         fields = [f.name for f in dataclasses.fields(ServingCosts)]

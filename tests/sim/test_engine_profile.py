@@ -3,7 +3,8 @@ import json
 import pytest
 
 from emoe.core.errors import ConfigError
-from emoe.core.profile import EngineProfile, StepSample, load_profile, write_profile
+from emoe.core.profile import (EngineProfile, StepSample, StepTimes, attended_pairs,
+                               load_profile, write_profile)
 from emoe.core.specs import HARDWARE_PRESETS, MODEL_PRESETS
 
 H100 = HARDWARE_PRESETS["h100-80gb"]
@@ -38,6 +39,32 @@ def test_profile_fits_coefficients_from_samples(tmp_path):
     assert got == pytest.approx(true, rel=1e-6)
 
 
+def test_a_step_table_without_pair_and_chunk_costs_loads_and_costs_steps_as_one_prompt(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({
+        "format": "emoe-engine-profile", "version": 1,
+        "step_table": {"tokens": [1, 64, 255], "seconds": [0.002, 0.006, 0.02],
+                       "per_decode_s": 1e-4, "per_context_token_s": 1e-7}}))
+    steps = load_profile(path).step_table
+    assert (steps.per_pair_s, steps.per_chunk_s, steps.beyond_s_per_token) == (0.0, 0.0, None)
+    three = steps.step_s(750, 0, 0, 3 * attended_pairs(0, 250), 3)
+    assert three == pytest.approx(0.02 + (0.014 / 191) * (750 - 255))  # the table's extrapolation
+    assert steps.step_s(20, 4, 300) == pytest.approx(steps.table(20) + 4e-4 + 3e-5)
+
+
+def test_pair_chunk_costs_and_multi_prompt_samples_round_trip(tmp_path):
+    steps = StepTimes((1, 64, 255), (0.002, 0.006, 0.02), 1e-4, 1e-7, 2e-7, 8e-4, 4e-5)
+    samples = (StepSample(128, 0, 0, 0.009), StepSample(0, 4, 100, 0.003),
+               StepSample(750, 0, 0, 0.03, ((0, 250),) * 3), StepSample(63, 0, 0, 0.008,
+                                                                     ((192, 63),)))
+    write_profile(EngineProfile(samples=samples, step_table=steps), tmp_path / "p.json")
+    loaded = load_profile(tmp_path / "p.json")
+    assert loaded.step_table == steps and loaded.samples == samples
+    assert loaded.samples[2].prefill_chunks() == ((0, 250),) * 3
+    assert loaded.samples[0].prefill_chunks() == ((0, 128),)
+    assert loaded.samples[1].prefill_chunks() == ()
+
+
 @pytest.mark.parametrize("doc, message", [
     ({"format": "nope", "version": 1}, "field 'format'"),
     ({"format": "emoe-engine-profile", "version": 9}, "field 'version'"),
@@ -49,6 +76,15 @@ def test_profile_fits_coefficients_from_samples(tmp_path):
       "samples": [{"prefill_tokens": 1, "decode_tokens": 0, "context_tokens": 0, "seconds": 1}]},
      "need at least 4 steps"),
     ({"format": "emoe-engine-profile", "version": 1, "memory": {"vram": 1}}, "unknown field"),
+    ({"format": "emoe-engine-profile", "version": 1, "samples": [
+        {"prefill_tokens": 64, "decode_tokens": 0, "context_tokens": 0, "seconds": 0.01,
+         "chunks": [[0, 32], [0, 16]]}]}, "chunks hold 48 tokens, not prefill_tokens 64"),
+    ({"format": "emoe-engine-profile", "version": 1, "samples": [
+        {"prefill_tokens": 64, "decode_tokens": 0, "context_tokens": 0, "seconds": 0.01,
+         "chunks": [64]}]}, r"samples\[0\].chunks' must be a list of \[start, tokens\]"),
+    ({"format": "emoe-engine-profile", "version": 1, "step_table": {
+        "tokens": [1], "seconds": [0.01], "per_decode_s": 0, "per_context_token_s": 0,
+        "per_pair_s": -1}}, "field 'step_table.per_pair_s'"),
 ])
 def test_bad_profiles_name_the_file_and_field(tmp_path, doc, message):
     path = tmp_path / "bad.json"
