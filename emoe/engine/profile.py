@@ -7,8 +7,10 @@ default unless ``--threads``) and the server's KV slots (``--max-batch-size``). 
   random prompts each run): steps of one prompt of N tokens over a grid of N (the
   ``step_table``: the kernels' crossovers make a straight line miss by 30-50% here), decode
   steps over batch sizes and contexts (fitted as a cost per decode request and per context
-  token), and mixed steps (prefill + decodes) to check the model; all raw steps go to
-  ``samples``, whose linear fit gives the scheduler its cost coefficients;
+  token), prefill steps of several prompts and of chunks continuing a prompt (fitted as a
+  cost per attended query-key pair, per extra prompt and per token past the table), and mixed
+  steps (prefill + decodes) to check the model; all raw steps go to ``samples``, whose linear
+  fit gives the scheduler its cost coefficients;
 - **the serving path** in a live serving session of the same model, threads and slots, driven
   from a client process (``emoe.rpc.serving_profile``): what it adds per step, per streamed
   token and per request, and how much slower the engine steps when served (``--no-serving``
@@ -40,7 +42,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emoe.core.plan import PrefillChunk, StepPlan
-from emoe.core.profile import EngineProfile, EngineSetup, StepSample, StepTimes
+from emoe.core.profile import (EngineProfile, EngineSetup, StepSample, StepTimes,
+                               attended_pairs, fit_prompt_costs)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -52,6 +55,11 @@ PREFILL_TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DECODE_BATCH = (1, 2, 4, 8, 12, 16)
 DECODE_CONTEXT = (16, 64, 160)
 MIXED = ((64, 8, 64), (128, 4, 96), (32, 16, 32), (200, 2, 40))  # prefill, decodes, context
+# prefill-only steps of k prompts of n tokens, and of one chunk continuing a prompt: their
+# chunks as (start, tokens)
+MULTI_PROMPT = (*(((0, n),) * k for k, n in ((2, 32), (2, 128), (2, 250), (3, 64), (3, 250),
+                                              (4, 64), (4, 160), (8, 32), (8, 64))),
+                ((128, 127),), ((192, 63),))
 COPY_FRACTIONS = (0.125, 0.25, 0.5, 1.0, 2.0)
 
 
@@ -71,10 +79,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int,
+           setup: Callable[[], object] = lambda: None) -> float:
+    """The median of ``repeats`` runs of ``fn`` (after one warm-up), each after an untimed
+    ``setup``."""
+    setup()
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        setup()
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -121,6 +134,25 @@ class _Steps:
             self.engine.abort(rid)
         return _timed(run, self.engine.device, self.repeats)
 
+    def prompts(self, chunks: Sequence[tuple[int, int]]) -> float:
+        """A step of prefill chunks, (start, tokens) each: a chunk from start > 0 continues a
+        prompt whose first ``start`` tokens an untimed step ran."""
+        plan = StepPlan()
+
+        def setup() -> None:
+            nonlocal plan
+            rids = [self.add(start + n) for start, n in chunks]
+            begun = [PrefillChunk(r, 0, start) for r, (start, _) in zip(rids, chunks) if start]
+            if begun:
+                self.engine.execute(StepPlan(prefill=begun))
+            plan = StepPlan(prefill=[PrefillChunk(r, start, n)
+                                     for r, (start, n) in zip(rids, chunks)])
+
+        def run() -> None:
+            self.engine.execute(plan)
+            self.release([c.request_id for c in plan.prefill])
+        return _timed(run, self.engine.device, self.repeats, setup)
+
     def step(self, prefill: int, batch: int, context: int) -> float:
         """A step of ``batch`` decodes at ``context`` tokens each (+ one ``prefill``-token
         prompt when > 0)."""
@@ -139,9 +171,11 @@ class _Steps:
 def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] = PREFILL_TOKENS,
                    decode_batch: Sequence[int] = DECODE_BATCH,
                    decode_context: Sequence[int] = DECODE_CONTEXT,
-                   mixed: Sequence[tuple[int, int, int]] = MIXED
+                   mixed: Sequence[tuple[int, int, int]] = MIXED,
+                   multi_prompt: Sequence[Sequence[tuple[int, int]]] = MULTI_PROMPT
                    ) -> tuple[StepTimes, list[StepSample], str]:
-    """The step table, the raw samples, and a line on how well the table predicts mixed steps.
+    """The step model, the raw samples, and a line on how well the model predicts
+    multi-prompt and mixed steps.
 
     Every grid point is measured once per round (the median of three runs) and ``repeats``
     rounds run one after another, each over the whole grid: on a shared machine a burst of
@@ -156,6 +190,8 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     decodes = [(b, c) for c in decode_context if c + 8 < limit
                for b in decode_batch if b <= slots]
     mixes = [(p, b, c) for p, b, c in mixed if b <= slots - 1 and p < limit and c + 8 < limit]
+    multis = [tuple(chunks) for chunks in multi_prompt
+              if len(chunks) <= slots and all(start + n < limit for start, n in chunks)]
     rounds: dict[tuple, list[float]] = {}
     for _ in range(repeats):
         for n in prefills:
@@ -165,26 +201,43 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
         for prefill, batch, context in mixes:
             rounds.setdefault(("m", prefill, batch, context), []).append(
                 steps.step(prefill, batch, context))
+        for chunks in multis:
+            rounds.setdefault(("k", chunks), []).append(steps.prompts(chunks))
     t = {key: statistics.median(values) for key, values in rounds.items()}
     samples = [StepSample(n, 0, 0, t["p", n]) for n in prefills]
     tokens, seconds = tuple(prefills), tuple(t["p", n] for n in prefills)
-    partial = StepTimes(tokens, seconds, 0.0, 0.0)
+    table = StepTimes(tokens, seconds, 0.0, 0.0)
+    multi_samples = [StepSample(sum(n for _, n in chunks), 0, 0, t["k", chunks], chunks)
+                     for chunks in multis]
+    per_pair, per_chunk, beyond = fit_prompt_costs(table, multi_samples)
+    prompts = StepTimes(tokens, seconds, 0.0, 0.0, per_pair, per_chunk, beyond)
     rows, residual = [], []
     for batch, context in decodes:
         attended = batch * (context + 2)  # the context grows by one per run of three
         samples.append(StepSample(0, batch, attended, t["d", batch, context]))
         rows.append((batch, attended))
-        residual.append(t["d", batch, context] - partial.table(batch))
+        residual.append(t["d", batch, context] - prompts.base(batch))
     per_decode, per_context = _nonnegative_fit(rows, residual)
-    model = StepTimes(tokens, seconds, per_decode, per_context)
+    model = StepTimes(tokens, seconds, per_decode, per_context, per_pair, per_chunk, beyond)
+    samples += multi_samples
+    model_errors, table_errors = [], []
+    for s in multi_samples:
+        pairs = sum(attended_pairs(start, n) for start, n in s.chunks)
+        modelled = model.step_s(s.prefill_tokens, 0, 0, pairs, len(s.chunks))
+        model_errors.append(abs(modelled / s.seconds - 1))
+        table_errors.append(abs(table.table(s.prefill_tokens) / s.seconds - 1))
     errors = []
     for prefill, batch, context in mixes:
         attended = batch * (context + 2)
         measured = t["m", prefill, batch, context]
         samples.append(StepSample(prefill, batch, attended, measured))
         errors.append(abs(model.step_s(prefill + batch, batch, attended) / measured - 1))
-    check = (f"mixed prefill+decode steps predicted within {statistics.median(errors):.0%} "
-             f"(median of {len(errors)})" if errors else "no mixed steps measured")
+    check = (f"multi-prompt prefill steps predicted within {statistics.median(model_errors):.0%} "
+             f"(median of {len(model_errors)}, the steps fitted: as one prompt of their tokens "
+             f"{statistics.median(table_errors):.0%})" if multi_samples
+             else "no multi-prompt steps measured")
+    check += (f", mixed prefill+decode steps within {statistics.median(errors):.0%} "
+              f"(median of {len(errors)})" if errors else ", no mixed steps measured")
     return model, samples, check
 
 
@@ -339,7 +392,9 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
                   prefill_tokens: Sequence[int] = PREFILL_TOKENS,
                   decode_batch: Sequence[int] = DECODE_BATCH,
                   decode_context: Sequence[int] = DECODE_CONTEXT,
-                  mixed: Sequence[tuple[int, int, int]] = MIXED) -> EngineProfile:
+                  mixed: Sequence[tuple[int, int, int]] = MIXED,
+                  multi_prompt: Sequence[Sequence[tuple[int, int]]] = MULTI_PROMPT
+                  ) -> EngineProfile:
     """Everything but the serving path (``emoe.rpc.serving_profile`` adds that)."""
     import copy
 
@@ -357,7 +412,7 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
     with torch.inference_mode():
         engine.warm_up()
         table, samples, check = measure_engine(engine, repeats, prefill_tokens, decode_batch,
-                                               decode_context, mixed)
+                                               decode_context, mixed, multi_prompt)
     bandwidth, _ = measure_copies(spec.expert_bytes, device, repeats)
     slots = max(1, (5 * cfg.num_experts) // 8)
     per_fetch, fetches = measure_fetches(cached, table, slots, max_batch_size, max_seq_len,
@@ -381,7 +436,9 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
                     f"{len(samples)} engine steps (median of {repeats} rounds over the grid, fresh "
                     f"random prompts), "
                     f"all experts resident, {dtype}; step_table from one-prompt steps, "
-                    f"per-decode and per-context costs fitted to decode steps, {check}; "
+                    f"per-pair, per-chunk and past-the-table per-token costs fitted to "
+                    f"multi-prompt steps, "
+                    f"per-decode and per-context costs fitted to decode steps; {check}; "
                     f"pcie bandwidth: copies of {COPY_FRACTIONS} x one expert "
                     f"({spec.expert_bytes} B) on the engine's copy stream"
                     + ("" if device.type == "cuda" else " (CPU: host memcpy, no PCIe)")

@@ -12,13 +12,18 @@ from .conftest import TINY, tiny_model
 def test_profile_round_trips_through_core_profile(tmp_path):
     profile = profile_model(tiny_model(), "tiny", repeats=1, max_batch_size=4,
                             prefill_tokens=(4, 16, 32), decode_batch=(1, 4),
-                            decode_context=(8, 24), mixed=((16, 2, 8),))
+                            decode_context=(8, 24), mixed=((16, 2, 8),),
+                            multi_prompt=(((0, 16),) * 2, ((32, 16),), ((0, 8),) * 5))
     path = tmp_path / "profile.json"
     write_profile(profile, path)
     loaded = load_profile(path)
-    # one-prompt steps up to the context (127), decode steps, one mixed step
-    assert len(loaded.samples) == 4 + 2 * 2 + 1
+    # one-prompt steps up to the context (127), decode steps, two prefill steps of several
+    # prompts or a continued one (five prompts exceed the four KV slots), one mixed step
+    assert len(loaded.samples) == 4 + 2 * 2 + 2 + 1
     assert {s.prefill_tokens for s in loaded.samples} == {0, 4, 16, 32, 127}
+    assert {s.chunks for s in loaded.samples} == {(), ((0, 16),) * 2, ((32, 16),)}
+    assert loaded.step_table.per_pair_s >= 0 and loaded.step_table.per_chunk_s >= 0
+    assert "multi-prompt prefill steps predicted within" in loaded.provenance
     assert {s.decode_tokens for s in loaded.samples} == {0, 1, 2, 4}
     assert loaded.step_table.tokens == (4, 16, 32, 127)
     assert loaded.engine.model == "tiny" and loaded.engine.max_seq_len == 128
