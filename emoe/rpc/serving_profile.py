@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emoe.core.profile import EngineProfile, ServingCosts, StepTimes
+from emoe.core.profile import EngineProfile, ServingCosts, StepTimes, attended_pairs
 
 LONE_PROMPTS = (8, 32, 64, 128, 200)
 BATCHES = (1, 2, 4, 8, 12, 16)
@@ -104,6 +104,8 @@ class _Step:
     tokens: int          # prompt + decode tokens in the step
     decode: int
     context: int         # tokens decodes attend to
+    pairs: int           # query-key pairs its prefill chunks attend
+    chunks: int          # its prefill chunks
     streamed: int        # tokens the step streamed (decodes + completed prompts)
     first: list[str] = field(default_factory=list)   # requests whose first token it made
     idle_before: bool = False
@@ -128,10 +130,12 @@ class _Recorder:
                      if c.start + c.num_tokens == len(engine.seqs[c.request_id].prompt)]
             context = sum(engine.seqs[r].num_tokens for r in plan.decode)
             tokens = sum(c.num_tokens for c in plan.prefill) + len(plan.decode)
+            pairs = sum(attended_pairs(c.start, c.num_tokens) for c in plan.prefill)
             start = time.monotonic()
             result = await execute(plan)
             self.steps.append(_Step(start, time.monotonic(), tokens, len(plan.decode), context,
-                                    len(plan.decode) + len(first), first, self._idle))
+                                    pairs, len(plan.prefill), len(plan.decode) + len(first),
+                                    first, self._idle))
             self._idle = False
             return result
 
@@ -175,8 +179,7 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     rows, cycles = [], []
     for step, after in zip(served, served[1:]):
         if not after.idle_before:  # the loop went straight on to the next step
-            rows.append((steps.step_s(step.tokens, step.decode, step.context), 1.0,
-                         step.streamed))
+            rows.append((_modelled(steps, step), 1.0, step.streamed))
             cycles.append(after.start - step.start)
     a, y = np.asarray(rows), np.asarray(cycles)
     fit = least_squares(lambda x: a @ x - y, x0=[1.0, 1e-4, 1e-5], bounds=(0.0, np.inf),
@@ -196,8 +199,8 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     # that step streamed (the new one goes out behind the others): every request's first token
     made_at = {}  # request id -> (the step's end as the simulator has it, tokens it streamed)
     for step in served:
-        end = step.start + (engine_scale * steps.step_s(step.tokens, step.decode, step.context)
-                            + step_s + token_s * step.streamed)
+        end = step.start + (engine_scale * _modelled(steps, step) + step_s
+                            + token_s * step.streamed)
         for key in step.first:
             made_at[recorder.request_id.get(key, key)] = (end, step.streamed)
     firsts = [(made_at[r["id"]][1], r["receipts"][0] - made_at[r["id"]][0]) for r in records
@@ -220,6 +223,11 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
            f"token, a line in the tokens that step streamed (robust fit over {len(firsts)} "
            f"first tokens)")
     return costs, how
+
+
+def _modelled(steps: StepTimes, step: _Step) -> float:
+    """The standalone step model's time for a served step."""
+    return steps.step_s(step.tokens, step.decode, step.context, step.pairs, step.chunks)
 
 
 def _robust_line(xs, ys, intercept: bool = True) -> tuple[float, float]:

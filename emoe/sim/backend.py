@@ -10,7 +10,8 @@ What a step costs, in order:
    paper's engine guards each layer with an event), so loads overlap with the compute of the
    layers before them and only the rest is a stall (``load_wait_s``);
 4. compute follows the cost model over prefill tokens, decode tokens and attended context
-   (measured step times when a profile has them), plus what the serving path adds per step
+   (measured step times when a profile has them, there with the prefill chunks' count and
+   attended pairs), plus what the serving path adds per step
    and per streamed token when the profile measured it;
    a decode-only plan runs up to ``plan.iterations`` iterations at once, stopping after the
    iteration in which the next request arrives (the scheduler's bound already stops at the
@@ -30,7 +31,7 @@ import numpy as np
 
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
-from emoe.core.profile import ServingCosts, StepTimes
+from emoe.core.profile import ServingCosts, StepTimes, attended_pairs
 from emoe.core.request import Request
 from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.sim.cost import CostModel
@@ -108,12 +109,15 @@ class SimBackend:
             token_counts = [c.num_tokens for c in plan.prefill]
             prefill_tokens = np.array(token_counts, np.int64)
             prefill = sum(token_counts)
+            pairs = 0
             for chunk in plan.prefill:
+                pairs += attended_pairs(chunk.start, chunk.num_tokens)
                 request = live[chunk.request_id]
                 if chunk.start + chunk.num_tokens == request.input_tokens:
                     completed.append(request)
         else:
-            prefill_slots, prefill_tokens, prefill = _NO_SLOTS, _NO_TOKENS, 0
+            prefill_slots, prefill_tokens, prefill, pairs = _NO_SLOTS, _NO_TOKENS, 0, 0
+        chunks = len(plan.prefill)
         if plan.decode is not self._decode_ids:
             self._decode_ids = plan.decode
             self._decode_slots = _slots(slot_of, plan.decode)
@@ -126,7 +130,7 @@ class SimBackend:
         result.decode_routing, self._decode_routing = self._decode_routing, {}
         if self._lru is not None:
             self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
-                                      prefill_tokens, decode_slots, first_tokens)
+                                      prefill_tokens, pairs, decode_slots, first_tokens)
         else:
             cost = self.cost
             iterations = 1 if plan.prefill else plan.iterations
@@ -141,13 +145,15 @@ class SimBackend:
                 self.routing.count(decode_slots, iterations, True, self.resident, self._version)
             compute = cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
                                   context_tokens=context, resident_experts=memory.experts,
-                                  iterations=iterations)
+                                  iterations=iterations, prefill_chunks=chunks,
+                                  prefill_pairs=pairs)
             if ready is None:
                 wait = 0.0
             else:  # the first iteration waits for the loads
                 first = compute if iterations == 1 else cost.step_s(
                     prefill_tokens=prefill, decode_tokens=decode, context_tokens=context,
-                    resident_experts=memory.experts)
+                    resident_experts=memory.experts, prefill_chunks=chunks,
+                    prefill_pairs=pairs)
                 wait = self._load_wait(start, first, ready)
             serving = cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
                                      iterations=iterations)
@@ -202,7 +208,8 @@ class SimBackend:
     def _fetch_on_miss_steps(self, plan: StepPlan, result: StepResult, start: float,
                              ready: np.ndarray | None, next_arrival: float,
                              prefill_slots: np.ndarray, prefill_tokens: np.ndarray,
-                             decode_slots: np.ndarray, first_tokens: int) -> None:
+                             prefill_pairs: int, decode_slots: np.ndarray,
+                             first_tokens: int) -> None:
         """Iteration by iteration: fetch touched experts that are missing, then compute.
 
         The result reports the step's net expert changes (an expert fetched and evicted again
@@ -244,7 +251,8 @@ class SimBackend:
             compute = self.cost.step_s(
                 prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
                 context_tokens=memory.kv_tokens + decode * iteration,
-                resident_experts=memory.experts)
+                resident_experts=memory.experts, prefill_chunks=len(prefill_slots),
+                prefill_pairs=prefill_pairs if iteration == 0 else 0)
             wait = self._load_wait(t, compute, ready) + self._fetch_wait(t, compute, fetches)
             ready = None
             result.bytes_loaded += nbytes * sum(fetches.values())

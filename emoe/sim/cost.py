@@ -16,7 +16,8 @@ class CostModel:
     ``fixed + decode_s_per_token * D + attention_s_per_context_token * C`` plus
     ``prefill_s_per_token * P`` when it carries prefill, where ``fixed`` is the step overhead
     plus reading the resident weights once. With measured ``steps`` (a profile's step table) an
-    iteration costs ``steps.step_s(P + D, D, C)`` instead.
+    iteration costs ``steps.step_s(P + D, D, C, pairs, chunks)`` instead, for the prefill
+    chunks' count and attended query-key pairs (``emoe.core.profile.attended_pairs``).
 
     ``serving`` (a profile's serving costs) scales the compute by its ``engine_scale`` (a served
     engine shares its interpreter with the serving path) and adds ``step_s + token_s * (D +
@@ -53,12 +54,16 @@ class CostModel:
         return self.hardware.attention_s_per_context_token
 
     def step_s(self, *, prefill_tokens: int, decode_tokens: int, context_tokens: int,
-               resident_experts: int, iterations: int = 1) -> float:
-        """Compute time of ``iterations`` iterations; prefill (if any) runs in the first."""
+               resident_experts: int, iterations: int = 1, prefill_chunks: int = 1,
+               prefill_pairs: float | None = None) -> float:
+        """Compute time of ``iterations`` iterations; prefill (if any) runs in the first, in
+        ``prefill_chunks`` chunks attending ``prefill_pairs`` pairs (default: one prompt from
+        its start)."""
         attended = iterations * context_tokens + decode_tokens * iterations * (iterations - 1) / 2
         attention = self._per_context_token_s() * attended
         if self.steps is not None and prefill_tokens:
-            first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0)
+            first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0,
+                                      prefill_pairs, prefill_chunks)
             rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
             return self._scale * (first + rest + attention)
         return self._scale * (iterations * self._decode_iteration_s(decode_tokens,

@@ -1,7 +1,14 @@
+import numpy as np
 import pytest
 
+from emoe.core.experts import MissMode
+from emoe.core.plan import PrefillChunk, StepPlan
+from emoe.core.profile import StepTimes, attended_pairs
+from emoe.core.request import SLO, Request
 from emoe.core.specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec
+from emoe.sim.backend import SimBackend
 from emoe.sim.cost import CostModel
+from emoe.sim.routing import SyntheticRouting
 from emoe.sim.memory import CapacityExceeded, GpuMemory
 from emoe.sim.pcie import PcieLink
 
@@ -15,6 +22,36 @@ def test_single_iteration_is_the_linear_model():
     cost = CostModel(HW, MIXTRAL)
     t = cost.step_s(prefill_tokens=100, decode_tokens=4, context_tokens=1000, resident_experts=0)
     assert t == pytest.approx(0.01 + 100e-4 + 4 * 2e-4 + 1000e-6)
+
+
+# measured steps whose attended pairs and extra prompts cost something
+STEPS = StepTimes((1, 64, 128, 255), (0.002, 0.006, 0.011, 0.022), 1e-4, 1e-7, 2e-7, 8e-4)
+
+
+def test_measured_steps_cost_each_prefill_chunk_its_own_pairs():
+    cost = CostModel(HW, MIXTRAL, STEPS)
+    kw = dict(prefill_tokens=750, decode_tokens=4, context_tokens=600, resident_experts=0)
+    three = cost.step_s(**kw, prefill_chunks=3, prefill_pairs=3 * attended_pairs(0, 250))
+    assert three == pytest.approx(STEPS.step_s(754, 4, 600, 3 * attended_pairs(0, 250), 3))
+    assert three < cost.step_s(**kw)  # by default: one prompt of 750 tokens
+
+
+@pytest.mark.parametrize("miss_mode", [MissMode.NONE, MissMode.FETCH])
+def test_the_simulated_backend_charges_a_step_of_several_chunks_by_their_pairs(miss_mode):
+    model = MODEL_PRESETS["mixtral-8x7b"]
+    backend = SimBackend(model=model, hardware=HW, memory_bytes=10**12,
+                         routing=SyntheticRouting(model, {}), miss_mode=miss_mode,
+                         slots_per_layer=np.full(model.num_layers, model.num_experts),
+                         steps=STEPS)
+    requests = [Request(f"r{i}", 0.0, "qa", n, 8, SLO(1.0, 0.1))
+                for i, n in enumerate((250, 250, 400))]
+    for request in requests:
+        backend.admit(request)
+    chunks = [PrefillChunk("r0", 0, 250), PrefillChunk("r1", 0, 250), PrefillChunk("r2", 150, 250)]
+    result = backend.execute(StepPlan(prefill=chunks), now=0.0)
+    pairs = 2 * attended_pairs(0, 250) + attended_pairs(150, 250)
+    assert result.compute_s == pytest.approx(STEPS.step_s(750, 0, 0, pairs, 3))
+    assert result.compute_s < STEPS.step_s(750, 0, 0)
 
 
 def test_macro_step_equals_sum_of_iterations_with_growing_context():
