@@ -335,10 +335,13 @@ class EngineProfile:
 
 
 def fit_step_time(samples: "list[StepSample] | tuple[StepSample, ...]") -> dict[str, float]:
-    """Non-negative least-squares fit of the linear step-time model to measured steps."""
+    """Non-negative least-squares fit of the linear step-time model to measured steps, those
+    whose prefill is one prompt from its start (samples with ``chunks`` inform the step
+    table's costs of several prompts, not the scheduler's per-token estimates)."""
+    samples = [s for s in samples if not s.chunks]
     if len(samples) < len(STEP_TIME_FIELDS):
-        raise ConfigError(f"profile samples: need at least {len(STEP_TIME_FIELDS)} steps to fit "
-                          f"{', '.join(STEP_TIME_FIELDS)}; got {len(samples)}")
+        raise ConfigError(f"profile samples: need at least {len(STEP_TIME_FIELDS)} steps without "
+                          f"chunks to fit {', '.join(STEP_TIME_FIELDS)}; got {len(samples)}")
     from scipy.optimize import nnls
 
     a = np.array([[1.0, s.prefill_tokens, s.decode_tokens, s.context_tokens] for s in samples])

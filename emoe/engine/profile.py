@@ -10,7 +10,7 @@ default unless ``--threads``) and the server's KV slots (``--max-batch-size``). 
   token), prefill steps of several prompts and of chunks continuing a prompt (fitted as a
   cost per attended query-key pair, per extra prompt and per token past the table), and mixed
   steps (prefill + decodes) to check the model; all raw steps go to ``samples``, whose linear
-  fit gives the scheduler its cost coefficients;
+  fit (of all but the multi-prompt steps) gives the scheduler its cost coefficients;
 - **the serving path** in a live serving session of the same model, threads and slots, driven
   from a client process (``emoe.rpc.serving_profile``): what it adds per step, per streamed
   token and per request, and how much slower the engine steps when served (``--no-serving``

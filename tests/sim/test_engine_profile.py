@@ -32,6 +32,8 @@ def test_profile_fits_coefficients_from_samples(tmp_path):
     samples = [StepSample(p, d, c, true[0] + p * true[1] + d * true[2] + c * true[3])
                for p, d, c in [(0, 1, 100), (0, 8, 4000), (512, 0, 0), (128, 4, 900),
                                (0, 32, 20000), (1024, 16, 8000)]]
+    # a step of three prompts costs less than one of their tokens: not the linear model's
+    samples.append(StepSample(750, 0, 0, 0.08, ((0, 250),) * 3))
     write_profile(EngineProfile(samples=tuple(samples)), tmp_path / "p.json")
     hw, _ = load_profile(tmp_path / "p.json").apply(H100, MIXTRAL)
     got = (hw.step_overhead_s, hw.prefill_s_per_token, hw.decode_s_per_token,
@@ -56,7 +58,8 @@ def test_pair_chunk_costs_and_multi_prompt_samples_round_trip(tmp_path):
     steps = StepTimes((1, 64, 255), (0.002, 0.006, 0.02), 1e-4, 1e-7, 2e-7, 8e-4, 4e-5)
     samples = (StepSample(128, 0, 0, 0.009), StepSample(0, 4, 100, 0.003),
                StepSample(750, 0, 0, 0.03, ((0, 250),) * 3), StepSample(63, 0, 0, 0.008,
-                                                                     ((192, 63),)))
+                                                                     ((192, 63),)),
+               StepSample(16, 0, 0, 0.003), StepSample(0, 16, 900, 0.004))
     write_profile(EngineProfile(samples=samples, step_table=steps), tmp_path / "p.json")
     loaded = load_profile(tmp_path / "p.json")
     assert loaded.step_table == steps and loaded.samples == samples
