@@ -510,7 +510,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.output}: {len(profile.samples)} engine steps; step table "
           + ", ".join(f"{n} tok {s * 1e3:.2f} ms" for n, s in zip(table.tokens, table.seconds))
           + f"; per decode request {table.per_decode_s * 1e6:.0f} us, per context token "
-            f"{table.per_context_token_s * 1e9:.1f} ns; copy "
+            f"{table.per_context_token_s * 1e9:.1f} ns, per attended pair "
+            f"{table.per_pair_s * 1e9:.1f} ns, per extra prompt {table.per_chunk_s * 1e6:.0f} us"
+          + ("" if table.beyond_s_per_token is None else
+             f", past the table {table.beyond_s_per_token * 1e6:.1f} us per token")
+          + f"; copy "
             f"{profile.pcie_bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency "
             f"{profile.pcie_latency_s * 1e6:.1f} us")
     if profile.serving is not None:
