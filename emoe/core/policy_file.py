@@ -82,6 +82,12 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    @property
+    def serves_with_expert_cache(self) -> bool:
+        """Whether an engine serves this policy through an expert cache and its handler
+        (``OffloadedExperts``): every planner but ``all`` does."""
+        return self.planner != "all"
+
     # -- validation ---------------------------------------------------------------------------
 
     def validate(self, where: str = "policy") -> None:

@@ -10,7 +10,8 @@ Three sections describe the engine as served, so the simulator can predict it:
 ``step_table`` (measured step times by tokens, attended pairs, prompts, decode requests and
 context: ``StepTimes``) and
 ``serving`` (what the serving path adds per step, per streamed token and per request:
-``ServingCosts``). A profile of one model or thread count is refused for another
+``ServingCosts``); ``offload`` says what the expert handler adds to each step when the engine
+serves a planner other than ``all`` (``HandlerOverhead``). A profile of one model or thread count is refused for another
 (``check_model``, ``check_threads``), naming the difference.
 """
 
@@ -229,6 +230,28 @@ class ServingCosts:
 
 
 @dataclass(frozen=True, slots=True)
+class HandlerOverhead:
+    """What the expert handler (``OffloadedExperts``, which serves every planner but ``all``)
+    adds to an engine step with nothing fetched: ``step_s`` per step, ``decode_s`` per decoding
+    request and ``prefill_token_s`` per prompt token, over the step table's all-resident engine.
+
+    Measured (``emoe profile``) as interleaved rounds of the same steps on the plain engine and
+    on one whose handler keeps part of the experts resident (miss policy reroute); a fetch on a
+    miss costs ``pcie.latency_s`` + bytes / bandwidth on top of this.
+    """
+
+    step_s: float
+    decode_s: float
+    prefill_token_s: float
+
+    def seconds(self, prefill_tokens: int, decode_tokens: int, iterations: int = 1) -> float:
+        """Over ``iterations`` iterations of ``decode_tokens`` decodes, the first one with
+        ``prefill_tokens`` prompt tokens too."""
+        return (iterations * (self.step_s + self.decode_s * decode_tokens)
+                + self.prefill_token_s * prefill_tokens)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineProfile:
     """A parsed profile. ``None`` means "not measured: keep the preset's value"."""
 
@@ -245,6 +268,7 @@ class EngineProfile:
     engine: EngineSetup | None = None
     step_table: StepTimes | None = None
     serving: ServingCosts | None = None
+    offload: HandlerOverhead | None = None
     path: str = "profile"
 
     def check_model(self, model: ModelSpec) -> None:
@@ -331,6 +355,8 @@ class EngineProfile:
                 doc["step_table"]["beyond_s_per_token"] = self.step_table.beyond_s_per_token
         if self.serving is not None:
             doc["serving"] = dataclasses.asdict(self.serving)
+        if self.offload is not None:
+            doc["offload"] = dataclasses.asdict(self.offload)
         return doc
 
 
@@ -481,6 +507,18 @@ def load_profile(path: "str | Path") -> EngineProfile:
                     "egress_per_stream_s": 0.0}
         profile = dataclasses.replace(profile, serving=ServingCosts(
             **{k: number(f"serving.{k}", serving.get(k, defaults.get(k))) for k in fields}))
+    offload = section("offload")
+    if offload:
+        fields = [f.name for f in dataclasses.fields(HandlerOverhead)]
+        unknown = set(offload) - set(fields)
+        if unknown:
+            raise ConfigError(f"{path}: offload: unknown field(s) {sorted(unknown)}; valid: "
+                              f"{', '.join(fields)}")
+        missing = [k for k in fields if k not in offload]
+        if missing:
+            raise ConfigError(f"{path}: offload: missing {', '.join(missing)}")
+        profile = dataclasses.replace(profile, offload=HandlerOverhead(
+            **{k: number(f"offload.{k}", offload[k]) for k in fields}))
     profile = dataclasses.replace(profile, path=str(path))
     if profile.pcie_bandwidth_bytes_per_s == 0:
         raise ConfigError(f"{path}: field 'pcie.bandwidth_bytes_per_s' must be positive")

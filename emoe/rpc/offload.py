@@ -36,7 +36,7 @@ class OffloadConfig:
 
     @property
     def enabled(self) -> bool:
-        return self.policy.planner != "all"
+        return self.policy.serves_with_expert_cache
 
 
 def parse_budget(text: str | None) -> ExpertBudget | None:

@@ -11,8 +11,9 @@ What a step costs, in order:
    layers before them and only the rest is a stall (``load_wait_s``);
 4. compute follows the cost model over prefill tokens, decode tokens and attended context
    (measured step times when a profile has them, there with the prefill chunks' count and
-   attended pairs), plus what the serving path adds per step
-   and per streamed token when the profile measured it;
+   attended pairs, plus the expert handler's overhead when the policy serves through an
+   expert cache and the profile measured it), plus what the serving path adds per step and
+   per streamed token when the profile measured it;
    a decode-only plan runs up to ``plan.iterations`` iterations at once, stopping after the
    iteration in which the next request arrives (the scheduler's bound already stops at the
    first iteration in which a request reaches its output length);
@@ -31,7 +32,7 @@ import numpy as np
 
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
-from emoe.core.profile import ServingCosts, StepTimes, attended_pairs
+from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, attended_pairs
 from emoe.core.request import Request
 from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.sim.cost import CostModel
@@ -43,10 +44,11 @@ from emoe.sim.routing import RoutingSource
 class SimBackend:
     def __init__(self, *, model: ModelSpec, hardware: HardwareSpec, memory_bytes: int,
                  routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray,
-                 steps: StepTimes | None = None, serving: ServingCosts | None = None):
+                 steps: StepTimes | None = None, serving: ServingCosts | None = None,
+                 offload: HandlerOverhead | None = None):
         self.model = model
         self.hardware = hardware
-        self.cost = CostModel(hardware, model, steps, serving)
+        self.cost = CostModel(hardware, model, steps, serving, offload)
         self.memory = GpuMemory(memory_bytes, model)
         self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
         self.routing = routing

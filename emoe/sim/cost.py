@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from emoe.core.profile import ServingCosts, StepTimes
+from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes
 from emoe.core.specs import HardwareSpec, ModelSpec
 
 
@@ -23,16 +23,21 @@ class CostModel:
     engine shares its interpreter with the serving path) and adds ``step_s + token_s * (D +
     first tokens)`` to every iteration: the serving loop's time between steps.
 
+    ``offload`` (a profile's handler overhead, given when the policy serves through an expert
+    cache: any planner but ``all``) adds what the expert handler costs to every iteration's
+    compute (``handler_s``).
+
     Over ``n`` decode iterations the context ``C`` grows by ``D`` tokens per iteration, which
     the closed forms below sum exactly.
     """
 
     def __init__(self, hardware: HardwareSpec, model: ModelSpec, steps: StepTimes | None = None,
-                 serving: ServingCosts | None = None):
+                 serving: ServingCosts | None = None, offload: HandlerOverhead | None = None):
         self.hardware = hardware
         self.model = model
         self.steps = steps
         self.serving = serving
+        self.offload = offload
         self._scale = serving.engine_scale if serving is not None else 1.0
 
     def fixed_s(self, resident_experts: int) -> float:
@@ -61,14 +66,24 @@ class CostModel:
         its start)."""
         attended = iterations * context_tokens + decode_tokens * iterations * (iterations - 1) / 2
         attention = self._per_context_token_s() * attended
+        handler = self.handler_s(prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                                 iterations=iterations)
         if self.steps is not None and prefill_tokens:
             first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0,
                                       prefill_pairs, prefill_chunks)
             rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
-            return self._scale * (first + rest + attention)
+            return self._scale * (first + rest + attention + handler)
         return self._scale * (iterations * self._decode_iteration_s(decode_tokens,
                                                                     resident_experts)
-                              + attention + self.hardware.prefill_s_per_token * prefill_tokens)
+                              + attention + self.hardware.prefill_s_per_token * prefill_tokens
+                              + handler)
+
+    def handler_s(self, *, prefill_tokens: int, decode_tokens: int, iterations: int = 1) -> float:
+        """What the expert handler adds to ``iterations`` iterations' compute (before the
+        serving path's ``engine_scale``); prefill (if any) runs in the first."""
+        if self.offload is None:
+            return 0.0
+        return self.offload.seconds(prefill_tokens, decode_tokens, iterations)
 
     def serving_s(self, *, decode_tokens: int, first_tokens: int = 0, iterations: int = 1) -> float:
         """What the serving path adds to ``iterations`` iterations streaming ``decode_tokens``
@@ -88,7 +103,8 @@ class CostModel:
         if budget_s <= 0:
             return 1
         c = self._scale * self._per_context_token_s()
-        a = (self._scale * self._decode_iteration_s(decode_tokens, resident_experts)
+        a = (self._scale * (self._decode_iteration_s(decode_tokens, resident_experts)
+                            + self.handler_s(prefill_tokens=0, decode_tokens=decode_tokens))
              + c * context_tokens + self.serving_s(decode_tokens=decode_tokens))
         b = c * decode_tokens  # step_s(n) = a n + b n (n - 1) / 2
         if b <= 0:

@@ -344,7 +344,9 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          slots_per_layer=scheduler.planner.slots_per_layer,
                          steps=profile.step_table if profile else None,
                          serving=_served_at(profile.serving if profile else None,
-                                            config.engine_speed))
+                                            config.engine_speed),
+                         offload=(profile.offload if profile and policy.serves_with_expert_cache
+                                  else None))
     return scheduler, backend
 
 

@@ -72,6 +72,7 @@ def served_model(tmp_path_factory) -> tuple[Path, Path]:
         "step_time": {"step_overhead_s": 0.002, "prefill_s_per_token": 1e-4,
                       "decode_s_per_token": 3e-4, "attention_s_per_context_token": 1e-6},
         "pcie": {"bandwidth_bytes_per_s": 2e8, "latency_s": 1e-4}, "predictor_s": 0.001,
+        "offload": {"step_s": 1e-4, "decode_s": 1e-5, "prefill_token_s": 1e-6},
         "engine": {"model": folder.name, "num_layers": 2, "num_experts": 4, "top_k": 2,
                    "hidden_size": 16, "threads": 1, "device": "cpu", "dtype": "float32",
                    "max_batch_size": SLOTS, "max_seq_len": CONTEXT}}))

@@ -3,7 +3,7 @@ import pytest
 
 from emoe.core.experts import MissMode
 from emoe.core.plan import PrefillChunk, StepPlan
-from emoe.core.profile import StepTimes, attended_pairs
+from emoe.core.profile import HandlerOverhead, StepTimes, attended_pairs
 from emoe.core.request import SLO, Request
 from emoe.core.specs import HARDWARE_PRESETS, MODEL_PRESETS, HardwareSpec
 from emoe.sim.backend import SimBackend
@@ -54,8 +54,15 @@ def test_the_simulated_backend_charges_a_step_of_several_chunks_by_their_pairs(m
     assert result.compute_s < STEPS.step_s(750, 0, 0)
 
 
-def test_macro_step_equals_sum_of_iterations_with_growing_context():
-    cost = CostModel(HW, MIXTRAL)
+HANDLER = HandlerOverhead(step_s=2e-4, decode_s=5e-6, prefill_token_s=2e-6)
+COSTS = {"linear": lambda: CostModel(HW, MIXTRAL),
+         "linear+handler": lambda: CostModel(HW, MIXTRAL, offload=HANDLER),
+         "table+handler": lambda: CostModel(HW, MIXTRAL, STEPS, offload=HANDLER)}
+
+
+@pytest.mark.parametrize("costs", COSTS)
+def test_macro_step_equals_sum_of_iterations_with_growing_context(costs):
+    cost = COSTS[costs]()
     one = [cost.step_s(prefill_tokens=0, decode_tokens=8, context_tokens=500 + 8 * i,
                        resident_experts=0) for i in range(37)]
     many = cost.step_s(prefill_tokens=0, decode_tokens=8, context_tokens=500, resident_experts=0,
@@ -63,14 +70,23 @@ def test_macro_step_equals_sum_of_iterations_with_growing_context():
     assert many == pytest.approx(sum(one))
 
 
+@pytest.mark.parametrize("costs", COSTS)
 @pytest.mark.parametrize("budget", [0.001, 0.0123, 0.5, 3.0])
-def test_iterations_within_finds_the_iteration_an_event_falls_in(budget):
-    cost = CostModel(HW, MIXTRAL)
+def test_iterations_within_finds_the_iteration_an_event_falls_in(budget, costs):
+    cost = COSTS[costs]()
     kw = dict(decode_tokens=16, context_tokens=2000, resident_experts=0)
     n = cost.iterations_within(budget, **kw)
     assert cost.step_s(prefill_tokens=0, iterations=n, **kw) >= budget
     if n > 1:
         assert cost.step_s(prefill_tokens=0, iterations=n - 1, **kw) < budget
+
+
+def test_the_handler_adds_its_overhead_to_each_iteration_and_the_prompt():
+    plain, handled = CostModel(HW, MIXTRAL, STEPS), CostModel(HW, MIXTRAL, STEPS, offload=HANDLER)
+    kw = dict(prefill_tokens=100, decode_tokens=4, context_tokens=1000, resident_experts=0,
+              iterations=3)
+    assert handled.step_s(**kw) - plain.step_s(**kw) == pytest.approx(
+        3 * (2e-4 + 4 * 5e-6) + 100 * 2e-6)
 
 
 def test_weight_read_scales_with_resident_experts():

@@ -1,11 +1,15 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from emoe.core.errors import ConfigError
-from emoe.core.profile import (EngineProfile, StepSample, StepTimes, attended_pairs,
-                               load_profile, write_profile)
+from emoe.core.profile import (EngineProfile, HandlerOverhead, StepSample, StepTimes,
+                               attended_pairs, load_profile, write_profile)
+from emoe.core.request import SLO, Request
 from emoe.core.specs import HARDWARE_PRESETS, MODEL_PRESETS
+from emoe.sim.runner import SimConfig, build
+from emoe.sim.world import World
 
 H100 = HARDWARE_PRESETS["h100-80gb"]
 MIXTRAL = MODEL_PRESETS["mixtral-8x7b"]
@@ -88,6 +92,19 @@ def test_pair_chunk_costs_and_multi_prompt_samples_round_trip(tmp_path):
     ({"format": "emoe-engine-profile", "version": 1, "step_table": {
         "tokens": [1], "seconds": [0.01], "per_decode_s": 0, "per_context_token_s": 0,
         "per_pair_s": -1}}, "field 'step_table.per_pair_s'"),
+    ({"format": "emoe-engine-profile", "version": 1,
+      "offload": {"step_s": 1e-4, "decode_s": -1e-6, "prefill_token_s": 0}},
+     "field 'offload.decode_s': -1e-06 is not a non-negative number"),
+    ({"format": "emoe-engine-profile", "version": 1,
+      "offload": {"step_s": "fast", "decode_s": 0, "prefill_token_s": 0}},
+     "field 'offload.step_s': 'fast'"),
+    ({"format": "emoe-engine-profile", "version": 1, "offload": {"step_s": 1e-4}},
+     "offload: missing decode_s, prefill_token_s"),
+    ({"format": "emoe-engine-profile", "version": 1,
+      "offload": {"step_s": 0, "decode_s": 0, "prefill_token_s": 0, "per_fetch_s": 0}},
+     r"offload: unknown field\(s\) \['per_fetch_s'\]"),
+    ({"format": "emoe-engine-profile", "version": 1, "offload": [1e-4]},
+     "field 'offload' must be an object"),
 ])
 def test_bad_profiles_name_the_file_and_field(tmp_path, doc, message):
     path = tmp_path / "bad.json"
@@ -95,3 +112,78 @@ def test_bad_profiles_name_the_file_and_field(tmp_path, doc, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_profile(path)
     assert str(path) in str(info.value)
+
+
+def test_the_handler_overhead_round_trips_and_old_profiles_have_none(tmp_path):
+    overhead = HandlerOverhead(step_s=1.8e-4, decode_s=4.4e-6, prefill_token_s=1.6e-6)
+    write_profile(EngineProfile(model="m", offload=overhead), tmp_path / "p.json")
+    assert load_profile(tmp_path / "p.json").offload == overhead
+    assert overhead.seconds(100, 4, iterations=3) == pytest.approx(
+        3 * (1.8e-4 + 4 * 4.4e-6) + 100 * 1.6e-6)
+    write_profile(EngineProfile(model="m"), tmp_path / "old.json")
+    assert "offload" not in json.loads((tmp_path / "old.json").read_text())
+    assert load_profile(tmp_path / "old.json").offload is None
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "emoe/engine/reference/emoe-tiny"
+OVERHEAD = {"step_s": 1.0, "decode_s": 0.01, "prefill_token_s": 0.001}
+# arrival s, prompt tokens, output tokens: some decode alone, some join running ones
+ARRIVALS = [(0.0, 20, 6), (0.0, 40, 3), (1.5, 12, 8), (4.0, 30, 5), (4.2, 8, 2), (30.0, 16, 4)]
+
+
+def served_profile(path: Path, offload: dict | None) -> Path:
+    """A profile of emoe-tiny's served engine (milliseconds a step), with ``offload`` or,
+    like profiles written before it was measured, without."""
+    doc = {"format": "emoe-engine-profile", "version": 1, "model": "emoe-tiny",
+           "step_time": {"step_overhead_s": 0.002, "prefill_s_per_token": 6e-5,
+                         "decode_s_per_token": 5e-5, "attention_s_per_context_token": 3e-7},
+           "pcie": {"bandwidth_bytes_per_s": 1e10, "latency_s": 2e-4}, "predictor_s": 1e-3,
+           "engine": {"model": "emoe-tiny", "num_layers": 4, "num_experts": 8, "top_k": 2,
+                      "hidden_size": 128, "threads": 1, "device": "cpu", "dtype": "float32",
+                      "max_batch_size": 4, "max_seq_len": 256},
+           "step_table": {"tokens": [1, 64, 255], "seconds": [0.002, 0.008, 0.018],
+                          "per_decode_s": 4e-5, "per_context_token_s": 3e-7}}
+    if offload is not None:
+        doc["offload"] = offload
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def simulated_steps(planner: str, profile: Path) -> list[tuple[int, int, int, float]]:
+    """(prompt tokens, decodes, iterations, compute s) of every step a short run takes."""
+    config = SimConfig(model=str(REFERENCE), profile=profile, scheduling="fcfs",
+                       planner=planner, seed=1)
+    scheduler, backend = build(config)
+    steps = []
+    execute = backend.execute
+
+    def logged(plan, now, *args):
+        result = execute(plan, now, *args)
+        steps.append((sum(c.num_tokens for c in plan.prefill), len(plan.decode),
+                      result.iterations, result.compute_s))
+        return result
+
+    backend.execute = logged
+    requests = [Request(str(i), t, "qa", n_in, n_out, SLO(1000.0, 100.0))
+                for i, (t, n_in, n_out) in enumerate(ARRIVALS)]
+    World(scheduler, backend, requests, lambda request: None).run()
+    return steps
+
+
+@pytest.mark.parametrize("planner", ["lru", "emoe", "static"])
+def test_the_simulator_charges_the_handler_overhead_to_policies_served_with_a_cache(
+        tmp_path, planner):
+    overhead = HandlerOverhead(**OVERHEAD)
+    charged = simulated_steps(planner, served_profile(tmp_path / "p.json", OVERHEAD))
+    plain = simulated_steps(planner, served_profile(tmp_path / "old.json", None))
+    assert any(iterations > 1 for _, _, iterations, _ in charged)  # macro steps too
+    for prefill, decode, iterations, compute in charged:
+        if prefill or decode:  # the table's milliseconds per iteration on top of the overhead
+            table = compute - overhead.seconds(prefill, decode, iterations)
+            assert 0 < table < 0.05 * iterations, (prefill, decode, iterations, compute)
+    assert all(compute < 0.05 * iterations for _, _, iterations, compute in plain)
+
+
+def test_the_all_experts_policy_is_not_charged_the_handler_overhead(tmp_path):
+    charged = simulated_steps("all", served_profile(tmp_path / "p.json", OVERHEAD))
+    assert charged == simulated_steps("all", served_profile(tmp_path / "old.json", None))
