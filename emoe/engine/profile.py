@@ -15,11 +15,16 @@ default unless ``--threads``) and the server's KV slots (``--max-batch-size``). 
   from a client process (``emoe.rpc.serving_profile``): what it adds per step, per streamed
   token and per request, and how much slower the engine steps when served (``--no-serving``
   skips it);
+- **the expert handler's overhead** (``offload``): what an engine serving a planner other
+  than ``all`` spends in its expert handler with nothing fetched, from interleaved rounds of
+  the same steps on the plain engine and on engines whose handler (miss policy reroute) keeps
+  5/8 and all of the experts resident, fitted per step, per decode request and per prompt token;
 - **expert copies** host -> device through the engine's own copy stream, for buffers of 1/8 to
   2 experts: a least-squares line gives the bandwidth (1 / slope); on CUDA the host side is
   pinned, on CPU a "device copy" is a host memcpy. The per-copy latency is what an expert
-  fetched on a miss costs the engine beyond its bytes / bandwidth (the cache's bookkeeping and
-  wait included), from decode steps of an engine whose cache holds 5/8 of the experts;
+  fetched on a miss costs the engine beyond its bytes / bandwidth and the handler's overhead
+  (the cache's bookkeeping and wait included), from decode steps of an engine whose cache
+  holds 5/8 of the experts;
 - **the expert predictor**: one ``predict`` + top-L per task in play, as the planner runs it;
 - bytes per expert, non-expert weights and KV per token, from the model as loaded.
 
@@ -42,8 +47,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from emoe.core.plan import PrefillChunk, StepPlan
-from emoe.core.profile import (EngineProfile, EngineSetup, StepSample, StepTimes,
-                               attended_pairs, fit_prompt_costs)
+from emoe.core.profile import (EngineProfile, EngineSetup, HandlerOverhead, StepSample,
+                               StepTimes, attended_pairs, fit_prompt_costs)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -61,6 +66,8 @@ MULTI_PROMPT = (*(((0, n),) * k for k, n in ((2, 32), (2, 128), (2, 250), (3, 64
                                               (4, 64), (4, 160), (8, 32), (8, 64))),
                 ((128, 127),), ((192, 63),))
 COPY_FRACTIONS = (0.125, 0.25, 0.5, 1.0, 2.0)
+HANDLER_DECODES = ((1, 32), (4, 32), (16, 32), (8, 96))  # decode requests, context
+HANDLER_PREFILLS = (32, 128, 255)
 
 
 def machine_description(device: torch.device) -> str:
@@ -250,6 +257,116 @@ def _nonnegative_fit(rows: list[tuple[int, int]], values: list[float]) -> tuple[
     return float(coef[0]), float(coef[1])
 
 
+def handler_engine(model: MoEModel, resident: int, max_batch_size: int,
+                   max_seq_len: int | None) -> Engine:
+    """An engine of a copy of ``model`` served as a planner other than ``all`` serves it: an
+    expert handler (miss policy reroute) whose cache holds experts 0 .. ``resident`` - 1 of
+    every layer."""
+    import copy
+
+    from emoe.core.budget import ExpertBudget
+    from emoe.engine.engine import Engine
+    from emoe.engine.offload.executor import MissPolicy, OffloadedExperts
+
+    model = copy.deepcopy(model)
+    cfg = model.config
+    expert_bytes = cfg.expert_params * model.embed_tokens.weight.element_size()
+    handler = OffloadedExperts.install(
+        model, ExpertBudget(bytes=resident * cfg.num_layers * expert_bytes), MissPolicy.REROUTE,
+        slots_per_layer=[resident] * cfg.num_layers)
+    handler.apply([(layer, e) for layer in range(cfg.num_layers) for e in range(resident)], [])
+    handler.cache.synchronize()
+    return Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                  expert_handler=handler)
+
+
+def measure_handler(plain: Engine, handled: dict[int, Engine], repeats: int, runs: int = 3,
+                    decodes: Sequence[tuple[int, int]] = HANDLER_DECODES,
+                    prefills: Sequence[int] = HANDLER_PREFILLS
+                    ) -> tuple[dict[int, HandlerOverhead], int]:
+    """Per entry of ``handled`` (resident experts per layer -> engine with a handler), what its
+    handler adds to the plain engine's steps, and how many step shapes that was fitted to.
+
+    Each of ``repeats`` rounds takes every step shape in turn: each engine prefills the same
+    prompts (one seed per engine) and then runs the shape's step ``runs`` times, one engine
+    after another (the order rotating), so a burst of load hits both sides of a difference. A
+    shape's overhead is the median of the handled step's time less the plain one's in the same
+    run, and the overheads of all shapes are fitted per step, per decode request and per
+    prompt token (``fit_handler_overhead``).
+    """
+    limit = plain.max_seq_len
+    slots = min([plain.cache.num_slots] + [e.cache.num_slots for e in handled.values()])
+    shapes = ([(0, b, c) for b, c in decodes if b <= slots and c + runs + 2 < limit]
+              + [(n, 0, 0) for n in prefills if n < limit])
+    engines = {0: plain, **handled}
+    steps = {key: _Steps(engine, 1, seed=2) for key, engine in engines.items()}
+    order = list(engines)
+    differences: dict[tuple[int, tuple], list[float]] = {}
+    for _ in range(repeats):
+        for shape in shapes:
+            prompt, batch, context = shape
+            running = ({key: s.prefilled(batch, context) for key, s in steps.items()}
+                       if batch else {})
+            for key in running:  # the first decode after a prefill: untimed
+                engines[key].execute(StepPlan(decode=running[key]))
+            for run in range(runs):
+                seconds = {}
+                for key in order[run % len(order):] + order[:run % len(order)]:
+                    seconds[key] = (_time_step(engines[key], StepPlan(decode=running[key]))
+                                    if batch else _time_prefill(steps[key], prompt))
+                for key in handled:
+                    differences.setdefault((key, shape), []).append(seconds[key] - seconds[0])
+            for key, rids in running.items():
+                steps[key].release(rids)
+    fits = {}
+    for key in handled:
+        points = [(prompt, batch, statistics.median(differences[key, (prompt, batch, context)]))
+                  for prompt, batch, context in shapes]
+        fits[key] = fit_handler_overhead(points)
+    return fits, len(shapes)
+
+
+def _time_step(engine: Engine, plan: StepPlan) -> float:
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    engine.execute(plan)
+    _sync(engine.device)
+    return time.perf_counter() - t0
+
+
+def _time_prefill(steps: _Steps, tokens: int) -> float:
+    rid = steps.add(tokens)
+    seconds = _time_step(steps.engine, StepPlan(prefill=[PrefillChunk(rid, 0, tokens)]))
+    steps.engine.abort(rid)
+    return seconds
+
+
+def fit_handler_overhead(points: Sequence[tuple[int, int, float]]) -> HandlerOverhead:
+    """``step_s + decode_s * D + prefill_token_s * P`` fitted to ``(P prompt tokens, D decode
+    requests, seconds the handler added)`` per step shape, every coefficient at least 0.
+
+    The decode steps (P = 0) give ``step_s`` and ``decode_s`` (least squares); the prompts
+    give ``prefill_token_s`` over what those leave. A prompt's handler cost is small against
+    its compute, which a handler holding part of the experts can make shorter than the
+    table's (fewer, fuller expert groups): fitted together, the prompts would pull the
+    per-step term to nothing.
+    """
+    from scipy.optimize import nnls
+
+    decodes = [(d, seconds) for p, d, seconds in points if p == 0]
+    step_s = decode_s = prefill_token_s = 0.0
+    if decodes:
+        coef, _ = nnls(np.asarray([(1.0, d) for d, _ in decodes]),
+                       np.asarray([seconds for _, seconds in decodes]))
+        step_s, decode_s = float(coef[0]), float(coef[1])
+    prompts = [(p, seconds - step_s - decode_s * d) for p, d, seconds in points if p > 0]
+    if prompts:
+        coef, _ = nnls(np.asarray([(float(p),) for p, _ in prompts]),
+                       np.asarray([left for _, left in prompts]))
+        prefill_token_s = float(coef[0])
+    return HandlerOverhead(step_s=step_s, decode_s=decode_s, prefill_token_s=prefill_token_s)
+
+
 def measure_copies(expert_bytes: int, device: torch.device, repeats: int,
                    fractions: Sequence[float] = COPY_FRACTIONS) -> tuple[float, float]:
     """(bandwidth bytes/s, per-copy latency s) of host -> device copies on the copy stream."""
@@ -275,14 +392,17 @@ def measure_copies(expert_bytes: int, device: torch.device, repeats: int,
     return float(bandwidth), float(max(intercept, 0.0))
 
 
-def measure_fetches(model: MoEModel, table: StepTimes, slots: int, max_batch_size: int,
-                    max_seq_len: int | None, repeats: int) -> tuple[float, int]:
+def measure_fetches(model: MoEModel, table: StepTimes, overhead: HandlerOverhead, slots: int,
+                    max_batch_size: int, max_seq_len: int | None, repeats: int
+                    ) -> tuple[float, int]:
     """Seconds one expert costs when the engine fetches it on a miss through its expert cache
-    (the copy, the slot bookkeeping and the wait), and how many fetches that was measured on.
+    (the copy, the slot bookkeeping and the wait) beyond the handler's own ``overhead``, and
+    how many fetches that was measured on.
 
     An engine whose cache holds ``slots`` experts per layer (miss policy fetch, as the ``lru``
     planner serves) runs decode steps of 1-16 fresh requests; each step's time beyond the
-    standalone step model is fitted to the experts it fetched (least squares, no intercept).
+    standalone step model is fitted to the experts it fetched on top of the handler's overhead
+    for that step (``fit_fetch_cost``).
     """
     import torch
 
@@ -298,7 +418,7 @@ def measure_fetches(model: MoEModel, table: StepTimes, slots: int, max_batch_siz
     engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                     expert_handler=executor)
     steps = _Steps(engine, 1, seed=1)
-    extra, fetched = [], []
+    extra, fetched, handler = [], [], []
     with torch.inference_mode():
         engine.warm_up()
         for _ in range(repeats):
@@ -311,10 +431,19 @@ def measure_fetches(model: MoEModel, table: StepTimes, slots: int, max_batch_siz
                     context = sum(engine.seqs[r].num_tokens for r in rids)
                     extra.append(seconds - table.step_s(batch, batch, context))
                     fetched.append(len(result.fetched_on_miss))
+                    handler.append(overhead.seconds(0, batch))
                 steps.release(rids)
-    x, y = np.asarray(fetched, dtype=np.float64), np.asarray(extra)
-    per_fetch = float(x @ y / (x @ x)) if x @ x > 0 else 0.0
-    return max(per_fetch, 0.0), int(x.sum())
+    return fit_fetch_cost(extra, fetched, handler), sum(fetched)
+
+
+def fit_fetch_cost(extra_s: Sequence[float], fetches: Sequence[int],
+                   overhead_s: Sequence[float]) -> float:
+    """Seconds per fetch: the least-squares slope (at least 0) of each step's time beyond the
+    plain step model, ``extra_s``, less the handler's ``overhead_s`` (the intercept, measured
+    apart) over the experts the step fetched."""
+    x = np.asarray(fetches, dtype=np.float64)
+    y = np.asarray(extra_s, dtype=np.float64) - np.asarray(overhead_s, dtype=np.float64)
+    return max(float(x @ y / (x @ x)), 0.0) if x @ x > 0 else 0.0
 
 
 def measure_predictor(num_layers: int, num_experts: int, slots: int, repeats: int) -> float:
@@ -413,10 +542,18 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
         engine.warm_up()
         table, samples, check = measure_engine(engine, repeats, prefill_tokens, decode_batch,
                                                decode_context, mixed, multi_prompt)
-    bandwidth, _ = measure_copies(spec.expert_bytes, device, repeats)
     slots = max(1, (5 * cfg.num_experts) // 8)
-    per_fetch, fetches = measure_fetches(cached, table, slots, max_batch_size, max_seq_len,
-                                         repeats)
+    handled = {n: handler_engine(cached, n, max_batch_size, max_seq_len)
+               for n in sorted({slots, cfg.num_experts})}
+    with torch.inference_mode():
+        for e in handled.values():
+            e.warm_up()
+        overheads, shapes = measure_handler(engine, handled, repeats)
+    del handled
+    offload = overheads[slots]
+    bandwidth, _ = measure_copies(spec.expert_bytes, device, repeats)
+    per_fetch, fetches = measure_fetches(cached, table, offload, slots, max_batch_size,
+                                         max_seq_len, repeats)
     latency = max(0.0, per_fetch - spec.expert_bytes / bandwidth)
     predictor_s = measure_predictor(cfg.num_layers, cfg.num_experts,
                                     max(1, cfg.num_experts // 2), repeats)
@@ -442,12 +579,30 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
                     f"pcie bandwidth: copies of {COPY_FRACTIONS} x one expert "
                     f"({spec.expert_bytes} B) on the engine's copy stream"
                     + ("" if device.type == "cuda" else " (CPU: host memcpy, no PCIe)")
+                    + f"; offload: the expert handler's overhead, {shapes} step shapes (decodes "
+                      f"of {[b for b, _ in HANDLER_DECODES]} requests, prompts of "
+                      f"{list(HANDLER_PREFILLS)} tokens) run in each of {repeats} rounds on the "
+                      f"plain engine and on engines whose handler (miss policy reroute) holds "
+                      + " and ".join(f"{n}" for n in overheads)
+                    + f" of {cfg.num_experts} experts per layer, the median paired difference "
+                      f"per shape fitted per step, per decode request and per prompt token "
+                      f"(non-negative least squares): "
+                    + "; ".join(f"{n}/{cfg.num_experts} {_overhead_text(o)}"
+                                for n, o in overheads.items())
+                    + f" (the {slots}/{cfg.num_experts} fit is the one kept)"
                     + f"; pcie latency: what an expert fetched on a miss through the engine's "
-                      f"cache costs ({per_fetch * 1e6:.0f} us, {fetches} fetches at {slots} of "
-                      f"{cfg.num_experts} experts per layer) less its bytes / bandwidth"
+                      f"cache costs beyond the handler's overhead ({per_fetch * 1e6:.0f} us, "
+                      f"{fetches} fetches at {slots} of {cfg.num_experts} experts per layer) "
+                      f"less its bytes / bandwidth"
                     + "; predictor_s: the frequency predictor's predict + top-L for five tasks"),
         pcie_bandwidth_bytes_per_s=bandwidth, pcie_latency_s=latency, memory=memory,
-        samples=tuple(samples), engine=setup, step_table=table, predictor_s=predictor_s)
+        samples=tuple(samples), engine=setup, step_table=table, predictor_s=predictor_s,
+        offload=offload)
+
+
+def _overhead_text(o: HandlerOverhead) -> str:
+    return (f"{o.step_s * 1e6:.0f} us per step + {o.decode_s * 1e6:.1f} us per decode + "
+            f"{o.prefill_token_s * 1e9:.0f} ns per prompt token")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -517,6 +672,8 @@ def run(args: argparse.Namespace) -> int:
           + f"; copy "
             f"{profile.pcie_bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency "
             f"{profile.pcie_latency_s * 1e6:.1f} us")
+    if profile.offload is not None:
+        print(f"expert handler: {_overhead_text(profile.offload)}")
     if profile.serving is not None:
         s = profile.serving
         print(f"serving path: engine steps x{s.engine_scale:.2f} when served, "
