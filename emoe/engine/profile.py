@@ -472,50 +472,6 @@ def _cpu():
     return torch.device("cpu")
 
 
-class SpeedProbe:
-    """This machine's engine speed now against a profile's step table: one-prompt steps of a
-    few of the table's sizes and a decode step, timed as the profile timed them, over what the
-    table says. The machine's speed drifts (a VM's neighbours, clocks) in ways the load
-    average does not show; ``emoe fidelity`` probes around each replay and simulates the
-    engine at the speed found."""
-
-    SIZES = (32, 128, 255)
-    DECODE = (8, 64)  # requests, context tokens each
-
-    def __init__(self, checkpoint, table: StepTimes, max_batch_size: int, max_seq_len: int,
-                 device: str = "cpu", dtype: str | None = None):
-        from emoe.engine.checkpoint import load_model
-        from emoe.engine.engine import Engine
-
-        self.table = table
-        self.sizes = [n for n in self.SIZES if n < max_seq_len and n <= table.tokens[-1]]
-        model = load_model(checkpoint, device=device, dtype=dtype)
-        self._engine = Engine(model, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
-        self._warm = False
-
-    def describe(self) -> str:
-        batch, context = self.DECODE
-        return (f"one-prompt steps of {'/'.join(map(str, self.sizes))} tokens and a step of "
-                f"{batch} decodes at {context} tokens of context, median of measured / table")
-
-    def ratio(self, repeats: int = 7) -> float:
-        """Median over the probe steps of measured / table (1.2: 20% slower than profiled)."""
-        import torch
-
-        with torch.inference_mode():
-            if not self._warm:
-                self._engine.warm_up()
-                self._warm = True
-            steps = _Steps(self._engine, repeats, seed=7)
-            ratios = [steps.prefill(n) / self.table.table(n) for n in self.sizes]
-            batch, context = self.DECODE
-            if batch <= self._engine.cache.num_slots and context + 8 < self._engine.max_seq_len:
-                attended = batch * (context + 2)  # as measure_engine fits it
-                ratios.append(steps.step(0, batch, context)
-                              / self.table.step_s(batch, batch, attended))
-            return statistics.median(ratios)
-
-
 def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu",
                   repeats: int = 5, max_batch_size: int = 16, max_seq_len: int | None = None,
                   prefill_tokens: Sequence[int] = PREFILL_TOKENS,

@@ -281,6 +281,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from emoe.core.model_config import model_spec_from
     from emoe.core.policy_file import PolicyConfig
     from emoe.core.specs import get_hardware
     from emoe.rpc.remote import RemoteBackend
@@ -302,7 +303,14 @@ def _serve(args: argparse.Namespace) -> int:
         backends = [_local_backend(args, policy)]
     hardware = get_hardware(args.gpu)
     if args.profile is not None:
-        hardware = _profiled(args, hardware)
+        profile = _profiled(args)
+        hardware = profile.apply(hardware, model_spec_from(_checkpoint(args)))[0]
+        backend = backends[0]
+        if profile.step_table is not None and hasattr(backend, "speed"):
+            from emoe.rpc.engine_speed import EngineSpeed
+
+            backend.speed = EngineSpeed(
+                profile.step_table, profile.offload if policy.serves_with_expert_cache else None)
     server = SchedulerServer(
         backends, policy, hardware, _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
@@ -313,23 +321,27 @@ def _serve(args: argparse.Namespace) -> int:
     return asyncio.run(run_until_signal(server, args.drain_grace))
 
 
-def _profiled(args: argparse.Namespace, hardware):
-    """``hardware`` with the profile's measured figures, once the profile is known to be of
-    the in-process engine's model and thread count."""
+def _checkpoint(args: argparse.Namespace) -> Path:
+    from emoe.rpc.local import REFERENCE_CHECKPOINT
+
+    return args.checkpoint or REFERENCE_CHECKPOINT
+
+
+def _profiled(args: argparse.Namespace):
+    """The profile, once it is known to be of the in-process engine's model and thread
+    count."""
     import torch
 
     from emoe.core.model_config import model_spec_from
     from emoe.core.profile import load_profile
-    from emoe.rpc.local import REFERENCE_CHECKPOINT
 
     if args.worker:
         raise ConfigError("--profile: checked against the in-process engine's model and threads; "
                           "with --worker the workers' engines are not known here")
     profile = load_profile(args.profile)
-    model = model_spec_from(args.checkpoint or REFERENCE_CHECKPOINT)
-    profile.check_model(model)
+    profile.check_model(model_spec_from(_checkpoint(args)))
     profile.check_threads(args.threads or torch.get_num_threads(), "this server's engine")
-    return profile.apply(hardware, model)[0]
+    return profile
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -23,10 +23,11 @@ statistic; SLO attainment, goodput, expert hit rate, bytes of experts loaded and
 calls on both sides; the ranking of the policies by goodput on each side and whether they
 agree; CDF plots. The machine's load average before and after is printed: the measured side
 runs on this machine's cores, and other load slows it. The machine's speed also drifts in ways
-the load average misses (a VM's neighbours): when it starts the server itself, it times a few
-engine steps against the profile's table before and after each replay (``--engine-speed
-probe``) and simulates that policy's engine at the speed found; the simulation at the
-profile's own speed is reported beside it (``as_profiled``).
+the load average misses (a VM's neighbours): a server started with ``--profile`` times its
+engine's steps against the profile's step model, and the report gives the ratio over each
+replay (``engine_speed.served``); ``--engine-speed served`` simulates each policy's engine at
+that speed, with the simulation at the profile's own speed reported beside it
+(``as_profiled``).
 """
 
 from __future__ import annotations
@@ -91,13 +92,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sys_.add_argument("--target", default=None, metavar="HOST:PORT",
                       help="a running `emoe serve` to measure instead of starting one "
                            "(one policy: the one it runs)")
-    sys_.add_argument("--engine-speed", choices=("probe", "profile"), default=None,
-                      help="the engine speed simulated: 'probe' times a few engine steps on "
-                           "this machine before and after each replay and simulates the "
-                           "engine at the speed found, against the profile's (default when "
-                           "fidelity starts the server; with --target only if the target "
-                           "runs on this machine); 'profile': as the profile measured it "
-                           "(default with --target). The report gives both")
+    sys_.add_argument("--engine-speed", choices=("profile", "served"), default="profile",
+                      help="the engine speed simulated: as the profile measured it "
+                           "(default), or 'served': the speed the server's engine ran at during "
+                           "each replay, its steps' compute against the profile's step model "
+                           "(GetStats engine_speed, kept by a server started with --profile), "
+                           "with the simulation as profiled reported beside it. The served "
+                           "speed is reported either way")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -164,6 +165,7 @@ class Side:
     predictor_calls: int | None
     elapsed_s: float
     context: str = ""  # what fitting the workload to the model's context met
+    engine_speed: float | None = None  # measured: the server's steps against its profile
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -194,17 +196,22 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     from emoe.rpc.replay import GrpcTarget, replay
 
     async with EmoeClient(target) as client:
-        before = (await client.stats()).experts
+        stats = await client.stats()
+        before, speed_before = stats.experts, stats.engine_speed
         fitted = ContextFit(0, fit)
         sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
         with MetricsCollector(rows_path) as metrics:
             elapsed = await replay(requests, sender, metrics, seed=seed, fit=fitted,
                                    prompts=prompts)
-        after = (await client.stats()).experts
+        stats = await client.stats()
+        after, speed_after = stats.experts, stats.engine_speed
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
+    profiled = speed_after.profiled_s - speed_before.profiled_s
+    speed = (speed_after.compute_s - speed_before.compute_s) / profiled if profiled > 0 else None
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
-                after.predictor_calls - before.predictor_calls, elapsed, fitted.describe())
+                after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
+                speed)
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -336,8 +343,8 @@ def format_report(name: str, report: dict) -> str:
         errors = ", ".join(
             f"{key.upper()} {q} {_pct(as_profiled['metrics'][key]['rel_error'][q])}"
             for key in ("ttft", "e2e") for q in ("p50", "p90"))
-        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's engine speed (the "
-                     f"speed probed); at x1.00: {errors}, SLO attainment "
+        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's engine speed; "
+                     f"at x1.00: {errors}, SLO attainment "
                      f"{_fmt(as_profiled['slo_attainment']['diff_points'], 1, 1)} points")
     return "\n".join(lines)
 
@@ -428,18 +435,7 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"prompts: {_PROMPTS[args.prompts]}; simulated routing: "
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
-    probing = (args.engine_speed or ("profile" if args.target else "probe")) == "probe"
-    probe = None
-
-    def speed_before() -> dict:
-        nonlocal probe
-        if probing and probe is None:  # once a server is up: its errors come first
-            probe = _speed_probe(checkpoint, profile)
-            print(f"engine speed: probed before and after each replay ({probe.describe()}); "
-                  f"each policy is simulated at the speed found (the geometric mean), and as "
-                  f"profiled (x1.00)", flush=True)
-        return _probed(probe)
-
+    engine_scale = profile.serving.engine_scale  # the served speed counts it already
     reports: dict[str, dict] = {}
     profiled: dict[str, dict] = {}  # the same, simulated at the profile's speed
     plots: list[str] = []
@@ -455,7 +451,6 @@ async def _run(args: argparse.Namespace) -> int:
         expert_bytes = profile.memory.get("expert_bytes", model.expert_bytes)
         if args.target:
             print(f"{name}: measuring against {args.target} ...", flush=True)
-            speed = speed_before()
             real = await measure(args.target, requests, args.fit, args.seed, rows,
                                  expert_bytes, prompts)
         else:
@@ -464,10 +459,19 @@ async def _run(args: argparse.Namespace) -> int:
             print(f"{name}: measuring against emoe serve {' '.join(server_args)} ...",
                   flush=True)
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
-                speed = speed_before()
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
                                      expert_bytes, prompts)
-        speed = _probed(probe, speed)
+        speed = {"served": real.engine_speed, "simulated": 1.0}
+        if real.engine_speed is not None:
+            if args.engine_speed == "served":
+                speed["simulated"] = real.engine_speed / engine_scale
+            print(f"engine speed during the replay: the server's steps took "
+                  f"x{real.engine_speed:.2f} the profile's step model (x{engine_scale:.2f} the "
+                  f"serving path's own when profiled): simulated at x{speed['simulated']:.2f}",
+                  flush=True)
+        elif args.engine_speed == "served":
+            raise ConfigError(f"--engine-speed served: the server reported no steps against a "
+                              f"profile (is it started with --profile {profile_path}?)")
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                        out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"])
         reports[name] = compare(sim, real)
@@ -509,7 +513,7 @@ async def _run(args: argparse.Namespace) -> int:
             "prompts": args.prompts,
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
-            "engine_speed": probe.describe() if probe is not None else "as profiled",
+            "engine_speed": args.engine_speed,
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
         }
@@ -556,32 +560,6 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
           f"thread(s), all experts, greedy) into {path} in {time.perf_counter() - started:.0f} s",
           flush=True)
     return path
-
-
-def _probed(probe, speed: dict | None = None) -> dict:
-    """The engine speed against the profile: ``before`` a replay (``speed`` None), then
-    ``after`` it and the speed ``simulated`` (their geometric mean; 1.0 without a probe)."""
-    if probe is None:
-        return {"before": None, "after": None, "simulated": 1.0}
-    if speed is None:
-        return {"before": probe.ratio()}
-    after = probe.ratio()
-    simulated = math.sqrt(speed["before"] * after)
-    print(f"engine speed around the replay: steps took x{speed['before']:.2f} the profile's "
-          f"before, x{after:.2f} after: simulated at x{simulated:.2f}", flush=True)
-    return {"before": speed["before"], "after": after, "simulated": simulated}
-
-
-def _speed_probe(checkpoint: Path, profile):
-    """A probe of this machine's engine (the server runs here when fidelity starts it)."""
-    import torch
-
-    from emoe.engine.profile import SpeedProbe
-
-    engine = profile.engine
-    torch.set_num_threads(engine.threads)
-    return SpeedProbe(checkpoint, profile.step_table, engine.max_batch_size, engine.max_seq_len,
-                      engine.device, engine.dtype)
 
 
 def _load(values) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 from emoe.core.errors import ConfigError
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.rpc.backend import BackendInfo, BackendUnavailable, SamplingParams
+from emoe.rpc.engine_speed import EngineSpeed
 from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
 
 REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "engine" / "reference" / "emoe-tiny"
@@ -79,7 +80,8 @@ class LocalEngineBackend:
     With ``offload`` (a policy whose planner is not ``all``) the engine keeps its experts in
     an ``OffloadedExperts`` slot cache and carries out each plan's load/evict lists; ``experts``
     is that executor once started (None: every expert resident). ``step_timeout_s`` and
-    ``stall_timeout_s``: when a step counts as hung (module docstring).
+    ``stall_timeout_s``: when a step counts as hung (module docstring). ``speed``: given a
+    profile's step model, every step's compute against it (``emoe.rpc.engine_speed``).
     """
 
     def __init__(self, checkpoint: Path, device: str = "cpu", dtype: str | None = None,
@@ -98,6 +100,7 @@ class LocalEngineBackend:
         self._engine = None
         self._info: BackendInfo | None = None
         self._beat = 0.0  # time.monotonic() when the running step last entered a layer
+        self.speed: EngineSpeed | None = None  # against a profile, once given one
         self._hung: asyncio.Future | None = None  # the step that stopped making progress
         self._hung_reason = ""
         self.experts = None
@@ -211,6 +214,9 @@ class LocalEngineBackend:
         if self._hung is not None:
             raise BackendUnavailable(self._hung_reason)
         started = self._beat = time.monotonic()
+        if self.speed is not None:  # what the decodes attend, before the step adds to it
+            seqs = self._engine.seqs
+            context = sum(seqs[r].num_tokens for r in plan.decode if r in seqs)
         step = asyncio.wrap_future(self._thread.submit(self._engine.execute, plan))
         while not (await asyncio.wait((step,), timeout=WATCH_INTERVAL_S))[0]:
             now = time.monotonic()
@@ -223,7 +229,10 @@ class LocalEngineBackend:
                 continue
             self._hung, self._hung_reason = step, f"hung: {why}; it serves again once the step returns"
             raise BackendUnavailable(self._hung_reason)
-        return step.result()
+        result = step.result()
+        if self.speed is not None:
+            self.speed.observe(plan, result, context)
+        return result
 
     async def recover(self) -> tuple[ExpertKey, ...]:
         """Also after a hung step, once it returned (BackendUnavailable while it runs)."""

@@ -390,6 +390,12 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                                                 loads=e.loads, evictions=e.evictions,
                                                 resident=resident, resident_bytes=resident_bytes,
                                                 predictor_calls=e.predictor_calls))
+        for r in self.replicas:
+            speed = getattr(r.backend, "speed", None)
+            if speed is not None:
+                stats.engine_speed.steps += speed.counted
+                stats.engine_speed.compute_s += speed.compute_s
+                stats.engine_speed.profiled_s += speed.profiled_s
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

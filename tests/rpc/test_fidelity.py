@@ -53,7 +53,7 @@ def test_a_profile_of_another_model_or_thread_count_is_refused(profile, capsys):
     assert "'mixtral-8x7b', differs: layers 4 vs 32, hidden_size 128 vs 4096" in err
     with pytest.raises(ConfigError, match="measured with 1 engine thread.*this server's engine "
                                           "runs 2.*--threads 2"):
-        cli._profiled(parse("serve", "--profile", str(profile), "--threads", "2"), None)
+        cli._profiled(parse("serve", "--profile", str(profile), "--threads", "2"))
 
 
 def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path, capsys):
@@ -66,13 +66,11 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     doc = json.loads(report.read_text())
     assert isinstance(doc["rank_agreement"], bool)
     assert set(doc["load_average"]) == {"before", "after"}
-    for policy in doc["policies"].values():  # each simulated at the speed probed around it
+    for policy in doc["policies"].values():  # the server's engine against the profile
         speed = policy["engine_speed"]
-        assert all(0.1 < speed[k] < 10 for k in ("before", "after"))
-        assert speed["simulated"] == pytest.approx((speed["before"] * speed["after"]) ** 0.5)
-        assert policy["as_profiled"]["metrics"]["e2e"]["real"] == policy["metrics"]["e2e"]["real"]
-        assert policy["as_profiled"]["metrics"]["e2e"]["sim"] != policy["metrics"]["e2e"]["sim"]
-    assert "simulated at x" in printed and "at x1.00: TTFT p50" in printed
+        assert 0.1 < speed["served"] < 10
+        assert speed["simulated"] == 1.0 and "as_profiled" not in policy
+    assert "engine speed during the replay: the server's steps took x" in printed
     # the same routing on both sides: task prompts whose routing was recorded first
     assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")
     lru = doc["policies"].pop("fcfs/lru")
@@ -95,6 +93,22 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert policy["bytes_loaded"]["sim"] == policy["bytes_loaded"]["real"] > 0  # all experts once
     assert (tmp_path / "out" / "cdf-fcfs-all.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "fcfs-all-real.csv").exists()
+
+
+def test_at_the_served_speed_the_simulation_as_profiled_is_reported_beside(profile, tmp_path):
+    report = tmp_path / "report.json"
+    assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
+                 "--engine-speed", "served", "--out-dir", str(tmp_path / "out"), "--no-plots",
+                 "--json", str(report)]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["engine_speed"] == "served"
+    (policy,) = doc["policies"].values()
+    speed = policy["engine_speed"]
+    engine_scale = load_profile(profile).serving.engine_scale
+    assert speed["simulated"] == pytest.approx(speed["served"] / engine_scale)
+    as_profiled = policy["as_profiled"]["metrics"]["e2e"]
+    assert as_profiled["real"] == policy["metrics"]["e2e"]["real"]
+    assert as_profiled["sim"] != policy["metrics"]["e2e"]["sim"]
 
 
 def test_without_a_profile_fidelity_measures_one_first(tmp_path, monkeypatch, capsys):

@@ -217,18 +217,30 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("uptime_s", "waiting", "running", "tasks", "experts")
+    __slots__ = ("uptime_s", "waiting", "running", "tasks", "experts", "engine_speed")
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_SPEED_FIELD_NUMBER: _ClassVar[int]
     uptime_s: float
     waiting: int
     running: int
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStats]
     experts: ExpertStats
-    def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ...) -> None: ...
+    engine_speed: EngineSpeed
+    def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ...) -> None: ...
+
+class EngineSpeed(_message.Message):
+    __slots__ = ("steps", "compute_s", "profiled_s")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    compute_s: float
+    profiled_s: float
+    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ...) -> None: ...
 
 class TaskStats(_message.Message):
     __slots__ = ("task", "submitted", "finished", "aborted", "failed", "slo_met", "slo_attainment", "output_tokens", "queue", "ttft", "tpot", "total")
