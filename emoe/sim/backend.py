@@ -160,7 +160,7 @@ class SimBackend:
             serving = cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
                                      iterations=iterations)
             result.iterations = iterations
-            result.compute_s = compute
+            result.compute_s = compute + wait  # as the engine times its forward pass
             result.load_wait_s = wait
             result.finished_at = start + compute + wait + serving
         memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
@@ -268,7 +268,7 @@ class SimBackend:
         result.evicted_on_miss = _keys(resident_before & ~self.resident)
         result.fetched_on_miss = _keys(self.resident & ~resident_before)
         result.iterations = iteration
-        result.compute_s = compute_total
+        result.compute_s = compute_total + wait_total  # as the engine times its forward pass
         result.load_wait_s = wait_total
         result.finished_at = t
 
