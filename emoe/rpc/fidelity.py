@@ -166,6 +166,7 @@ class Side:
     elapsed_s: float
     context: str = ""  # what fitting the workload to the model's context met
     engine_speed: float | None = None  # measured: the server's steps against its profile
+    fetch_cost_s: float | None = None  # measured: per expert fetched on a miss, as served
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -193,6 +194,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     from emoe.core.metrics import MetricsCollector, SystemCounters
     from emoe.core.workload import ContextFit
     from emoe.rpc.client import EmoeClient
+    from emoe.rpc.engine_speed import fetch_cost_s
     from emoe.rpc.replay import GrpcTarget, replay
 
     async with EmoeClient(target) as client:
@@ -207,11 +209,16 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         after, speed_after = stats.experts, stats.engine_speed
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
-    profiled = speed_after.profiled_s - speed_before.profiled_s
-    speed = (speed_after.compute_s - speed_before.compute_s) / profiled if profiled > 0 else None
+    def delta(name: str) -> float:
+        return getattr(speed_after, name) - getattr(speed_before, name)
+
+    profiled = delta("profiled_s")
+    speed = delta("compute_s") / profiled if profiled > 0 else None
+    fetch = None if speed is None else fetch_cost_s(
+        speed, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                speed)
+                speed, fetch)
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -386,6 +393,7 @@ async def _run(args: argparse.Namespace) -> int:
     from emoe.core.model_config import model_spec_from
     from emoe.core.paths import resolve_path
     from emoe.core.profile import load_profile
+    from emoe.core.specs import get_hardware
     from emoe.core.workload import read_trace
     from emoe.core.workload.default_trace import DEFAULT_TRACE
     from emoe.rpc.local import REFERENCE_CHECKPOINT
@@ -436,6 +444,9 @@ async def _run(args: argparse.Namespace) -> int:
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
     engine_scale = profile.serving.engine_scale  # the served speed counts it already
+    hardware, served_model = profile.apply(get_hardware("h100-80gb"), model)
+    fetch_model_s = (hardware.pcie_latency_s
+                     + served_model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s)
     reports: dict[str, dict] = {}
     profiled: dict[str, dict] = {}  # the same, simulated at the profile's speed
     plots: list[str] = []
@@ -469,6 +480,11 @@ async def _run(args: argparse.Namespace) -> int:
                   f"x{real.engine_speed:.2f} the profile's step model (x{engine_scale:.2f} the "
                   f"serving path's own when profiled): simulated at x{speed['simulated']:.2f}",
                   flush=True)
+        if real.fetch_cost_s is not None:
+            speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s}
+            print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
+                  f"(its steps' compute beyond the step model at that speed); the profile's: "
+                  f"{fetch_model_s * 1e6:.0f} us (simulated as profiled)", flush=True)
         elif args.engine_speed == "served":
             raise ConfigError(f"--engine-speed served: the server reported no steps against a "
                               f"profile (is it started with --profile {profile_path}?)")

@@ -393,9 +393,14 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
         for r in self.replicas:
             speed = getattr(r.backend, "speed", None)
             if speed is not None:
-                stats.engine_speed.steps += speed.counted
-                stats.engine_speed.compute_s += speed.compute_s
-                stats.engine_speed.profiled_s += speed.profiled_s
+                total = stats.engine_speed
+                total.steps += speed.counted
+                total.compute_s += speed.compute_s
+                total.profiled_s += speed.profiled_s
+                total.fetch_steps += speed.fetch_steps
+                total.fetched += speed.fetched
+                total.fetch_compute_s += speed.fetch_compute_s
+                total.fetch_profiled_s += speed.fetch_profiled_s
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

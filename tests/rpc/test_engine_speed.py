@@ -6,7 +6,7 @@ import pytest
 
 from emoe.core.plan import PrefillChunk, StepPlan, StepResult
 from emoe.core.profile import HandlerOverhead, StepTimes, attended_pairs
-from emoe.rpc.engine_speed import EngineSpeed
+from emoe.rpc.engine_speed import EngineSpeed, fetch_cost_s
 
 STEPS = StepTimes(tokens=(1, 64, 256), seconds=(1e-3, 4e-3, 16e-3), per_decode_s=5e-5,
                   per_context_token_s=2e-7, per_pair_s=1e-8, per_chunk_s=5e-4)
@@ -28,11 +28,17 @@ def test_a_step_is_costed_by_its_chunks_decodes_context_and_the_handler():
     assert EngineSpeed(STEPS).profiled(decode_only, 40) == pytest.approx(STEPS.step_s(1, 1, 40))
 
 
-def test_sums_count_steps_that_computed_without_fetching_on_a_miss():
+def test_steps_that_fetched_on_a_miss_are_summed_apart_and_give_the_fetch_cost():
     speed = EngineSpeed(STEPS)
     modelled = speed.profiled(plan(), 70)
     speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1.5 * modelled), 70)
     speed.observe(plan(), StepResult(0.0, 0.0, compute_s=0.0), 70)  # nothing ran
-    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=9.0, fetched_on_miss=[(0, 1)]), 70)
-    assert speed.counted == 1
-    assert speed.compute_s / speed.profiled_s == pytest.approx(1.5)
+    fetched = [(0, 1), (1, 3)]  # two experts, 400 us each beyond the step at that speed
+    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1.5 * modelled + 8e-4,
+                                     fetched_on_miss=fetched), 70)
+    assert (speed.counted, speed.fetch_steps, speed.fetched) == (1, 1, 2)
+    ratio = speed.compute_s / speed.profiled_s
+    assert ratio == pytest.approx(1.5)
+    assert fetch_cost_s(ratio, speed.fetched, speed.fetch_compute_s,
+                        speed.fetch_profiled_s) == pytest.approx(4e-4)
+    assert fetch_cost_s(ratio, 0, 0.0, 0.0) is None

@@ -233,14 +233,22 @@ class Stats(_message.Message):
     def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ...) -> None: ...
 
 class EngineSpeed(_message.Message):
-    __slots__ = ("steps", "compute_s", "profiled_s")
+    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_FIELD_NUMBER: _ClassVar[int]
+    FETCH_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
     steps: int
     compute_s: float
     profiled_s: float
-    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ...) -> None: ...
+    fetch_steps: int
+    fetched: int
+    fetch_compute_s: float
+    fetch_profiled_s: float
+    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ...) -> None: ...
 
 class TaskStats(_message.Message):
     __slots__ = ("task", "submitted", "finished", "aborted", "failed", "slo_met", "slo_attainment", "output_tokens", "queue", "ttft", "tpot", "total")
