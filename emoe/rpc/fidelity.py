@@ -95,10 +95,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sys_.add_argument("--engine-speed", choices=("profile", "served"), default="profile",
                       help="the engine speed simulated: as the profile measured it "
                            "(default), or 'served': the speed the server's engine ran at during "
-                           "each replay, its steps' compute against the profile's step model "
-                           "(GetStats engine_speed, kept by a server started with --profile), "
-                           "with the simulation as profiled reported beside it. The served "
-                           "speed is reported either way")
+                           "each replay, its steps' compute against the profile's step model, "
+                           "and what a fetch on a miss cost it (GetStats engine_speed, kept by "
+                           "a server started with --profile), with the simulation as profiled "
+                           "reported beside it. Both are reported either way")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -171,14 +171,15 @@ class Side:
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
              rows_path: Path, routing_trace: Path | None = None,
-             engine_speed: float = 1.0) -> Side:
+             engine_speed: float = 1.0, fetch_cost_s: float | None = None) -> Side:
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
     from emoe.sim.runner import simulate as run_sim
 
     config = SimConfig(model=str(checkpoint), profile=profile, policy_file=policy_file,
-                       seed=seed, routing_trace=routing_trace, engine_speed=engine_speed)
+                       seed=seed, routing_trace=routing_trace, engine_speed=engine_speed,
+                       fetch_cost_s=fetch_cost_s)
     outcome = run_sim(config, workload, out=rows_path)
     s = outcome.summary
     return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
@@ -472,27 +473,17 @@ async def _run(args: argparse.Namespace) -> int:
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
                                      expert_bytes, prompts)
-        speed = {"served": real.engine_speed, "simulated": 1.0}
-        if real.engine_speed is not None:
-            if args.engine_speed == "served":
-                speed["simulated"] = real.engine_speed / engine_scale
-            print(f"engine speed during the replay: the server's steps took "
-                  f"x{real.engine_speed:.2f} the profile's step model (x{engine_scale:.2f} the "
-                  f"serving path's own when profiled): simulated at x{speed['simulated']:.2f}",
-                  flush=True)
-        if real.fetch_cost_s is not None:
-            speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s}
-            print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
-                  f"(its steps' compute beyond the step model at that speed); the profile's: "
-                  f"{fetch_model_s * 1e6:.0f} us (simulated as profiled)", flush=True)
-        elif args.engine_speed == "served":
+        if args.engine_speed == "served" and real.engine_speed is None:
             raise ConfigError(f"--engine-speed served: the server reported no steps against a "
                               f"profile (is it started with --profile {profile_path}?)")
+        speed, fetch_cost = _as_served(real, args.engine_speed == "served", engine_scale,
+                                       fetch_model_s)
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"])
+                       out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"],
+                       fetch_cost)
         reports[name] = compare(sim, real)
         reports[name]["engine_speed"] = speed
-        if speed["simulated"] != 1.0:
+        if speed["simulated"] != 1.0 or fetch_cost is not None:
             as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                    out_dir / f"{stem}-sim-profile.csv", routing_trace)
             profiled[name] = compare(as_profiled, real)
@@ -576,6 +567,32 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
           f"thread(s), all experts, greedy) into {path} in {time.perf_counter() - started:.0f} s",
           flush=True)
     return path
+
+
+def _as_served(real: Side, calibrate: bool, engine_scale: float,
+               fetch_model_s: float) -> tuple[dict, float | None]:
+    """What the server measured during the replay (its engine's speed against the profile's
+    step model, and what a fetch on a miss cost), and with ``calibrate`` what the simulation
+    takes from it: the speed over the profile's own ``engine_scale``, and the fetch cost."""
+    speed: dict = {"served": real.engine_speed, "simulated": 1.0}
+    if real.engine_speed is not None:
+        if calibrate:
+            speed["simulated"] = real.engine_speed / engine_scale
+        print(f"engine speed during the replay: the server's steps took "
+              f"x{real.engine_speed:.2f} the profile's step model (x{engine_scale:.2f} the "
+              f"serving path's own when profiled): simulated at x{speed['simulated']:.2f}",
+              flush=True)
+    fetch_cost = None
+    if real.fetch_cost_s is not None:
+        if calibrate:
+            fetch_cost = max(0.0, real.fetch_cost_s)
+        simulated = fetch_model_s if fetch_cost is None else fetch_cost
+        speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s,
+                                 "simulated": simulated}
+        print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
+              f"(its steps' compute beyond the step model at that speed); the profile's: "
+              f"{fetch_model_s * 1e6:.0f} us; simulated: {simulated * 1e6:.0f} us", flush=True)
+    return speed, fetch_cost
 
 
 def _load(values) -> str:

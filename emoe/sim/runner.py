@@ -131,7 +131,9 @@ class SimConfig:
     ``proxy_sensitivity``: an accuracy calibration (``emoe calibrate-proxy``) or a sensitivity
     file whose table weighs the accuracy proxy whatever the policy's own (default: the
     policy's). ``engine_speed``: with a served engine's profile, its steps take this times
-    the profile's (the machine's speed when the run is compared with a measured one).
+    the profile's (the machine's speed when the run is compared with a measured one);
+    ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
+    copy latency + bytes / bandwidth).
     """
 
     model: str = "mixtral-8x7b"
@@ -154,6 +156,7 @@ class SimConfig:
     warm_start: Path | None = None
     proxy_sensitivity: Path | None = None
     engine_speed: float = 1.0
+    fetch_cost_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -337,7 +340,8 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
     scheduler = Scheduler(model, hardware, policy, fixed_expert_slots=fixed_slots)
     if history is not None:
         warm_predictor(scheduler.planner.predictor, history)
-    backend = SimBackend(model=model, hardware=scheduler.hardware,  # the predictor's cost in
+    backend = SimBackend(model=model,  # the scheduler's hardware: the predictor's cost in
+                         hardware=_fetching_at(scheduler.hardware, model, config.fetch_cost_s),
                          memory_bytes=scheduler.memory_budget_bytes,
                          routing=_routing(config, model, policy),
                          miss_mode=scheduler.planner.miss_mode,
@@ -348,6 +352,20 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          offload=(profile.offload if profile and policy.serves_with_expert_cache
                                   else None))
     return scheduler, backend
+
+
+def _fetching_at(hardware: HardwareSpec, model: ModelSpec,
+                 fetch_cost_s: float | None) -> HardwareSpec:
+    """The engine's copies with an expert copy costing ``fetch_cost_s`` in all (what a fetch
+    on a miss cost as served, ``emoe fidelity``): the per-copy latency takes the difference
+    to bytes / bandwidth. The scheduler keeps the profile's figure, as the server does."""
+    if fetch_cost_s is None:
+        return hardware
+    if fetch_cost_s < 0 or not math.isfinite(fetch_cost_s):
+        raise ConfigError(f"fetch cost: must be a non-negative number of seconds, got "
+                          f"{fetch_cost_s!r}")
+    latency = fetch_cost_s - model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s
+    return dataclasses.replace(hardware, pcie_latency_s=max(0.0, latency))
 
 
 def _served_at(serving: ServingCosts | None, speed: float) -> ServingCosts | None:

@@ -74,6 +74,9 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     # the same routing on both sides: task prompts whose routing was recorded first
     assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")
     lru = doc["policies"].pop("fcfs/lru")
+    fetch = lru["engine_speed"]["fetch_cost_s"]  # what a fetch on a miss cost as served
+    assert fetch["profile"] > 0 and fetch["simulated"] == fetch["profile"]
+    assert isinstance(fetch["served"], float)
     assert 0 < lru["hit_rate"]["sim"] < 1 and 0 < lru["hit_rate"]["real"] < 1
     assert lru["bytes_loaded"]["sim"] > 0 and lru["bytes_loaded"]["real"] > 0
     (name, policy), = doc["policies"].items()

@@ -132,3 +132,20 @@ def test_the_engine_simulated_at_another_speed_than_profiled(served):
     for speed in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="engine speed: must be a positive number"):
             build(dataclasses.replace(served, engine_speed=speed))
+
+
+def test_expert_copies_simulated_at_the_fetch_cost_found_as_served(served):
+    """``fetch_cost_s`` (what ``emoe fidelity --engine-speed served`` measured a fetch on a
+    miss to cost) sets the engine's copies; the scheduler keeps the profile's, as the server."""
+    import dataclasses
+
+    from emoe.core.errors import ConfigError
+
+    scheduler, profiled = build(served)
+    _, fetching = build(dataclasses.replace(served, fetch_cost_s=4e-4))
+    hw = fetching.hardware
+    nbytes = fetching.model.expert_bytes
+    assert hw.pcie_latency_s + nbytes / hw.pcie_bandwidth_bytes_per_s == pytest.approx(4e-4)
+    assert scheduler.hardware.pcie_latency_s == profiled.hardware.pcie_latency_s
+    with pytest.raises(ConfigError, match="fetch cost: must be a non-negative number"):
+        build(dataclasses.replace(served, fetch_cost_s=-1.0))
