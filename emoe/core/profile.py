@@ -20,13 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from emoe.core.errors import ConfigError
+from emoe.core.plan import PrefillChunk
 from emoe.core.specs import HardwareSpec, ModelSpec
 
 PROFILE_FORMAT = "emoe-engine-profile"
@@ -44,6 +45,11 @@ def attended_pairs(start: int, tokens: int) -> int:
     prompt attends: each token attends to the ``start`` before the chunk and to the chunk's
     tokens up to itself."""
     return tokens * start + tokens * (tokens + 1) // 2
+
+
+def chunk_pairs(chunks: Iterable[PrefillChunk]) -> int:
+    """Query-key pairs a step's prefill chunks attend in all."""
+    return sum(attended_pairs(c.start, c.num_tokens) for c in chunks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,29 +502,30 @@ def load_profile(path: "str | Path") -> EngineProfile:
             number("step_table.per_chunk_s", table.get("per_chunk_s", 0.0)),
             None if table.get("beyond_s_per_token") is None else
             number("step_table.beyond_s_per_token", table["beyond_s_per_token"])))
-    serving = section("serving")
-    if serving:
-        fields = [f.name for f in dataclasses.fields(ServingCosts)]
-        unknown = set(serving) - set(fields)
+    def costs(name: str, kind: type, defaults: dict[str, float] | None = None):
+        """Section ``name`` as a ``kind`` of non-negative numbers, one per field; without
+        ``defaults`` every field is required."""
+        values = section(name)
+        if not values:
+            return None
+        fields = [f.name for f in dataclasses.fields(kind)]
+        unknown = set(values) - set(fields)
         if unknown:
-            raise ConfigError(f"{path}: serving: unknown field(s) {sorted(unknown)}; valid: "
+            raise ConfigError(f"{path}: {name}: unknown field(s) {sorted(unknown)}; valid: "
                               f"{', '.join(fields)}")
-        defaults = {"engine_scale": 1.0, "ingress_per_stream_s": 0.0,
-                    "egress_per_stream_s": 0.0}
-        profile = dataclasses.replace(profile, serving=ServingCosts(
-            **{k: number(f"serving.{k}", serving.get(k, defaults.get(k))) for k in fields}))
-    offload = section("offload")
-    if offload:
-        fields = [f.name for f in dataclasses.fields(HandlerOverhead)]
-        unknown = set(offload) - set(fields)
-        if unknown:
-            raise ConfigError(f"{path}: offload: unknown field(s) {sorted(unknown)}; valid: "
-                              f"{', '.join(fields)}")
-        missing = [k for k in fields if k not in offload]
-        if missing:
-            raise ConfigError(f"{path}: offload: missing {', '.join(missing)}")
-        profile = dataclasses.replace(profile, offload=HandlerOverhead(
-            **{k: number(f"offload.{k}", offload[k]) for k in fields}))
+        if defaults is None:
+            missing = [k for k in fields if k not in values]
+            if missing:
+                raise ConfigError(f"{path}: {name}: missing {', '.join(missing)}")
+            defaults = {}
+        return kind(**{k: number(f"{name}.{k}", values.get(k, defaults.get(k)))
+                       for k in fields})
+
+    profile = dataclasses.replace(
+        profile, serving=costs("serving", ServingCosts, {"engine_scale": 1.0,
+                                                         "ingress_per_stream_s": 0.0,
+                                                         "egress_per_stream_s": 0.0}),
+        offload=costs("offload", HandlerOverhead))
     profile = dataclasses.replace(profile, path=str(path))
     if profile.pcie_bandwidth_bytes_per_s == 0:
         raise ConfigError(f"{path}: field 'pcie.bandwidth_bytes_per_s' must be positive")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from emoe.core.plan import StepPlan, StepResult
-from emoe.core.profile import HandlerOverhead, StepTimes, attended_pairs
+from emoe.core.profile import HandlerOverhead, StepTimes, chunk_pairs
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EngineSpeed:
         ``context_tokens`` tokens in all."""
         prefill = sum(c.num_tokens for c in plan.prefill)
         decode = len(plan.decode)
-        pairs = sum(attended_pairs(c.start, c.num_tokens) for c in plan.prefill)
+        pairs = chunk_pairs(plan.prefill)
         seconds = self.steps.step_s(prefill + decode, decode, context_tokens, pairs,
                                     max(1, len(plan.prefill)))
         if self.handler is not None:

@@ -394,12 +394,11 @@ async def _run(args: argparse.Namespace) -> int:
     from emoe.core.model_config import model_spec_from
     from emoe.core.paths import resolve_path
     from emoe.core.profile import load_profile
-    from emoe.core.specs import get_hardware
     from emoe.core.workload import read_trace
     from emoe.core.workload.default_trace import DEFAULT_TRACE
     from emoe.rpc.local import REFERENCE_CHECKPOINT
     from emoe.rpc.serve_process import ServeProcess, serve_args
-    from emoe.sim.runner import Workload
+    from emoe.sim.runner import SimConfig, Workload
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
@@ -445,7 +444,7 @@ async def _run(args: argparse.Namespace) -> int:
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
     engine_scale = profile.serving.engine_scale  # the served speed counts it already
-    hardware, served_model = profile.apply(get_hardware("h100-80gb"), model)
+    served_model, hardware = SimConfig(model=str(checkpoint), profile=profile_path).specs()
     fetch_model_s = (hardware.pcie_latency_s
                      + served_model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s)
     reports: dict[str, dict] = {}

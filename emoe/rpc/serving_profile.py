@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emoe.core.profile import EngineProfile, ServingCosts, StepTimes, attended_pairs
+from emoe.core.profile import EngineProfile, ServingCosts, StepTimes, chunk_pairs
 
 LONE_PROMPTS = (8, 32, 64, 128, 200)
 BATCHES = (1, 2, 4, 8, 12, 16)
@@ -130,7 +130,7 @@ class _Recorder:
                      if c.start + c.num_tokens == len(engine.seqs[c.request_id].prompt)]
             context = sum(engine.seqs[r].num_tokens for r in plan.decode)
             tokens = sum(c.num_tokens for c in plan.prefill) + len(plan.decode)
-            pairs = sum(attended_pairs(c.start, c.num_tokens) for c in plan.prefill)
+            pairs = chunk_pairs(plan.prefill)
             start = time.monotonic()
             result = await execute(plan)
             self.steps.append(_Step(start, time.monotonic(), tokens, len(plan.decode), context,

@@ -32,7 +32,7 @@ import numpy as np
 
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
-from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, attended_pairs
+from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, chunk_pairs
 from emoe.core.request import Request
 from emoe.core.specs import HardwareSpec, ModelSpec
 from emoe.sim.cost import CostModel
@@ -111,9 +111,8 @@ class SimBackend:
             token_counts = [c.num_tokens for c in plan.prefill]
             prefill_tokens = np.array(token_counts, np.int64)
             prefill = sum(token_counts)
-            pairs = 0
+            pairs = chunk_pairs(plan.prefill)
             for chunk in plan.prefill:
-                pairs += attended_pairs(chunk.start, chunk.num_tokens)
                 request = live[chunk.request_id]
                 if chunk.start + chunk.num_tokens == request.input_tokens:
                     completed.append(request)
