@@ -310,7 +310,8 @@ def _serve(args: argparse.Namespace) -> int:
             from emoe.rpc.engine_speed import EngineSpeed
 
             backend.speed = EngineSpeed(
-                profile.step_table, profile.offload if policy.serves_with_expert_cache else None)
+                profile.step_table, profile.offload if policy.serves_with_expert_cache else None,
+                profile.serving)
     server = SchedulerServer(
         backends, policy, hardware, _listen(args), default_task=args.default_task,
         max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,

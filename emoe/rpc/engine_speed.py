@@ -8,20 +8,30 @@ own slowdown (``serving.engine_scale``). ``emoe fidelity`` reads the sums before
 replay. Steps that fetched an expert on a miss are summed apart (their compute includes the
 fetches' stalls, which the step model does not): with the speed of the others they give what
 a fetch cost as served (``fetch_cost_s``).
+
+The serving loop's cycles are summed too (a step's start to the next one's, while the loop went
+straight on), against the profile's model of a cycle: the step model x ``serving.engine_scale``
++ ``serving.step_s`` + ``serving.token_s`` per token streamed, the very fit ``emoe profile``
+makes in its serving session and the simulator replays. That ratio is the machine's speed as
+the simulator sees it: the engine's compute alone also carries, on small steps, the serving
+path's share of the interpreter that the profile's fit books as ``step_s`` and ``token_s``
+(decode steps ran x1.50 their step model where their cycles ran x1.24; prefill steps x1.22
+and x1.16), so scaling the simulated engine by the compute ratio counted that share twice.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from emoe.core.plan import StepPlan, StepResult
-from emoe.core.profile import HandlerOverhead, StepTimes, chunk_pairs
+from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, chunk_pairs
 
 
 @dataclass
 class EngineSpeed:
     steps: StepTimes
     handler: HandlerOverhead | None = None
+    serving: ServingCosts | None = None
     counted: int = 0
     compute_s: float = 0.0
     profiled_s: float = 0.0
@@ -29,6 +39,11 @@ class EngineSpeed:
     fetched: int = 0
     fetch_compute_s: float = 0.0
     fetch_profiled_s: float = 0.0
+    cycles: int = 0
+    cycle_s: float = 0.0
+    cycle_profiled_s: float = 0.0
+    # the last step's start and its modelled cycle, while the loop goes straight on from it
+    _open: tuple[float, float] | None = field(default=None, repr=False)
 
     def profiled(self, plan: StepPlan, context_tokens: int) -> float:
         """The profile's compute for ``plan`` as one step whose decodes attend
@@ -42,18 +57,35 @@ class EngineSpeed:
             seconds += self.handler.seconds(prefill, decode)
         return seconds
 
-    def observe(self, plan: StepPlan, result: StepResult, context_tokens: int) -> None:
+    def idle(self) -> None:
+        """The loop found nothing to run (or a step failed): the open cycle ends uncounted."""
+        self._open = None
+
+    def observe(self, plan: StepPlan, result: StepResult, context_tokens: int,
+                started: float) -> None:
+        """A step that started at ``started`` (monotonic seconds) and ran ``result``."""
+        if self._open is not None:
+            opened, modelled = self._open
+            self.cycles += 1
+            self.cycle_s += started - opened
+            self.cycle_profiled_s += modelled
+            self._open = None
         if result.compute_s <= 0 or result.iterations != 1:
             return
+        profiled = self.profiled(plan, context_tokens)
         if result.fetched_on_miss:
             self.fetch_steps += 1
             self.fetched += len(result.fetched_on_miss)
             self.fetch_compute_s += result.compute_s
-            self.fetch_profiled_s += self.profiled(plan, context_tokens)
+            self.fetch_profiled_s += profiled
             return
         self.counted += 1
         self.compute_s += result.compute_s
-        self.profiled_s += self.profiled(plan, context_tokens)
+        self.profiled_s += profiled
+        if self.serving is not None:
+            s = self.serving
+            streamed = sum(o.new_tokens for o in result.outputs)
+            self._open = (started, s.engine_scale * profiled + s.step_s + s.token_s * streamed)
 
 
 def fetch_cost_s(speed: float, fetched: int, fetch_compute_s: float,

@@ -24,9 +24,10 @@ calls on both sides; the ranking of the policies by goodput on each side and whe
 agree; CDF plots. The machine's load average before and after is printed: the measured side
 runs on this machine's cores, and other load slows it. The machine's speed also drifts in ways
 the load average misses (a VM's neighbours): a server started with ``--profile`` times its
-engine's steps against the profile's step model, and the report gives the ratio over each
-replay (``engine_speed.served``); ``--engine-speed served`` simulates each policy's engine at
-that speed, with the simulation at the profile's own speed reported beside it
+serving loop's cycles against the profile's model of them (``emoe.rpc.engine_speed``), and the
+report gives the ratio over each replay (``engine_speed.served``; ``engine_speed.compute``:
+its engine's compute alone against the step model); ``--engine-speed served`` simulates each
+policy's loop at that speed, with the simulation at the profile's own speed reported beside it
 (``as_profiled``).
 """
 
@@ -94,8 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "(one policy: the one it runs)")
     sys_.add_argument("--engine-speed", choices=("profile", "served"), default="profile",
                       help="the engine speed simulated: as the profile measured it "
-                           "(default), or 'served': the speed the server's engine ran at during "
-                           "each replay, its steps' compute against the profile's step model, "
+                           "(default), or 'served': the speed the server's loop ran at during "
+                           "each replay, its cycles against the profile's model of them, "
                            "and what a fetch on a miss cost it (GetStats engine_speed, kept by "
                            "a server started with --profile), with the simulation as profiled "
                            "reported beside it. Both are reported either way")
@@ -165,7 +166,8 @@ class Side:
     predictor_calls: int | None
     elapsed_s: float
     context: str = ""  # what fitting the workload to the model's context met
-    engine_speed: float | None = None  # measured: the server's steps against its profile
+    engine_speed: float | None = None  # measured: the server's loop cycles against its profile
+    compute_speed: float | None = None  # measured: its engine's compute against the step model
     fetch_cost_s: float | None = None  # measured: per expert fetched on a miss, as served
 
 
@@ -213,13 +215,15 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     def delta(name: str) -> float:
         return getattr(speed_after, name) - getattr(speed_before, name)
 
-    profiled = delta("profiled_s")
-    speed = delta("compute_s") / profiled if profiled > 0 else None
-    fetch = None if speed is None else fetch_cost_s(
-        speed, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
+    def ratio(measured: str, modelled: str) -> float | None:
+        return delta(measured) / delta(modelled) if delta(modelled) > 0 else None
+
+    compute = ratio("compute_s", "profiled_s")
+    fetch = None if compute is None else fetch_cost_s(
+        compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                speed, fetch)
+                ratio("cycle_s", "cycle_profiled_s"), compute, fetch)
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -351,7 +355,7 @@ def format_report(name: str, report: dict) -> str:
         errors = ", ".join(
             f"{key.upper()} {q} {_pct(as_profiled['metrics'][key]['rel_error'][q])}"
             for key in ("ttft", "e2e") for q in ("p50", "p90"))
-        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's engine speed; "
+        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's speed; "
                      f"at x1.00: {errors}, SLO attainment "
                      f"{_fmt(as_profiled['slo_attainment']['diff_points'], 1, 1)} points")
     return "\n".join(lines)
@@ -443,7 +447,6 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"prompts: {_PROMPTS[args.prompts]}; simulated routing: "
           f"{routing_trace or 'synthetic (hit rates differ by construction)'}", flush=True)
 
-    engine_scale = profile.serving.engine_scale  # the served speed counts it already
     served_model, hardware = SimConfig(model=str(checkpoint), profile=profile_path).specs()
     fetch_model_s = (hardware.pcie_latency_s
                      + served_model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s)
@@ -475,8 +478,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.engine_speed == "served" and real.engine_speed is None:
             raise ConfigError(f"--engine-speed served: the server reported no steps against a "
                               f"profile (is it started with --profile {profile_path}?)")
-        speed, fetch_cost = _as_served(real, args.engine_speed == "served", engine_scale,
-                                       fetch_model_s)
+        speed, fetch_cost = _as_served(real, args.engine_speed == "served", fetch_model_s)
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                        out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"],
                        fetch_cost)
@@ -568,19 +570,21 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
     return path
 
 
-def _as_served(real: Side, calibrate: bool, engine_scale: float,
-               fetch_model_s: float) -> tuple[dict, float | None]:
-    """What the server measured during the replay (its engine's speed against the profile's
-    step model, and what a fetch on a miss cost), and with ``calibrate`` what the simulation
-    takes from it: the speed over the profile's own ``engine_scale``, and the fetch cost."""
-    speed: dict = {"served": real.engine_speed, "simulated": 1.0}
+def _as_served(real: Side, calibrate: bool, fetch_model_s: float) -> tuple[dict, float | None]:
+    """What the server measured during the replay (its loop's speed against the profile's
+    model of a cycle, its engine's compute against the step model, and what a fetch on a miss
+    cost), and with ``calibrate`` what the simulation takes from it: the loop's speed and the
+    fetch cost."""
+    speed: dict = {"served": real.engine_speed, "compute": real.compute_speed,
+                   "simulated": 1.0}
     if real.engine_speed is not None:
         if calibrate:
-            speed["simulated"] = real.engine_speed / engine_scale
-        print(f"engine speed during the replay: the server's steps took "
-              f"x{real.engine_speed:.2f} the profile's step model (x{engine_scale:.2f} the "
-              f"serving path's own when profiled): simulated at x{speed['simulated']:.2f}",
-              flush=True)
+            speed["simulated"] = real.engine_speed
+        compute = "" if real.compute_speed is None else (
+            f"; its engine's compute x{real.compute_speed:.2f} the step model")
+        print(f"speed during the replay: the server's loop cycles took "
+              f"x{real.engine_speed:.2f} the profile's model of them{compute}: simulated at "
+              f"x{speed['simulated']:.2f}", flush=True)
     fetch_cost = None
     if real.fetch_cost_s is not None:
         if calibrate:
@@ -589,7 +593,7 @@ def _as_served(real: Side, calibrate: bool, engine_scale: float,
         speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s,
                                  "simulated": simulated}
         print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
-              f"(its steps' compute beyond the step model at that speed); the profile's: "
+              f"(its steps' compute beyond the step model at its compute speed); the profile's: "
               f"{fetch_model_s * 1e6:.0f} us; simulated: {simulated * 1e6:.0f} us", flush=True)
     return speed, fetch_cost
 

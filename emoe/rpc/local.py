@@ -231,7 +231,7 @@ class LocalEngineBackend:
             raise BackendUnavailable(self._hung_reason)
         result = step.result()
         if self.speed is not None:
-            self.speed.observe(plan, result, context)
+            self.speed.observe(plan, result, context, started)
         return result
 
     async def recover(self) -> tuple[ExpertKey, ...]:
@@ -244,6 +244,8 @@ class LocalEngineBackend:
             log.warning("engine %s: the hung step returned%s; resetting the engine", self.name,
                         f" ({type(failed).__name__}: {failed})" if failed else "")
             self._hung = None
+        if self.speed is not None:
+            self.speed.idle()
         return await self._thread.run(self._recover)
 
     def _recover(self) -> tuple[ExpertKey, ...]:

@@ -293,6 +293,9 @@ class Replica:
             if stream is not None:
                 self._end(stream, Outcome.FAILED, ResourceExhausted(f"rejected: {reason}"))
         if plan.empty:
+            speed = getattr(self.backend, "speed", None)  # emoe.rpc.engine_speed
+            if speed is not None:
+                speed.idle()
             self._wake.clear()
             if self._inbox or self._aborts:
                 return

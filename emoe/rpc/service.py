@@ -401,6 +401,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 total.fetched += speed.fetched
                 total.fetch_compute_s += speed.fetch_compute_s
                 total.fetch_profiled_s += speed.fetch_profiled_s
+                total.cycles += speed.cycles
+                total.cycle_s += speed.cycle_s
+                total.cycle_profiled_s += speed.cycle_profiled_s
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

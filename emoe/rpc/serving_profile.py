@@ -238,8 +238,8 @@ def _robust_line(xs, ys, intercept: bool = True) -> tuple[float, float]:
     if not len(x):
         return 0.0, 0.0
     a = np.stack([np.ones_like(x) if intercept else np.zeros_like(x), x], axis=1)
-    fit = least_squares(lambda p: a @ p - y, x0=[float(np.median(y)) if intercept else 0.0,
-                                                  1e-5],
+    start = max(0.0, float(np.median(y))) if intercept else 0.0  # within the bounds
+    fit = least_squares(lambda p: a @ p - y, x0=[start, 1e-5],
                         bounds=(0.0, np.inf), loss="soft_l1", f_scale=5e-4)
     return float(fit.x[0]) if intercept else 0.0, float(fit.x[1])
 

@@ -130,8 +130,9 @@ class SimConfig:
     routing trace of earlier prompts the planner starts from (``emoe.core.warm_start``).
     ``proxy_sensitivity``: an accuracy calibration (``emoe calibrate-proxy``) or a sensitivity
     file whose table weighs the accuracy proxy whatever the policy's own (default: the
-    policy's). ``engine_speed``: with a served engine's profile, its steps take this times
-    the profile's (the machine's speed when the run is compared with a measured one);
+    policy's). ``engine_speed``: with a served engine's profile, the serving loop's
+    cycles (its engine steps and what the serving path adds) take this times the profile's
+    (the machine's speed when the run is compared with a measured one);
     ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
     copy latency + bytes / bandwidth).
     """
@@ -369,13 +370,15 @@ def _fetching_at(hardware: HardwareSpec, model: ModelSpec,
 
 
 def _served_at(serving: ServingCosts | None, speed: float) -> ServingCosts | None:
-    """The serving costs with the engine's steps taking ``speed`` x the profile's (the
-    machine's speed when the run is compared with a measured one: ``emoe fidelity``)."""
+    """The serving costs on a machine ``speed`` x slower than when profiled (the speed a
+    served loop ran at: ``emoe fidelity --engine-speed served``): the engine's steps and every
+    cost of the serving path alike, all of them the one interpreter's work."""
     if speed <= 0 or not math.isfinite(speed):
         raise ConfigError(f"engine speed: must be a positive number, got {speed!r}")
     if speed == 1.0 or serving is None:
         return serving
-    return dataclasses.replace(serving, engine_scale=serving.engine_scale * speed)
+    return ServingCosts(**{f.name: getattr(serving, f.name) * speed
+                           for f in dataclasses.fields(ServingCosts)})
 
 
 def _history(config: SimConfig, model: ModelSpec):

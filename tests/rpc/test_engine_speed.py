@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from emoe.core.plan import PrefillChunk, StepPlan, StepResult
-from emoe.core.profile import HandlerOverhead, StepTimes, attended_pairs
+from emoe.core.plan import PrefillChunk, RequestStepOutput, StepPlan, StepResult
+from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, attended_pairs
 from emoe.rpc.engine_speed import EngineSpeed, fetch_cost_s
 
 STEPS = StepTimes(tokens=(1, 64, 256), seconds=(1e-3, 4e-3, 16e-3), per_decode_s=5e-5,
                   per_context_token_s=2e-7, per_pair_s=1e-8, per_chunk_s=5e-4)
 HANDLER = HandlerOverhead(step_s=1e-4, decode_s=1e-5, prefill_token_s=1e-6)
+SERVING = ServingCosts(step_s=1e-3, token_s=2e-4, ingress_s=1e-3, egress_s=5e-4,
+                       engine_scale=1.1)
 
 
 def plan() -> StepPlan:
@@ -31,14 +33,41 @@ def test_a_step_is_costed_by_its_chunks_decodes_context_and_the_handler():
 def test_steps_that_fetched_on_a_miss_are_summed_apart_and_give_the_fetch_cost():
     speed = EngineSpeed(STEPS)
     modelled = speed.profiled(plan(), 70)
-    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1.5 * modelled), 70)
-    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=0.0), 70)  # nothing ran
+    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1.5 * modelled), 70, 0.0)
+    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=0.0), 70, 0.0)  # nothing ran
     fetched = [(0, 1), (1, 3)]  # two experts, 400 us each beyond the step at that speed
     speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1.5 * modelled + 8e-4,
-                                     fetched_on_miss=fetched), 70)
+                                     fetched_on_miss=fetched), 70, 0.0)
     assert (speed.counted, speed.fetch_steps, speed.fetched) == (1, 1, 2)
     ratio = speed.compute_s / speed.profiled_s
     assert ratio == pytest.approx(1.5)
     assert fetch_cost_s(ratio, speed.fetched, speed.fetch_compute_s,
                         speed.fetch_profiled_s) == pytest.approx(4e-4)
     assert fetch_cost_s(ratio, 0, 0.0, 0.0) is None
+
+
+def test_the_loop_cycles_against_the_profiles_model_of_them():
+    """A cycle runs from a step's start to the next one's while the loop goes straight on;
+    its model is the profile's: engine_scale x the step model + step_s + token_s per token
+    the step streamed. A cycle that the loop idled in, or that a fetch on a miss or a failed
+    step ended, is not counted."""
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    decode = StepPlan(decode=["c", "d"])
+    tokens = [RequestStepOutput("c", new_tokens=1), RequestStepOutput("d", new_tokens=1)]
+    modelled = 1.1 * speed.profiled(decode, 70) + 1e-3 + 2 * 2e-4
+
+    def step(started: float, **result) -> None:
+        speed.observe(decode, StepResult(started, started, compute_s=1e-3, outputs=tokens,
+                                         **result), 70, started)
+
+    step(10.0)
+    step(10.0 + 1.2 * modelled)  # went straight on: one cycle, 1.2x its model
+    speed.idle()                  # nothing to run: the open cycle is not counted
+    step(20.0)
+    step(20.0 + 1.4 * modelled, fetched_on_miss=[(0, 1)])  # ends the cycle from 20.0
+    step(30.0)                    # the fetch step opened none
+    assert speed.cycles == 2
+    assert speed.cycle_s == pytest.approx(2.6 * modelled)
+    assert speed.cycle_profiled_s == pytest.approx(2 * modelled)
+    speed.idle()
+    assert EngineSpeed(STEPS).cycles == 0  # without the profile's serving costs, no cycles

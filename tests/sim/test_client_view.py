@@ -118,8 +118,9 @@ def test_emoe_sim_reports_requests_as_the_client_of_a_served_engine_sees_them(se
 
 
 def test_the_engine_simulated_at_another_speed_than_profiled(served):
-    """``engine_speed`` (what ``emoe fidelity`` sets from its probe) scales the engine's steps,
-    not the serving path's costs; a speed that is no positive number is refused."""
+    """``engine_speed`` (what ``emoe fidelity --engine-speed served`` sets from the served
+    loop's cycles) scales the engine's steps and the serving path's costs alike: the machine
+    ran that much slower; a speed that is no positive number is refused."""
     import dataclasses
 
     from emoe.core.errors import ConfigError
@@ -128,7 +129,10 @@ def test_the_engine_simulated_at_another_speed_than_profiled(served):
     _, profiled = build(served)
     _, slower = build(dataclasses.replace(served, engine_speed=1.5))
     assert slower.cost.step_s(**step) == pytest.approx(1.5 * profiled.cost.step_s(**step))
-    assert slower.cost.serving_s(decode_tokens=2) == profiled.cost.serving_s(decode_tokens=2)
+    assert slower.cost.serving_s(decode_tokens=2) == pytest.approx(
+        1.5 * profiled.cost.serving_s(decode_tokens=2))
+    assert slower.cost.serving.ingress(3) == pytest.approx(1.5 * profiled.cost.serving.ingress(3))
+    assert slower.cost.serving.egress(3) == pytest.approx(1.5 * profiled.cost.serving.egress(3))
     for speed in (0.0, -1.0, float("nan")):
         with pytest.raises(ConfigError, match="engine speed: must be a positive number"):
             build(dataclasses.replace(served, engine_speed=speed))
