@@ -15,6 +15,8 @@ is measured at the same moment, under the same load:
   step model (the engine shares its interpreter with the loop and the streams) plus the
   loop's ``step_s`` plus ``token_s`` per token the step streamed (scheduler, bookkeeping,
   token fan-out, the Generate coroutines);
+- how the cycles scatter around that fit, steps of one shape alike (``cycle_scatter``), in the
+  provenance only: the simulator models no scatter (docs/fidelity.md);
 - ``ingress_s``: from a client's send to the server accepting the request (median over lone
   prompts sent to an idle server);
 - ``ingress_per_stream_s``: what acceptance waits beyond that per stream running, from probe
@@ -206,6 +208,8 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     firsts = [(made_at[r["id"]][1], r["receipts"][0] - made_at[r["id"]][0]) for r in records
               if r["receipts"] and r["id"] in made_at]
     egress_s, egress_per_stream = _robust_line([k for k, _ in firsts], [e for _, e in firsts])
+    shapes = [_shape(step) for step, after in zip(served, served[1:]) if not after.idle_before]
+    sigma, lag1 = cycle_scatter(np.log(y / np.maximum(a @ fit.x, 1e-9)), shapes)
     costs = ServingCosts(step_s=float(step_s), token_s=float(token_s), ingress_s=ingress_s,
                          egress_s=egress_s, engine_scale=engine_scale,
                          ingress_per_stream_s=ingress_per_stream,
@@ -217,12 +221,46 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
            f"{TOKENS} tokens), {len(served)} served steps [measured]: each cycle (a step's "
            f"start to the next one's) = engine_scale x the step model + step_s + token_s x "
            f"tokens it streamed ({len(cycles)} cycles, robust least squares, median misfit "
-           f"{misfit:.0%}); ingress = send to acceptance (median over {len(ingress)} lone "
+           f"{misfit:.0%}; within a step shape log(cycle / fit) scatters by sigma {sigma:.2f} "
+           f"with lag-1 correlation {lag1:.2f}, not simulated); ingress = send to acceptance "
+           f"(median over {len(ingress)} lone "
            f"prompts to an idle server) + per stream running (robust fit over {len(probes)} "
            f"probes sent while streams ran); egress = modelled step end to receipt of a first "
            f"token, a line in the tokens that step streamed (robust fit over {len(firsts)} "
            f"first tokens)")
     return costs, how
+
+
+def _shape(step: _Step) -> tuple[int, int]:
+    """Steps alike but for the machine's scatter: decodes only by their count, steps with a
+    prompt by its tokens (64-token bins)."""
+    return (step.decode, -1) if not step.chunks else (-1, step.tokens // 64)
+
+
+MIN_SHAPE_CYCLES = 5
+
+
+def cycle_scatter(log_ratio, shapes: list) -> tuple[float, float]:
+    """(sigma, lag-1 correlation) of a cycle series' ``log_ratio`` (log measured / modelled,
+    in order) once each shape's own mean (the model's error for that shape) is taken out:
+    what the machine adds, and how it carries over from one cycle to the next. Shapes of
+    fewer than ``MIN_SHAPE_CYCLES`` cycles are left out; (0, 0) when too few are left."""
+    x = np.asarray(log_ratio, dtype=np.float64)
+    left = np.full(len(x), np.nan)
+    groups: dict = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    for members in groups.values():
+        if len(members) >= MIN_SHAPE_CYCLES:
+            left[members] = x[members] - x[members].mean()
+    kept = ~np.isnan(left)
+    if kept.sum() < 2 * MIN_SHAPE_CYCLES:
+        return 0.0, 0.0
+    sigma = float(left[kept].std())
+    pairs = kept[:-1] & kept[1:]
+    if pairs.sum() < MIN_SHAPE_CYCLES or sigma == 0:
+        return sigma, 0.0
+    return sigma, float(np.corrcoef(left[:-1][pairs], left[1:][pairs])[0, 1])
 
 
 def _modelled(steps: StepTimes, step: _Step) -> float:

@@ -39,6 +39,7 @@ def test_profile_of_the_served_engine_has_every_section(profile, capsys):
     assert p.serving is not None and p.serving.ingress_s > 0 and p.serving.egress_s >= 0
     assert p.predictor_s is not None and p.memory["expert_bytes"] == 3 * 128 * 256 * 4
     assert "load average" in p.provenance and "serving: one live serving session" in p.provenance
+    assert "log(cycle / fit) scatters by sigma" in p.provenance
     assert "pcie latency: what an expert fetched on a miss" in p.provenance
     assert main(["sim", "--model", REF, "--profile", str(profile), "--duration", "10",
                  "--fit", "skip", "--scheduler", "fcfs", "--experts", "all",
