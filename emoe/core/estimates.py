@@ -140,7 +140,10 @@ class CostEstimate:
 
     The step-time model is the simulator's (see ``HardwareSpec``) without the attention and
     weight-read terms; ``observe_step`` keeps an exponentially weighted ratio of measured to
-    modelled compute time and scales c and o by it, so a slower real engine tightens admission.
+    modelled step time and scales c and o by it, so a slower real engine tightens admission.
+    The scheduler measures a step from its plan to the next plan (the loop went straight on):
+    the engine's step and the serving loop's work around it, which a client waits for too,
+    and the one time the simulator and the server both have.
     """
 
     def __init__(self, model: ModelSpec, hardware: HardwareSpec, smoothing: float = 0.05):
@@ -170,15 +173,15 @@ class CostEstimate:
                 + decode_tokens * self._c_decode)
 
     def observe_step(self, prefill_tokens: int, decode_tokens: int, iterations: int,
-                     compute_s: float) -> None:
-        """Fold in a measured step: ``compute_s`` for ``iterations`` iterations, the first with
+                     seconds: float) -> None:
+        """Fold in a measured step: ``seconds`` for ``iterations`` iterations, the first with
         ``prefill_tokens`` prompt tokens, each with ``decode_tokens`` decode tokens. A step of n
         iterations counts as n observations of its mean ratio, so a simulator's macro step
         moves the scale as an engine's n single steps do."""
         modelled = (self.modelled_step_s(prefill_tokens, decode_tokens)
                     + (iterations - 1) * self.modelled_step_s(0, decode_tokens))
-        if modelled > 0 and compute_s > 0:
-            ratio = compute_s / modelled
+        if modelled > 0 and seconds > 0:
+            ratio = seconds / modelled
             self.scale = ratio + (1.0 - self._smoothing) ** iterations * (self.scale - ratio)
 
     def load_s(self, experts: int) -> float:

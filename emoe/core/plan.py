@@ -79,7 +79,8 @@ class StepResult:
     ``fetched_on_miss``/``evicted_on_miss``: experts a backend fetched or evicted on its own
     during the step, in order (only under the ``lru`` planner's fetch-on-miss rule).
     ``compute_s``: the forward pass's wall time, its waits for experts still loading or
-    fetched on a miss included (the scheduler's cost estimate learns from it);
+    fetched on a miss included (0 from a backend without model work, whose steps the
+    scheduler's cost estimate then does not learn from);
     ``load_wait_s``: time spent waiting for experts (the simulator: the part of ``compute_s``
     its layers stalled; the engine: issuing the plan's loads before the forward pass).
     """

@@ -156,6 +156,10 @@ class Scheduler:
         self._admission_blocked = False
         self._estimate_blocked = False
         self._inflight: StepPlan | None = None
+        self._inflight_at = 0.0
+        # the last step (planned at, prefill tokens, decode tokens, iterations), until the next
+        # plan's time closes its cycle for the cost estimate
+        self._cycle: tuple[float, int, int, int] | None = None
         self._rejected: list[tuple[str, str]] = []
         self._aborted: list[tuple[str, str]] = []
 
@@ -266,6 +270,8 @@ class Scheduler:
         that reports after every iteration; None for a simulator)."""
         if self._inflight is not None:
             raise RuntimeError("next_step called before on_step_done for the plan in flight")
+        if self._cycle is not None:
+            self._close_cycle(now)
         if self._decode_ids is None:
             self._decode_ids = list(self._decoding)
         plan = StepPlan(decode=self._decode_ids)
@@ -292,7 +298,7 @@ class Scheduler:
             plan.iterations = self._iteration_bound(max_iterations)
         else:
             return plan
-        self._inflight = plan
+        self._inflight, self._inflight_at = plan, now
         return plan
 
     def on_step_done(self, result: StepResult) -> list[Request]:
@@ -316,10 +322,9 @@ class Scheduler:
             if task is not None:
                 self.planner.observe_routing(task, counts, "decode")
         self.planner.observe_step(result)
-        if result.compute_s > 0:
+        if result.compute_s > 0:  # a backend that did model work: its cycle counts
             prefill_tokens = sum([chunk.num_tokens for chunk in plan.prefill])
-            self.cost.observe_step(prefill_tokens, len(plan.decode), iterations,
-                                   result.compute_s)
+            self._cycle = (self._inflight_at, prefill_tokens, len(plan.decode), iterations)
 
         finished: list[Request] = []
         self._just_finished = {}
@@ -351,7 +356,14 @@ class Scheduler:
             _, _, entry = heapq.heappop(heap)
             if entry.join_iter >= 0 and entries.get(entry.request.id) is entry:
                 finished.append(self._finish(entry, at, "length"))
+        if not self.has_work and self._cycle is not None:
+            self._close_cycle(at)  # the loop idles next: the step's end closes its cycle
         return finished
+
+    def _close_cycle(self, now: float) -> None:
+        planned_at, prefill_tokens, decode_tokens, iterations = self._cycle
+        self._cycle = None
+        self.cost.observe_step(prefill_tokens, decode_tokens, iterations, now - planned_at)
 
     # -- internals ----------------------------------------------------------------------------
 

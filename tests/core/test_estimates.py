@@ -51,17 +51,17 @@ def test_cost_estimate_load_time_from_bandwidth_and_latency():
 
 def test_cost_estimate_scales_toward_observed_step_times():
     cost = CostEstimate(*_specs(), smoothing=0.5)
-    cost.observe_step(100, 4, 1, compute_s=2 * cost.modelled_step_s(100, 4))
+    cost.observe_step(100, 4, 1, seconds=2 * cost.modelled_step_s(100, 4))
     assert cost.scale == pytest.approx(1.5)
     assert cost.c_decode == pytest.approx(0.0015)
     assert cost.iteration_overhead_s == pytest.approx(0.015)
     # a macro step of 3 iterations counts as 3 observations of its mean ratio: as an engine
     # stepping singly would have folded them in
-    cost.observe_step(0, 4, 3, compute_s=2 * 3 * cost.modelled_step_s(0, 4))
+    cost.observe_step(0, 4, 3, seconds=2 * 3 * cost.modelled_step_s(0, 4))
     singly = CostEstimate(*_specs(), smoothing=0.5)
-    singly.observe_step(100, 4, 1, compute_s=2 * singly.modelled_step_s(100, 4))
+    singly.observe_step(100, 4, 1, seconds=2 * singly.modelled_step_s(100, 4))
     for _ in range(3):
-        singly.observe_step(0, 4, 1, compute_s=2 * singly.modelled_step_s(0, 4))
+        singly.observe_step(0, 4, 1, seconds=2 * singly.modelled_step_s(0, 4))
     assert cost.scale == pytest.approx(singly.scale) == pytest.approx(1.9375)
 
 

@@ -222,6 +222,39 @@ def test_engine_mode_runs_one_iteration_per_step():
     assert all(r.generated_tokens == 6 for r in requests)
 
 
+def test_the_cost_estimate_learns_from_a_steps_plan_to_the_next_plan():
+    """Eq. 3's c and o scale with what a step took from its plan to the next plan (the
+    engine's step and the serving loop's work around it), not with its compute alone; a step
+    without model work (compute 0) teaches nothing, and neither does the wait after the last
+    step when the loop has nothing to run."""
+    s = scheduler(max_num_seqs=1)
+    s.add_request(make_request("a", 0.0, input_tokens=10, output_tokens=3))
+    modelled = s.cost.modelled_step_s(10, 0)
+    s.next_step(1.0, max_iterations=1)
+    s.on_step_done(StepResult(1.0, 1.0 + modelled, compute_s=0.5 * modelled))
+    assert s.cost.scale == 1.0  # the cycle closes at the next plan
+    s.next_step(1.0 + 3 * modelled, max_iterations=1)
+    assert s.cost.scale == pytest.approx(1.0 + 0.05 * (3.0 - 1.0))
+    learned = s.cost.scale
+    s.on_step_done(StepResult(0.0, 0.0))  # no model work
+    s.next_step(50.0, max_iterations=1)
+    assert s.cost.scale == learned
+
+
+def test_a_step_that_leaves_nothing_to_run_closes_its_cycle_at_its_end():
+    """The loop idles after it (however long before it plans again): the step's own end
+    closes the cycle, as in the simulator, whose macro step ends there too."""
+    s = scheduler()
+    s.add_request(make_request("a", 0.0, input_tokens=10, output_tokens=1))
+    modelled = s.cost.modelled_step_s(10, 0)
+    s.next_step(1.0)
+    (done,) = s.on_step_done(StepResult(1.0, 1.0 + 2 * modelled, compute_s=modelled))
+    assert done.id == "a" and not s.has_work
+    assert s.cost.scale == pytest.approx(1.0 + 0.05 * (2.0 - 1.0))
+    s.next_step(9.0)
+    assert s.cost.scale == pytest.approx(1.05)
+
+
 # -- requests -------------------------------------------------------------------------------
 
 def test_bad_requests_are_errors_naming_the_request():
