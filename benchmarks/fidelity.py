@@ -13,11 +13,11 @@ On the reference model with one engine thread:
 3. prints, per trace, one table: simulated vs measured p50/p90 of TTFT and E2E (relative
    error), SLO attainment (points), goodput, against the goal (within 10% / 3 points), expert
    hit rate, MB of experts loaded and predictor calls on both sides (load-independent but for
-   the batches that timing forms), the engine speed simulated: the speed the server's engine
-   ran at during each replay against the profile, and what a fetch on a miss cost it (``emoe
-   fidelity --engine-speed served``; this machine's speed drifts by up to 60% within
-   minutes), and the errors of the simulation at
-   the profile's own speed; whether the goodput rankings agree, at both speeds; and the load
+   the batches that timing forms), the speed simulated: how much slower the server's loop ran
+   during each replay than its profile's model of it (its engine's compute against the step
+   model beside it), and what a fetch on a miss cost it (``emoe fidelity --engine-speed
+   served``; this machine's speed drifts by up to 60% within minutes), and the errors of the
+   simulation at the profile's own speed; whether the goodput rankings agree, at both speeds; and the load
    average before and after that trace's runs.
 
 A fresh profile is measured for every run (the load it ran under is in its provenance)
@@ -92,7 +92,7 @@ def row(name: str, p: dict) -> list[str]:
     speed, profiled = p.get("engine_speed"), p.get("as_profiled")
     fetch = (speed or {}).get("fetch_cost_s")
     cells.append(("-" if not speed or speed.get("served") is None else
-                  f"x{speed['served']:.2f} (x{speed['simulated']:.2f})")
+                  f"x{speed['served']:.2f} (compute x{speed['compute']:.2f})")
                  + ("" if fetch is None else
                     f"; fetch {fetch['served'] * 1e6:.0f}/{fetch['profile'] * 1e6:.0f} us"))
     cells.append("-" if profiled is None else " ".join(
@@ -105,7 +105,7 @@ HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real"
           "E2E p90 sim/real", "SLO % sim/real (pts)", "goodput sim/real",
           f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)", "hit % sim/real (pts)",
           "MB loaded sim/real", "predictor calls sim/real",
-          "served speed vs profile (simulated); fetch us served/profile",
+          "served speed vs profile (its compute); fetch us served/profile",
           "as profiled (x1.00): TTFT p50 p90, E2E p50 p90"]
 
 
