@@ -175,6 +175,7 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
         task = asyncio.create_task(target.send(request, prompt, run.start))
         pending.add(task)
         task.add_done_callback(done)
+        await asyncio.sleep(0)  # it goes out now, not after the next request's prompt is made
     while pending:
         await asyncio.wait(set(pending))
     if short:

@@ -108,3 +108,38 @@ async def test_replay_with_task_prompts_sends_each_requests_task_text_greedily(t
         assert await replay_file(trace, target, prompts=prompts) == 0
     for request in read_trace(trace):  # what emoe record-routing --trace records
         assert sent[request.id] == (prompts(request), 0.0)
+
+
+async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_path):
+    """Making a task prompt takes up to ~0.6 ms (text, then the tokenizer); a request sent
+    only after the next one's prompt was made reached the server that much late, and its
+    measured TTFT carried it."""
+    import time
+
+    from emoe.core.metrics import MetricsCollector
+    from emoe.core.request import SLO, Request, RequestStatus
+    from emoe.rpc.replay import TargetModel, replay
+
+    events: list[str] = []
+
+    class Recording:
+        async def model(self) -> TargetModel:
+            return TargetModel("m", None, 100)
+
+        async def send(self, request: Request, prompt: list[int], start: float) -> Request:
+            events.append(f"send {request.id}")
+            request.first_token_at = request.finished_at = time.monotonic() - start
+            request.status, request.generated_tokens = RequestStatus.FINISHED, 2
+            return request
+
+        async def close(self) -> None:
+            pass
+
+    def prompts(request: Request) -> list[int]:
+        events.append(f"prompt {request.id}")
+        return [5] * request.input_tokens
+
+    requests = [Request(str(i), 0.0, "qa", 4, 2, SLO(1.0, 1.0)) for i in range(3)]
+    with MetricsCollector(tmp_path / "rows.csv") as metrics:
+        await replay(requests, Recording(), metrics, prompts=prompts)
+    assert events == ["prompt 0", "send 0", "prompt 1", "send 1", "prompt 2", "send 2"]
