@@ -223,6 +223,11 @@ class ServingCosts:
     ingress_per_stream_s: float = 0.0
     egress_per_stream_s: float = 0.0
 
+    def cycle_s(self, step_model_s: float, streamed: int) -> float:
+        """A served cycle (a step's start to the next one's) of a step the standalone step
+        model puts at ``step_model_s`` that streamed ``streamed`` tokens."""
+        return self.engine_scale * step_model_s + self.step_s + self.token_s * streamed
+
     def ingress(self, streams: int) -> float:
         """Send to acceptance of a request that arrives while a step runs ``streams``
         requests: their Generate coroutines share the event loop (and the interpreter) that

@@ -281,7 +281,6 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from emoe.core.model_config import model_spec_from
     from emoe.core.policy_file import PolicyConfig
     from emoe.core.specs import get_hardware
     from emoe.rpc.remote import RemoteBackend
@@ -303,8 +302,8 @@ def _serve(args: argparse.Namespace) -> int:
         backends = [_local_backend(args, policy)]
     hardware = get_hardware(args.gpu)
     if args.profile is not None:
-        profile = _profiled(args)
-        hardware = profile.apply(hardware, model_spec_from(_checkpoint(args)))[0]
+        profile, model = _profiled(args)
+        hardware = profile.apply(hardware, model)[0]
         backend = backends[0]
         if profile.step_table is not None and hasattr(backend, "speed"):
             from emoe.rpc.engine_speed import EngineSpeed
@@ -329,8 +328,8 @@ def _checkpoint(args: argparse.Namespace) -> Path:
 
 
 def _profiled(args: argparse.Namespace):
-    """The profile, once it is known to be of the in-process engine's model and thread
-    count."""
+    """The profile and the in-process engine's model spec, once the profile is known to be of
+    that model and thread count."""
     import torch
 
     from emoe.core.model_config import model_spec_from
@@ -340,9 +339,10 @@ def _profiled(args: argparse.Namespace):
         raise ConfigError("--profile: checked against the in-process engine's model and threads; "
                           "with --worker the workers' engines are not known here")
     profile = load_profile(args.profile)
-    profile.check_model(model_spec_from(_checkpoint(args)))
+    model = model_spec_from(_checkpoint(args))
+    profile.check_model(model)
     profile.check_threads(args.threads or torch.get_num_threads(), "this server's engine")
-    return profile
+    return profile, model
 
 
 def _worker(args: argparse.Namespace) -> int:

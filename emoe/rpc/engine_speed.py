@@ -83,9 +83,8 @@ class EngineSpeed:
         self.compute_s += result.compute_s
         self.profiled_s += profiled
         if self.serving is not None:
-            s = self.serving
             streamed = sum(o.new_tokens for o in result.outputs)
-            self._open = (started, s.engine_scale * profiled + s.step_s + s.token_s * streamed)
+            self._open = (started, self.serving.cycle_s(profiled, streamed))
 
 
 def fetch_cost_s(speed: float, fetched: int, fetch_compute_s: float,

@@ -31,6 +31,7 @@ is measured at the same moment, under the same load:
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import json
 import statistics
@@ -187,6 +188,8 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     fit = least_squares(lambda x: a @ x - y, x0=[1.0, 1e-4, 1e-5], bounds=(0.0, np.inf),
                         loss="soft_l1", f_scale=5e-4)
     engine_scale, step_s, token_s = map(float, fit.x)
+    loop = ServingCosts(step_s=step_s, token_s=token_s, ingress_s=0.0, egress_s=0.0,
+                        engine_scale=engine_scale)
     # Send to acceptance: at an idle server (lone prompts, median), and beyond that per
     # stream running at acceptance (probes sent while 1-16 streams decode: the streams'
     # Generate coroutines share the event loop that accepts a request)
@@ -201,8 +204,7 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     # that step streamed (the new one goes out behind the others): every request's first token
     made_at = {}  # request id -> (the step's end as the simulator has it, tokens it streamed)
     for step in served:
-        end = step.start + (engine_scale * _modelled(steps, step) + step_s
-                            + token_s * step.streamed)
+        end = step.start + loop.cycle_s(_modelled(steps, step), step.streamed)
         for key in step.first:
             made_at[recorder.request_id.get(key, key)] = (end, step.streamed)
     firsts = [(made_at[r["id"]][1], r["receipts"][0] - made_at[r["id"]][0]) for r in records
@@ -210,10 +212,9 @@ def _fit(steps: StepTimes, recorder: _Recorder, records: list[dict]
     egress_s, egress_per_stream = _robust_line([k for k, _ in firsts], [e for _, e in firsts])
     shapes = [_shape(step) for step, after in zip(served, served[1:]) if not after.idle_before]
     sigma, lag1 = cycle_scatter(np.log(y / np.maximum(a @ fit.x, 1e-9)), shapes)
-    costs = ServingCosts(step_s=float(step_s), token_s=float(token_s), ingress_s=ingress_s,
-                         egress_s=egress_s, engine_scale=engine_scale,
-                         ingress_per_stream_s=ingress_per_stream,
-                         egress_per_stream_s=egress_per_stream)
+    costs = dataclasses.replace(loop, ingress_s=ingress_s, egress_s=egress_s,
+                                ingress_per_stream_s=ingress_per_stream,
+                                egress_per_stream_s=egress_per_stream)
     misfit = float(np.median(np.abs(a @ fit.x - y) / y))
     how = (f"one live serving session (SchedulerServer over the engine, as emoe serve; client "
            f"in another process): {len(records)} calibration requests (lone prompts of "
