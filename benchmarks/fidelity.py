@@ -15,10 +15,12 @@ On the reference model with one engine thread:
    hit rate, MB of experts loaded and predictor calls on both sides (load-independent but for
    the batches that timing forms), the speed simulated: how much slower the server's loop ran
    during each replay than its profile's model of it (its engine's compute against the step
-   model beside it), and what a fetch on a miss cost it (``emoe fidelity --engine-speed
-   served``; this machine's speed drifts by up to 60% within minutes), and the errors of the
-   simulation at the profile's own speed; whether the goodput rankings agree, at both speeds; and the load
-   average before and after that trace's runs.
+   model beside it), its spread over the replay's half-second windows, and what a fetch on a
+   miss cost it (this machine's speed drifts by up to 60% within minutes and wanders by
+   +-25% from one second to the next); the simulation runs each window at its own speed
+   (``emoe fidelity --engine-speed timeline``), and the errors of the simulations at the
+   replay's one speed and at the profile's own speed are beside it; whether the goodput
+   rankings agree, at all three; and the load average before and after that trace's runs.
 
 A fresh profile is measured for every run (the load it ran under is in its provenance)
 unless ``--profile`` names one. Everything is written to ``--out`` (profile, per-request rows,
@@ -89,15 +91,19 @@ def row(name: str, p: dict) -> list[str]:
     cells.append("/".join("-" if v is None else f"{v / 1e6:.0f}"
                           for v in (loaded["sim"], loaded["real"])))
     cells.append(f"{calls['sim']}/{calls['real']}")
-    speed, profiled = p.get("engine_speed"), p.get("as_profiled")
+    speed = p.get("engine_speed")
     fetch = (speed or {}).get("fetch_cost_s")
+    windows = sorted((speed or {}).get("timeline", {}).get("speeds", []))
     cells.append(("-" if not speed or speed.get("served") is None else
                   f"x{speed['served']:.2f} (compute x{speed['compute']:.2f})")
+                 + ("" if not windows else f" windows x{windows[len(windows) // 10]:.2f}-"
+                    f"x{windows[9 * len(windows) // 10]:.2f}")
                  + ("" if fetch is None else
                     f"; fetch {fetch['served'] * 1e6:.0f}/{fetch['profile'] * 1e6:.0f} us"))
-    cells.append("-" if profiled is None else " ".join(
-        f"{profiled['metrics'][m]['rel_error'][q]:+.0%}" for m in ("ttft", "e2e")
-        for q in ("p50", "p90")))
+    for beside in (p.get("as_served"), p.get("as_profiled")):
+        cells.append("-" if beside is None else " ".join(
+            f"{beside['metrics'][m]['rel_error'][q]:+.0%}" for m in ("ttft", "e2e")
+            for q in ("p50", "p90")) + f" SLO {beside['slo_attainment']['diff_points']:+.1f}")
     return cells
 
 
@@ -105,8 +111,10 @@ HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real"
           "E2E p90 sim/real", "SLO % sim/real (pts)", "goodput sim/real",
           f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)", "hit % sim/real (pts)",
           "MB loaded sim/real", "predictor calls sim/real",
-          "served speed vs profile (its compute); fetch us served/profile",
-          "as profiled (x1.00): TTFT p50 p90, E2E p50 p90"]
+          "served speed vs profile (its compute), p10-p90 of its windows; fetch us "
+          "served/profile",
+          "at the one served speed: TTFT p50 p90, E2E p50 p90, SLO pts",
+          "as profiled (x1.00): TTFT p50 p90, E2E p50 p90, SLO pts"]
 
 
 def _load(values) -> str:
@@ -132,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         report = out / f"{name}.json"
         assert main(["fidelity", "--profile", str(profile), "--policy", str(policy),
-                     "--engine-speed", "served",
+                     "--engine-speed", "timeline",
                      *policies, "--trace", str(trace), "--limit", str(args.limit),
                      "--rate-scale", str(rate), "--fit", "scale", "--seed", "0",
                      "--out-dir", str(out / name), "--json", str(report)]) == 0
@@ -153,11 +161,13 @@ def run(args: argparse.Namespace) -> int:
                      f"{'agree' if doc['rank_agreement'] else 'DISAGREE'} "
                      f"({len(pairs['same'])} pairs alike, {len(pairs['opposite'])} "
                      f"opposite, {len(pairs['tied'])} tied on one side)")
-        profiled = {n: p["as_profiled"] for n, p in doc["policies"].items() if "as_profiled" in p}
-        if len(profiled) == len(doc["policies"]) > 1:
-            opposite = rank_pairs(profiled)["opposite"]
-            agreement += (f"; simulated as profiled (x1.00): {len(opposite)} pairs opposite"
-                          + (f" ({', '.join(opposite)})" if opposite else ""))
+        for key, label in (("as_served", "at the one served speed"),
+                           ("as_profiled", "as profiled (x1.00)")):
+            beside = {n: p[key] for n, p in doc["policies"].items() if key in p}
+            if len(beside) == len(doc["policies"]) > 1:
+                opposite = rank_pairs(beside)["opposite"]
+                agreement += (f"; simulated {label}: {len(opposite)} pairs opposite"
+                              + (f" ({', '.join(opposite)})" if opposite else ""))
         load = doc["load_average"]
         print(f"\n{name} ({trace.name} x{rate:g} rate)")
         print(format_table(HEADER, rows))

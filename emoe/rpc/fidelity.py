@@ -28,7 +28,10 @@ serving loop's cycles against the profile's model of them (``emoe.rpc.engine_spe
 report gives the ratio over each replay (``engine_speed.served``; ``engine_speed.compute``:
 its engine's compute alone against the step model); ``--engine-speed served`` simulates each
 policy's loop at that speed, with the simulation at the profile's own speed reported beside it
-(``as_profiled``).
+(``as_profiled``). ``--engine-speed timeline`` samples the same counters every
+``SPEED_SAMPLE_S`` during the replay and simulates each window at its own speed
+(``emoe.sim.speed``), with the simulation at the one overall speed beside it too
+(``as_served``).
 """
 
 from __future__ import annotations
@@ -51,12 +54,16 @@ if TYPE_CHECKING:  # annotations only; these load when a command needs them
     from emoe.core.metrics.summary import Summary
     from emoe.core.policy_file import PolicyConfig
     from emoe.core.specs import ModelSpec
+    from emoe.sim.speed import SpeedTimeline
 
 
 METRICS = (("ttft", "ttft_s", "TTFT (s)"), ("tpot", "tpot_s", "TPOT (ms)"),
            ("e2e", "e2e_s", "E2E (s)"), ("queueing", "queueing_s", "queueing (s)"))
 QUANTILES = (("p50", 50), ("p90", 90), ("p99", 99))
 DEFAULT_LIMIT = 200
+SPEED_SAMPLE_S = 0.5
+"""How often the server's loop speed is sampled during a replay (``--engine-speed timeline``):
+on the dev VM its speed over half-second windows keeps a lag-1 correlation of ~0.8."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,13 +100,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sys_.add_argument("--target", default=None, metavar="HOST:PORT",
                       help="a running `emoe serve` to measure instead of starting one "
                            "(one policy: the one it runs)")
-    sys_.add_argument("--engine-speed", choices=("profile", "served"), default="profile",
+    sys_.add_argument("--engine-speed", choices=("profile", "served", "timeline"),
+                      default="profile",
                       help="the engine speed simulated: as the profile measured it "
-                           "(default), or 'served': the speed the server's loop ran at during "
+                           "(default); 'served': the speed the server's loop ran at during "
                            "each replay, its cycles against the profile's model of them, "
                            "and what a fetch on a miss cost it (GetStats engine_speed, kept by "
                            "a server started with --profile), with the simulation as profiled "
-                           "reported beside it. Both are reported either way")
+                           "reported beside it; 'timeline': that speed sampled every "
+                           f"{SPEED_SAMPLE_S:g} s, each window simulated at its own, with the "
+                           "simulations at the one speed and as profiled beside it. The "
+                           "speeds are reported either way")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -169,11 +180,13 @@ class Side:
     engine_speed: float | None = None  # measured: the server's loop cycles against its profile
     compute_speed: float | None = None  # measured: its engine's compute against the step model
     fetch_cost_s: float | None = None  # measured: per expert fetched on a miss, as served
+    speed_timeline: SpeedTimeline | None = None  # measured: engine_speed window by window
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
              rows_path: Path, routing_trace: Path | None = None,
-             engine_speed: float = 1.0, fetch_cost_s: float | None = None) -> Side:
+             engine_speed: float | SpeedTimeline = 1.0,
+             fetch_cost_s: float | None = None) -> Side:
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
@@ -205,11 +218,19 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         before, speed_before = stats.experts, stats.engine_speed
         fitted = ContextFit(0, fit)
         sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
-        with MetricsCollector(rows_path) as metrics:
-            elapsed = await replay(requests, sender, metrics, seed=seed, fit=fitted,
-                                   prompts=prompts)
+        began = time.monotonic()  # the replay's clock starts one server-info call later
+        samples = [(0.0, speed_before.cycle_s, speed_before.cycle_profiled_s)]
+        sampler = asyncio.create_task(_sample_speed(client, began, samples))
+        try:
+            with MetricsCollector(rows_path) as metrics:
+                elapsed = await replay(requests, sender, metrics, seed=seed, fit=fitted,
+                                       prompts=prompts)
+        finally:
+            sampler.cancel()
         stats = await client.stats()
         after, speed_after = stats.experts, stats.engine_speed
+        samples.append((time.monotonic() - began, speed_after.cycle_s,
+                        speed_after.cycle_profiled_s))
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
     def delta(name: str) -> float:
@@ -223,7 +244,24 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                ratio("cycle_s", "cycle_profiled_s"), compute, fetch)
+                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, _timeline(samples))
+
+
+async def _sample_speed(client, began: float, samples: list) -> None:
+    """Append (seconds since ``began``, cycle_s, cycle_profiled_s) every ``SPEED_SAMPLE_S``."""
+    while True:
+        await asyncio.sleep(SPEED_SAMPLE_S)
+        speed = (await client.stats()).engine_speed
+        samples.append((time.monotonic() - began, speed.cycle_s, speed.cycle_profiled_s))
+
+
+def _timeline(samples: list) -> SpeedTimeline | None:
+    from emoe.sim.speed import SpeedTimeline
+
+    times, cycles, modelled = zip(*samples)
+    if modelled[-1] <= modelled[0]:
+        return None  # a server without --profile: no cycles against a model
+    return SpeedTimeline.from_samples(times, cycles, modelled)
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -350,14 +388,21 @@ def format_report(name: str, report: dict) -> str:
         f"{report['bytes_loaded']['real']}; predictor calls sim "
         f"{report['predictor_calls']['sim']} real {report['predictor_calls']['real']}",
     ]
-    speed, as_profiled = report.get("engine_speed"), report.get("as_profiled")
-    if speed is not None and as_profiled is not None:
-        errors = ", ".join(
-            f"{key.upper()} {q} {_pct(as_profiled['metrics'][key]['rel_error'][q])}"
-            for key in ("ttft", "e2e") for q in ("p50", "p90"))
-        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's speed; "
-                     f"at x1.00: {errors}, SLO attainment "
-                     f"{_fmt(as_profiled['slo_attainment']['diff_points'], 1, 1)} points")
+    speed = report.get("engine_speed")
+    if speed is None:
+        return "\n".join(lines)
+    if "as_served" in report:
+        lines.append("simulated window by window at the server's loop speed as sampled")
+    elif "as_profiled" in report:
+        lines.append(f"simulated at x{speed['simulated']:.2f} the profile's speed")
+    for label, beside in ((f"at x{speed['served'] or 1:.2f} throughout", report.get("as_served")),
+                          ("at x1.00", report.get("as_profiled"))):
+        if beside is not None:
+            errors = ", ".join(
+                f"{key.upper()} {q} {_pct(beside['metrics'][key]['rel_error'][q])}"
+                for key in ("ttft", "e2e") for q in ("p50", "p90"))
+            lines.append(f"  {label}: {errors}, SLO attainment "
+                         f"{_fmt(beside['slo_attainment']['diff_points'], 1, 1)} points")
     return "\n".join(lines)
 
 
@@ -452,6 +497,7 @@ async def _run(args: argparse.Namespace) -> int:
                      + served_model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s)
     reports: dict[str, dict] = {}
     profiled: dict[str, dict] = {}  # the same, simulated at the profile's speed
+    one_speed: dict[str, dict] = {}  # with --engine-speed timeline: at the replay's one speed
     plots: list[str] = []
     for name, policy in chosen.items():
         stem = name.replace("/", "-")
@@ -475,20 +521,27 @@ async def _run(args: argparse.Namespace) -> int:
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
                                      expert_bytes, prompts)
-        if args.engine_speed == "served" and real.engine_speed is None:
-            raise ConfigError(f"--engine-speed served: the server reported no steps against a "
-                              f"profile (is it started with --profile {profile_path}?)")
-        speed, fetch_cost = _as_served(real, args.engine_speed == "served", fetch_model_s)
+        if args.engine_speed != "profile" and (real.engine_speed is None
+                                                or real.speed_timeline is None):
+            raise ConfigError(f"--engine-speed {args.engine_speed}: the server reported no "
+                              f"steps against a profile (is it started with --profile "
+                              f"{profile_path}?)")
+        speed, simulated, fetch_cost = _as_served(real, args.engine_speed, fetch_model_s)
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", routing_trace, speed["simulated"],
-                       fetch_cost)
+                       out_dir / f"{stem}-sim.csv", routing_trace, simulated, fetch_cost)
         reports[name] = compare(sim, real)
         reports[name]["engine_speed"] = speed
-        if speed["simulated"] != 1.0 or fetch_cost is not None:
+        if args.engine_speed != "profile":
             as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                    out_dir / f"{stem}-sim-profile.csv", routing_trace)
             profiled[name] = compare(as_profiled, real)
             reports[name]["as_profiled"] = profiled[name]
+        if args.engine_speed == "timeline":
+            as_served = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
+                                 out_dir / f"{stem}-sim-served.csv", routing_trace,
+                                 real.engine_speed, fetch_cost)
+            one_speed[name] = compare(as_served, real)
+            reports[name]["as_served"] = one_speed[name]
         if len(reports) == 1:
             print(f"simulated {sim.context}\nmeasured {real.context}")
         print(format_report(name, reports[name]), flush=True)
@@ -506,10 +559,12 @@ async def _run(args: argparse.Namespace) -> int:
               f"({len(pairs['same'])} pairs ordered alike, {len(pairs['opposite'])} "
               f"oppositely{': ' + ', '.join(pairs['opposite']) if pairs['opposite'] else ''}, "
               f"{len(pairs['tied'])} tied on one side within one request)")
-        if len(profiled) == len(reports):
-            opposite = rank_pairs(profiled)["opposite"]
-            print(f"simulated as profiled (x1.00): {len(opposite)} pairs ordered oppositely"
-                  + (f": {', '.join(opposite)}" if opposite else ""))
+        for label, beside in (("at the replay's one speed", one_speed),
+                              ("as profiled (x1.00)", profiled)):
+            if len(beside) == len(reports):
+                opposite = rank_pairs(beside)["opposite"]
+                print(f"simulated {label}: {len(opposite)} pairs ordered oppositely"
+                      + (f": {', '.join(opposite)}" if opposite else ""))
     print(f"load average after {_load(load_after)} (before {_load(load_before)})")
     if plots:
         print("CDF plots: " + ", ".join(plots))
@@ -570,32 +625,45 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
     return path
 
 
-def _as_served(real: Side, calibrate: bool, fetch_model_s: float) -> tuple[dict, float | None]:
+def _as_served(real: Side, mode: str, fetch_model_s: float
+               ) -> tuple[dict, float | SpeedTimeline, float | None]:
     """What the server measured during the replay (its loop's speed against the profile's
-    model of a cycle, its engine's compute against the step model, and what a fetch on a miss
-    cost), and with ``calibrate`` what the simulation takes from it: the loop's speed and the
-    fetch cost."""
+    model of a cycle, overall and window by window; its engine's compute against the step
+    model; what a fetch on a miss cost), and what the simulation takes from it: nothing
+    (``mode`` profile), the loop's one speed and the fetch cost (served), or its speed window
+    by window and the fetch cost (timeline)."""
     speed: dict = {"served": real.engine_speed, "compute": real.compute_speed,
                    "simulated": 1.0}
+    simulated: float | SpeedTimeline = 1.0
     if real.engine_speed is not None:
-        if calibrate:
-            speed["simulated"] = real.engine_speed
+        if mode != "profile":
+            speed["simulated"] = simulated = real.engine_speed
         compute = "" if real.compute_speed is None else (
             f"; its engine's compute x{real.compute_speed:.2f} the step model")
         print(f"speed during the replay: the server's loop cycles took "
-              f"x{real.engine_speed:.2f} the profile's model of them{compute}: simulated at "
-              f"x{speed['simulated']:.2f}", flush=True)
+              f"x{real.engine_speed:.2f} the profile's model of them{compute}", flush=True)
+    timeline = real.speed_timeline
+    if timeline is not None:
+        speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
+                             "speeds": list(timeline.speeds)}
+        print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
+              flush=True)
+        if mode == "timeline":
+            simulated = timeline
+    print("simulated: each window at its own speed" if mode == "timeline"
+          else f"simulated at x{simulated:.2f}", flush=True)
     fetch_cost = None
     if real.fetch_cost_s is not None:
-        if calibrate:
+        if mode != "profile":
             fetch_cost = max(0.0, real.fetch_cost_s)
-        simulated = fetch_model_s if fetch_cost is None else fetch_cost
+        fetch_simulated = fetch_model_s if fetch_cost is None else fetch_cost
         speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s,
-                                 "simulated": simulated}
+                                 "simulated": fetch_simulated}
         print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
               f"(its steps' compute beyond the step model at its compute speed); the profile's: "
-              f"{fetch_model_s * 1e6:.0f} us; simulated: {simulated * 1e6:.0f} us", flush=True)
-    return speed, fetch_cost
+              f"{fetch_model_s * 1e6:.0f} us; simulated: {fetch_simulated * 1e6:.0f} us",
+              flush=True)
+    return speed, simulated, fetch_cost
 
 
 def _load(values) -> str:

@@ -39,16 +39,18 @@ from emoe.sim.cost import CostModel
 from emoe.sim.memory import GpuMemory
 from emoe.sim.pcie import PcieLink
 from emoe.sim.routing import RoutingSource
+from emoe.sim.speed import SpeedTimeline
 
 
 class SimBackend:
     def __init__(self, *, model: ModelSpec, hardware: HardwareSpec, memory_bytes: int,
                  routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray,
                  steps: StepTimes | None = None, serving: ServingCosts | None = None,
-                 offload: HandlerOverhead | None = None):
+                 offload: HandlerOverhead | None = None,
+                 speed: SpeedTimeline = SpeedTimeline.constant(1.0)):
         self.model = model
         self.hardware = hardware
-        self.cost = CostModel(hardware, model, steps, serving, offload)
+        self.cost = CostModel(hardware, model, steps, serving, offload, speed)
         self.memory = GpuMemory(memory_bytes, model)
         self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
         self.routing = routing
@@ -93,6 +95,8 @@ class SimBackend:
 
     def execute(self, plan: StepPlan, now: float, next_arrival: float = math.inf) -> StepResult:
         hw, model, memory = self.hardware, self.model, self.memory
+        # a macro step ends where the machine's speed changes, as at an arrival
+        next_arrival = min(next_arrival, self.cost.at(now))
         if plan.evict:
             for layer, expert in plan.evict:
                 self.resident[layer, expert] = False

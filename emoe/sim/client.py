@@ -21,8 +21,12 @@ from emoe.core.request import Request
 
 
 class ClientView:
-    def __init__(self, costs: ServingCosts, on_end: Callable[[Request], None]):
-        self.costs = costs
+    """``costs_at(t)``: the serving path's costs at time ``t`` (the machine's speed may change
+    over a run: ``emoe.sim.speed``)."""
+
+    def __init__(self, costs_at: Callable[[float], ServingCosts],
+                 on_end: Callable[[Request], None]):
+        self.costs_at = costs_at
         self._on_end = on_end
         self._ingress: dict[str, float] = {}  # by request id
         self._first: dict[str, float] = {}    # egress of the first token
@@ -31,7 +35,7 @@ class ClientView:
     def accepted_at(self, request: Request, streams: int) -> float:
         """When the server accepts ``request`` (still on the client's clock), sent while a
         step runs ``streams`` requests."""
-        return request.arrival + self.costs.ingress(streams)
+        return request.arrival + self.costs_at(request.arrival).ingress(streams)
 
     def accept(self, request: Request, at: float) -> None:
         """Hand ``request`` to the server's clock: it arrives there when accepted."""
@@ -39,12 +43,12 @@ class ClientView:
         request.arrival = at
 
     def step_done(self, plan: StepPlan, live: Mapping[str, Request],
-                  finished: list[Request]) -> None:
-        """Note the egress of the tokens the step made: first tokens of the prompts it
-        completed, and the last of the requests it finished."""
+                  finished: list[Request], now: float) -> None:
+        """Note the egress of the tokens the step that ended at ``now`` made: first tokens of
+        the prompts it completed, and the last of the requests it finished."""
         firsts = [c.request_id for c in plan.prefill
                   if c.start + c.num_tokens == live[c.request_id].input_tokens]
-        egress = self.costs.egress(len(plan.decode) + len(firsts))
+        egress = self.costs_at(now).egress(len(plan.decode) + len(firsts))
         for rid in firsts:
             self._first[rid] = egress
         for request in finished:
@@ -53,7 +57,7 @@ class ClientView:
     def ended(self, request: Request) -> None:
         """The ended request on the client's clock, to ``on_end``."""
         ingress = self._ingress.pop(request.id, 0.0)
-        idle = self.costs.egress(0)  # e.g. a refusal's answer
+        idle = self.costs_at(request.arrival).egress(0)  # e.g. a refusal's answer
         first, last = self._first.pop(request.id, idle), self._last.pop(request.id, idle)
         request.arrival -= ingress
         if request.admitted_at is not None:

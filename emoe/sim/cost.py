@@ -3,10 +3,12 @@ and what the serving path adds to each step."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes
 from emoe.core.specs import HardwareSpec, ModelSpec
+from emoe.sim.speed import SpeedTimeline
 
 
 class CostModel:
@@ -23,6 +25,10 @@ class CostModel:
     engine shares its interpreter with the serving path) and adds ``step_s + token_s * (D +
     first tokens)`` to every iteration: the serving loop's time between steps.
 
+    ``speed`` (with ``serving``): the machine ran that much slower than profiled, the
+    engine's steps and every serving-path cost alike, all of them the one interpreter's work;
+    ``at(now)`` sets the costs of the window ``now`` falls in.
+
     ``offload`` (a profile's handler overhead, given when the policy serves through an expert
     cache: any planner but ``all``) adds what the expert handler costs to every iteration's
     compute (``handler_s``).
@@ -32,13 +38,32 @@ class CostModel:
     """
 
     def __init__(self, hardware: HardwareSpec, model: ModelSpec, steps: StepTimes | None = None,
-                 serving: ServingCosts | None = None, offload: HandlerOverhead | None = None):
+                 serving: ServingCosts | None = None, offload: HandlerOverhead | None = None,
+                 speed: SpeedTimeline = SpeedTimeline.constant(1.0)):
         self.hardware = hardware
         self.model = model
         self.steps = steps
-        self.serving = serving
         self.offload = offload
-        self._scale = serving.engine_scale if serving is not None else 1.0
+        self.speed = speed
+        self._served = [_slower(serving, s) for s in speed.speeds] if serving else None
+        self._window = -1
+        self.serving: ServingCosts | None = None
+        self._scale = 1.0
+        self.at(0.0)
+
+    def at(self, now: float) -> float:
+        """Cost what runs from ``now`` at the speed of its window; returns when that window
+        ends (inf: the last one)."""
+        window = self.speed.window(now)
+        if window != self._window and self._served is not None:
+            self._window = window
+            self.serving = self._served[window]
+            self._scale = self.serving.engine_scale
+        return self.speed.next_change(window) if self._served is not None else math.inf
+
+    def serving_at(self, t: float) -> ServingCosts | None:
+        """The serving path's costs at time ``t``."""
+        return None if self._served is None else self._served[self.speed.window(t)]
 
     def fixed_s(self, resident_experts: int) -> float:
         hw = self.hardware
@@ -112,3 +137,10 @@ class CostModel:
         half = a - b / 2
         n = (-half + math.sqrt(half * half + 2 * b * budget_s)) / b
         return max(1, math.ceil(n - 1e-9))
+
+
+def _slower(serving: ServingCosts, speed: float) -> ServingCosts:
+    if speed == 1.0:
+        return serving
+    return ServingCosts(**{f.name: getattr(serving, f.name) * speed
+                           for f in dataclasses.fields(ServingCosts)})

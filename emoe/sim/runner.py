@@ -19,7 +19,7 @@ from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
 from emoe.core.paths import resolve_path
 from emoe.core.policy_file import PolicyConfig, model_shape
-from emoe.core.profile import EngineProfile, ServingCosts, load_profile
+from emoe.core.profile import EngineProfile, load_profile
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
 from emoe.core.serving import EngineLimits, serving_scheduler_policy
@@ -31,6 +31,7 @@ from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
 from emoe.sim.backend import SimBackend
 from emoe.sim.client import ClientView
 from emoe.sim.routing import RoutingSource, SyntheticRouting
+from emoe.sim.speed import SpeedTimeline
 from emoe.sim.world import World
 
 GIB = 1024**3
@@ -132,7 +133,8 @@ class SimConfig:
     file whose table weighs the accuracy proxy whatever the policy's own (default: the
     policy's). ``engine_speed``: with a served engine's profile, the serving loop's
     cycles (its engine steps and what the serving path adds) take this times the profile's
-    (the machine's speed when the run is compared with a measured one);
+    (the machine's speed when the run is compared with a measured one), or as a
+    ``SpeedTimeline``, the multiple of each window of the run;
     ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
     copy latency + bytes / bandwidth).
     """
@@ -156,7 +158,7 @@ class SimConfig:
     sensitivity_mode: str = "graded"
     warm_start: Path | None = None
     proxy_sensitivity: Path | None = None
-    engine_speed: float = 1.0
+    engine_speed: float | SpeedTimeline = 1.0
     fetch_cost_s: float | None = None
 
     @property
@@ -178,6 +180,12 @@ class SimConfig:
             parts.append(f"mem={size_label(self.memory_budget_bytes)}")
         parts.append(self.gpu)
         return " ".join(parts)
+
+    def speed_timeline(self) -> SpeedTimeline:
+        """``engine_speed`` as a timeline (a number: one window)."""
+        if isinstance(self.engine_speed, SpeedTimeline):
+            return self.engine_speed
+        return SpeedTimeline.constant(self.engine_speed)
 
     @property
     def budget_label(self) -> str:
@@ -348,8 +356,8 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          miss_mode=scheduler.planner.miss_mode,
                          slots_per_layer=scheduler.planner.slots_per_layer,
                          steps=profile.step_table if profile else None,
-                         serving=_served_at(profile.serving if profile else None,
-                                            config.engine_speed),
+                         serving=profile.serving if profile else None,
+                         speed=config.speed_timeline(),
                          offload=(profile.offload if profile and policy.serves_with_expert_cache
                                   else None))
     return scheduler, backend
@@ -367,18 +375,6 @@ def _fetching_at(hardware: HardwareSpec, model: ModelSpec,
                           f"{fetch_cost_s!r}")
     latency = fetch_cost_s - model.expert_bytes / hardware.pcie_bandwidth_bytes_per_s
     return dataclasses.replace(hardware, pcie_latency_s=max(0.0, latency))
-
-
-def _served_at(serving: ServingCosts | None, speed: float) -> ServingCosts | None:
-    """The serving costs on a machine ``speed`` x slower than when profiled (the speed a
-    served loop ran at: ``emoe fidelity --engine-speed served``): the engine's steps and every
-    cost of the serving path alike, all of them the one interpreter's work."""
-    if speed <= 0 or not math.isfinite(speed):
-        raise ConfigError(f"engine speed: must be a positive number, got {speed!r}")
-    if speed == 1.0 or serving is None:
-        return serving
-    return ServingCosts(**{f.name: getattr(serving, f.name) * speed
-                           for f in dataclasses.fields(ServingCosts)})
 
 
 def _history(config: SimConfig, model: ModelSpec):
@@ -456,8 +452,8 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
 
         fit = ContextFit(backend.model.max_context, workload.fit)
         requests = fit(workload.requests(config.seed, config.rate_scale, scheduler.tasks))
-        serving = backend.cost.serving
-        client = None if serving is None else ClientView(serving, on_end)
+        cost = backend.cost
+        client = None if cost.serving is None else ClientView(cost.serving_at, on_end)
         world = World(scheduler, backend, requests, on_end, stop=stop, client=client)
         try:
             elapsed = world.run()

@@ -136,7 +136,7 @@ class World:
             yield env.timeout(result.finished_at - now)
             finished = scheduler.on_step_done(result)
             if client is not None:
-                client.step_done(plan, backend.live, finished)
+                client.step_done(plan, backend.live, finished, env.now)
             if finished:
                 self._end(finished)
 

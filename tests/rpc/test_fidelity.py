@@ -114,6 +114,30 @@ def test_at_the_served_speed_the_simulation_as_profiled_is_reported_beside(profi
     assert as_profiled["sim"] != policy["metrics"]["e2e"]["sim"]
 
 
+def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_path, capsys):
+    """``--engine-speed timeline``: the server's loop speed sampled during the replay, each
+    window simulated at its own, with the simulations at the replay's one speed and as
+    profiled beside it."""
+    report = tmp_path / "report.json"
+    assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
+                 "--engine-speed", "timeline", "--out-dir", str(tmp_path / "out"),
+                 "--no-plots", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "its speed sampled every 0.5 s:" in printed
+    assert "simulated window by window at the server's loop speed as sampled" in printed
+    (policy,) = json.loads(report.read_text())["policies"].values()
+    speed = policy["engine_speed"]
+    timeline = speed["timeline"]
+    assert len(timeline["speeds"]) == len(timeline["starts"]) >= 2  # the replay took ~1.5 s
+    assert timeline["starts"][0] == 0.0 and timeline["sample_s"] == 0.5
+    assert all(0.1 < s < 10 for s in timeline["speeds"])
+    assert min(timeline["speeds"]) < speed["served"] < max(timeline["speeds"])
+    real = policy["metrics"]["e2e"]["real"]
+    assert policy["as_served"]["metrics"]["e2e"]["real"] == real
+    assert policy["as_profiled"]["metrics"]["e2e"]["real"] == real
+    assert policy["as_served"]["metrics"]["e2e"]["sim"] != policy["metrics"]["e2e"]["sim"]
+
+
 def test_without_a_profile_fidelity_measures_one_first(tmp_path, monkeypatch, capsys):
     """As `emoe profile` would (here with one round, for time), then the comparison."""
     from emoe.engine import profile as engine_profile

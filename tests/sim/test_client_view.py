@@ -53,7 +53,7 @@ def test_ingress_grows_with_the_streams_running_and_egress_with_the_tokens_strea
 
     backend.admit = admitted
     ended: list[Request] = []
-    client = ClientView(costs, ended.append)
+    client = ClientView(backend.cost.serving_at, ended.append)
     convert = client.ended
 
     def on_end(request):
@@ -153,3 +153,76 @@ def test_expert_copies_simulated_at_the_fetch_cost_found_as_served(served):
     assert scheduler.hardware.pcie_latency_s == profiled.hardware.pcie_latency_s
     with pytest.raises(ConfigError, match="fetch cost: must be a non-negative number"):
         build(dataclasses.replace(served, fetch_cost_s=-1.0))
+
+
+def _ended(config, requests, max_iterations=None):
+    """The requests as the client sees them, simulated under ``config``."""
+    scheduler, backend = build(config)
+    ended: list[Request] = []
+    client = ClientView(backend.cost.serving_at, ended.append)
+    World(scheduler, backend, requests, lambda r: None, client=client,
+          max_iterations=max_iterations).run()
+    return {r.id: (r.first_token_at, r.finished_at) for r in ended}
+
+
+def test_a_speed_timeline_runs_each_window_at_its_speed(served):
+    """``engine_speed`` as a ``SpeedTimeline`` (``emoe fidelity --engine-speed timeline``): a
+    step runs at the speed of the window it starts in, and a macro step ends where the speed
+    changes, so macro-stepping gives what single steps give; one window is the constant."""
+    import dataclasses
+
+    from emoe.sim.speed import SpeedTimeline
+
+    slo = SLO(1.0, 1.0)
+
+    def requests():
+        return [Request("a", 0.0, "qa", 8, 40, slo), Request("b", 0.05, "qa", 8, 10, slo)]
+
+    timeline = SpeedTimeline((0.0, 0.03, 0.06), (1.0, 2.0, 1.3))
+    changing = dataclasses.replace(served, engine_speed=timeline)
+    macro, single = _ended(changing, requests()), _ended(changing, requests(), 1)
+    assert macro.keys() == single.keys() == {"a", "b"}
+    for rid in macro:
+        assert macro[rid] == pytest.approx(single[rid])
+    steady = _ended(served, requests())
+    assert macro["a"][0] == pytest.approx(steady["a"][0])  # its first token comes before 0.03
+    assert macro["a"][1] > steady["a"][1] and macro["b"][1] > steady["b"][1]
+    # every window at x2 is the constant x2
+    twice = _ended(dataclasses.replace(served, engine_speed=SpeedTimeline((0.0, 0.03),
+                                                                          (2.0, 2.0))),
+                   requests())
+    constant = _ended(dataclasses.replace(served, engine_speed=2.0), requests())
+    for rid in constant:
+        assert twice[rid] == pytest.approx(constant[rid])
+
+
+def test_a_speed_timeline_from_sampled_counters():
+    """Each window between samples at its own ratio of cycles to model, shrunk towards the
+    run's by ``prior_s`` seconds of model: an idle window keeps the run's speed."""
+    from emoe.core.errors import ConfigError
+    from emoe.sim.speed import SpeedTimeline
+
+    # busy, idle, busy, idle: the idle windows keep the speed before them
+    times = [0.0, 1.0, 2.0, 3.0, 4.0]
+    cycles, model = [0.0, 0.6, 0.6, 1.4, 1.4], [0.0, 0.5, 0.5, 1.0, 1.0]
+    timeline = SpeedTimeline.from_samples(times, cycles, model, prior_s=0.0001)
+    assert timeline.starts == (0.0, 2.0)
+    assert timeline.speeds == pytest.approx((1.2, 1.6), rel=1e-3)
+    overall = 1.4 / 1.0
+    shrunk = SpeedTimeline.from_samples(times, cycles, model, prior_s=0.5)
+    assert shrunk.speeds[0] == pytest.approx((0.6 + 0.5 * overall) / (0.5 + 0.5))
+    # an idle start: the first busy window's speed from 0
+    late = SpeedTimeline.from_samples([0.0, 1.0, 2.0], [0.0, 0.0, 0.6], [0.0, 0.0, 0.5],
+                                      prior_s=0.0001)
+    assert late.starts == (0.0,) and late.speeds == pytest.approx((1.2,), rel=1e-3)
+    assert timeline.window(-1.0) == 0 and timeline.window(1.5) == 0
+    assert timeline.window(3.5) == 1
+    assert timeline.next_change(0) == 2.0 and timeline.next_change(1) == float("inf")
+    with pytest.raises(ConfigError, match="no modelled cycle"):
+        SpeedTimeline.from_samples([0.0, 1.0], [0.0, 0.0], [0.0, 0.0])
+    with pytest.raises(ConfigError, match="two or more samples"):
+        SpeedTimeline.from_samples([0.0], [0.0], [0.0])
+    with pytest.raises(ConfigError, match="must ascend from 0"):
+        SpeedTimeline((0.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    with pytest.raises(ConfigError, match="must be a positive number"):
+        SpeedTimeline((0.0, 1.0), (1.0, 0.0))
