@@ -17,6 +17,9 @@ the simulator sees it: the engine's compute alone also carries, on small steps, 
 path's share of the interpreter that the profile's fit books as ``step_s`` and ``token_s``
 (decode steps ran x1.50 their step model where their cycles ran x1.24; prefill steps x1.22
 and x1.16), so scaling the simulated engine by the compute ratio counted that share twice.
+The cycles of steps that ran a prompt chunk are also summed apart (``prefill_cycle_*``): how
+the profile's fit splits a cycle between engine and loop moves with the minute it was taken
+in, and prefill steps are mostly engine, decode steps mostly loop.
 """
 
 from __future__ import annotations
@@ -42,8 +45,12 @@ class EngineSpeed:
     cycles: int = 0
     cycle_s: float = 0.0
     cycle_profiled_s: float = 0.0
-    # the last step's start and its modelled cycle, while the loop goes straight on from it
-    _open: tuple[float, float] | None = field(default=None, repr=False)
+    prefill_cycles: int = 0
+    prefill_cycle_s: float = 0.0
+    prefill_cycle_profiled_s: float = 0.0
+    # the last step's start, its modelled cycle and whether it ran a prompt chunk, while the
+    # loop goes straight on from it
+    _open: tuple[float, float, bool] | None = field(default=None, repr=False)
 
     def profiled(self, plan: StepPlan, context_tokens: int) -> float:
         """The profile's compute for ``plan`` as one step whose decodes attend
@@ -65,10 +72,14 @@ class EngineSpeed:
                 started: float) -> None:
         """A step that started at ``started`` (monotonic seconds) and ran ``result``."""
         if self._open is not None:
-            opened, modelled = self._open
+            opened, modelled, prefill = self._open
             self.cycles += 1
             self.cycle_s += started - opened
             self.cycle_profiled_s += modelled
+            if prefill:
+                self.prefill_cycles += 1
+                self.prefill_cycle_s += started - opened
+                self.prefill_cycle_profiled_s += modelled
             self._open = None
         if result.compute_s <= 0 or result.iterations != 1:
             return
@@ -84,7 +95,7 @@ class EngineSpeed:
         self.profiled_s += profiled
         if self.serving is not None:
             streamed = sum(o.new_tokens for o in result.outputs)
-            self._open = (started, self.serving.cycle_s(profiled, streamed))
+            self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill))
 
 
 def fetch_cost_s(speed: float, fetched: int, fetch_compute_s: float,

@@ -181,6 +181,7 @@ class Side:
     compute_speed: float | None = None  # measured: its engine's compute against the step model
     fetch_cost_s: float | None = None  # measured: per expert fetched on a miss, as served
     speed_timeline: SpeedTimeline | None = None  # measured: engine_speed window by window
+    speed_by_kind: dict | None = None  # measured: engine_speed of prefill and decode-only steps
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -219,7 +220,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         fitted = ContextFit(0, fit)
         sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
         began = time.monotonic()  # the replay's clock starts one server-info call later
-        samples = [(0.0, speed_before.cycle_s, speed_before.cycle_profiled_s)]
+        samples = [_speed_sample(0.0, speed_before)]
         sampler = asyncio.create_task(_sample_speed(client, began, samples))
         try:
             with MetricsCollector(rows_path) as metrics:
@@ -229,8 +230,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
             sampler.cancel()
         stats = await client.stats()
         after, speed_after = stats.experts, stats.engine_speed
-        samples.append((time.monotonic() - began, speed_after.cycle_s,
-                        speed_after.cycle_profiled_s))
+        samples.append(_speed_sample(time.monotonic() - began, speed_after))
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
     def delta(name: str) -> float:
@@ -240,28 +240,38 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         return delta(measured) / delta(modelled) if delta(modelled) > 0 else None
 
     compute = ratio("compute_s", "profiled_s")
+    decode_model = delta("cycle_profiled_s") - delta("prefill_cycle_profiled_s")
+    by_kind = {"prefill": ratio("prefill_cycle_s", "prefill_cycle_profiled_s"),
+               "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
+                          if decode_model > 0 else None)}
     fetch = None if compute is None else fetch_cost_s(
         compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, _timeline(samples))
+                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, _timeline(samples), by_kind)
+
+
+def _speed_sample(t: float, speed) -> tuple[float, ...]:
+    """The loop's cycle counters (GetStats ``engine_speed``) at ``t``."""
+    return (t, speed.cycle_s, speed.cycle_profiled_s, speed.prefill_cycle_s,
+            speed.prefill_cycle_profiled_s)
 
 
 async def _sample_speed(client, began: float, samples: list) -> None:
-    """Append (seconds since ``began``, cycle_s, cycle_profiled_s) every ``SPEED_SAMPLE_S``."""
+    """Append the cycle counters, at seconds since ``began``, every ``SPEED_SAMPLE_S``."""
     while True:
         await asyncio.sleep(SPEED_SAMPLE_S)
-        speed = (await client.stats()).engine_speed
-        samples.append((time.monotonic() - began, speed.cycle_s, speed.cycle_profiled_s))
+        samples.append(_speed_sample(time.monotonic() - began,
+                                     (await client.stats()).engine_speed))
 
 
 def _timeline(samples: list) -> SpeedTimeline | None:
     from emoe.sim.speed import SpeedTimeline
 
-    times, cycles, modelled = zip(*samples)
+    times, cycles, modelled, prefill_cycles, prefill_modelled = zip(*samples)
     if modelled[-1] <= modelled[0]:
         return None  # a server without --profile: no cycles against a model
-    return SpeedTimeline.from_samples(times, cycles, modelled)
+    return SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles, prefill_modelled)
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -640,12 +650,18 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
             speed["simulated"] = simulated = real.engine_speed
         compute = "" if real.compute_speed is None else (
             f"; its engine's compute x{real.compute_speed:.2f} the step model")
+        kinds = real.speed_by_kind or {}
+        speed["by_kind"] = kinds
+        kinds = ", ".join(f"{kind} steps' x{value:.2f}" for kind, value in kinds.items()
+                          if value is not None)
         print(f"speed during the replay: the server's loop cycles took "
-              f"x{real.engine_speed:.2f} the profile's model of them{compute}", flush=True)
+              f"x{real.engine_speed:.2f} the profile's model of them"
+              f"{f' ({kinds})' if kinds else ''}{compute}", flush=True)
     timeline = real.speed_timeline
     if timeline is not None:
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
-                             "speeds": list(timeline.speeds)}
+                             "speeds": list(timeline.speeds),
+                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds)}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)
         if mode == "timeline":

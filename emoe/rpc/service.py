@@ -404,6 +404,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 total.cycles += speed.cycles
                 total.cycle_s += speed.cycle_s
                 total.cycle_profiled_s += speed.cycle_profiled_s
+                total.prefill_cycles += speed.prefill_cycles
+                total.prefill_cycle_s += speed.prefill_cycle_s
+                total.prefill_cycle_profiled_s += speed.prefill_cycle_profiled_s
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

@@ -161,7 +161,7 @@ class SimBackend:
                     prefill_pairs=pairs)
                 wait = self._load_wait(start, first, ready)
             serving = cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
-                                     iterations=iterations)
+                                     iterations=iterations, prefill=bool(plan.prefill))
             result.iterations = iterations
             result.compute_s = compute + wait  # as the engine times its forward pass
             result.load_wait_s = wait
@@ -262,7 +262,8 @@ class SimBackend:
             ready = None
             result.bytes_loaded += nbytes * sum(fetches.values())
             t += compute + wait + self.cost.serving_s(
-                decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0)
+                decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0,
+                prefill=iteration == 0 and prefill > 0)
             compute_total += compute
             wait_total += wait
             iteration += 1

@@ -26,8 +26,9 @@ class CostModel:
     first tokens)`` to every iteration: the serving loop's time between steps.
 
     ``speed`` (with ``serving``): the machine ran that much slower than profiled, the
-    engine's steps and every serving-path cost alike, all of them the one interpreter's work;
-    ``at(now)`` sets the costs of the window ``now`` falls in.
+    engine's steps and every serving-path cost alike, all of them the one interpreter's work,
+    a step that runs a prompt chunk at the prefill speed; ``at(now)`` sets the costs of the
+    window ``now`` falls in.
 
     ``offload`` (a profile's handler overhead, given when the policy serves through an expert
     cache: any planner but ``all``) adds what the expert handler costs to every iteration's
@@ -46,9 +47,12 @@ class CostModel:
         self.offload = offload
         self.speed = speed
         self._served = [_slower(serving, s) for s in speed.speeds] if serving else None
+        self._served_prefill = ([_slower(serving, s) for s in speed.prefill_speeds]
+                                if serving and speed.prefill_speeds else self._served)
         self._window = -1
-        self.serving: ServingCosts | None = None
-        self._scale = 1.0
+        self.serving: ServingCosts | None = None  # decode-only steps and the client's way
+        self._prefill_serving: ServingCosts | None = None  # steps that run a prompt chunk
+        self._scale = self._prefill_scale = 1.0
         self.at(0.0)
 
     def at(self, now: float) -> float:
@@ -58,7 +62,9 @@ class CostModel:
         if window != self._window and self._served is not None:
             self._window = window
             self.serving = self._served[window]
+            self._prefill_serving = self._served_prefill[window]
             self._scale = self.serving.engine_scale
+            self._prefill_scale = self._prefill_serving.engine_scale
         return self.speed.next_change(window) if self._served is not None else math.inf
 
     def serving_at(self, t: float) -> ServingCosts | None:
@@ -88,7 +94,8 @@ class CostModel:
                prefill_pairs: float | None = None) -> float:
         """Compute time of ``iterations`` iterations; prefill (if any) runs in the first, in
         ``prefill_chunks`` chunks attending ``prefill_pairs`` pairs (default: one prompt from
-        its start)."""
+        its start), and then all of them at the prefill speed (a step with prefill runs one
+        iteration)."""
         attended = iterations * context_tokens + decode_tokens * iterations * (iterations - 1) / 2
         attention = self._per_context_token_s() * attended
         handler = self.handler_s(prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
@@ -97,11 +104,11 @@ class CostModel:
             first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0,
                                       prefill_pairs, prefill_chunks)
             rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
-            return self._scale * (first + rest + attention + handler)
-        return self._scale * (iterations * self._decode_iteration_s(decode_tokens,
-                                                                    resident_experts)
-                              + attention + self.hardware.prefill_s_per_token * prefill_tokens
-                              + handler)
+            return self._prefill_scale * (first + rest + attention + handler)
+        scale = self._prefill_scale if prefill_tokens else self._scale
+        return scale * (iterations * self._decode_iteration_s(decode_tokens, resident_experts)
+                        + attention + self.hardware.prefill_s_per_token * prefill_tokens
+                        + handler)
 
     def handler_s(self, *, prefill_tokens: int, decode_tokens: int, iterations: int = 1) -> float:
         """What the expert handler adds to ``iterations`` iterations' compute (before the
@@ -110,12 +117,14 @@ class CostModel:
             return 0.0
         return self.offload.seconds(prefill_tokens, decode_tokens, iterations)
 
-    def serving_s(self, *, decode_tokens: int, first_tokens: int = 0, iterations: int = 1) -> float:
+    def serving_s(self, *, decode_tokens: int, first_tokens: int = 0, iterations: int = 1,
+                  prefill: bool = False) -> float:
         """What the serving path adds to ``iterations`` iterations streaming ``decode_tokens``
-        tokens each, plus ``first_tokens`` first tokens in the first one."""
+        tokens each, plus ``first_tokens`` first tokens in the first one; ``prefill``: the
+        first runs a prompt chunk (then there is only one)."""
         if self.serving is None:
             return 0.0
-        s = self.serving
+        s = self._prefill_serving if prefill else self.serving
         return iterations * (s.step_s + s.token_s * decode_tokens) + s.token_s * first_tokens
 
     def iterations_within(self, budget_s: float, *, decode_tokens: int, context_tokens: int,

@@ -7,6 +7,13 @@ replay. ``emoe fidelity --engine-speed served`` simulates the whole replay at it
 multiple; ``--engine-speed timeline`` at the multiple of each window, as measured during the
 replay (``emoe.rpc.fidelity``): the slow patches that build the measured run's queues then
 come at the same moments in the simulated one.
+
+Steps that run a prompt chunk may run at another multiple than decode-only steps: the
+profile's fit of a cycle (``serving.engine_scale`` x the step model + per step + per token)
+splits it between the engine and the serving loop as they ran in the minute it was measured,
+and a prefill step is mostly engine, a decode step mostly loop. In one replay the loop's
+cycles ran x0.85 their model while its engine's compute ran x1.07 its step model, and the
+simulated TTFT came 20-30% short at every prompt size.
 """
 
 from __future__ import annotations
@@ -26,19 +33,24 @@ was mostly idle keeps close to the run's overall speed."""
 @dataclass(frozen=True, slots=True)
 class SpeedTimeline:
     """From ``starts[i]`` (seconds from the run's start; the first is 0) on, the engine and the
-    serving path take ``speeds[i]`` x their profile's time."""
+    serving path take ``speeds[i]`` x their profile's time; steps that run a prompt chunk
+    ``prefill_speeds[i]`` x (default: ``speeds``)."""
 
     starts: tuple[float, ...]
     speeds: tuple[float, ...]
+    prefill_speeds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.speeds or len(self.starts) != len(self.speeds):
             raise ConfigError(f"engine speed: {len(self.starts)} window starts for "
                               f"{len(self.speeds)} speeds")
+        if self.prefill_speeds is not None and len(self.prefill_speeds) != len(self.speeds):
+            raise ConfigError(f"engine speed: {len(self.prefill_speeds)} prefill speeds for "
+                              f"{len(self.speeds)} windows")
         if self.starts[0] != 0.0 or any(b <= a for a, b in zip(self.starts, self.starts[1:])):
             raise ConfigError("engine speed: window starts must ascend from 0, got "
                               f"{list(self.starts[:4])}...")
-        for speed in self.speeds:
+        for speed in self.speeds + (self.prefill_speeds or ()):
             if not (speed > 0 and math.isfinite(speed)):
                 raise ConfigError(f"engine speed: must be a positive number, got {speed!r}")
 
@@ -48,29 +60,45 @@ class SpeedTimeline:
 
     @classmethod
     def from_samples(cls, times: Sequence[float], cycle_s: Sequence[float],
-                     modelled_s: Sequence[float], prior_s: float = PRIOR_S) -> SpeedTimeline:
+                     modelled_s: Sequence[float],
+                     prefill_cycle_s: Sequence[float] | None = None,
+                     prefill_modelled_s: Sequence[float] | None = None,
+                     prior_s: float = PRIOR_S) -> SpeedTimeline:
         """From cumulative counters sampled during a run: at ``times[i]`` (seconds from its
         start) the loop's cycles had summed ``cycle_s[i]`` against ``modelled_s[i]`` of their
-        model. Each window between samples runs at its own ratio, shrunk towards the run's
+        model, of which the cycles of steps that ran a prompt chunk ``prefill_cycle_s[i]``
+        against ``prefill_modelled_s[i]`` (if given: the two kinds then run at their own
+        speeds). Each window between samples runs at its own ratio, shrunk towards the run's
         overall one by ``prior_s`` seconds of modelled time; a window that closed no cycle
         (an idle loop) keeps the speed before it. The first window starts at 0, the last one
         lasts."""
-        if len(times) < 2 or not (len(times) == len(cycle_s) == len(modelled_s)):
+        columns = [times, cycle_s, modelled_s]
+        kinds = prefill_cycle_s is not None and prefill_modelled_s is not None
+        if kinds:
+            columns += [prefill_cycle_s, prefill_modelled_s]
+        if len(times) < 2 or len({len(c) for c in columns}) != 1:
             raise ConfigError(f"engine speed: a timeline needs two or more samples of "
                               f"time, cycles and model alike, got {len(times)}")
-        modelled = modelled_s[-1] - modelled_s[0]
-        if modelled <= 0:
+        if modelled_s[-1] - modelled_s[0] <= 0:
             raise ConfigError("engine speed: the loop ran no modelled cycle between the "
                               "samples")
-        overall = (cycle_s[-1] - cycle_s[0]) / modelled
-        starts, speeds = [], []
+        if kinds:
+            rest = (_minus(cycle_s, prefill_cycle_s), _minus(modelled_s, prefill_modelled_s))
+            prefill = (prefill_cycle_s, prefill_modelled_s)
+        else:
+            rest, prefill = (cycle_s, modelled_s), None
+        everything = _overall(cycle_s, modelled_s, 1.0)
+        starts, speeds, prefill_speeds = [], [], []
         for i in range(1, len(times)):
-            cycles, model = cycle_s[i] - cycle_s[i - 1], modelled_s[i] - modelled_s[i - 1]
-            if model <= 0:
+            if modelled_s[i] - modelled_s[i - 1] <= 0:
                 continue
             starts.append(0.0 if not starts else max(times[i - 1], starts[-1] + 1e-9))
-            speeds.append((cycles + prior_s * overall) / (model + prior_s))
-        return cls(tuple(starts), tuple(speeds))
+            speeds.append(_shrunk(*rest, i, _overall(*rest, everything), prior_s))
+            if prefill is not None:
+                prefill_speeds.append(_shrunk(*prefill, i, _overall(*prefill, everything),
+                                              prior_s))
+        return cls(tuple(starts), tuple(speeds),
+                   tuple(prefill_speeds) if prefill is not None else None)
 
     def window(self, t: float) -> int:
         """The window that time ``t`` falls in."""
@@ -80,15 +108,31 @@ class SpeedTimeline:
         """When the window after ``window`` starts (inf: never)."""
         return self.starts[window + 1] if window + 1 < len(self.starts) else math.inf
 
-    @property
-    def constant_speed(self) -> float | None:
-        return self.speeds[0] if len(self.speeds) == 1 else None
-
     def describe(self) -> str:
-        if len(self.speeds) == 1:
-            return f"x{self.speeds[0]:.2f}"
-        ordered = sorted(self.speeds)
-        def pct(q: float) -> float:
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-        return (f"{len(self.speeds)} windows of ~{self.starts[1]:.1f} s, x{pct(0.1):.2f} "
-                f"(p10) x{pct(0.5):.2f} (p50) x{pct(0.9):.2f} (p90)")
+        """The windows' speeds, p10-p50-p90 (of prefill steps apart where they have their own)."""
+        def spread(speeds: tuple[float, ...]) -> str:
+            ordered = sorted(speeds)
+            return "-".join(f"x{ordered[min(len(ordered) - 1, int(q * len(ordered)))]:.2f}"
+                            for q in (0.1, 0.5, 0.9))
+
+        text = f"{len(self.speeds)} windows that ran cycles, p10-p50-p90 {spread(self.speeds)}"
+        if self.prefill_speeds is not None:
+            text += (f" (decode-only steps and the serving path); steps with a prompt chunk "
+                     f"{spread(self.prefill_speeds)}")
+        return text
+
+
+def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b)]
+
+
+def _overall(cycle_s: Sequence[float], modelled_s: Sequence[float], default: float) -> float:
+    modelled = modelled_s[-1] - modelled_s[0]
+    return (cycle_s[-1] - cycle_s[0]) / modelled if modelled > 0 else default
+
+
+def _shrunk(cycle_s: Sequence[float], modelled_s: Sequence[float], i: int, overall: float,
+            prior_s: float) -> float:
+    """Window ``i``'s ratio, shrunk towards ``overall`` by ``prior_s`` of modelled time."""
+    cycles, model = cycle_s[i] - cycle_s[i - 1], modelled_s[i] - modelled_s[i - 1]
+    return (cycles + prior_s * overall) / (model + prior_s)

@@ -71,3 +71,21 @@ def test_the_loop_cycles_against_the_profiles_model_of_them():
     assert speed.cycle_profiled_s == pytest.approx(2 * modelled)
     speed.idle()
     assert EngineSpeed(STEPS).cycles == 0  # without the profile's serving costs, no cycles
+
+
+def test_cycles_of_steps_that_ran_a_prompt_chunk_are_also_summed_apart():
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    decode = StepPlan(decode=["c", "d"])
+    tokens = [RequestStepOutput("c", new_tokens=1), RequestStepOutput("d", new_tokens=1)]
+    prefill_model = speed.serving.cycle_s(speed.profiled(plan(), 70), 2)
+    decode_model = speed.serving.cycle_s(speed.profiled(decode, 70), 2)
+    speed.observe(plan(), StepResult(0.0, 0.0, compute_s=1e-3, outputs=tokens), 70, 0.0)
+    t = 1.3 * prefill_model
+    speed.observe(decode, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70, t)
+    speed.observe(decode, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70,
+                  t + 0.9 * decode_model)
+    assert (speed.cycles, speed.prefill_cycles) == (2, 1)
+    assert speed.prefill_cycle_s / speed.prefill_cycle_profiled_s == pytest.approx(1.3)
+    decode_s = speed.cycle_s - speed.prefill_cycle_s
+    assert decode_s / (speed.cycle_profiled_s - speed.prefill_cycle_profiled_s) == \
+        pytest.approx(0.9)

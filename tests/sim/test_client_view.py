@@ -226,3 +226,43 @@ def test_a_speed_timeline_from_sampled_counters():
         SpeedTimeline((0.0, 1.0, 1.0), (1.0, 1.0, 1.0))
     with pytest.raises(ConfigError, match="must be a positive number"):
         SpeedTimeline((0.0, 1.0), (1.0, 0.0))
+
+
+def test_steps_that_run_a_prompt_chunk_at_their_own_speed(served):
+    """A timeline's ``prefill_speeds``: a step that runs a prompt chunk, its engine time and
+    what the loop adds to it, at the prefill speed; decode-only steps and the client's way in
+    and out at the other."""
+    import dataclasses
+
+    from emoe.sim.speed import SpeedTimeline
+
+    _, profiled = build(served)
+    _, kinds = build(dataclasses.replace(served, engine_speed=SpeedTimeline((0.0,), (1.5,),
+                                                                            (2.0,))))
+    prefill = dict(prefill_tokens=8, decode_tokens=2, context_tokens=20, resident_experts=8)
+    decode = dict(prefill_tokens=0, decode_tokens=2, context_tokens=20, resident_experts=8,
+                  iterations=3)
+    assert kinds.cost.step_s(**prefill) == pytest.approx(2.0 * profiled.cost.step_s(**prefill))
+    assert kinds.cost.step_s(**decode) == pytest.approx(1.5 * profiled.cost.step_s(**decode))
+    assert kinds.cost.serving_s(decode_tokens=2, first_tokens=1, prefill=True) == \
+        pytest.approx(2.0 * profiled.cost.serving_s(decode_tokens=2, first_tokens=1))
+    assert kinds.cost.serving_s(decode_tokens=2) == pytest.approx(
+        1.5 * profiled.cost.serving_s(decode_tokens=2))
+    assert kinds.cost.serving_at(0.0).ingress(3) == pytest.approx(
+        1.5 * profiled.cost.serving.ingress(3))
+
+
+def test_a_speed_timeline_by_step_kind_from_sampled_counters():
+    """With the prefill steps' cycles sampled apart, each kind's windows at their own ratios
+    (decode-only: all cycles less the prefill ones), each shrunk towards its kind's overall."""
+    from emoe.sim.speed import SpeedTimeline
+
+    times = [0.0, 1.0, 2.0]
+    cycles, model = [0.0, 0.8, 1.7], [0.0, 0.6, 1.2]
+    prefill_cycles, prefill_model = [0.0, 0.5, 0.5], [0.0, 0.4, 0.4]  # none in window 2
+    timeline = SpeedTimeline.from_samples(times, cycles, model, prefill_cycles, prefill_model,
+                                          prior_s=0.001)
+    assert timeline.speeds == pytest.approx((0.3 / 0.2, 0.9 / 0.6), rel=1e-2)
+    # the window without prefill steps keeps the prefill steps' overall speed
+    assert timeline.prefill_speeds == pytest.approx((0.5 / 0.4, 0.5 / 0.4), rel=1e-2)
+    assert "steps with a prompt chunk" in timeline.describe()

@@ -233,7 +233,7 @@ class Stats(_message.Message):
     def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ...) -> None: ...
 
 class EngineSpeed(_message.Message):
-    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s")
+    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     PROFILED_S_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,9 @@ class EngineSpeed(_message.Message):
     CYCLES_FIELD_NUMBER: _ClassVar[int]
     CYCLE_S_FIELD_NUMBER: _ClassVar[int]
     CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
     steps: int
     compute_s: float
     profiled_s: float
@@ -254,7 +257,10 @@ class EngineSpeed(_message.Message):
     cycles: int
     cycle_s: float
     cycle_profiled_s: float
-    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ...) -> None: ...
+    prefill_cycles: int
+    prefill_cycle_s: float
+    prefill_cycle_profiled_s: float
+    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ..., prefill_cycles: _Optional[int] = ..., prefill_cycle_s: _Optional[float] = ..., prefill_cycle_profiled_s: _Optional[float] = ...) -> None: ...
 
 class TaskStats(_message.Message):
     __slots__ = ("task", "submitted", "finished", "aborted", "failed", "slo_met", "slo_attainment", "output_tokens", "queue", "ttft", "tpot", "total")
