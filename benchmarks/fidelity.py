@@ -15,12 +15,13 @@ On the reference model with one engine thread:
    hit rate, MB of experts loaded and predictor calls on both sides (load-independent but for
    the batches that timing forms), the speed simulated: how much slower the server's loop ran
    during each replay than its profile's model of it (its engine's compute against the step
-   model beside it), its spread over the replay's half-second windows, and what a fetch on a
-   miss cost it (this machine's speed drifts by up to 60% within minutes and wanders by
-   +-25% from one second to the next); the simulation runs each window at its own speed
-   (``emoe fidelity --engine-speed timeline``), and the errors of the simulations at the
-   replay's one speed and at the profile's own speed are beside it; whether the goodput
-   rankings agree, at all three; and the load average before and after that trace's runs.
+   model beside it), that of the steps that ran a prompt chunk and of the decode-only ones,
+   and what a fetch on a miss cost it (this machine's speed drifts by up to 60% within
+   minutes and wanders by +-25% from one second to the next); the simulation runs each
+   half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
+   --engine-speed timeline``), and the errors of the simulations at the replay's one speed
+   and at the profile's own speed are beside it; whether the goodput rankings agree, at all
+   three; and the load average before and after that trace's runs.
 
 A fresh profile is measured for every run (the load it ran under is in its provenance)
 unless ``--profile`` names one. Everything is written to ``--out`` (profile, per-request rows,
@@ -93,11 +94,11 @@ def row(name: str, p: dict) -> list[str]:
     cells.append(f"{calls['sim']}/{calls['real']}")
     speed = p.get("engine_speed")
     fetch = (speed or {}).get("fetch_cost_s")
-    windows = sorted((speed or {}).get("timeline", {}).get("speeds", []))
+    kinds = (speed or {}).get("by_kind") or {}
     cells.append(("-" if not speed or speed.get("served") is None else
                   f"x{speed['served']:.2f} (compute x{speed['compute']:.2f})")
-                 + ("" if not windows else f" windows x{windows[len(windows) // 10]:.2f}-"
-                    f"x{windows[9 * len(windows) // 10]:.2f}")
+                 + "".join(f"; {kind} x{kinds[kind]:.2f}" for kind in ("prefill", "decode")
+                           if kinds.get(kind) is not None)
                  + ("" if fetch is None else
                     f"; fetch {fetch['served'] * 1e6:.0f}/{fetch['profile'] * 1e6:.0f} us"))
     for beside in (p.get("as_served"), p.get("as_profiled")):
@@ -111,7 +112,7 @@ HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real"
           "E2E p90 sim/real", "SLO % sim/real (pts)", "goodput sim/real",
           f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)", "hit % sim/real (pts)",
           "MB loaded sim/real", "predictor calls sim/real",
-          "served speed vs profile (its compute), p10-p90 of its windows; fetch us "
+          "served speed vs profile (its compute); prefill and decode-only steps; fetch us "
           "served/profile",
           "at the one served speed: TTFT p50 p90, E2E p50 p90, SLO pts",
           "as profiled (x1.00): TTFT p50 p90, E2E p50 p90, SLO pts"]

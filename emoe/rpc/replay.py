@@ -17,11 +17,18 @@ times in seconds from the replay's start:
                       does not report it)
     first_token_at_s  when the client received the first token
     finished_at_s     when the client received the completion (or the error)
+
+The client's own stalls are in these times: while its event loop is blocked, it sends nothing
+and receives nothing. Replay freezes the objects its process holds when it starts
+(``gc.freeze``), so that no full garbage collection scans them mid-replay (one took 130-415
+ms in a process with torch and pandas loaded, and every request in flight then received its
+tokens that much later), and it warns when it sent requests late.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import random
@@ -44,6 +51,8 @@ from emoe.rpc.v1 import scheduler_pb2 as pb
 log = logging.getLogger(__name__)
 
 FIRST_NON_SPECIAL_ID = 3
+LATE_SEND_S = 0.010
+"""A request sent this much after its time is reported: the client stalled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +163,9 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
     fit.context = model.max_context or 0
     requests = fit(requests)
     run = _Replay(target, model, seed, prompts)
-    run.start = time.monotonic()
     pending: set[asyncio.Task] = set()
-    short = 0
+    short = late = 0
+    latest = 0.0
 
     def done(task: asyncio.Task) -> None:
         nonlocal short
@@ -166,18 +175,30 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
             short += 1
         metrics.add(request)
 
-    for request in requests:
-        prompt = run.prompt(request)
-        delay = run.start + request.arrival - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        request.arrival = time.monotonic() - run.start
-        task = asyncio.create_task(target.send(request, prompt, run.start))
-        pending.add(task)
-        task.add_done_callback(done)
-        await asyncio.sleep(0)  # it goes out now, not after the next request's prompt is made
-    while pending:
-        await asyncio.wait(set(pending))
+    gc.freeze()
+    try:
+        run.start = time.monotonic()
+        for request in requests:
+            prompt = run.prompt(request)
+            delay = run.start + request.arrival - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sent = time.monotonic() - run.start
+            late += sent - request.arrival > LATE_SEND_S
+            latest = max(latest, sent - request.arrival)
+            request.arrival = sent
+            task = asyncio.create_task(target.send(request, prompt, run.start))
+            pending.add(task)
+            task.add_done_callback(done)
+            await asyncio.sleep(0)  # it goes out now, not after the next request's prompt is made
+        while pending:
+            await asyncio.wait(set(pending))
+    finally:
+        gc.unfreeze()
+    if late:
+        log.warning("%d requests were sent more than %.0f ms after their time (the latest %.0f "
+                    "ms): this client stalled, and the times measured include its stalls",
+                    late, LATE_SEND_S * 1e3, latest * 1e3)
     if short:
         log.warning("%d finished requests generated fewer tokens than the trace asks "
                     "(the server stopped them early; generated_tokens has the actual lengths)",

@@ -9,6 +9,7 @@ new requests are refused with UNAVAILABLE, and streams in flight get ``grace_s``
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -380,6 +381,22 @@ class WorkerServer:
         await self.drain(0.0)
 
 
+async def _freeze_heap(server: SchedulerServer | WorkerServer) -> None:
+    """Once the engine is up, what the process holds (its modules, the model: ~270k objects
+    with torch loaded) moves out of the garbage collector's sight: a full collection that
+    scans it stalls the serving loop (130 ms on the dev VM). Refcounting still frees what it
+    drops."""
+    if isinstance(server, SchedulerServer):
+        try:
+            await server.wait_serving()
+        except Exception:  # noqa: BLE001 - the engine failed: run_until_signal reports it
+            return
+    gc.collect()
+    gc.freeze()
+    log.info("engine up: %d objects moved out of the garbage collector's scans",
+             gc.get_freeze_count())
+
+
 async def run_until_signal(server: SchedulerServer | WorkerServer, grace_s: float) -> int:
     """Starts ``server`` and runs it until SIGTERM/SIGINT (then drains) or a startup failure."""
     loop = asyncio.get_running_loop()
@@ -388,11 +405,13 @@ async def run_until_signal(server: SchedulerServer | WorkerServer, grace_s: floa
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     log.info("listening on %s:%d", server.listen.host, server.port)
+    freeze = asyncio.create_task(_freeze_heap(server))
     stop_wait = asyncio.create_task(stop.wait())
     stopped_wait = asyncio.create_task(server.stopped.wait())
     await asyncio.wait((stop_wait, stopped_wait), return_when=asyncio.FIRST_COMPLETED)
     stop_wait.cancel()
     stopped_wait.cancel()
+    freeze.cancel()
     if isinstance(server, SchedulerServer) and server.failed is not None:
         await server.stop()
         failed = server.failed

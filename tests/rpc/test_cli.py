@@ -67,6 +67,8 @@ async def test_serve_submit_replay_and_sigterm_drain(tmp_path):
             assert last.completion.finish_reason == pb.FINISH_REASON_LENGTH
             assert last.completion.output_tokens == 60
         assert await asyncio.to_thread(server.wait, 30) == 0
+        # once up, what it held was moved out of the garbage collector's full scans
+        assert "objects moved out of the garbage collector's scans" in server.stderr.read()
     finally:
         stop_process(server)
 

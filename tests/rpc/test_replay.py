@@ -143,3 +143,42 @@ async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_pat
     with MetricsCollector(tmp_path / "rows.csv") as metrics:
         await replay(requests, Recording(), metrics, prompts=prompts)
     assert events == ["prompt 0", "send 0", "prompt 1", "send 1", "prompt 2", "send 2"]
+
+
+async def test_the_clients_own_stalls_are_kept_small_and_reported(tmp_path, caplog):
+    """Replay freezes its process's objects while it runs (no full garbage collection scans
+    them mid-replay) and warns when it sent a request late: here a prompt that takes 30 ms
+    to make, as a stalled client would."""
+    import gc
+    import time
+
+    from emoe.core.metrics import MetricsCollector
+    from emoe.core.request import SLO, Request, RequestStatus
+    from emoe.rpc.replay import TargetModel, replay
+
+    frozen: list[int] = []
+
+    class Recording:
+        async def model(self) -> TargetModel:
+            return TargetModel("m", None, 100)
+
+        async def send(self, request: Request, prompt: list[int], start: float) -> Request:
+            frozen.append(gc.get_freeze_count())
+            request.first_token_at = request.finished_at = time.monotonic() - start
+            request.status, request.generated_tokens = RequestStatus.FINISHED, 2
+            return request
+
+        async def close(self) -> None:
+            pass
+
+    def prompts(request: Request) -> list[int]:
+        if request.id == "1":
+            time.sleep(0.03)
+        return [5] * request.input_tokens
+
+    requests = [Request(str(i), 0.001 * i, "qa", 4, 2, SLO(1.0, 1.0)) for i in range(3)]
+    with MetricsCollector(tmp_path / "rows.csv") as metrics:
+        await replay(requests, Recording(), metrics, prompts=prompts)
+    assert len(frozen) == 3 and min(frozen) > 1000 and gc.get_freeze_count() == 0
+    warned = [r.getMessage() for r in caplog.records if "after their time" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("2 requests were sent more than 10 ms")
