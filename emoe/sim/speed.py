@@ -88,15 +88,16 @@ class SpeedTimeline:
         else:
             rest, prefill = (cycle_s, modelled_s), None
         everything = _overall(cycle_s, modelled_s, 1.0)
+        rest_overall = _overall(*rest, everything)
+        prefill_overall = None if prefill is None else _overall(*prefill, everything)
         starts, speeds, prefill_speeds = [], [], []
         for i in range(1, len(times)):
             if modelled_s[i] - modelled_s[i - 1] <= 0:
                 continue
             starts.append(0.0 if not starts else max(times[i - 1], starts[-1] + 1e-9))
-            speeds.append(_shrunk(*rest, i, _overall(*rest, everything), prior_s))
+            speeds.append(_shrunk(*rest, i, rest_overall, prior_s))
             if prefill is not None:
-                prefill_speeds.append(_shrunk(*prefill, i, _overall(*prefill, everything),
-                                              prior_s))
+                prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))
         return cls(tuple(starts), tuple(speeds),
                    tuple(prefill_speeds) if prefill is not None else None)
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 
 from emoe.core.metrics import REQUEST_COLUMNS
 from emoe.rpc.client import EmoeClient
 from emoe.rpc.fake import FakeBackend
-from emoe.rpc.replay import replay_file
+from emoe.core.request import RequestStatus
+from emoe.rpc.replay import TargetModel, replay_file
 
 from .conftest import serving
 
@@ -114,26 +116,11 @@ async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_pat
     """Making a task prompt takes up to ~0.6 ms (text, then the tokenizer); a request sent
     only after the next one's prompt was made reached the server that much late, and its
     measured TTFT carried it."""
-    import time
-
     from emoe.core.metrics import MetricsCollector
-    from emoe.core.request import SLO, Request, RequestStatus
-    from emoe.rpc.replay import TargetModel, replay
+    from emoe.core.request import SLO, Request
+    from emoe.rpc.replay import replay
 
     events: list[str] = []
-
-    class Recording:
-        async def model(self) -> TargetModel:
-            return TargetModel("m", None, 100)
-
-        async def send(self, request: Request, prompt: list[int], start: float) -> Request:
-            events.append(f"send {request.id}")
-            request.first_token_at = request.finished_at = time.monotonic() - start
-            request.status, request.generated_tokens = RequestStatus.FINISHED, 2
-            return request
-
-        async def close(self) -> None:
-            pass
 
     def prompts(request: Request) -> list[int]:
         events.append(f"prompt {request.id}")
@@ -141,7 +128,8 @@ async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_pat
 
     requests = [Request(str(i), 0.0, "qa", 4, 2, SLO(1.0, 1.0)) for i in range(3)]
     with MetricsCollector(tmp_path / "rows.csv") as metrics:
-        await replay(requests, Recording(), metrics, prompts=prompts)
+        await replay(requests, Answering(lambda r: events.append(f"send {r.id}")), metrics,
+                     prompts=prompts)
     assert events == ["prompt 0", "send 0", "prompt 1", "send 1", "prompt 2", "send 2"]
 
 
@@ -150,26 +138,12 @@ async def test_the_clients_own_stalls_are_kept_small_and_reported(tmp_path, capl
     them mid-replay) and warns when it sent a request late: here a prompt that takes 30 ms
     to make, as a stalled client would."""
     import gc
-    import time
 
     from emoe.core.metrics import MetricsCollector
-    from emoe.core.request import SLO, Request, RequestStatus
-    from emoe.rpc.replay import TargetModel, replay
+    from emoe.core.request import SLO, Request
+    from emoe.rpc.replay import replay
 
     frozen: list[int] = []
-
-    class Recording:
-        async def model(self) -> TargetModel:
-            return TargetModel("m", None, 100)
-
-        async def send(self, request: Request, prompt: list[int], start: float) -> Request:
-            frozen.append(gc.get_freeze_count())
-            request.first_token_at = request.finished_at = time.monotonic() - start
-            request.status, request.generated_tokens = RequestStatus.FINISHED, 2
-            return request
-
-        async def close(self) -> None:
-            pass
 
     def prompts(request: Request) -> list[int]:
         if request.id == "1":
@@ -178,7 +152,27 @@ async def test_the_clients_own_stalls_are_kept_small_and_reported(tmp_path, capl
 
     requests = [Request(str(i), 0.001 * i, "qa", 4, 2, SLO(1.0, 1.0)) for i in range(3)]
     with MetricsCollector(tmp_path / "rows.csv") as metrics:
-        await replay(requests, Recording(), metrics, prompts=prompts)
+        await replay(requests, Answering(lambda r: frozen.append(gc.get_freeze_count())),
+                     metrics, prompts=prompts)
     assert len(frozen) == 3 and min(frozen) > 1000 and gc.get_freeze_count() == 0
     warned = [r.getMessage() for r in caplog.records if "after their time" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("2 requests were sent more than 10 ms")
+
+
+class Answering:
+    """A replay target that answers every request at once, after ``on_send(request)``."""
+
+    def __init__(self, on_send):
+        self.on_send = on_send
+
+    async def model(self) -> TargetModel:
+        return TargetModel("m", None, 100)
+
+    async def send(self, request, prompt: list[int], start: float):
+        self.on_send(request)
+        request.first_token_at = request.finished_at = time.monotonic() - start
+        request.status, request.generated_tokens = RequestStatus.FINISHED, 2
+        return request
+
+    async def close(self) -> None:
+        pass
