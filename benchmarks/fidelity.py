@@ -21,7 +21,8 @@ On the reference model with one engine thread:
    half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
    --engine-speed timeline``), and the errors of the simulations at the replay's one speed
    and at the profile's own speed are beside it; whether the goodput rankings agree, at all
-   three; and the load average before and after that trace's runs.
+   three; and the load average before and after that trace's runs; then, per simulation, how
+   many cells of each goal metric are within the goal over both traces.
 
 A fresh profile is measured for every run (the load it ran under is in its provenance)
 unless ``--profile`` names one. Everything is written to ``--out`` (profile, per-request rows,
@@ -118,6 +119,43 @@ HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real"
           "as profiled (x1.00): TTFT p50 p90, E2E p50 p90, SLO pts"]
 
 
+SIMULATIONS = (("main", "window by window"), ("as_served", "at the one served speed"),
+               ("as_profiled", "as profiled (x1.00)"))
+
+
+def goal_cells(reports: dict) -> tuple[list[str], list[list[str]], dict]:
+    """Per simulation, how many cells of each goal metric are within the goal over both
+    traces: all policies, and those without ``lru`` in brackets."""
+    metrics = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
+    header = ["simulated", *(f"{m.upper()} {q}" for m, q in metrics), "SLO"]
+    rows, counts = [], {}
+    for key, label in SIMULATIONS:
+        within: dict[str, list[bool]] = {}
+        without_lru: dict[str, list[bool]] = {}
+        for doc in reports.values():
+            for name, policy in doc["policies"].items():
+                side = policy if key == "main" else policy.get(key)
+                if side is None:
+                    continue
+                for m, q in metrics:
+                    err = side["metrics"][m]["rel_error"][q]
+                    hit = err is not None and abs(err) <= GOAL_REL
+                    within.setdefault(f"{m} {q}", []).append(hit)
+                    if "lru" not in name:
+                        without_lru.setdefault(f"{m} {q}", []).append(hit)
+                hit = abs(side["slo_attainment"]["diff_points"]) <= GOAL_POINTS
+                within.setdefault("slo", []).append(hit)
+                if "lru" not in name:
+                    without_lru.setdefault("slo", []).append(hit)
+        if not within:
+            continue
+        counts[key] = {k: {"within": sum(v), "of": len(v), "without_lru": sum(without_lru[k]),
+                           "of_without_lru": len(without_lru[k])} for k, v in within.items()}
+        rows.append([label, *(f"{c['within']}/{c['of']} ({c['without_lru']}/"
+                              f"{c['of_without_lru']})" for c in counts[key].values())])
+    return header, rows, counts
+
+
 def _load(values) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
@@ -175,8 +213,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"ranking by goodput: {agreement}")
         print(f"load average before {_load(load['before'])}, after {_load(load['after'])}")
         summary[name] = {"rows": rows, "agreement": agreement, "load_average": load}
+    header, rows, counts = goal_cells(reports)
+    print(f"\ncells within the goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} points), both traces: all "
+          "policies (without lru)")
+    print(format_table(header, rows))
     (out / "summary.json").write_text(json.dumps({
-        "header": HEADER, "traces": summary, "load_average": {
+        "header": HEADER, "traces": summary, "within_goal": counts, "load_average": {
             "before": load_before, "after": load_after}}, indent=2) + "\n")
     return 0
 
