@@ -19,7 +19,8 @@ On the reference model with one engine thread:
    and what a fetch on a miss cost it (this machine's speed drifts by up to 60% within
    minutes and wanders by +-25% from one second to the next); the simulation runs each
    half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
-   --engine-speed timeline``), and the errors of the simulations at the replay's one speed
+   --engine-speed timeline``), each step drawn around its model (``--step-scatter``,
+   ``STEP_SCATTER``), and the errors of the simulations at the replay's one speed
    and at the profile's own speed are beside it; whether the goodput rankings agree, at all
    three; and the load average before and after that trace's runs; then, per simulation, how
    many cells of each goal metric are within the goal over both traces.
@@ -61,6 +62,12 @@ WORKLOADS = (  # name, trace, rate scale
 )
 POLICIES = ("--scheduler", "fcfs,emoe", "--experts", "all,lru,emoe")
 GOAL_REL, GOAL_POINTS = 0.10, 3.0
+STEP_SCATTER = 0.1
+"""Each simulated step drawn around its model (``emoe fidelity --step-scatter``). Chosen
+offline on the measured rows of the three runs at 16:14-16:50 on 2026-12-02 (sigma 0.1, 0.15,
+0.2; one draw and the median of five): 0.1 brought TTFT p90 from 3 to 11-12 of 24 cells within
+10% and kept the rest; 0.2 cost TTFT p50 (docs/fidelity.md limit 11). The served cycles'
+own scatter within a half-second is larger (~0.2 per cycle); much of it does not add up."""
 
 
 def base_policy(path: Path) -> Path:
@@ -179,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         report = out / f"{name}.json"
         assert main(["fidelity", "--profile", str(profile), "--policy", str(policy),
-                     "--engine-speed", "timeline",
+                     "--engine-speed", "timeline", "--step-scatter", str(STEP_SCATTER),
                      *policies, "--trace", str(trace), "--limit", str(args.limit),
                      "--rate-scale", str(rate), "--fit", "scale", "--seed", "0",
                      "--out-dir", str(out / name), "--json", str(report)]) == 0
@@ -188,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"fidelity on {profile} ({args.limit} requests per trace, SLOs x{SLO_SCALE}, "
-          f"--fit scale, task prompts with recorded routing), {time.time() - started:.0f} s; "
+          f"--fit scale, task prompts with recorded routing, steps drawn with sigma "
+          f"{STEP_SCATTER:g}), {time.time() - started:.0f} s; "
           f"load average before {_load(load_before)}, after {_load(load_after)} "
           f"({os.cpu_count()} cores)")
     summary = {}

@@ -111,6 +111,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            f"{SPEED_SAMPLE_S:g} s, each window simulated at its own, with the "
                            "simulations at the one speed and as profiled beside it. The "
                            "speeds are reported either way")
+    sys_.add_argument("--step-scatter", type=float, default=0.0, metavar="SIGMA",
+                      help="draw each simulated step's time around its model, lognormal of "
+                           "this sigma and mean 1 (every simulation of the run; default 0: "
+                           "exactly its model). The served loop's cycles scatter around their "
+                           "model within every half-second (docs/fidelity.md limit 11)")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -187,7 +192,7 @@ class Side:
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
              rows_path: Path, routing_trace: Path | None = None,
              engine_speed: float | SpeedTimeline = 1.0,
-             fetch_cost_s: float | None = None) -> Side:
+             fetch_cost_s: float | None = None, step_scatter: float = 0.0) -> Side:
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
@@ -195,7 +200,7 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
 
     config = SimConfig(model=str(checkpoint), profile=profile, policy_file=policy_file,
                        seed=seed, routing_trace=routing_trace, engine_speed=engine_speed,
-                       fetch_cost_s=fetch_cost_s)
+                       fetch_cost_s=fetch_cost_s, step_scatter=step_scatter)
     outcome = run_sim(config, workload, out=rows_path)
     s = outcome.summary
     return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
@@ -463,6 +468,8 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     if args.rate_scale <= 0:
         raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
+    if not 0.0 <= args.step_scatter < 1.0:
+        raise ConfigError(f"--step-scatter: a sigma in [0, 1), got {args.step_scatter}")
     load_before = os.getloadavg()
     print(f"emoe fidelity: load average before {_load(load_before)} (other work on this "
           f"machine slows the measured side)", flush=True)
@@ -538,18 +545,20 @@ async def _run(args: argparse.Namespace) -> int:
                               f"{profile_path}?)")
         speed, simulated, fetch_cost = _as_served(real, args.engine_speed, fetch_model_s)
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", routing_trace, simulated, fetch_cost)
+                       out_dir / f"{stem}-sim.csv", routing_trace, simulated, fetch_cost,
+                       args.step_scatter)
         reports[name] = compare(sim, real)
         reports[name]["engine_speed"] = speed
         if args.engine_speed != "profile":
             as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                                   out_dir / f"{stem}-sim-profile.csv", routing_trace)
+                                   out_dir / f"{stem}-sim-profile.csv", routing_trace,
+                                   step_scatter=args.step_scatter)
             profiled[name] = compare(as_profiled, real)
             reports[name]["as_profiled"] = profiled[name]
         if args.engine_speed == "timeline":
             as_served = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                  out_dir / f"{stem}-sim-served.csv", routing_trace,
-                                 real.engine_speed, fetch_cost)
+                                 real.engine_speed, fetch_cost, args.step_scatter)
             one_speed[name] = compare(as_served, real)
             reports[name]["as_served"] = one_speed[name]
         if len(reports) == 1:
@@ -586,7 +595,7 @@ async def _run(args: argparse.Namespace) -> int:
             "prompts": args.prompts,
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
-            "engine_speed": args.engine_speed,
+            "engine_speed": args.engine_speed, "step_scatter": args.step_scatter,
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
         }

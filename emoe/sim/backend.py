@@ -30,6 +30,7 @@ from operator import itemgetter
 
 import numpy as np
 
+from emoe.core.errors import ConfigError
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, chunk_pairs
@@ -47,10 +48,18 @@ class SimBackend:
                  routing: RoutingSource, miss_mode: MissMode, slots_per_layer: np.ndarray,
                  steps: StepTimes | None = None, serving: ServingCosts | None = None,
                  offload: HandlerOverhead | None = None,
-                 speed: SpeedTimeline = SpeedTimeline.constant(1.0)):
+                 speed: SpeedTimeline = SpeedTimeline.constant(1.0),
+                 scatter: tuple[float, int] = (0.0, 0)):
+        """``scatter``: (sigma, seed) of the lognormal each step's time is drawn around its
+        model with, mean 1 (``SimConfig.step_scatter``; a served engine's profile only)."""
         self.model = model
         self.hardware = hardware
         self.cost = CostModel(hardware, model, steps, serving, offload, speed)
+        sigma, seed = scatter
+        if not (0.0 <= sigma < 1.0):
+            raise ConfigError(f"step scatter: a sigma in [0, 1), got {sigma!r}")
+        self._sigma = sigma if serving is not None else 0.0
+        self._draws = np.random.default_rng(seed)
         self.memory = GpuMemory(memory_bytes, model)
         self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
         self.routing = routing
@@ -148,10 +157,12 @@ class SimBackend:
                                    self._version)
             if decode:
                 self.routing.count(decode_slots, iterations, True, self.resident, self._version)
-            compute = cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
-                                  context_tokens=context, resident_experts=memory.experts,
-                                  iterations=iterations, prefill_chunks=chunks,
-                                  prefill_pairs=pairs)
+            scatter = self._scatter(iterations)
+            compute = scatter * cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
+                                            context_tokens=context,
+                                            resident_experts=memory.experts,
+                                            iterations=iterations, prefill_chunks=chunks,
+                                            prefill_pairs=pairs)
             if ready is None:
                 wait = 0.0
             else:  # the first iteration waits for the loads
@@ -160,8 +171,8 @@ class SimBackend:
                     resident_experts=memory.experts, prefill_chunks=chunks,
                     prefill_pairs=pairs)
                 wait = self._load_wait(start, first, ready)
-            serving = cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
-                                     iterations=iterations, prefill=bool(plan.prefill))
+            serving = scatter * cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
+                                               iterations=iterations, prefill=bool(plan.prefill))
             result.iterations = iterations
             result.compute_s = compute + wait  # as the engine times its forward pass
             result.load_wait_s = wait
@@ -172,6 +183,14 @@ class SimBackend:
         for request in completed:
             result.routing[request.id] = self.routing.prefill_counts(request)
         return result
+
+    def _scatter(self, iterations: int) -> float:
+        """A step's draw around its model: lognormal of mean 1; over a macro step of n
+        iterations, of sigma / sqrt(n) (the n iterations' independent draws, summed)."""
+        if self._sigma <= 0:
+            return 1.0
+        sigma = self._sigma / math.sqrt(iterations)
+        return math.exp(self._draws.normal(-sigma * sigma / 2, sigma))
 
     def _load(self, keys: list[ExpertKey], now: float, issue_at: float) -> np.ndarray | None:
         """Issue expert copies; the per-layer time the last one lands (-inf: none)."""
@@ -253,7 +272,8 @@ class SimBackend:
                     fetches[layer] = fetches.get(layer, 0) + 1
             if fetches:
                 self._version += 1
-            compute = self.cost.step_s(
+            scatter = self._scatter(1)
+            compute = scatter * self.cost.step_s(
                 prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
                 context_tokens=memory.kv_tokens + decode * iteration,
                 resident_experts=memory.experts, prefill_chunks=len(prefill_slots),
@@ -261,7 +281,7 @@ class SimBackend:
             wait = self._load_wait(t, compute, ready) + self._fetch_wait(t, compute, fetches)
             ready = None
             result.bytes_loaded += nbytes * sum(fetches.values())
-            t += compute + wait + self.cost.serving_s(
+            t += compute + wait + scatter * self.cost.serving_s(
                 decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0,
                 prefill=iteration == 0 and prefill > 0)
             compute_total += compute

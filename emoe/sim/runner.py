@@ -134,7 +134,9 @@ class SimConfig:
     policy's). ``engine_speed``: with a served engine's profile, the serving loop's
     cycles (its engine steps and what the serving path adds) take this times the profile's
     (the machine's speed when the run is compared with a measured one), or as a
-    ``SpeedTimeline``, the multiple of each window of the run;
+    ``SpeedTimeline``, the multiple of each window of the run; ``step_scatter``: each
+    simulated step (with a served engine's profile) takes its modelled time x a lognormal
+    draw of this sigma and mean 1 (0: exactly its model), seeded by ``seed``;
     ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
     copy latency + bytes / bandwidth).
     """
@@ -159,6 +161,7 @@ class SimConfig:
     warm_start: Path | None = None
     proxy_sensitivity: Path | None = None
     engine_speed: float | SpeedTimeline = 1.0
+    step_scatter: float = 0.0
     fetch_cost_s: float | None = None
 
     @property
@@ -358,6 +361,7 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          steps=profile.step_table if profile else None,
                          serving=profile.serving if profile else None,
                          speed=config.speed_timeline(),
+                         scatter=(config.step_scatter, config.seed),
                          offload=(profile.offload if profile and policy.serves_with_expert_cache
                                   else None))
     return scheduler, backend

@@ -117,15 +117,17 @@ def test_at_the_served_speed_the_simulation_as_profiled_is_reported_beside(profi
 def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_path, capsys):
     """``--engine-speed timeline``: the server's loop speed sampled during the replay, each
     window simulated at its own, with the simulations at the replay's one speed and as
-    profiled beside it."""
+    profiled beside it (here with every step drawn around its model: ``--step-scatter``)."""
     report = tmp_path / "report.json"
     assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
-                 "--engine-speed", "timeline", "--out-dir", str(tmp_path / "out"),
-                 "--no-plots", "--json", str(report)]) == 0
+                 "--engine-speed", "timeline", "--step-scatter", "0.1",
+                 "--out-dir", str(tmp_path / "out"), "--no-plots", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "its speed sampled every 0.5 s:" in printed
     assert "simulated window by window at the server's loop speed as sampled" in printed
-    (policy,) = json.loads(report.read_text())["policies"].values()
+    doc = json.loads(report.read_text())
+    assert doc["step_scatter"] == 0.1
+    (policy,) = doc["policies"].values()
     speed = policy["engine_speed"]
     timeline = speed["timeline"]
     assert len(timeline["speeds"]) == len(timeline["starts"]) >= 2  # the replay took ~1.5 s
@@ -173,3 +175,6 @@ def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
     assert main(["fidelity", "--profile", str(profile), "--limit", "2", "--target",
                  f"127.0.0.1:{free_port()}", "--out-dir", str(tmp_path / "out")]) == 2
     assert "no emoe serve answering there within 5 s" in capsys.readouterr().err
+    assert main(["fidelity", "--profile", str(profile), "--step-scatter", "1.5",
+                 "--out-dir", str(tmp_path / "out")]) == 2  # before anything is measured
+    assert "--step-scatter: a sigma in [0, 1), got 1.5" in capsys.readouterr().err

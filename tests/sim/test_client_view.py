@@ -266,3 +266,31 @@ def test_a_speed_timeline_by_step_kind_from_sampled_counters():
     # the window without prefill steps keeps the prefill steps' overall speed
     assert timeline.prefill_speeds == pytest.approx((0.5 / 0.4, 0.5 / 0.4), rel=1e-2)
     assert "steps with a prompt chunk" in timeline.describe()
+
+
+def test_steps_drawn_around_their_model(served):
+    """``step_scatter``: each step's time a lognormal draw of mean 1 around its model, seeded
+    by the run's seed (the same seed, the same run); on average the model's time; a sigma out
+    of [0, 1) is refused."""
+    import dataclasses
+
+    from emoe.core.errors import ConfigError
+
+    slo = SLO(10.0, 10.0)
+
+    def busy(config, max_iterations=1):
+        """The engine's time over eight lone requests of 50 steps each."""
+        requests = [Request(str(i), float(i), "qa", 8, 50, slo) for i in range(8)]
+        ended = _ended(config, requests, max_iterations)
+        return sum(finished - int(rid) for rid, (_, finished) in ended.items())
+
+    steady = busy(served)
+    drawn = dataclasses.replace(served, step_scatter=0.2)
+    assert busy(drawn) == busy(drawn) != steady
+    assert busy(dataclasses.replace(drawn, seed=1)) != busy(drawn)
+    # 400 independent draws of sigma 0.2: their mean within 3% of 1 (three sigma)
+    assert busy(drawn) == pytest.approx(steady, rel=0.03)
+    assert busy(drawn, None) == pytest.approx(steady, rel=0.03)  # macro steps
+    for sigma in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="step scatter: a sigma in"):
+            build(dataclasses.replace(served, step_scatter=sigma))
