@@ -67,7 +67,7 @@ STEP_SCATTER = 0.1
 offline on the measured rows of the three runs at 16:14-16:50 on 2026-12-02 (sigma 0.1, 0.15,
 0.2; one draw and the median of five): 0.1 brought TTFT p90 from 3 to 11-12 of 24 cells within
 10% and kept the rest; 0.2 cost TTFT p50 (docs/fidelity.md limit 11). The served cycles'
-own scatter within a half-second is larger (~0.2 per cycle); much of it does not add up."""
+own scatter within a half-second is larger (log sigma ~0.2, positively correlated)."""
 
 
 def base_policy(path: Path) -> Path:
