@@ -659,9 +659,8 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
             speed["simulated"] = simulated = real.engine_speed
         compute = "" if real.compute_speed is None else (
             f"; its engine's compute x{real.compute_speed:.2f} the step model")
-        kinds = real.speed_by_kind or {}
-        speed["by_kind"] = kinds
-        kinds = ", ".join(f"{kind} steps' x{value:.2f}" for kind, value in kinds.items()
+        speed["by_kind"] = by_kind = real.speed_by_kind or {}
+        kinds = ", ".join(f"{kind} steps' x{value:.2f}" for kind, value in by_kind.items()
                           if value is not None)
         print(f"speed during the replay: the server's loop cycles took "
               f"x{real.engine_speed:.2f} the profile's model of them"

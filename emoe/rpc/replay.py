@@ -184,8 +184,9 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
             if delay > 0:
                 await asyncio.sleep(delay)
             sent = time.monotonic() - run.start
-            late += sent - request.arrival > LATE_SEND_S
-            latest = max(latest, sent - request.arrival)
+            lag = sent - request.arrival
+            late += lag > LATE_SEND_S
+            latest = max(latest, lag)
             request.arrival = sent
             task = asyncio.create_task(target.send(request, prompt, run.start))
             pending.add(task)

@@ -395,18 +395,10 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             if speed is not None:
                 total = stats.engine_speed
                 total.steps += speed.counted
-                total.compute_s += speed.compute_s
-                total.profiled_s += speed.profiled_s
-                total.fetch_steps += speed.fetch_steps
-                total.fetched += speed.fetched
-                total.fetch_compute_s += speed.fetch_compute_s
-                total.fetch_profiled_s += speed.fetch_profiled_s
-                total.cycles += speed.cycles
-                total.cycle_s += speed.cycle_s
-                total.cycle_profiled_s += speed.cycle_profiled_s
-                total.prefill_cycles += speed.prefill_cycles
-                total.prefill_cycle_s += speed.prefill_cycle_s
-                total.prefill_cycle_profiled_s += speed.prefill_cycle_profiled_s
+                for field in total.DESCRIPTOR.fields:  # the rest: EngineSpeed's own names
+                    if field.name != "steps":
+                        setattr(total, field.name,
+                                getattr(total, field.name) + getattr(speed, field.name))
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

@@ -31,8 +31,8 @@ is measured at the same moment, under the same load:
 
 from __future__ import annotations
 
-import dataclasses
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
