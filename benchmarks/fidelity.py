@@ -62,12 +62,11 @@ WORKLOADS = (  # name, trace, rate scale
 )
 POLICIES = ("--scheduler", "fcfs,emoe", "--experts", "all,lru,emoe")
 GOAL_REL, GOAL_POINTS = 0.10, 3.0
-STEP_SCATTER = 0.1
-"""Each simulated step drawn around its model (``emoe fidelity --step-scatter``). Chosen
-offline on the measured rows of the three runs at 16:14-16:50 on 2026-12-02 (sigma 0.1, 0.15,
-0.2; one draw and the median of five): 0.1 brought TTFT p90 from 3 to 11-12 of 24 cells within
-10% and kept the rest; 0.2 cost TTFT p50 (docs/fidelity.md limit 11). The served cycles'
-own scatter within a half-second is larger (log sigma ~0.2, positively correlated)."""
+STEP_SCATTER = "measured"
+"""Each simulated step drawn around its model (``emoe fidelity --step-scatter``) as the served
+loop's cycles scattered within each half-second of the replay: their log spread, prefill
+steps apart, and lag-1 correlation, measured by the server (``StepScatter``). Until session 7
+the benchmark drew independently with a sigma of 0.1 chosen offline on three runs."""
 
 
 def base_policy(path: Path) -> Path:
@@ -186,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         report = out / f"{name}.json"
         assert main(["fidelity", "--profile", str(profile), "--policy", str(policy),
-                     "--engine-speed", "timeline", "--step-scatter", str(STEP_SCATTER),
+                     "--engine-speed", "timeline", "--step-scatter", STEP_SCATTER,
                      *policies, "--trace", str(trace), "--limit", str(args.limit),
                      "--rate-scale", str(rate), "--fit", "scale", "--seed", "0",
                      "--out-dir", str(out / name), "--json", str(report)]) == 0
@@ -195,8 +194,8 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     print(f"fidelity on {profile} ({args.limit} requests per trace, SLOs x{SLO_SCALE}, "
-          f"--fit scale, task prompts with recorded routing, steps drawn with sigma "
-          f"{STEP_SCATTER:g}), {time.time() - started:.0f} s; "
+          f"--fit scale, task prompts with recorded routing, steps drawn around "
+          f"their model: {STEP_SCATTER}), {time.time() - started:.0f} s; "
           f"load average before {_load(load_before)}, after {_load(load_after)} "
           f"({os.cpu_count()} cores)")
     summary = {}

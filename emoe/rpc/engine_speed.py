@@ -20,10 +20,17 @@ and x1.16), so scaling the simulated engine by the compute ratio counted that sh
 The cycles of steps that ran a prompt chunk are also summed apart (``prefill_cycle_*``): how
 the profile's fit splits a cycle between engine and loop moves with the minute it was taken
 in, and prefill steps are mostly engine, decode steps mostly loop.
+
+Each cycle's log(cycle / model) is summed too, with its square and, over pairs of consecutive
+cycles of one kind, their product (``cycle_log_*``, ``cycle_lag_*``; of prefill cycles apart):
+from two samples of the sums, how the cycles scatter around their model within the window and
+how alike consecutive ones are, which the simulator draws its steps with
+(``emoe.sim.speed.StepScatter``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from emoe.core.plan import StepPlan, StepResult
@@ -48,9 +55,19 @@ class EngineSpeed:
     prefill_cycles: int = 0
     prefill_cycle_s: float = 0.0
     prefill_cycle_profiled_s: float = 0.0
+    cycle_log_sum: float = 0.0
+    cycle_log_sq_sum: float = 0.0
+    cycle_lag_pairs: int = 0
+    cycle_lag_sum: float = 0.0
+    prefill_cycle_log_sum: float = 0.0
+    prefill_cycle_log_sq_sum: float = 0.0
+    prefill_cycle_lag_pairs: int = 0
+    prefill_cycle_lag_sum: float = 0.0
     # the last step's start, its modelled cycle and whether it ran a prompt chunk, while the
     # loop goes straight on from it
     _open: tuple[float, float, bool] | None = field(default=None, repr=False)
+    # the last cycle counted, its kind and log ratio, while the loop went straight on after it
+    _last: tuple[bool, float] | None = field(default=None, repr=False)
 
     def profiled(self, plan: StepPlan, context_tokens: int) -> float:
         """The profile's compute for ``plan`` as one step whose decodes attend
@@ -66,7 +83,7 @@ class EngineSpeed:
 
     def idle(self) -> None:
         """The loop found nothing to run (or a step failed): the open cycle ends uncounted."""
-        self._open = None
+        self._open = self._last = None
 
     def observe(self, plan: StepPlan, result: StepResult, context_tokens: int,
                 started: float) -> None:
@@ -80,8 +97,10 @@ class EngineSpeed:
                 self.prefill_cycles += 1
                 self.prefill_cycle_s += started - opened
                 self.prefill_cycle_profiled_s += modelled
+            self._scatter(prefill, started - opened, modelled)
             self._open = None
         if result.compute_s <= 0 or result.iterations != 1:
+            self._last = None
             return
         profiled = self.profiled(plan, context_tokens)
         if result.fetched_on_miss:
@@ -89,6 +108,7 @@ class EngineSpeed:
             self.fetched += len(result.fetched_on_miss)
             self.fetch_compute_s += result.compute_s
             self.fetch_profiled_s += profiled
+            self._last = None
             return
         self.counted += 1
         self.compute_s += result.compute_s
@@ -96,6 +116,25 @@ class EngineSpeed:
         if self.serving is not None:
             streamed = sum(o.new_tokens for o in result.outputs)
             self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill))
+
+    def _scatter(self, prefill: bool, cycle_s: float, modelled_s: float) -> None:
+        if cycle_s <= 0 or modelled_s <= 0:
+            self._last = None
+            return
+        x = math.log(cycle_s / modelled_s)
+        lag = self._last is not None and self._last[0] == prefill
+        self.cycle_log_sum += x
+        self.cycle_log_sq_sum += x * x
+        if lag:
+            self.cycle_lag_pairs += 1
+            self.cycle_lag_sum += x * self._last[1]
+        if prefill:
+            self.prefill_cycle_log_sum += x
+            self.prefill_cycle_log_sq_sum += x * x
+            if lag:
+                self.prefill_cycle_lag_pairs += 1
+                self.prefill_cycle_lag_sum += x * self._last[1]
+        self._last = (prefill, x)
 
 
 def fetch_cost_s(speed: float, fetched: int, fetch_compute_s: float,

@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # annotations only; these load when a command needs them
     from emoe.core.metrics.summary import Summary
     from emoe.core.policy_file import PolicyConfig
     from emoe.core.specs import ModelSpec
-    from emoe.sim.speed import SpeedTimeline
+    from emoe.sim.speed import SpeedTimeline, StepScatter
 
 
 METRICS = (("ttft", "ttft_s", "TTFT (s)"), ("tpot", "tpot_s", "TPOT (ms)"),
@@ -111,11 +111,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            f"{SPEED_SAMPLE_S:g} s, each window simulated at its own, with the "
                            "simulations at the one speed and as profiled beside it. The "
                            "speeds are reported either way")
-    sys_.add_argument("--step-scatter", type=float, default=0.0, metavar="SIGMA",
+    sys_.add_argument("--step-scatter", default="0", metavar="SIGMA|measured",
                       help="draw each simulated step's time around its model, lognormal of "
-                           "this sigma and mean 1 (every simulation of the run; default 0: "
-                           "exactly its model). The served loop's cycles scatter around their "
-                           "model within every half-second (docs/fidelity.md limit 11)")
+                           "mean 1 (every simulation of the run): of this sigma, independently, "
+                           "or 'measured': as the server's loop cycles scattered within each "
+                           "half-second of the replay, their spread (prefill steps apart) and "
+                           "lag-1 correlation (default 0: exactly its model; docs/fidelity.md "
+                           "limit 11)")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -187,12 +189,14 @@ class Side:
     fetch_cost_s: float | None = None  # measured: per expert fetched on a miss, as served
     speed_timeline: SpeedTimeline | None = None  # measured: engine_speed window by window
     speed_by_kind: dict | None = None  # measured: engine_speed of prefill and decode-only steps
+    step_scatter: StepScatter | None = None  # measured: how the cycles scattered within windows
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
              rows_path: Path, routing_trace: Path | None = None,
              engine_speed: float | SpeedTimeline = 1.0,
-             fetch_cost_s: float | None = None, step_scatter: float = 0.0) -> Side:
+             fetch_cost_s: float | None = None,
+             step_scatter: float | StepScatter = 0.0) -> Side:
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
@@ -249,17 +253,26 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     by_kind = {"prefill": ratio("prefill_cycle_s", "prefill_cycle_profiled_s"),
                "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
                           if decode_model > 0 else None)}
+    timeline, scatter = _timeline(samples)
     fetch = None if compute is None else fetch_cost_s(
         compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, _timeline(samples), by_kind)
+                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter)
+
+
+_SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_profiled_s",
+            "cycle_log_sum", "cycle_log_sq_sum", "cycles", "cycle_lag_pairs", "cycle_lag_sum",
+            "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycles",
+            "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum")
+"""GetStats ``engine_speed`` counters sampled during a replay: the cycles' time against their
+model, then the sums ``StepScatter.from_samples`` takes (of all cycles, then of those with a
+prompt chunk)."""
 
 
 def _speed_sample(t: float, speed) -> tuple[float, ...]:
     """The loop's cycle counters (GetStats ``engine_speed``) at ``t``."""
-    return (t, speed.cycle_s, speed.cycle_profiled_s, speed.prefill_cycle_s,
-            speed.prefill_cycle_profiled_s)
+    return (t,) + tuple(getattr(speed, name) for name in _SAMPLED)
 
 
 async def _sample_speed(client, began: float, samples: list) -> None:
@@ -270,13 +283,31 @@ async def _sample_speed(client, began: float, samples: list) -> None:
                                      (await client.stats()).engine_speed))
 
 
-def _timeline(samples: list) -> SpeedTimeline | None:
-    from emoe.sim.speed import SpeedTimeline
+def _timeline(samples: list) -> tuple[SpeedTimeline | None, StepScatter | None]:
+    """The loop's speed window by window, and how its cycles scattered within the windows."""
+    from emoe.sim.speed import SpeedTimeline, StepScatter
 
-    times, cycles, modelled, prefill_cycles, prefill_modelled = zip(*samples)
+    times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
     if modelled[-1] <= modelled[0]:
-        return None  # a server without --profile: no cycles against a model
-    return SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles, prefill_modelled)
+        return None, None  # a server without --profile: no cycles against a model
+    return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
+                                       prefill_modelled),
+            StepScatter.from_samples(*sums[:5], prefill=sums[5:]))
+
+
+def _step_scatter(value: str) -> float | str:
+    """``--step-scatter``: a sigma in [0, 1) or 'measured'."""
+    from emoe.core.errors import ConfigError
+
+    if value == "measured":
+        return value
+    try:
+        sigma = float(value)
+    except ValueError:
+        sigma = math.nan
+    if not 0.0 <= sigma < 1.0:
+        raise ConfigError(f"--step-scatter: a sigma in [0, 1) or 'measured', got {value!r}")
+    return sigma
 
 
 # -- comparison ------------------------------------------------------------------------------
@@ -468,8 +499,7 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit: must be >= 1, got {args.limit}")
     if args.rate_scale <= 0:
         raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
-    if not 0.0 <= args.step_scatter < 1.0:
-        raise ConfigError(f"--step-scatter: a sigma in [0, 1), got {args.step_scatter}")
+    step_scatter = _step_scatter(args.step_scatter)
     load_before = os.getloadavg()
     print(f"emoe fidelity: load average before {_load(load_before)} (other work on this "
           f"machine slows the measured side)", flush=True)
@@ -544,21 +574,28 @@ async def _run(args: argparse.Namespace) -> int:
                               f"steps against a profile (is it started with --profile "
                               f"{profile_path}?)")
         speed, simulated, fetch_cost = _as_served(real, args.engine_speed, fetch_model_s)
+        scatter = step_scatter
+        if scatter == "measured":
+            if real.step_scatter is None:
+                raise ConfigError(f"--step-scatter measured: the server reported no cycles "
+                                  f"against a profile (is it started with --profile "
+                                  f"{profile_path}?)")
+            scatter = real.step_scatter
         sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                        out_dir / f"{stem}-sim.csv", routing_trace, simulated, fetch_cost,
-                       args.step_scatter)
+                       scatter)
         reports[name] = compare(sim, real)
         reports[name]["engine_speed"] = speed
         if args.engine_speed != "profile":
             as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                    out_dir / f"{stem}-sim-profile.csv", routing_trace,
-                                   step_scatter=args.step_scatter)
+                                   step_scatter=scatter)
             profiled[name] = compare(as_profiled, real)
             reports[name]["as_profiled"] = profiled[name]
         if args.engine_speed == "timeline":
             as_served = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                  out_dir / f"{stem}-sim-served.csv", routing_trace,
-                                 real.engine_speed, fetch_cost, args.step_scatter)
+                                 real.engine_speed, fetch_cost, scatter)
             one_speed[name] = compare(as_served, real)
             reports[name]["as_served"] = one_speed[name]
         if len(reports) == 1:
@@ -595,7 +632,7 @@ async def _run(args: argparse.Namespace) -> int:
             "prompts": args.prompts,
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
-            "engine_speed": args.engine_speed, "step_scatter": args.step_scatter,
+            "engine_speed": args.engine_speed, "step_scatter": step_scatter,
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree,
         }
@@ -674,6 +711,12 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
               flush=True)
         if mode == "timeline":
             simulated = timeline
+    scatter = real.step_scatter
+    if scatter is not None:
+        speed["scatter"] = {"sigma": scatter.sigma, "prefill_sigma": scatter.prefill_sigma,
+                            "lag1": scatter.lag1}
+        print(f"its cycles scattered around their model within each window: "
+              f"{scatter.describe()}", flush=True)
     print("simulated: each window at its own speed" if mode == "timeline"
           else f"simulated at x{simulated:.2f}", flush=True)
     fetch_cost = None

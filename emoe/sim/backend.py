@@ -30,7 +30,6 @@ from operator import itemgetter
 
 import numpy as np
 
-from emoe.core.errors import ConfigError
 from emoe.core.experts import LruExpertCache, MissMode
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
 from emoe.core.profile import HandlerOverhead, ServingCosts, StepTimes, chunk_pairs
@@ -40,7 +39,7 @@ from emoe.sim.cost import CostModel
 from emoe.sim.memory import GpuMemory
 from emoe.sim.pcie import PcieLink
 from emoe.sim.routing import RoutingSource
-from emoe.sim.speed import SpeedTimeline
+from emoe.sim.speed import SpeedTimeline, StepScatter
 
 
 class SimBackend:
@@ -49,17 +48,15 @@ class SimBackend:
                  steps: StepTimes | None = None, serving: ServingCosts | None = None,
                  offload: HandlerOverhead | None = None,
                  speed: SpeedTimeline = SpeedTimeline.constant(1.0),
-                 scatter: tuple[float, int] = (0.0, 0)):
-        """``scatter``: (sigma, seed) of the lognormal each step's time is drawn around its
-        model with, mean 1 (``SimConfig.step_scatter``; a served engine's profile only)."""
+                 scatter: StepScatter = StepScatter(), seed: int = 0):
+        """``scatter``: how each step's time is drawn around its model, seeded by ``seed``
+        (``SimConfig.step_scatter``; a served engine's profile only)."""
         self.model = model
         self.hardware = hardware
         self.cost = CostModel(hardware, model, steps, serving, offload, speed)
-        sigma, seed = scatter
-        if not (0.0 <= sigma < 1.0):
-            raise ConfigError(f"step scatter: a sigma in [0, 1), got {sigma!r}")
-        self._sigma = sigma if serving is not None else 0.0
+        self._scatter_model = scatter if serving is not None and scatter.drawn else None
         self._draws = np.random.default_rng(seed)
+        self._scatter_state = 0.0  # the AR(1) series' last standard-normal value
         self.memory = GpuMemory(memory_bytes, model)
         self.link = PcieLink(hardware.pcie_bandwidth_bytes_per_s, hardware.pcie_latency_s)
         self.routing = routing
@@ -157,7 +154,7 @@ class SimBackend:
                                    self._version)
             if decode:
                 self.routing.count(decode_slots, iterations, True, self.resident, self._version)
-            scatter = self._scatter(iterations)
+            scatter = self._scatter(iterations, bool(plan.prefill))
             compute = scatter * cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
                                             context_tokens=context,
                                             resident_experts=memory.experts,
@@ -184,13 +181,20 @@ class SimBackend:
             result.routing[request.id] = self.routing.prefill_counts(request)
         return result
 
-    def _scatter(self, iterations: int) -> float:
-        """A step's draw around its model: lognormal of mean 1; over a macro step of n
-        iterations, of sigma / sqrt(n) (the n iterations' independent draws, summed)."""
-        if self._sigma <= 0:
+    def _scatter(self, iterations: int, prefill: bool) -> float:
+        """A step's draw around its model, mean 1: of a macro step of n iterations, the mean
+        of its iterations' draws (``StepScatter``: lognormal, AR(1) from step to step)."""
+        scatter = self._scatter_model
+        if scatter is None:
             return 1.0
-        sigma = self._sigma / math.sqrt(iterations)
-        return math.exp(self._draws.normal(-sigma * sigma / 2, sigma))
+        sigma, rho = scatter.sigma_of(prefill), scatter.lag1
+        innovation = math.sqrt(1.0 - rho * rho)
+        state, total = self._scatter_state, 0.0
+        for z in self._draws.standard_normal(iterations).tolist():
+            state = rho * state + innovation * z
+            total += math.exp(sigma * state - sigma * sigma / 2)
+        self._scatter_state = state
+        return total / iterations
 
     def _load(self, keys: list[ExpertKey], now: float, issue_at: float) -> np.ndarray | None:
         """Issue expert copies; the per-layer time the last one lands (-inf: none)."""
@@ -272,7 +276,7 @@ class SimBackend:
                     fetches[layer] = fetches.get(layer, 0) + 1
             if fetches:
                 self._version += 1
-            scatter = self._scatter(1)
+            scatter = self._scatter(1, iteration == 0 and prefill > 0)
             compute = scatter * self.cost.step_s(
                 prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
                 context_tokens=memory.kv_tokens + decode * iteration,

@@ -31,7 +31,7 @@ from emoe.core.workload import (DEFAULT_TRACE, ContextFit, TaskMix, read_trace,
 from emoe.sim.backend import SimBackend
 from emoe.sim.client import ClientView
 from emoe.sim.routing import RoutingSource, SyntheticRouting
-from emoe.sim.speed import SpeedTimeline
+from emoe.sim.speed import SpeedTimeline, StepScatter
 from emoe.sim.world import World
 
 GIB = 1024**3
@@ -136,7 +136,8 @@ class SimConfig:
     (the machine's speed when the run is compared with a measured one), or as a
     ``SpeedTimeline``, the multiple of each window of the run; ``step_scatter``: each
     simulated step (with a served engine's profile) takes its modelled time x a lognormal
-    draw of this sigma and mean 1 (0: exactly its model), seeded by ``seed``;
+    draw of mean 1, of this sigma (0: exactly its model) or as a ``StepScatter`` (AR(1) from
+    step to step, prefill steps' sigma apart), seeded by ``seed``;
     ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
     copy latency + bytes / bandwidth).
     """
@@ -161,7 +162,7 @@ class SimConfig:
     warm_start: Path | None = None
     proxy_sensitivity: Path | None = None
     engine_speed: float | SpeedTimeline = 1.0
-    step_scatter: float = 0.0
+    step_scatter: float | StepScatter = 0.0
     fetch_cost_s: float | None = None
 
     @property
@@ -189,6 +190,12 @@ class SimConfig:
         if isinstance(self.engine_speed, SpeedTimeline):
             return self.engine_speed
         return SpeedTimeline.constant(self.engine_speed)
+
+    def scatter(self) -> StepScatter:
+        """``step_scatter`` as a ``StepScatter`` (a number: independent draws of that sigma)."""
+        if isinstance(self.step_scatter, StepScatter):
+            return self.step_scatter
+        return StepScatter(float(self.step_scatter))
 
     @property
     def budget_label(self) -> str:
@@ -361,7 +368,7 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          steps=profile.step_table if profile else None,
                          serving=profile.serving if profile else None,
                          speed=config.speed_timeline(),
-                         scatter=(config.step_scatter, config.seed),
+                         scatter=config.scatter(), seed=config.seed,
                          offload=(profile.offload if profile and policy.serves_with_expert_cache
                                   else None))
     return scheduler, backend

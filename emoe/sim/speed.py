@@ -137,3 +137,108 @@ def _shrunk(cycle_s: Sequence[float], modelled_s: Sequence[float], i: int, overa
     """Window ``i``'s ratio, shrunk towards ``overall`` by ``prior_s`` of modelled time."""
     cycles, model = cycle_s[i] - cycle_s[i - 1], modelled_s[i] - modelled_s[i - 1]
     return (cycles + prior_s * overall) / (model + prior_s)
+
+
+@dataclass(frozen=True, slots=True)
+class StepScatter:
+    """How a step's time scatters around its model (x its window's speed): log(time / model)
+    is an AR(1) series over consecutive steps with lag-1 correlation ``lag1``, its spread
+    ``sigma`` (steps that run a prompt chunk: ``prefill_sigma``, default ``sigma``), its draw
+    of mean 1 so that a window's speed is kept."""
+
+    sigma: float = 0.0
+    prefill_sigma: float | None = None
+    lag1: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("sigma", "prefill_sigma"):
+            value = getattr(self, name)
+            if value is not None and not (0.0 <= value < 1.0):
+                raise ConfigError(f"step scatter: a sigma in [0, 1), got {name}={value!r}")
+        if not -1.0 < self.lag1 < 1.0:
+            raise ConfigError(f"step scatter: a lag-1 correlation in (-1, 1), got "
+                              f"{self.lag1!r}")
+
+    @property
+    def drawn(self) -> bool:
+        return self.sigma > 0 or bool(self.prefill_sigma)
+
+    def sigma_of(self, prefill: bool) -> float:
+        return self.prefill_sigma if prefill and self.prefill_sigma is not None else self.sigma
+
+    @classmethod
+    def from_samples(cls, log_sum: Sequence[float], log_sq_sum: Sequence[float],
+                     cycles: Sequence[int], lag_pairs: Sequence[int],
+                     lag_sum: Sequence[float], prefill: Sequence[Sequence[float]] | None
+                     = None) -> StepScatter:
+        """From cumulative sums sampled during a run (a served loop's ``cycle_log_*``,
+        ``cycles`` and ``cycle_lag_*``, ``emoe.rpc.engine_speed``; ``prefill``: the same five
+        of the cycles that ran a prompt chunk, which the first five include): the spread of
+        each window's cycles around that window's own mean, pooled over the windows, prefill
+        and decode-only cycles apart, and their lag-1 correlation, pooled over both kinds.
+        The slower drift from window to window is the timeline's; this is what scatters
+        within a window."""
+        total = _Moments.of(log_sum, log_sq_sum, cycles, lag_pairs, lag_sum)
+        if prefill is None:
+            decode, prefilled = total, None
+        else:
+            prefilled = _Moments.of(*prefill)
+            decode = total.minus(prefilled)
+        sigma = decode.sigma() or 0.0
+        prefill_sigma = None if prefilled is None else prefilled.sigma()
+        kinds = [(decode, sigma)] + ([(prefilled, prefill_sigma)] if prefill_sigma else [])
+        covariance = sum(m.lag_covariance() for m, _ in kinds)
+        variance = sum(m.lag_weight() * s * s for m, s in kinds)
+        lag1 = min(0.95, max(-0.95, float(covariance / variance))) if variance > 0 else 0.0
+        return cls(min(sigma, 0.99), None if prefill_sigma is None else min(prefill_sigma, 0.99),
+                   lag1)
+
+    def describe(self) -> str:
+        text = f"log sigma {self.sigma:.3f}"
+        if self.prefill_sigma is not None:
+            text += f" (steps with a prompt chunk {self.prefill_sigma:.3f})"
+        return text + f", lag-1 correlation {self.lag1:+.2f}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Moments:
+    """Per window: cycles n, sum and sum of squares of their log ratios, pairs of consecutive
+    cycles and the sum of their products."""
+
+    n: tuple[float, ...]
+    s1: tuple[float, ...]
+    s2: tuple[float, ...]
+    pairs: tuple[float, ...]
+    lag: tuple[float, ...]
+
+    @classmethod
+    def of(cls, log_sum, log_sq_sum, cycles, lag_pairs, lag_sum) -> _Moments:
+        columns = (cycles, log_sum, log_sq_sum, lag_pairs, lag_sum)
+        if len({len(c) for c in columns}) != 1 or len(cycles) < 2:
+            raise ConfigError("step scatter: two or more samples of every sum needed")
+        return cls(*(tuple(b - a for a, b in zip(c, c[1:])) for c in columns))
+
+    def minus(self, other: _Moments) -> _Moments:
+        return _Moments(*(tuple(a - b for a, b in zip(x, y))
+                          for x, y in zip(self.fields(), other.fields())))
+
+    def fields(self) -> tuple[tuple[float, ...], ...]:
+        return self.n, self.s1, self.s2, self.pairs, self.lag
+
+    def sigma(self) -> float | None:
+        """Pooled within-window standard deviation (None: too few cycles)."""
+        squares = dof = 0.0
+        for n, s1, s2 in zip(self.n, self.s1, self.s2):
+            if n >= 2:
+                squares += max(0.0, s2 - s1 * s1 / n)
+                dof += n - 1
+        return math.sqrt(squares / dof) if dof > 0 else None
+
+    def lag_covariance(self) -> float:
+        """Sum over windows of the consecutive pairs' products about the window's mean."""
+        return sum(lag - pairs * (s1 / n) ** 2
+                   for n, s1, pairs, lag in zip(self.n, self.s1, self.pairs, self.lag)
+                   if n >= 2 and pairs > 0)
+
+    def lag_weight(self) -> float:
+        return sum(pairs for n, pairs in zip(self.n, self.pairs) if n >= 2 and pairs > 0)

@@ -89,3 +89,36 @@ def test_cycles_of_steps_that_ran_a_prompt_chunk_are_also_summed_apart():
     decode_s = speed.cycle_s - speed.prefill_cycle_s
     assert decode_s / (speed.cycle_profiled_s - speed.prefill_cycle_profiled_s) == \
         pytest.approx(0.9)
+
+
+def test_each_cycles_log_ratio_is_summed_with_its_square_and_consecutive_products():
+    """The sums the simulator's step scatter is measured from: log(cycle / model), its square
+    and, over consecutive cycles of one kind, their product; a cycle of the other kind or
+    an idle loop between two breaks the pair."""
+    import math
+
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    decode = StepPlan(decode=["c", "d"])
+    tokens = [RequestStepOutput("c", new_tokens=1), RequestStepOutput("d", new_tokens=1)]
+    prefill_model = speed.serving.cycle_s(speed.profiled(plan(), 70), 2)
+    decode_model = speed.serving.cycle_s(speed.profiled(decode, 70), 2)
+    t = 0.0
+    # the step at t, then how long its cycle ran against its model (None: the loop idles)
+    for step, ratio in ((decode, 1.2), (decode, 0.9), (plan(), 1.5), (decode, 1.1),
+                        (decode, None), (decode, 1.3), (decode, 0.8)):
+        speed.observe(step, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70, t)
+        if ratio is None:
+            speed.idle()
+            t += 1.0
+        else:
+            t += ratio * (prefill_model if step.prefill else decode_model)
+    speed.observe(decode, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70, t)
+    logs = [math.log(r) for r in (1.2, 0.9, 1.5, 1.1, 1.3, 0.8)]
+    assert speed.cycles == 6 and speed.prefill_cycles == 1
+    assert speed.cycle_log_sum == pytest.approx(sum(logs))
+    assert speed.cycle_log_sq_sum == pytest.approx(sum(x * x for x in logs))
+    assert speed.prefill_cycle_log_sum == pytest.approx(logs[2])
+    assert speed.prefill_cycle_log_sq_sum == pytest.approx(logs[2] ** 2)
+    # decode pairs: 1.2 -> 0.9 and 1.3 -> 0.8 (the prefill cycle and the idle loop break)
+    assert speed.cycle_lag_pairs == 2 and speed.prefill_cycle_lag_pairs == 0
+    assert speed.cycle_lag_sum == pytest.approx(logs[0] * logs[1] + logs[4] * logs[5])

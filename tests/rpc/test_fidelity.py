@@ -117,16 +117,18 @@ def test_at_the_served_speed_the_simulation_as_profiled_is_reported_beside(profi
 def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_path, capsys):
     """``--engine-speed timeline``: the server's loop speed sampled during the replay, each
     window simulated at its own, with the simulations at the replay's one speed and as
-    profiled beside it (here with every step drawn around its model: ``--step-scatter``)."""
+    profiled beside it (here with every step drawn around its model as the server's cycles
+    scattered within the windows: ``--step-scatter measured``)."""
     report = tmp_path / "report.json"
     assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
-                 "--engine-speed", "timeline", "--step-scatter", "0.1",
+                 "--engine-speed", "timeline", "--step-scatter", "measured",
                  "--out-dir", str(tmp_path / "out"), "--no-plots", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "its speed sampled every 0.5 s:" in printed
     assert "simulated window by window at the server's loop speed as sampled" in printed
+    assert "its cycles scattered around their model within each window: log sigma" in printed
     doc = json.loads(report.read_text())
-    assert doc["step_scatter"] == 0.1
+    assert doc["step_scatter"] == "measured"
     (policy,) = doc["policies"].values()
     speed = policy["engine_speed"]
     timeline = speed["timeline"]
@@ -134,6 +136,7 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     assert timeline["starts"][0] == 0.0 and timeline["sample_s"] == 0.5
     assert all(0.1 < s < 10 for s in timeline["speeds"])
     assert len(timeline["prefill_speeds"]) == len(timeline["speeds"])
+    assert 0 < speed["scatter"]["sigma"] < 1 and -1 < speed["scatter"]["lag1"] < 1
     for kind, speeds in (("decode", timeline["speeds"]), ("prefill", timeline["prefill_speeds"])):
         assert min(speeds) <= speed["by_kind"][kind] <= max(speeds)  # around the kind's own
     real = policy["metrics"]["e2e"]["real"]
@@ -177,4 +180,5 @@ def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
     assert "no emoe serve answering there within 5 s" in capsys.readouterr().err
     assert main(["fidelity", "--profile", str(profile), "--step-scatter", "1.5",
                  "--out-dir", str(tmp_path / "out")]) == 2  # before anything is measured
-    assert "--step-scatter: a sigma in [0, 1), got 1.5" in capsys.readouterr().err
+    assert "--step-scatter: a sigma in [0, 1) or 'measured', got '1.5'" in \
+        capsys.readouterr().err

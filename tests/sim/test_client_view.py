@@ -4,10 +4,12 @@ ended request is reported on the client's clock."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from emoe.core.errors import ConfigError
 from emoe.core.request import SLO, Request
 from emoe.sim.client import ClientView
 from emoe.sim.runner import SimConfig, build
@@ -272,10 +274,6 @@ def test_steps_drawn_around_their_model(served):
     """``step_scatter``: each step's time a lognormal draw of mean 1 around its model, seeded
     by the run's seed (the same seed, the same run); on average the model's time; a sigma out
     of [0, 1) is refused."""
-    import dataclasses
-
-    from emoe.core.errors import ConfigError
-
     slo = SLO(10.0, 10.0)
 
     def busy(config, max_iterations=1):
@@ -294,3 +292,66 @@ def test_steps_drawn_around_their_model(served):
     for sigma in (-0.1, 1.0):
         with pytest.raises(ConfigError, match="step scatter: a sigma in"):
             build(dataclasses.replace(served, step_scatter=sigma))
+
+
+def _sums(windows: list[list[float]]) -> list[list[float]]:
+    """Cumulative sums as a server samples them, one sample per window end: log sum, sum of
+    squares, cycles, consecutive pairs, sum of their products (every window one run)."""
+    columns = [[0.0] for _ in range(5)]
+    for xs in windows:
+        row = (sum(xs), sum(x * x for x in xs), len(xs), len(xs) - 1,
+               sum(a * b for a, b in zip(xs, xs[1:])))
+        for column, value in zip(columns, row):
+            column.append(column[-1] + value)
+    return columns
+
+
+def test_the_step_scatter_is_measured_within_windows():
+    """``StepScatter.from_samples``: each window's log ratios about the window's own mean
+    (the timeline's drift from window to window is not counted), pooled; prefill cycles'
+    spread apart; the lag-1 correlation of consecutive cycles."""
+    import numpy as np
+
+    from emoe.sim.speed import StepScatter
+
+    rng = np.random.default_rng(0)
+    rho, sigma = 0.6, 0.2
+    windows = []
+    for level in (-0.3, 0.0, 0.4, 0.1):  # window means far apart
+        x = [rng.normal(0, sigma)]
+        for _ in range(2999):
+            x.append(rho * x[-1] + np.sqrt(1 - rho * rho) * rng.normal(0, sigma))
+        windows.append([level + v for v in x])
+    scatter = StepScatter.from_samples(*_sums(windows))
+    assert scatter.sigma == pytest.approx(sigma, rel=0.05)
+    assert scatter.lag1 == pytest.approx(rho, abs=0.05)
+    assert scatter.prefill_sigma is None
+    prefill = [[0.5 + v for v in rng.normal(0, 0.1, 2000)] for _ in range(2)]
+    decode = windows[:2]  # the server's sums are of all cycles, and of the prefill ones apart
+    total = [[a + b for a, b in zip(d, p)] for d, p in zip(_sums(decode), _sums(prefill))]
+    apart = StepScatter.from_samples(*total, prefill=_sums(prefill))
+    assert apart.sigma == pytest.approx(sigma, rel=0.05)
+    assert apart.prefill_sigma == pytest.approx(0.1, rel=0.1)
+    # pooled over both kinds by their pairs x variance: 0.6 x 240 / (240 + 40)
+    assert apart.lag1 == pytest.approx(0.6 * 240 / 280, abs=0.05)
+    assert "(steps with a prompt chunk 0.09" in apart.describe()
+    with pytest.raises(ConfigError, match="lag-1 correlation"):
+        StepScatter(0.1, lag1=1.0)
+
+
+def test_steps_drawn_as_an_ar1_series_keep_their_mean_and_correlation(served):
+    """A ``StepScatter`` with lag-1 correlation: consecutive steps' draws alike, mean 1."""
+    import numpy as np
+
+    from emoe.sim.speed import StepScatter
+
+    _, backend = build(dataclasses.replace(served, step_scatter=StepScatter(0.2, 0.4, 0.7)))
+    draws = np.log([backend._scatter(1, False) for _ in range(20000)])
+    assert np.corrcoef(draws[:-1], draws[1:])[0, 1] == pytest.approx(0.7, abs=0.03)
+    assert draws.std() == pytest.approx(0.2, rel=0.05)
+    assert np.exp(draws).mean() == pytest.approx(1.0, abs=0.02)
+    prefill = np.log([backend._scatter(1, True) for _ in range(20000)])
+    assert prefill.std() == pytest.approx(0.4, rel=0.05)
+    macro = [backend._scatter(50, False) for _ in range(400)]  # the mean of 50 iterations'
+    assert np.mean(macro) == pytest.approx(1.0, abs=0.03)
+    assert np.std(np.log(macro)) < 0.2 / 2

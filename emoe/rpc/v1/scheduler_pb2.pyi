@@ -233,7 +233,7 @@ class Stats(_message.Message):
     def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ...) -> None: ...
 
 class EngineSpeed(_message.Message):
-    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s")
+    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s", "cycle_log_sum", "cycle_log_sq_sum", "cycle_lag_pairs", "cycle_lag_sum", "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     PROFILED_S_FIELD_NUMBER: _ClassVar[int]
@@ -247,6 +247,14 @@ class EngineSpeed(_message.Message):
     PREFILL_CYCLES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CYCLE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_LOG_SUM_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_LOG_SQ_SUM_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_LAG_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    CYCLE_LAG_SUM_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_LOG_SUM_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_LOG_SQ_SUM_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_LAG_PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_CYCLE_LAG_SUM_FIELD_NUMBER: _ClassVar[int]
     steps: int
     compute_s: float
     profiled_s: float
@@ -260,7 +268,15 @@ class EngineSpeed(_message.Message):
     prefill_cycles: int
     prefill_cycle_s: float
     prefill_cycle_profiled_s: float
-    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ..., prefill_cycles: _Optional[int] = ..., prefill_cycle_s: _Optional[float] = ..., prefill_cycle_profiled_s: _Optional[float] = ...) -> None: ...
+    cycle_log_sum: float
+    cycle_log_sq_sum: float
+    cycle_lag_pairs: int
+    cycle_lag_sum: float
+    prefill_cycle_log_sum: float
+    prefill_cycle_log_sq_sum: float
+    prefill_cycle_lag_pairs: int
+    prefill_cycle_lag_sum: float
+    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ..., prefill_cycles: _Optional[int] = ..., prefill_cycle_s: _Optional[float] = ..., prefill_cycle_profiled_s: _Optional[float] = ..., cycle_log_sum: _Optional[float] = ..., cycle_log_sq_sum: _Optional[float] = ..., cycle_lag_pairs: _Optional[int] = ..., cycle_lag_sum: _Optional[float] = ..., prefill_cycle_log_sum: _Optional[float] = ..., prefill_cycle_log_sq_sum: _Optional[float] = ..., prefill_cycle_lag_pairs: _Optional[int] = ..., prefill_cycle_lag_sum: _Optional[float] = ...) -> None: ...
 
 class TaskStats(_message.Message):
     __slots__ = ("task", "submitted", "finished", "aborted", "failed", "slo_met", "slo_attainment", "output_tokens", "queue", "ttft", "tpot", "total")
