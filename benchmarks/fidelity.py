@@ -8,7 +8,8 @@ On the reference model with one engine thread:
    model's 256-token context (``--fit scale``) and to a rate the engine sustains, under six
    policies (fcfs/emoe scheduling x all/lru/emoe planner; lru and emoe keep 5 of 8 experts
    per layer), with the task SLOs scaled to this model (``SLO_SCALE``: the defaults are for
-   Mixtral-8x7B on a GPU); replay sends task prompts whose routing is recorded first, so
+   Mixtral-8x7B on a GPU); rates and SLOs follow this machine's speed by its profile
+   (``machine_factor``), so that the load is the same share of it; replay sends task prompts whose routing is recorded first, so
    both sides see the same routing;
 3. prints, per trace, one table: simulated vs measured p50/p90 of TTFT and E2E (relative
    error), SLO attainment (points), goodput, against the goal (within 10% / 3 points), expert
@@ -52,14 +53,21 @@ from emoe.core.tasks import DEFAULT_TASKS  # noqa: E402
 from emoe.rpc.fidelity import rank_pairs  # noqa: E402
 
 SLO_SCALE = 0.05
-"""Default SLOs x 0.05: TTFT 75-200 ms, TPOT 7.5-10 ms. The reference model prefills 255
-tokens in ~15 ms and decodes 16 streams in ~5 ms per token when served on one thread."""
+"""Default SLOs x 0.05: TTFT 75-200 ms, TPOT 7.5-10 ms, on a machine as fast as
+``REFERENCE_PREFILL_S`` says (x the machine's factor: ``machine_factor``)."""
+REFERENCE_PREFILL_S = 0.016
+"""A 255-token prefill of the reference model on one thread, in the profiles of the dev VM
+where ``SLO_SCALE`` and the rates of ``WORKLOADS`` were chosen (14.2-18.4 ms, 2026-12-02
+sessions 4-6). On a machine whose fresh profile takes f times as long, the benchmark plays the
+traces at 1/f their rate and scales the SLOs by f, so that the load is the same share of
+the machine and the SLOs as tight (on a 2x slower machine the fixed rates overload the
+engine: SLO attainment 0-20%, docs/fidelity.md limit 10)."""
 CODE_TRACE = REPO.parent / "shared/traces/azure-llm-2023/AzureLLMInferenceTrace_code.csv"
 WORKLOADS = (  # name, trace, rate scale
     ("built-in", REPO / "traces/mixed-tasks-poisson.csv", 6.0),
     ("azure-code", CODE_TRACE, 2.0),  # at 3x the engine falls behind and the measured side
                                       # moves 2x between runs (docs/fidelity.md)
-)
+)  # rates on the reference machine: divided by ``machine_factor``
 POLICIES = ("--scheduler", "fcfs,emoe", "--experts", "all,lru,emoe")
 GOAL_REL, GOAL_POINTS = 0.10, 3.0
 STEP_SCATTER = "measured"
@@ -69,10 +77,19 @@ steps apart, and lag-1 correlation, measured by the server (``StepScatter``). Un
 the benchmark drew independently with a sigma of 0.1 chosen offline on three runs."""
 
 
-def base_policy(path: Path) -> Path:
-    """The default policy with every task's SLO scaled by ``SLO_SCALE``."""
-    tasks = {name: dataclasses.replace(t, slo=SLO(t.slo.ttft_s * SLO_SCALE,
-                                                  t.slo.tpot_s * SLO_SCALE))
+def machine_factor(profile: Path) -> float:
+    """How much slower than the reference machine this one is: its profile's 255-token
+    prefill against ``REFERENCE_PREFILL_S`` (within 1/4-4)."""
+    from emoe.core.profile import load_profile
+
+    prefill = load_profile(profile).step_table.step_s(255, 0, 0.0)
+    return min(4.0, max(0.25, prefill / REFERENCE_PREFILL_S))
+
+
+def base_policy(path: Path, factor: float) -> Path:
+    """The default policy with every task's SLO scaled by ``SLO_SCALE`` x ``factor``."""
+    scale = SLO_SCALE * factor
+    tasks = {name: dataclasses.replace(t, slo=SLO(t.slo.ttft_s * scale, t.slo.tpot_s * scale))
              for name, t in DEFAULT_TASKS.items()}
     PolicyConfig(tasks=tasks).to_file(path)
     return path
@@ -176,7 +193,11 @@ def run(args: argparse.Namespace) -> int:
     profile = args.profile or out / "profile.json"
     if args.profile is None:
         assert main(["profile", "--threads", "1", "--out", str(profile)]) == 0
-    policy = base_policy(out / "base-policy.json")
+    factor = args.machine_factor or machine_factor(profile)
+    print(f"this machine: x{factor:.2f} the reference machine's 255-token prefill "
+          f"({REFERENCE_PREFILL_S * 1e3:g} ms{'' if args.machine_factor else ', by its profile'}): "
+          f"rates / {factor:.2f}, SLOs x {SLO_SCALE * factor:.3f}", flush=True)
+    policy = base_policy(out / "base-policy.json", factor)
     policies = POLICIES if not args.quick else ("--scheduler", "fcfs", "--experts", "all,lru,emoe")
     reports = {}
     for name, trace, rate in WORKLOADS:
@@ -187,13 +208,14 @@ def run(args: argparse.Namespace) -> int:
         assert main(["fidelity", "--profile", str(profile), "--policy", str(policy),
                      "--engine-speed", "timeline", "--step-scatter", STEP_SCATTER,
                      *policies, "--trace", str(trace), "--limit", str(args.limit),
-                     "--rate-scale", str(rate), "--fit", "scale", "--seed", "0",
+                     "--rate-scale", f"{rate / factor:.4g}", "--fit", "scale", "--seed", "0",
                      "--out-dir", str(out / name), "--json", str(report)]) == 0
         reports[name] = json.loads(report.read_text())
     load_after = os.getloadavg()
 
     print()
-    print(f"fidelity on {profile} ({args.limit} requests per trace, SLOs x{SLO_SCALE}, "
+    print(f"fidelity on {profile} ({args.limit} requests per trace, machine x{factor:.2f}: "
+          f"rates / {factor:.2f}, SLOs x{SLO_SCALE * factor:.3f}, "
           f"--fit scale, task prompts with recorded routing, steps drawn around "
           f"their model: {STEP_SCATTER}), {time.time() - started:.0f} s; "
           f"load average before {_load(load_before)}, after {_load(load_after)} "
@@ -215,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                 agreement += (f"; simulated {label}: {len(opposite)} pairs opposite"
                               + (f" ({', '.join(opposite)})" if opposite else ""))
         load = doc["load_average"]
-        print(f"\n{name} ({trace.name} x{rate:g} rate)")
+        print(f"\n{name} ({trace.name} x{doc['rate_scale']:g} rate)")
         print(format_table(HEADER, rows))
         print(f"ranking by goodput: {agreement}")
         print(f"load average before {_load(load['before'])}, after {_load(load['after'])}")
@@ -238,4 +260,9 @@ if __name__ == "__main__":
                         help="fcfs with each planner only (a smoke run)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="use this engine profile (default: measure one now)")
+    parser.add_argument("--machine-factor", type=float, default=None,
+                        help="how much slower this machine is than the reference one (rates "
+                             "divided, SLOs multiplied by it; default: by the profile's "
+                             "255-token prefill against REFERENCE_PREFILL_S; 1: the rates and "
+                             "SLOs of sessions 4-6)")
     sys.exit(run(parser.parse_args()))

@@ -190,6 +190,7 @@ class Side:
     speed_timeline: SpeedTimeline | None = None  # measured: engine_speed window by window
     speed_by_kind: dict | None = None  # measured: engine_speed of prefill and decode-only steps
     step_scatter: StepScatter | None = None  # measured: how the cycles scattered within windows
+    speed_samples: list | None = None  # measured: the counters those come from (``_SAMPLED``)
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -258,7 +259,8 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
         compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
-                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter)
+                ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
+                samples)
 
 
 _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_profiled_s",
@@ -292,7 +294,8 @@ def _timeline(samples: list) -> tuple[SpeedTimeline | None, StepScatter | None]:
         return None, None  # a server without --profile: no cycles against a model
     return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
                                        prefill_modelled),
-            StepScatter.from_samples(*sums[:5], prefill=sums[5:]))
+            StepScatter.from_samples(*sums[:5], cycles, modelled,
+                                     prefill=(*sums[5:], prefill_cycles, prefill_modelled)))
 
 
 def _step_scatter(value: str) -> float | str:
@@ -707,14 +710,14 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
                              "speeds": list(timeline.speeds),
                              "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds)}
+        speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)
         if mode == "timeline":
             simulated = timeline
     scatter = real.step_scatter
     if scatter is not None:
-        speed["scatter"] = {"sigma": scatter.sigma, "prefill_sigma": scatter.prefill_sigma,
-                            "lag1": scatter.lag1}
+        speed["scatter"] = dataclasses.asdict(scatter)
         print(f"its cycles scattered around their model within each window: "
               f"{scatter.describe()}", flush=True)
     print("simulated: each window at its own speed" if mode == "timeline"

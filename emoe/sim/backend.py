@@ -182,17 +182,17 @@ class SimBackend:
         return result
 
     def _scatter(self, iterations: int, prefill: bool) -> float:
-        """A step's draw around its model, mean 1: of a macro step of n iterations, the mean
-        of its iterations' draws (``StepScatter``: lognormal, AR(1) from step to step)."""
+        """A step's draw around its model: of a macro step of n iterations, the mean of its
+        iterations' draws (``StepScatter``: lognormal, AR(1) from step to step)."""
         scatter = self._scatter_model
         if scatter is None:
             return 1.0
-        sigma, rho = scatter.sigma_of(prefill), scatter.lag1
+        sigma, centre, rho = scatter.sigma_of(prefill), scatter.centre_of(prefill), scatter.lag1
         innovation = math.sqrt(1.0 - rho * rho)
         state, total = self._scatter_state, 0.0
         for z in self._draws.standard_normal(iterations).tolist():
             state = rho * state + innovation * z
-            total += math.exp(sigma * state - sigma * sigma / 2)
+            total += math.exp(centre + sigma * state)
         self._scatter_state = state
         return total / iterations
 

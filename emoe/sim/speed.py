@@ -141,14 +141,17 @@ def _shrunk(cycle_s: Sequence[float], modelled_s: Sequence[float], i: int, overa
 
 @dataclass(frozen=True, slots=True)
 class StepScatter:
-    """How a step's time scatters around its model (x its window's speed): log(time / model)
-    is an AR(1) series over consecutive steps with lag-1 correlation ``lag1``, its spread
-    ``sigma`` (steps that run a prompt chunk: ``prefill_sigma``, default ``sigma``), its draw
-    of mean 1 so that a window's speed is kept."""
+    """How a step's time scatters around its model x its window's speed: the log of the
+    multiple is an AR(1) series over consecutive steps with lag-1 correlation ``lag1``, its
+    spread ``sigma`` (steps that run a prompt chunk: ``prefill_sigma``, default ``sigma``),
+    its centre ``centre`` (``prefill_centre``): the typical step's log multiple, as measured;
+    None: -sigma^2 / 2, a draw of mean 1, which keeps the window's speed on average."""
 
     sigma: float = 0.0
     prefill_sigma: float | None = None
     lag1: float = 0.0
+    centre: float | None = None
+    prefill_centre: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("sigma", "prefill_sigma"):
@@ -158,6 +161,10 @@ class StepScatter:
         if not -1.0 < self.lag1 < 1.0:
             raise ConfigError(f"step scatter: a lag-1 correlation in (-1, 1), got "
                               f"{self.lag1!r}")
+        for name in ("centre", "prefill_centre"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 < value < 1.0:
+                raise ConfigError(f"step scatter: a centre in (-1, 1), got {name}={value!r}")
 
     @property
     def drawn(self) -> bool:
@@ -166,19 +173,31 @@ class StepScatter:
     def sigma_of(self, prefill: bool) -> float:
         return self.prefill_sigma if prefill and self.prefill_sigma is not None else self.sigma
 
+    def centre_of(self, prefill: bool) -> float:
+        centre = self.prefill_centre if prefill and self.prefill_sigma is not None \
+            else self.centre
+        if centre is None:
+            sigma = self.sigma_of(prefill)
+            return -sigma * sigma / 2
+        return centre
+
     @classmethod
     def from_samples(cls, log_sum: Sequence[float], log_sq_sum: Sequence[float],
                      cycles: Sequence[int], lag_pairs: Sequence[int],
-                     lag_sum: Sequence[float], prefill: Sequence[Sequence[float]] | None
-                     = None) -> StepScatter:
+                     lag_sum: Sequence[float], cycle_s: Sequence[float],
+                     modelled_s: Sequence[float],
+                     prefill: Sequence[Sequence[float]] | None = None) -> StepScatter:
         """From cumulative sums sampled during a run (a served loop's ``cycle_log_*``,
-        ``cycles`` and ``cycle_lag_*``, ``emoe.rpc.engine_speed``; ``prefill``: the same five
-        of the cycles that ran a prompt chunk, which the first five include): the spread of
-        each window's cycles around that window's own mean, pooled over the windows, prefill
-        and decode-only cycles apart, and their lag-1 correlation, pooled over both kinds.
-        The slower drift from window to window is the timeline's; this is what scatters
-        within a window."""
-        total = _Moments.of(log_sum, log_sq_sum, cycles, lag_pairs, lag_sum)
+        ``cycles``, ``cycle_lag_*``, ``cycle_s`` and ``cycle_profiled_s``,
+        ``emoe.rpc.engine_speed``; ``prefill``: the same seven of the cycles that ran a prompt
+        chunk, which the first seven include): the spread of each window's cycles around that
+        window's own mean log, pooled over the windows, prefill and decode-only cycles apart;
+        their lag-1 correlation, pooled over both kinds; and where the typical cycle sits
+        against the window's speed (its sum of cycles over its sum of model): the mean log
+        ratio less the log of that speed, pooled over the windows. The slower drift from
+        window to window is the timeline's; this is what scatters within a window."""
+        total = _Moments.of(log_sum, log_sq_sum, cycles, lag_pairs, lag_sum, cycle_s,
+                            modelled_s)
         if prefill is None:
             decode, prefilled = total, None
         else:
@@ -190,30 +209,42 @@ class StepScatter:
         covariance = sum(m.lag_covariance() for m, _ in kinds)
         variance = sum(m.lag_weight() * s * s for m, s in kinds)
         lag1 = min(0.95, max(-0.95, float(covariance / variance))) if variance > 0 else 0.0
-        return cls(min(sigma, 0.99), None if prefill_sigma is None else min(prefill_sigma, 0.99),
-                   lag1)
+        return cls(min(sigma, 0.99), None if not prefill_sigma else min(prefill_sigma, 0.99),
+                   lag1, _bounded(decode.centre()),
+                   _bounded(prefilled.centre()) if prefill_sigma else None)
 
     def describe(self) -> str:
-        text = f"log sigma {self.sigma:.3f}"
+        def kind(prefill: bool) -> str:
+            return (f"log sigma {self.sigma_of(prefill):.3f}, the typical step "
+                    f"x{math.exp(self.centre_of(prefill)):.3f} its window's speed")
+
+        text = kind(False)
         if self.prefill_sigma is not None:
-            text += f" (steps with a prompt chunk {self.prefill_sigma:.3f})"
-        return text + f", lag-1 correlation {self.lag1:+.2f}"
+            text += f" (steps with a prompt chunk: {kind(True)})"
+        return text + f"; lag-1 correlation {self.lag1:+.2f}"
+
+
+def _bounded(centre: float | None) -> float | None:
+    return None if centre is None else min(0.99, max(-0.99, centre))
 
 
 @dataclass(frozen=True, slots=True)
 class _Moments:
     """Per window: cycles n, sum and sum of squares of their log ratios, pairs of consecutive
-    cycles and the sum of their products."""
+    cycles and the sum of their products, the cycles' time and their model's."""
 
     n: tuple[float, ...]
     s1: tuple[float, ...]
     s2: tuple[float, ...]
     pairs: tuple[float, ...]
     lag: tuple[float, ...]
+    time: tuple[float, ...]
+    model: tuple[float, ...]
 
     @classmethod
-    def of(cls, log_sum, log_sq_sum, cycles, lag_pairs, lag_sum) -> _Moments:
-        columns = (cycles, log_sum, log_sq_sum, lag_pairs, lag_sum)
+    def of(cls, log_sum, log_sq_sum, cycles, lag_pairs, lag_sum, cycle_s,
+           modelled_s) -> _Moments:
+        columns = (cycles, log_sum, log_sq_sum, lag_pairs, lag_sum, cycle_s, modelled_s)
         if len({len(c) for c in columns}) != 1 or len(cycles) < 2:
             raise ConfigError("step scatter: two or more samples of every sum needed")
         return cls(*(tuple(b - a for a, b in zip(c, c[1:])) for c in columns))
@@ -223,7 +254,17 @@ class _Moments:
                           for x, y in zip(self.fields(), other.fields())))
 
     def fields(self) -> tuple[tuple[float, ...], ...]:
-        return self.n, self.s1, self.s2, self.pairs, self.lag
+        return self.n, self.s1, self.s2, self.pairs, self.lag, self.time, self.model
+
+    def centre(self) -> float | None:
+        """The cycles' mean log ratio less the log of their window's speed, pooled over the
+        windows by cycles (None: no window with cycles)."""
+        offset = count = 0.0
+        for n, s1, time, model in zip(self.n, self.s1, self.time, self.model):
+            if n >= 1 and time > 0 and model > 0:
+                offset += s1 - n * math.log(time / model)
+                count += n
+        return offset / count if count else None
 
     def sigma(self) -> float | None:
         """Pooled within-window standard deviation (None: too few cycles)."""

@@ -137,6 +137,10 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     assert all(0.1 < s < 10 for s in timeline["speeds"])
     assert len(timeline["prefill_speeds"]) == len(timeline["speeds"])
     assert 0 < speed["scatter"]["sigma"] < 1 and -1 < speed["scatter"]["lag1"] < 1
+    assert -1 < speed["scatter"]["centre"] < 1
+    samples = speed["samples"]  # the counters the timeline and the scatter come from
+    assert samples["columns"][:2] == ["t", "cycle_s"]
+    assert all(len(row) == len(samples["columns"]) for row in samples["rows"])
     for kind, speeds in (("decode", timeline["speeds"]), ("prefill", timeline["prefill_speeds"])):
         assert min(speeds) <= speed["by_kind"][kind] <= max(speeds)  # around the kind's own
     real = policy["metrics"]["e2e"]["real"]

@@ -296,11 +296,15 @@ def test_steps_drawn_around_their_model(served):
 
 def _sums(windows: list[list[float]]) -> list[list[float]]:
     """Cumulative sums as a server samples them, one sample per window end: log sum, sum of
-    squares, cycles, consecutive pairs, sum of their products (every window one run)."""
-    columns = [[0.0] for _ in range(5)]
+    squares, cycles, consecutive pairs, sum of their products (every window one run), the
+    cycles' time and their model's (1 ms each)."""
+    import math
+
+    columns = [[0.0] for _ in range(7)]
     for xs in windows:
         row = (sum(xs), sum(x * x for x in xs), len(xs), len(xs) - 1,
-               sum(a * b for a, b in zip(xs, xs[1:])))
+               sum(a * b for a, b in zip(xs, xs[1:])), sum(1e-3 * math.exp(x) for x in xs),
+               1e-3 * len(xs))
         for column, value in zip(columns, row):
             column.append(column[-1] + value)
     return columns
@@ -309,7 +313,8 @@ def _sums(windows: list[list[float]]) -> list[list[float]]:
 def test_the_step_scatter_is_measured_within_windows():
     """``StepScatter.from_samples``: each window's log ratios about the window's own mean
     (the timeline's drift from window to window is not counted), pooled; prefill cycles'
-    spread apart; the lag-1 correlation of consecutive cycles."""
+    spread apart; the lag-1 correlation of consecutive cycles; where the typical cycle sits
+    against its window's speed."""
     import numpy as np
 
     from emoe.sim.speed import StepScatter
@@ -326,6 +331,13 @@ def test_the_step_scatter_is_measured_within_windows():
     assert scatter.sigma == pytest.approx(sigma, rel=0.05)
     assert scatter.lag1 == pytest.approx(rho, abs=0.05)
     assert scatter.prefill_sigma is None
+    # lognormal cycles: the typical one (the median) at exp(-sigma^2 / 2) x the window's mean
+    assert scatter.centre == pytest.approx(-sigma * sigma / 2, abs=0.005)
+    # a window whose cycles take their model but for one in fifty, which takes 10x: the
+    # typical cycle well below the window's speed
+    stalls = [[np.log(10.0) if i % 50 == 0 else 0.0 for i in range(1000)]] * 2
+    assert StepScatter.from_samples(*_sums(stalls)).centre == pytest.approx(
+        np.log(10.0) / 50 - np.log(1 + 9 / 50), abs=1e-6)
     prefill = [[0.5 + v for v in rng.normal(0, 0.1, 2000)] for _ in range(2)]
     decode = windows[:2]  # the server's sums are of all cycles, and of the prefill ones apart
     total = [[a + b for a, b in zip(d, p)] for d, p in zip(_sums(decode), _sums(prefill))]
@@ -334,7 +346,8 @@ def test_the_step_scatter_is_measured_within_windows():
     assert apart.prefill_sigma == pytest.approx(0.1, rel=0.1)
     # pooled over both kinds by their pairs x variance: 0.6 x 240 / (240 + 40)
     assert apart.lag1 == pytest.approx(0.6 * 240 / 280, abs=0.05)
-    assert "(steps with a prompt chunk 0.09" in apart.describe()
+    assert apart.prefill_centre == pytest.approx(-0.1 * 0.1 / 2, abs=0.005)
+    assert "(steps with a prompt chunk: log sigma 0.09" in apart.describe()
     with pytest.raises(ConfigError, match="lag-1 correlation"):
         StepScatter(0.1, lag1=1.0)
 
@@ -355,3 +368,8 @@ def test_steps_drawn_as_an_ar1_series_keep_their_mean_and_correlation(served):
     macro = [backend._scatter(50, False) for _ in range(400)]  # the mean of 50 iterations'
     assert np.mean(macro) == pytest.approx(1.0, abs=0.03)
     assert np.std(np.log(macro)) < 0.2 / 2
+    # a measured centre: the typical step (the median) there, the mean above
+    _, backend = build(dataclasses.replace(served, step_scatter=StepScatter(0.2, centre=0.05)))
+    draws = np.array([backend._scatter(1, False) for _ in range(20000)])
+    assert np.median(draws) == pytest.approx(np.exp(0.05), abs=0.01)
+    assert draws.mean() == pytest.approx(np.exp(0.05 + 0.02), abs=0.02)

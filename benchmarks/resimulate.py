@@ -1,0 +1,208 @@
+"""Re-simulate a finished fidelity run under other simulator settings, against its measured side.
+
+    .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--seeds 5]
+
+A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
+per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
+server measured them, the policy files, the profile and the recorded routing. This script
+simulates every policy of that run again with each ``--scatter`` setting (a sigma of
+independent draws, or ``measured``: the server's own scatter of that replay;
+``measured:mean``, ``measured:median``: with the typical step placed by assumption) and each of
+``--seeds`` seeds, and compares with the measured values the run recorded: per setting, how
+many cells of each goal metric are within the goal (``benchmarks/fidelity.py``: p50/p90 of
+TTFT and E2E within 10%, SLO attainment within 3 points) for one seed and for the median over
+the seeds, and how many pairs of policies the goodput rankings order oppositely.
+
+No replay runs: the measured side is the run's own, so settings can be compared on the same
+measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
+chosen on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.fidelity import GOAL_POINTS, GOAL_REL  # noqa: E402
+from emoe.rpc.fidelity import rank_pairs  # noqa: E402
+
+CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
+COLUMNS = {"ttft": "ttft_s", "e2e": "e2e_s"}
+
+
+def _scatter_of(setting: str, policy: dict):
+    """A sigma; ``measured``: the scatter the server measured in that replay; ``measured:mean``
+    and ``measured:median``: the same with the typical step where a draw of mean 1 puts it
+    (-sigma^2 / 2) or at its window's speed (0), instead of where it was measured."""
+    import dataclasses
+
+    from emoe.sim.speed import StepScatter
+
+    kind, _, centre = setting.partition(":")
+    if kind != "measured":
+        return float(setting)
+    measured = policy["engine_speed"].get("scatter")
+    if measured is None:
+        raise SystemExit("--scatter measured: this run recorded no scatter (before session 7)")
+    scatter = StepScatter(**measured)
+    if centre:
+        at = {"mean": None, "median": 0.0}[centre]
+        scatter = dataclasses.replace(scatter, centre=at, prefill_centre=at)
+    return scatter
+
+
+def simulate_one(job: tuple) -> tuple[tuple, dict]:
+    """One policy of one trace under one setting and seed: its goal metrics simulated."""
+    import numpy as np
+
+    from emoe.rpc.fidelity import simulate
+    from emoe.sim.runner import Workload
+    from emoe.sim.speed import SpeedTimeline
+
+    key, doc, run_dir, name, setting, seed = job
+    policy = doc["policies"][name]
+    speed = policy["engine_speed"]
+    timeline = speed["timeline"]
+    engine_speed = SpeedTimeline(tuple(timeline["starts"]), tuple(timeline["speeds"]),
+                                 tuple(timeline["prefill_speeds"]))
+    fetch = speed.get("fetch_cost_s")
+    workload = Workload(trace=Path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
+                        limit=doc["limit"])
+    routing = None if doc["routing"] == "synthetic" else Path(doc["routing"])
+    with tempfile.TemporaryDirectory() as tmp:
+        side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
+                        Path(doc["checkpoint"]), Path(doc["profile"]), workload, seed,
+                        Path(tmp) / "sim.csv", routing, engine_speed,
+                        None if fetch is None else fetch["simulated"],
+                        _scatter_of(setting, policy))
+    def finite(column: str):
+        values = side.rows[column].to_numpy(dtype=float)
+        return values[np.isfinite(values)]
+
+    values = {f"{m} {q}": float(np.percentile(finite(COLUMNS[m]), int(q[1:])))
+              for m, q in CELLS}
+    values["slo"] = side.summary.slo_attainment
+    values["goodput"] = side.summary.goodput_rps
+    values["elapsed"] = side.elapsed_s
+    return key, values
+
+
+def evaluate(docs: dict, sims: dict, setting: str, seeds: list[int]) -> dict:
+    """Goal cells within the goal, for seed ``seeds[0]`` and for the median over ``seeds``,
+    and the pairs the rankings order oppositely, per trace."""
+    out = {}
+    for label, chosen in (("one seed", seeds[:1]), (f"median of {len(seeds)}", seeds)):
+        within: dict[str, list[bool]] = {}
+        errors: dict[str, list[float]] = {}
+        opposite = {}
+        for trace, doc in docs.items():
+            reports = {}
+            for name, policy in doc["policies"].items():
+                sim = {k: statistics.median(sims[(trace, name, setting, s)][k] for s in chosen)
+                       for k in sims[(trace, name, setting, chosen[0])]}
+                for m, q in CELLS:
+                    real = policy["metrics"][m]["real"][q]
+                    err = (sim[f"{m} {q}"] - real) / real
+                    errors.setdefault(f"{m} {q}", []).append(err)
+                    if "lru" not in name:
+                        within.setdefault(f"{m} {q}", []).append(abs(err) <= GOAL_REL)
+                points = 100 * (sim["slo"] - policy["slo_attainment"]["real"])
+                errors.setdefault("slo", []).append(points)
+                if "lru" not in name:
+                    within.setdefault("slo", []).append(abs(points) <= GOAL_POINTS)
+                reports[name] = {
+                    "goodput_rps": {"sim": sim["goodput"], "real": policy["goodput_rps"]["real"]},
+                    "elapsed_s": {"sim": sim["elapsed"], "real": policy["elapsed_s"]["real"]},
+                    "slo_attainment": {"sim": sim["slo"],
+                                       "real": policy["slo_attainment"]["real"]}}
+            opposite[trace] = rank_pairs(reports)["opposite"]
+        out[label] = {"within_without_lru": {k: [sum(v), len(v)] for k, v in within.items()},
+                      "median_abs_error": {k: statistics.median(abs(e) for e in v)
+                                           for k, v in errors.items()},
+                      "opposite": opposite}
+    return out
+
+
+def sampling_error(docs: dict, run: Path, resamples: int = 1000) -> dict:
+    """How much each measured percentile rests on the few requests around it: the median, over
+    the policies without ``lru``, of the half-width of its 90% bootstrap interval relative to
+    it (resampling the measured requests)."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    widths: dict[str, list[float]] = {}
+    for trace, doc in docs.items():
+        for name in doc["policies"]:
+            if "lru" in name:
+                continue
+            rows = pd.read_csv(run / trace / f"{name.replace('/', '-')}-real.csv")
+            for m, q in CELLS:
+                values = rows[COLUMNS[m]].to_numpy(dtype=float)
+                values = values[np.isfinite(values)]
+                picks = rng.integers(0, len(values), (resamples, len(values)))
+                drawn = np.percentile(values[picks], int(q[1:]), axis=1)
+                low, high = np.percentile(drawn, [5, 95])
+                widths.setdefault(f"{m} {q}", []).append(
+                    (high - low) / 2 / np.percentile(values, int(q[1:])))
+    return {k: float(np.median(v)) for k, v in widths.items()}
+
+
+def main() -> int:
+    from emoe.core.metrics import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a benchmarks/fidelity.py --out folder")
+    parser.add_argument("--scatter", default="0,0.1,measured",
+                        help="comma-separated settings: a sigma, 'measured', "
+                             "'measured:mean' or 'measured:median'")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
+            if "policies" in (doc := json.loads(path.read_text()))}
+    if not docs:
+        raise SystemExit(f"{args.run}: no fidelity reports (built-in.json, azure-code.json)")
+    settings = args.scatter.split(",")
+    seeds = list(range(args.seeds))
+    jobs = [((trace, name, setting, seed), doc, args.run / trace, name, setting, seed)
+            for trace, doc in docs.items() for name in doc["policies"]
+            for setting in settings for seed in (seeds if setting != "0" else seeds[:1])]
+    with ProcessPoolExecutor(args.workers) as pool:
+        sims = dict(pool.map(simulate_one, jobs))
+    for (trace, name, setting, seed), values in list(sims.items()):  # deterministic: one run
+        if setting == "0":
+            for s in seeds[1:]:
+                sims[(trace, name, setting, s)] = values
+    results = {setting: evaluate(docs, sims, setting, seeds) for setting in settings}
+    metrics = [f"{m} {q}" for m, q in CELLS] + ["slo"]
+    rows = []
+    for setting, by_label in results.items():
+        for label, r in by_label.items():
+            rows.append([setting, label, *(
+                f"{r['within_without_lru'][k][0]}/{r['within_without_lru'][k][1]} "
+                f"({r['median_abs_error'][k]:.0%})" if k != "slo" else
+                f"{r['within_without_lru'][k][0]}/{r['within_without_lru'][k][1]} "
+                f"({r['median_abs_error'][k]:.1f} pts)" for k in metrics),
+                "; ".join(f"{t} {len(o)}" for t, o in r["opposite"].items())])
+    print(f"{args.run}: cells within the goal without lru (median |error| over all policies)")
+    print(format_table(["step scatter", "seeds", "TTFT p50", "TTFT p90", "E2E p50",
+                        "E2E p90", "SLO", "pairs opposite"], rows))
+    noise = sampling_error(docs, args.run)
+    print("the measured percentiles' own sampling error (median half-width of a 90% bootstrap "
+          "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
+    results["measured_sampling_error"] = noise
+    (args.run / "resimulated.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
