@@ -228,7 +228,9 @@ def run(args: argparse.Namespace) -> int:
                      f"{' > '.join(doc['ranking']['real'])}: "
                      f"{'agree' if doc['rank_agreement'] else 'DISAGREE'} "
                      f"({len(pairs['same'])} pairs alike, {len(pairs['opposite'])} "
-                     f"opposite, {len(pairs['tied'])} tied on one side)")
+                     f"opposite, {len(pairs['tied'])} tied on one side; of the opposite, "
+                     f"{sum(p in pairs.get('resolved', ()) for p in pairs['opposite'])} "
+                     f"resolved by the measurement)")
         for key, label in (("as_served", "at the one served speed"),
                            ("as_profiled", "as profiled (x1.00)")):
             beside = {n: p[key] for n, p in doc["policies"].items() if key in p}

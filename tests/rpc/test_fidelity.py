@@ -66,6 +66,8 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert "load average before" in printed and "load average after" in printed
     doc = json.loads(report.read_text())
     assert isinstance(doc["rank_agreement"], bool)
+    assert isinstance(doc["rank_agreement_resolved"], bool)
+    assert set(doc["ranking"]["pairs"]) == {"same", "tied", "opposite", "resolved"}
     assert set(doc["load_average"]) == {"before", "after"}
     for policy in doc["policies"].values():  # the server's engine against the profile
         speed = policy["engine_speed"]
@@ -186,3 +188,20 @@ def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
                  "--out-dir", str(tmp_path / "out")]) == 2  # before anything is measured
     assert "--step-scatter: a sigma in [0, 1) or 'measured', got '1.5'" in \
         capsys.readouterr().err
+
+
+def test_a_pair_of_policies_is_resolved_when_its_requests_differ_beyond_a_sign_test():
+    """Over the requests both replays ran: b met their SLO under the first policy only, c under
+    the second only; resolved when |b - c| > 2 sqrt(b + c)."""
+    import pandas as pd
+
+    from emoe.rpc.fidelity import resolved_pairs
+
+    ids = range(100)
+    base = pd.Series([i < 50 for i in ids], index=ids)
+    close = pd.Series([i < 50 or i >= 95 for i in ids], index=ids)  # b 0, c 5: 5 > 4.47
+    closer = pd.Series([i < 50 or i >= 97 for i in ids], index=ids)  # b 0, c 3: 3 < 3.46
+    swapped = pd.Series([10 <= i < 60 for i in ids], index=ids)  # b 10, c 10: as many met
+    assert resolved_pairs({"a": base, "b": close, "c": closer, "d": swapped}) == ["a vs b"]
+    # only the requests both replays ran count: without 95-99 the two are alike
+    assert resolved_pairs({"a": base, "b": close.loc[:94]}) == []
