@@ -14,6 +14,10 @@ splits it between the engine and the serving loop as they ran in the minute it w
 and a prefill step is mostly engine, a decode step mostly loop. In one replay the loop's
 cycles ran x0.85 their model while its engine's compute ran x1.07 its step model, and the
 simulated TTFT came 20-30% short at every prompt size.
+
+Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
+that widens every tail: ``StepScatter`` draws each simulated step around its model as the
+server measured its cycles to scatter within the windows of the replay.
 """
 
 from __future__ import annotations
