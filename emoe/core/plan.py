@@ -34,6 +34,11 @@ class StepPlan:
     ``load``/``evict`` are expert-cache changes to carry out, evictions first.
     ``rejected`` and ``aborted`` are (request id, reason) pairs: requests that left the
     scheduler since the last plan; a backend drops whatever state it holds for them.
+    ``deferred`` and ``slowdown`` say how admission went, for the record (``AdmissionCounters``):
+    the waiting requests that fitted in memory but the policy held back in this plan (the
+    ``emoe`` policy's Eq. 3: admitting them would make a running request miss its SLO), and
+    the ratio of measured to modelled step time that Eq. 3 costed them with
+    (``CostEstimate.scale``; None when the policy used no estimate).
     """
 
     prefill: list[PrefillChunk] = field(default_factory=list)
@@ -44,6 +49,8 @@ class StepPlan:
     run_predictor: bool = False
     rejected: list[tuple[str, str]] = field(default_factory=list)
     aborted: list[tuple[str, str]] = field(default_factory=list)
+    deferred: int = 0
+    slowdown: float | None = None
 
     @property
     def empty(self) -> bool:

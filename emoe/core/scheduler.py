@@ -370,7 +370,9 @@ class Scheduler:
     def _admit(self, now: float, plan: StepPlan, budget: int) -> None:
         policy, config = self.policy, self.config
         seats = config.max_num_seqs - len(self._decoding) - len(plan.prefill)
-        batch = self._batch_estimate(now) if policy.uses_estimates else None
+        batch = None
+        if policy.uses_estimates:
+            batch, plan.slowdown = self._batch_estimate(now), self.cost.scale
         waiting, late = self._waiting, self._late
         if policy.defers_late:
             while waiting and waiting[0][0] < now:
@@ -394,6 +396,7 @@ class Scheduler:
                 skipped.append((heap, item))
                 blocked = True
                 self._estimate_blocked |= fits
+                plan.deferred += 1 if fits else 0
                 if policy.skip_blocked:
                     continue
                 break

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # annotations only; these load when a command needs them
     import pandas as pd
 
+    from emoe.core.metrics.admission import AdmissionCounters
     from emoe.core.metrics.summary import Summary
     from emoe.core.policy_file import PolicyConfig
     from emoe.core.specs import ModelSpec
@@ -191,6 +192,7 @@ class Side:
     speed_by_kind: dict | None = None  # measured: engine_speed of prefill and decode-only steps
     step_scatter: StepScatter | None = None  # measured: how the cycles scattered within windows
     speed_samples: list | None = None  # measured: the counters those come from (``_SAMPLED``)
+    admission: AdmissionCounters | None = None  # what admission did (Eq. 3's deferrals)
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -209,7 +211,8 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
     outcome = run_sim(config, workload, out=rows_path)
     s = outcome.summary
     return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
-                s.system.predictor_invocations, s.elapsed_s, outcome.fit.describe())
+                s.system.predictor_invocations, s.elapsed_s, outcome.fit.describe(),
+                admission=outcome.admission)
 
 
 async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
@@ -227,6 +230,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     async with EmoeClient(target) as client:
         stats = await client.stats()
         before, speed_before = stats.experts, stats.engine_speed
+        admitted_before = _admission(stats.admission)
         fitted = ContextFit(0, fit)
         sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
         began = time.monotonic()  # the replay's clock starts one server-info call later
@@ -240,6 +244,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
             sampler.cancel()
         stats = await client.stats()
         after, speed_after = stats.experts, stats.engine_speed
+        admission = _admission(stats.admission).since(admitted_before)
         samples.append(_speed_sample(time.monotonic() - began, speed_after))
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
@@ -260,7 +265,13 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
-                samples)
+                samples, admission)
+
+
+def _admission(message) -> AdmissionCounters:
+    from emoe.core.metrics import AdmissionCounters
+
+    return AdmissionCounters(message.deferred, message.estimated_s, message.slowdown_s)
 
 
 _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_profiled_s",
@@ -364,6 +375,10 @@ def compare(sim: Side, real: Side) -> dict:
     report["bytes_loaded"] = pair(sim.bytes_loaded, real.bytes_loaded)
     report["predictor_calls"] = pair(sim.predictor_calls, real.predictor_calls)
     report["elapsed_s"] = pair(sim.elapsed_s, real.elapsed_s)
+    if sim.admission is not None and real.admission is not None:
+        report["admission"] = {
+            "deferred": pair(sim.admission.deferred, real.admission.deferred),
+            "slowdown": pair(sim.admission.slowdown, real.admission.slowdown)}
     return report
 
 
@@ -460,6 +475,15 @@ def format_report(name: str, report: dict) -> str:
         f"{report['bytes_loaded']['real']}; predictor calls sim "
         f"{report['predictor_calls']['sim']} real {report['predictor_calls']['real']}",
     ]
+    admission = report.get("admission")
+    if admission is not None and (admission["slowdown"]["sim"] is not None
+                                  or admission["slowdown"]["real"] is not None):
+        deferred, slowdown = admission["deferred"], admission["slowdown"]
+        lines.append(
+            f"admission: Eq. 3 held back a waiting request {deferred['sim']} times simulated, "
+            f"{deferred['real']} measured (summed over steps); it costed the steps at "
+            f"x{_fmt(slowdown['sim'])} their model simulated, x{_fmt(slowdown['real'])} "
+            f"measured (time-weighted)")
     speed = report.get("engine_speed")
     if speed is None:
         return "\n".join(lines)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from emoe.core.metrics.admission import AdmissionCounters
 from emoe.core.plan import StepPlan, StepResult
 from emoe.rpc.policy_info import PolicyInForce
 
@@ -132,6 +133,7 @@ class ServiceMetrics:
         self._tasks: dict[tuple[str, str], _TaskStats] = {}  # (owner, task) ->
         self._attained: dict[str, list[int]] = {}  # task -> [SLO met, finished]
         self.experts = ExpertCounters()
+        self.admission = AdmissionCounters()
         self.load = load
         self.registry = CollectorRegistry()
         r = self.registry
@@ -171,6 +173,12 @@ class ServiceMetrics:
         self._hit_rate.set_function(lambda: self.experts.hit_rate)
         self._predictor_calls = Counter("emoe_predictor_calls", "Expert-predictor runs planned",
                                         registry=r)
+        self._deferred = Counter(
+            "emoe_admission_deferred", "Waiting requests that fitted in memory but the policy "
+            "held back (Eq. 3), summed over steps", registry=r)
+        self._slowdown = Gauge(
+            "emoe_admission_slowdown", "Measured / modelled step time that Eq. 3 costed the "
+            "last admission with (0: the policy uses no estimate)", registry=r)
         self._policy = Info("emoe_policy", "The policy in force (names, sources)", registry=r)
         self._policy_values = Gauge("emoe_policy_value", "The policy in force (numbers)",
                                     ("setting",), registry=r)
@@ -235,7 +243,12 @@ class ServiceMetrics:
         for layer, slots in enumerate(p.experts_per_layer):
             self._policy_slots.labels(str(layer)).set(slots)
 
-    def step(self, plan: StepPlan, result: StepResult) -> None:
+    def step(self, plan: StepPlan, result: StepResult, seconds: float) -> None:
+        """A step: its plan, its result, and the seconds from the plan to the step's end."""
+        self.admission.record(plan, seconds)
+        self._deferred.inc(plan.deferred)
+        if plan.slowdown is not None:
+            self._slowdown.set(plan.slowdown)
         hits = sum(o.expert_hits for o in result.outputs)
         misses = sum(o.expert_misses for o in result.outputs)
         e = self.experts

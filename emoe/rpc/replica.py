@@ -318,7 +318,7 @@ class Replica:
             self._resident.discard(key)
         self._resident.update(plan.load)
         self._resident.update(result.fetched_on_miss)
-        self._metrics.step(plan, result)
+        self._metrics.step(plan, result, time.monotonic() - now)
         self._deliver(result)
         for request in finished:  # e.g. max tokens reached, which the scheduler knows itself
             stream = self._streams.get(request.id)

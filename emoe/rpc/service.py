@@ -376,7 +376,8 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
             stream.replica.abort(stream, Outcome.ABORTED, Finish("aborted"))
 
     def stats(self, caller: Identity) -> pb.Stats:
-        """The caller's requests (an admin's: everyone's) and the engines' expert counters."""
+        """The caller's requests (an admin's: everyone's), the engines' expert counters and
+        what admission did."""
         if caller.admin:
             waiting, running, resident, resident_bytes = self.load()
         else:
@@ -390,6 +391,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                                                 loads=e.loads, evictions=e.evictions,
                                                 resident=resident, resident_bytes=resident_bytes,
                                                 predictor_calls=e.predictor_calls))
+        a = self.metrics.admission
+        stats.admission.deferred, stats.admission.estimated_s, stats.admission.slowdown_s = (
+            a.deferred, a.estimated_s, a.slowdown_s)
         for r in self.replicas:
             speed = getattr(r.backend, "speed", None)
             if speed is not None:

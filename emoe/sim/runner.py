@@ -17,6 +17,7 @@ import numpy as np
 from emoe.core.budget import ExpertBudget, size_label
 from emoe.core.errors import ConfigError, UnknownNameError
 from emoe.core.metrics import MetricsCollector, Summary, SystemCounters
+from emoe.core.metrics.admission import AdmissionCounters
 from emoe.core.paths import resolve_path
 from emoe.core.policy_file import PolicyConfig, model_shape
 from emoe.core.profile import EngineProfile, load_profile
@@ -320,7 +321,8 @@ class SimOutcome:
     """One simulated run. ``stopped``: ended early by ``stop_after_misses`` (the summary then
     covers the requests that had ended). ``cdf``: per latency (``ttft``, ``tpot``, ``e2e``),
     its quantiles at ``CDF_POINTS`` evenly spaced q, in seconds. ``resident_per_layer``: the
-    planner's resident experts per layer when the run ended."""
+    planner's resident experts per layer when the run ended. ``admission``: what admission
+    did (``AdmissionCounters``, counted as the server counts it)."""
 
     summary: Summary
     config: SimConfig
@@ -334,6 +336,7 @@ class SimOutcome:
     cdf: dict = dataclasses.field(default_factory=dict)
     fit: ContextFit | None = None
     resident_per_layer: tuple[int, ...] = ()
+    admission: AdmissionCounters = dataclasses.field(default_factory=AdmissionCounters)
 
 
 def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
@@ -485,7 +488,8 @@ def simulate(config: SimConfig, workload: Workload, *, out: Path | None = None,
                       hardware=backend.hardware, model=backend.model,
                       wall_s=time.perf_counter() - started, stopped=world.stopped, cdf=cdf,
                       fit=fit, resident_per_layer=tuple(
-                          int(n) for n in scheduler.planner.resident.sum(axis=1)))
+                          int(n) for n in scheduler.planner.resident.sum(axis=1)),
+                      admission=world.admission)
 
 
 CDF_QS = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]

@@ -21,6 +21,7 @@ from typing import Callable
 import simpy
 
 from emoe.core.errors import EmoeError
+from emoe.core.metrics.admission import AdmissionCounters
 from emoe.core.request import Request
 from emoe.core.scheduler import Scheduler
 from emoe.sim.backend import SimBackend
@@ -57,6 +58,7 @@ class World:
         self._max_iterations = max_iterations
         self.next_arrival = math.inf
         self.steps = 0
+        self.admission = AdmissionCounters()
         self.stopped = False
         self._stop = stop
         self._done = self.env.event()
@@ -134,6 +136,7 @@ class World:
                                       f"{result.finished_at - now:.6f} s ({len(plan.prefill)} prefill chunks, "
                                       f"{len(plan.decode)} decodes)")
             yield env.timeout(result.finished_at - now)
+            self.admission.record(plan, result.finished_at - now)
             finished = scheduler.on_step_done(result)
             if client is not None:
                 client.step_done(plan, backend.live, finished, env.now)

@@ -1,10 +1,13 @@
 """Algorithm 1 (as corrected in docs/scheduler.md) with hand-computed Eq. 3 values."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from emoe.core.estimates import CostEstimate
-from emoe.core.plan import StepResult
+from emoe.core.metrics import AdmissionCounters
+from emoe.core.plan import StepPlan, StepResult
 from emoe.core.policies import BatchEstimate
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.scheduler import Scheduler
@@ -86,6 +89,7 @@ def test_scheduler_skips_a_request_that_would_break_an_slo_and_admits_the_next()
     assert [c.request_id for c in plan.prefill] == ["c"]
     assert plan.decode == ["a"]
     assert s.num_waiting == 1
+    assert plan.deferred == 1 and plan.slowdown == s.cost.scale == 1.0  # what it costed b with
 
 
 def test_fcfs_admits_the_same_request_regardless_of_slos():
@@ -94,7 +98,23 @@ def test_fcfs_admits_the_same_request_regardless_of_slos():
     s.next_step(0.0)
     s.on_step_done(StepResult(0.0, 0.02))
     s.add_request(make_request("b", 0.02, input_tokens=1000, ttft=0.1))
-    assert [c.request_id for c in s.next_step(0.02).prefill] == ["b"]
+    plan = s.next_step(0.02)
+    assert [c.request_id for c in plan.prefill] == ["b"]
+    assert plan.deferred == 0 and plan.slowdown is None  # fcfs costs nothing
+
+
+def test_admission_counters_weigh_eq3s_slowdown_by_the_seconds_of_its_steps():
+    counters = AdmissionCounters()
+    counters.record(StepPlan(deferred=2, slowdown=1.5), 0.1)
+    counters.record(StepPlan(deferred=1, slowdown=2.0), 0.3)
+    counters.record(StepPlan(), 0.5)  # no estimate: not in the slowdown
+    earlier = dataclasses.replace(counters)
+    counters.record(StepPlan(deferred=4, slowdown=3.0), 0.2)
+    assert counters.deferred == 7
+    assert counters.slowdown == pytest.approx((1.5 * 0.1 + 2.0 * 0.3 + 3.0 * 0.2) / 0.6)
+    later = counters.since(earlier)
+    assert (later.deferred, later.slowdown) == (4, pytest.approx(3.0))
+    assert AdmissionCounters().slowdown is None
 
 
 @pytest.mark.parametrize("scheduling", ["fcfs", "emoe"])

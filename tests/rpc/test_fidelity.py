@@ -97,6 +97,9 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     for key in ("goodput_rps", "bytes_loaded", "predictor_calls"):
         assert set(policy[key]) >= {"sim", "real"}
     assert policy["bytes_loaded"]["sim"] == policy["bytes_loaded"]["real"] > 0  # all experts once
+    admission = policy["admission"]  # fcfs holds nothing back and costs nothing
+    assert (admission["deferred"]["sim"], admission["deferred"]["real"]) == (0, 0)
+    assert (admission["slowdown"]["sim"], admission["slowdown"]["real"]) == (None, None)
     assert (tmp_path / "out" / "cdf-fcfs-all.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "fcfs-all-real.csv").exists()
 
@@ -120,10 +123,12 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     """``--engine-speed timeline``: the server's loop speed sampled during the replay, each
     window simulated at its own, with the simulations at the replay's one speed and as
     profiled beside it (here with every step drawn around its model as the server's cycles
-    scattered within the windows: ``--step-scatter measured``)."""
+    scattered within the windows: ``--step-scatter measured``), under the emoe scheduler,
+    whose Eq. 3 is reported from both sides."""
     report = tmp_path / "report.json"
     assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
                  "--engine-speed", "timeline", "--step-scatter", "measured",
+                 "--scheduler", "emoe",
                  "--out-dir", str(tmp_path / "out"), "--no-plots", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "its speed sampled every 0.5 s:" in printed
@@ -149,6 +154,9 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     assert policy["as_served"]["metrics"]["e2e"]["real"] == real
     assert policy["as_profiled"]["metrics"]["e2e"]["real"] == real
     assert policy["as_served"]["metrics"]["e2e"]["sim"] != policy["metrics"]["e2e"]["sim"]
+    slowdown = policy["admission"]["slowdown"]  # what Eq. 3 believed of the engine's speed
+    assert 0.1 < slowdown["sim"] < 10 and 0.1 < slowdown["real"] < 10
+    assert "admission: Eq. 3 held back a waiting request" in printed
 
 
 def test_without_a_profile_fidelity_measures_one_first(tmp_path, monkeypatch, capsys):

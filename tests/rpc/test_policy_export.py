@@ -62,6 +62,10 @@ async def test_an_exported_policy_is_served_and_reported_whole(tmp_path, caplog)
     assert p.memory_budget_bytes > p.expert_budget_bytes
     assert stats.experts.predictor_calls >= 2  # prompt 1, then every 3rd
     assert f"emoe_predictor_calls_total {float(stats.experts.predictor_calls)}" in scrape
+    a = stats.admission  # the emoe scheduler's Eq. 3 costed every admission it planned
+    assert a.estimated_s > 0 and 0.01 < a.slowdown_s / a.estimated_s < 100
+    assert f"emoe_admission_deferred_total {float(a.deferred)}" in scrape
+    assert "emoe_admission_slowdown " in scrape
     assert 'emoe_policy_info{miss_policy="reroute",planner="emoe",predictor="frequency"' in scrape
     assert 'emoe_policy_value{setting="prediction_interval"} 3.0' in scrape
     assert 'emoe_policy_experts_per_layer{layer="3"} 3.0' in scrape

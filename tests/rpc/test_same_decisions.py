@@ -9,7 +9,8 @@ inputs: one scripted arrival sequence through both loops.
   both sides see the same step times and the only difference left is the loop.
 
 Every request must get the same fate, at the same times; every expert load/evict list and
-predictor run must come at the same moment.
+predictor run must come at the same moment; Eq. 3 must hold back the same waiting requests,
+counted alike on both sides (``AdmissionCounters``, as ``emoe fidelity`` compares them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from emoe.core.metrics import AdmissionCounters
 from emoe.core.plan import StepPlan, StepResult
 from emoe.core.policy_file import PolicyConfig
 from emoe.core.predictor import FrequencyPredictor, register_predictor_loader
@@ -91,13 +93,14 @@ def recorded(backend, log: list) -> None:
     backend.execute = logged
 
 
-def simulate(config: SimConfig) -> tuple[dict[str, Request], list]:
+def simulate(config: SimConfig) -> tuple[dict[str, Request], list, AdmissionCounters]:
     scheduler, backend = build(config)
     log: list = []
     recorded(backend, log)
     ended: list[Request] = []
-    World(scheduler, backend, requests(), ended.append).run()  # macro steps, as emoe sim
-    return {r.id: r for r in ended}, log
+    world = World(scheduler, backend, requests(), ended.append)
+    world.run()  # macro steps, as emoe sim
+    return {r.id: r for r in ended}, log, world.admission
 
 
 class Clock:
@@ -177,7 +180,8 @@ class Arrivals:
                 slo=r.slo, priority=0, accepted_at=r.arrival))
 
 
-async def serve(config: SimConfig, monkeypatch) -> tuple[dict[str, Request], list]:
+async def serve(config: SimConfig, monkeypatch
+                ) -> tuple[dict[str, Request], list, AdmissionCounters]:
     clock = Clock()
     monkeypatch.setattr(replica_module, "time", clock)
     model, hardware = config.specs()
@@ -196,7 +200,8 @@ async def serve(config: SimConfig, monkeypatch) -> tuple[dict[str, Request], lis
         scheduler.add_request = lambda r: (seen.__setitem__(r.id, r), add(r))
         return scheduler
 
-    replica = Replica(engine, make_scheduler, ServiceMetrics(list(policy.tasks), lambda: (0,) * 4))
+    metrics = ServiceMetrics(list(policy.tasks), lambda: (0,) * 4)
+    replica = Replica(engine, make_scheduler, metrics)
     arrivals.replica = replica
     await replica.start()
     while not replica.healthy:
@@ -210,7 +215,7 @@ async def serve(config: SimConfig, monkeypatch) -> tuple[dict[str, Request], lis
     sim_backend.flush()
     for rid, request in seen.items():  # the simulated engine's hit counters
         request.expert_hits = engine.due.by_id[rid].expert_hits
-    return seen, log
+    return seen, log, metrics.admission
 
 
 class TimedPredictor(FrequencyPredictor):
@@ -245,8 +250,8 @@ async def test_simulator_and_server_decide_alike(served_model, tmp_path, monkeyp
     policy.to_file(policy_file)
     config = SimConfig(model=str(folder), profile=profile, policy_file=policy_file, seed=3)
 
-    simulated, sim_log = simulate(config)
-    served, served_log = await serve(config, monkeypatch)
+    simulated, sim_log, sim_admission = simulate(config)
+    served, served_log, served_admission = await serve(config, monkeypatch)
     if predictor.startswith("timed:"):  # one rule charges a predictor's own call time
         sim_scheduler, sim_backend = build(config)
         engine = SimulatedEngine(sim_backend, sim_scheduler.model, Clock(), Arrivals(planner))
@@ -265,6 +270,15 @@ async def test_simulator_and_server_decide_alike(served_model, tmp_path, monkeyp
         assert r.expert_hits == s.expert_hits, rid
         fates[s.status.value] = fates.get(s.status.value, 0) + 1
     assert sim_log == served_log
+    # Eq. 3 held back the same requests at the same steps, costing them alike (the server's
+    # scale moves within what the simulator runs as one macro step: within 0.1%)
+    assert sim_admission.deferred == served_admission.deferred
+    assert sim_admission.estimated_s == pytest.approx(served_admission.estimated_s, abs=1e-9)
+    if scheduling == "emoe":
+        assert sim_admission.deferred > 0
+        assert sim_admission.slowdown == pytest.approx(served_admission.slowdown, rel=1e-3)
+    else:
+        assert sim_admission.slowdown is None and served_admission.slowdown is None
     assert simulated["4"].reason == ("sampling.max_tokens: prompt (60 tokens) + max_tokens (10) "
                                      "exceeds the model's context of 64 tokens")
     # the script makes the loops decide something: requests queue behind the 4 KV slots,

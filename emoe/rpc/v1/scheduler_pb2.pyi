@@ -217,20 +217,32 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("uptime_s", "waiting", "running", "tasks", "experts", "engine_speed")
+    __slots__ = ("uptime_s", "waiting", "running", "tasks", "experts", "engine_speed", "admission")
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_SPEED_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_FIELD_NUMBER: _ClassVar[int]
     uptime_s: float
     waiting: int
     running: int
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStats]
     experts: ExpertStats
     engine_speed: EngineSpeed
-    def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ...) -> None: ...
+    admission: Admission
+    def __init__(self, uptime_s: _Optional[float] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[TaskStats, _Mapping]]] = ..., experts: _Optional[_Union[ExpertStats, _Mapping]] = ..., engine_speed: _Optional[_Union[EngineSpeed, _Mapping]] = ..., admission: _Optional[_Union[Admission, _Mapping]] = ...) -> None: ...
+
+class Admission(_message.Message):
+    __slots__ = ("deferred", "estimated_s", "slowdown_s")
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_S_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_S_FIELD_NUMBER: _ClassVar[int]
+    deferred: int
+    estimated_s: float
+    slowdown_s: float
+    def __init__(self, deferred: _Optional[int] = ..., estimated_s: _Optional[float] = ..., slowdown_s: _Optional[float] = ...) -> None: ...
 
 class EngineSpeed(_message.Message):
     __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s", "cycle_log_sum", "cycle_log_sq_sum", "cycle_lag_pairs", "cycle_lag_sum", "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum")
