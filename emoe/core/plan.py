@@ -90,6 +90,10 @@ class StepResult:
     scheduler's cost estimate then does not learn from);
     ``load_wait_s``: time spent waiting for experts (the simulator: the part of ``compute_s``
     its layers stalled; the engine: issuing the plan's loads before the forward pass).
+    ``finished_at`` is when the engine's last iteration ended, as an engine reports it (the
+    scheduler's first-token and finish times); ``serving_s`` is the serving loop's work after
+    it, before the next plan (delivering the step's tokens): a simulator's model of it, which
+    its world waits out; a real backend leaves it 0 (its server's loop spends it).
     """
 
     started_at: float
@@ -100,6 +104,7 @@ class StepResult:
     decode_routing: dict = field(default_factory=dict)
     compute_s: float = 0.0
     load_wait_s: float = 0.0
+    serving_s: float = 0.0
     predictor_s: float = 0.0
     bytes_loaded: int = 0
     fetched_on_miss: list[ExpertKey] = field(default_factory=list)

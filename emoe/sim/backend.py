@@ -173,7 +173,9 @@ class SimBackend:
             result.iterations = iterations
             result.compute_s = compute + wait  # as the engine times its forward pass
             result.load_wait_s = wait
-            result.finished_at = start + compute + wait + serving
+            # the loop's work between iterations is inside the step; after the last, outside
+            result.serving_s = serving / iterations
+            result.finished_at = start + compute + wait + serving - result.serving_s
         memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
         result.bytes_loaded += len(plan.load) * model.expert_bytes
 
@@ -285,9 +287,10 @@ class SimBackend:
             wait = self._load_wait(t, compute, ready) + self._fetch_wait(t, compute, fetches)
             ready = None
             result.bytes_loaded += nbytes * sum(fetches.values())
-            t += compute + wait + scatter * self.cost.serving_s(
+            serving = scatter * self.cost.serving_s(
                 decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0,
                 prefill=iteration == 0 and prefill > 0)
+            t += compute + wait + serving
             compute_total += compute
             wait_total += wait
             iteration += 1
@@ -298,7 +301,8 @@ class SimBackend:
         result.iterations = iteration
         result.compute_s = compute_total + wait_total  # as the engine times its forward pass
         result.load_wait_s = wait_total
-        result.finished_at = t
+        result.serving_s = serving  # the last iteration's, after the engine's end
+        result.finished_at = t - serving
 
 
 _NO_SLOTS = np.zeros(0, dtype=np.intp)

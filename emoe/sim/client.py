@@ -43,12 +43,14 @@ class ClientView:
         request.arrival = at
 
     def step_done(self, plan: StepPlan, live: Mapping[str, Request],
-                  finished: list[Request], now: float) -> None:
-        """Note the egress of the tokens the step that ended at ``now`` made: first tokens of
-        the prompts it completed, and the last of the requests it finished."""
+                  finished: list[Request], now: float, serving_s: float) -> None:
+        """Note the egress of the tokens the step whose loop work ended at ``now`` made
+        (first tokens of the prompts it completed, the last of the requests it finished): the
+        loop's ``serving_s`` after the engine's end, which the scheduler's times stop at, and
+        the way out from there (the profile's egress counts from the loop's end)."""
         firsts = [c.request_id for c in plan.prefill
                   if c.start + c.num_tokens == live[c.request_id].input_tokens]
-        egress = self.costs_at(now).egress(len(plan.decode) + len(firsts))
+        egress = serving_s + self.costs_at(now).egress(len(plan.decode) + len(firsts))
         for rid in firsts:
             self._first[rid] = egress
         for request in finished:

@@ -2,7 +2,8 @@
 
     engine:    hand every request that has arrived by now to the backend and the scheduler;
                plan = scheduler.next_step(now); result = backend.execute(plan);
-               wait for the step's simulated duration; scheduler.on_step_done(result);
+               wait until the engine's step ends; scheduler.on_step_done(result);
+               wait out the serving loop's work after it (a served engine's);
                with nothing to run, wait until the next arrival
 
 SimPy stays at this edge: the scheduler does not know it is simulated, and the backend is
@@ -136,10 +137,12 @@ class World:
                                       f"{result.finished_at - now:.6f} s ({len(plan.prefill)} prefill chunks, "
                                       f"{len(plan.decode)} decodes)")
             yield env.timeout(result.finished_at - now)
-            self.admission.record(plan, result.finished_at - now)
-            finished = scheduler.on_step_done(result)
+            finished = scheduler.on_step_done(result)  # at the engine's end, as served
+            if result.serving_s > 0:
+                yield env.timeout(result.serving_s)  # the loop delivers the step's tokens
+            self.admission.record(plan, env.now - now)
             if client is not None:
-                client.step_done(plan, backend.live, finished, env.now)
+                client.step_done(plan, backend.live, finished, env.now, result.serving_s)
             if finished:
                 self._end(finished)
 

@@ -69,10 +69,12 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert isinstance(doc["rank_agreement_resolved"], bool)
     assert set(doc["ranking"]["pairs"]) == {"same", "tied", "opposite", "resolved"}
     assert set(doc["load_average"]) == {"before", "after"}
-    for policy in doc["policies"].values():  # the server's engine against the profile
+    for name, policy in doc["policies"].items():  # the server's engine against the profile
         speed = policy["engine_speed"]
-        assert 0.1 < speed["served"] < 10 and 0.1 < speed["compute"] < 10
         assert speed["simulated"] == 1.0 and "as_profiled" not in policy
+        if name == "fcfs/lru" and speed["served"] is None:
+            continue  # every step fetched an expert on a miss: its cycles are summed apart
+        assert 0.1 < speed["served"] < 10 and 0.1 < speed["compute"] < 10
     assert "speed during the replay: the server's loop cycles took x" in printed
     # the same routing on both sides: task prompts whose routing was recorded first
     assert doc["prompts"] == "tasks" and doc["routing"].endswith("routing.parquet")

@@ -147,8 +147,9 @@ class SimulatedEngine:
                 request.generated_tokens = 1
         for rid in plan.decode:
             self.requests[rid].generated_tokens += 1
-        self.due.submit_until(result.finished_at)
-        self.clock.now = result.finished_at
+        end = result.finished_at + result.serving_s  # the server's loop delivers, then plans
+        self.due.submit_until(end)
+        self.clock.now = end
         await asyncio.sleep(0)
         return result
 
