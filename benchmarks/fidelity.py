@@ -21,7 +21,8 @@ On the reference model with one engine thread:
    minutes and wanders by +-25% from one second to the next); the simulation runs each
    half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
    --engine-speed timeline``), each step drawn around its model (``--step-scatter``,
-   ``STEP_SCATTER``), and the errors of the simulations at the replay's one speed
+   ``STEP_SCATTER``), every simulated number the median of ``SIM_DRAWS`` draws of that
+   scatter (``--sim-draws``), and the errors of the simulations at the replay's one speed
    and at the profile's own speed are beside it; whether the goodput rankings agree, at all
    three; and the load average before and after that trace's runs; then, per simulation, how
    many cells of each goal metric are within the goal over both traces.
@@ -75,6 +76,10 @@ STEP_SCATTER = "measured"
 loop's cycles scattered within each half-second of the replay: their log spread, prefill
 steps apart, and lag-1 correlation, measured by the server (``StepScatter``). Until session 7
 the benchmark drew independently with a sigma of 0.1 chosen offline on three runs."""
+SIM_DRAWS = 5
+"""Draws of the step scatter per policy, the median reported (``emoe fidelity --sim-draws``):
+near saturation one draw's queues under the emoe scheduler move 2x from draw to draw
+(docs/fidelity.md limit 13). Until session 8 the benchmark simulated one draw."""
 
 
 def machine_factor(profile: Path) -> float:
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         report = out / f"{name}.json"
         assert main(["fidelity", "--profile", str(profile), "--policy", str(policy),
                      "--engine-speed", "timeline", "--step-scatter", STEP_SCATTER,
+                     "--sim-draws", str(SIM_DRAWS),
                      *policies, "--trace", str(trace), "--limit", str(args.limit),
                      "--rate-scale", f"{rate / factor:.4g}", "--fit", "scale", "--seed", "0",
                      "--out-dir", str(out / name), "--json", str(report)]) == 0
@@ -217,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"fidelity on {profile} ({args.limit} requests per trace, machine x{factor:.2f}: "
           f"rates / {factor:.2f}, SLOs x{SLO_SCALE * factor:.3f}, "
           f"--fit scale, task prompts with recorded routing, steps drawn around "
-          f"their model: {STEP_SCATTER}), {time.time() - started:.0f} s; "
+          f"their model: {STEP_SCATTER}, median of {SIM_DRAWS} draws), "
+          f"{time.time() - started:.0f} s; "
           f"load average before {_load(load_before)}, after {_load(load_after)} "
           f"({os.cpu_count()} cores)")
     summary = {}

@@ -1,6 +1,6 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
-    .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--seeds 5]
+    .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -8,10 +8,12 @@ server measured them, the policy files, the profile and the recorded routing. Th
 simulates every policy of that run again with each ``--scatter`` setting (a sigma of
 independent draws, or ``measured``: the server's own scatter of that replay;
 ``measured:mean``, ``measured:median``: with the typical step placed by assumption) and each of
-``--seeds`` seeds, and compares with the measured values the run recorded: per setting, how
+``--draws`` draws of the step scatter (the run's own workload and seed; before session 8 this
+script varied the seed, which redrew the workload's task mix too), and compares with the
+measured values the run recorded: per setting, how
 many cells of each goal metric are within the goal (``benchmarks/fidelity.py``: p50/p90 of
-TTFT and E2E within 10%, SLO attainment within 3 points) for one seed and for the median over
-the seeds, and how many pairs of policies the goodput rankings order oppositely.
+TTFT and E2E within 10%, SLO attainment within 3 points) for one draw and for the median over
+the draws, and how many pairs of policies the goodput rankings order oppositely.
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -60,14 +62,14 @@ def _scatter_of(setting: str, policy: dict):
 
 
 def simulate_one(job: tuple) -> tuple[tuple, dict]:
-    """One policy of one trace under one setting and seed: its goal metrics simulated."""
+    """One policy of one trace under one setting and draw: its goal metrics simulated."""
     import numpy as np
 
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
     from emoe.sim.speed import SpeedTimeline
 
-    key, doc, run_dir, name, setting, seed = job
+    key, doc, run_dir, name, setting, draw = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
     timeline = speed["timeline"]
@@ -79,10 +81,11 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     routing = None if doc["routing"] == "synthetic" else Path(doc["routing"])
     with tempfile.TemporaryDirectory() as tmp:
         side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
-                        Path(doc["checkpoint"]), Path(doc["profile"]), workload, seed,
+                        Path(doc["checkpoint"]), Path(doc["profile"]), workload, doc["seed"],
                         Path(tmp) / "sim.csv", routing, engine_speed,
                         None if fetch is None else fetch["simulated"],
-                        _scatter_of(setting, policy))
+                        _scatter_of(setting, policy), draw)
+
     def finite(column: str):
         values = side.rows[column].to_numpy(dtype=float)
         return values[np.isfinite(values)]
@@ -104,12 +107,12 @@ def measured_met(docs: dict, run: Path) -> dict:
         .set_index("id")["slo_met"] for name in doc["policies"]}) for trace, doc in docs.items()}
 
 
-def evaluate(docs: dict, sims: dict, setting: str, seeds: list[int], resolved: dict) -> dict:
-    """Goal cells within the goal, for seed ``seeds[0]`` and for the median over ``seeds``,
+def evaluate(docs: dict, sims: dict, setting: str, draws: list[int], resolved: dict) -> dict:
+    """Goal cells within the goal, for draw ``draws[0]`` and for the median over ``draws``,
     and the pairs the rankings order oppositely per trace (and of those, the pairs the
     measurement resolves)."""
     out = {}
-    for label, chosen in (("one seed", seeds[:1]), (f"median of {len(seeds)}", seeds)):
+    for label, chosen in (("one draw", draws[:1]), (f"median of {len(draws)}", draws)):
         within: dict[str, list[bool]] = {}
         errors: dict[str, list[float]] = {}
         opposite = {}
@@ -175,7 +178,7 @@ def main() -> int:
     parser.add_argument("--scatter", default="0,0.1,measured",
                         help="comma-separated settings: a sigma, 'measured', "
                              "'measured:mean' or 'measured:median'")
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -183,18 +186,18 @@ def main() -> int:
     if not docs:
         raise SystemExit(f"{args.run}: no fidelity reports (built-in.json, azure-code.json)")
     settings = args.scatter.split(",")
-    seeds = list(range(args.seeds))
-    jobs = [((trace, name, setting, seed), doc, args.run / trace, name, setting, seed)
+    draws = list(range(args.draws))
+    jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw)
             for trace, doc in docs.items() for name in doc["policies"]
-            for setting in settings for seed in (seeds if setting != "0" else seeds[:1])]
+            for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
         sims = dict(pool.map(simulate_one, jobs))
-    for (trace, name, setting, seed), values in list(sims.items()):  # deterministic: one run
+    for (trace, name, setting, draw), values in list(sims.items()):  # deterministic: one run
         if setting == "0":
-            for s in seeds[1:]:
+            for s in draws[1:]:
                 sims[(trace, name, setting, s)] = values
     resolved = measured_met(docs, args.run)
-    results = {setting: evaluate(docs, sims, setting, seeds, resolved)
+    results = {setting: evaluate(docs, sims, setting, draws, resolved)
                for setting in settings}
     metrics = [f"{m} {q}" for m, q in CELLS] + ["slo"]
     rows = []
@@ -208,7 +211,7 @@ def main() -> int:
                 "; ".join(f"{t} {len(o)} ({sum(res for _, res in o)})"
                           for t, o in r["opposite"].items())])
     print(f"{args.run}: cells within the goal without lru (median |error| over all policies)")
-    print(format_table(["step scatter", "seeds", "TTFT p50", "TTFT p90", "E2E p50",
+    print(format_table(["step scatter", "draws", "TTFT p50", "TTFT p90", "E2E p50",
                         "E2E p90", "SLO", "pairs opposite (resolved by the measurement)"],
                        rows))
     noise = sampling_error(docs, args.run)

@@ -119,6 +119,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "half-second of the replay, their spread (prefill steps apart) and "
                            "lag-1 correlation (default 0: exactly its model; docs/fidelity.md "
                            "limit 11)")
+    sys_.add_argument("--sim-draws", type=int, default=1, metavar="N",
+                      help="simulate each policy N times, the step scatter drawn anew each time "
+                           "for the same workload, and report every simulated number as the "
+                           "median over the draws, each percentile with its range "
+                           "(default 1; docs/fidelity.md limits 11 and 13)")
     pol = p.add_argument_group("policies (lists run every combination, as emoe sim)")
     pol.add_argument("--policy", type=Path, default=None,
                      help="base policy file (tasks, SLOs, budgets); --scheduler/--experts "
@@ -199,7 +204,8 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
              rows_path: Path, routing_trace: Path | None = None,
              engine_speed: float | SpeedTimeline = 1.0,
              fetch_cost_s: float | None = None,
-             step_scatter: float | StepScatter = 0.0) -> Side:
+             step_scatter: float | StepScatter = 0.0, draw: int = 0) -> Side:
+    """One simulated side; ``draw`` redraws the step scatter of the same workload."""
     import pandas as pd
 
     from emoe.sim.runner import SimConfig
@@ -207,7 +213,8 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
 
     config = SimConfig(model=str(checkpoint), profile=profile, policy_file=policy_file,
                        seed=seed, routing_trace=routing_trace, engine_speed=engine_speed,
-                       fetch_cost_s=fetch_cost_s, step_scatter=step_scatter)
+                       fetch_cost_s=fetch_cost_s, step_scatter=step_scatter,
+                       scatter_draw=draw)
     outcome = run_sim(config, workload, out=rows_path)
     s = outcome.summary
     return Side(s, pd.read_csv(rows_path), s.system.pcie_bytes,
@@ -340,25 +347,43 @@ def _rel(sim: float | None, real: float | None) -> float | None:
     return (sim - real) / real
 
 
-def compare(sim: Side, real: Side) -> dict:
-    """Per metric: p50/p90/p99 sim and real, relative errors, KS statistic; the rest."""
+def compare(sims: list[Side], real: Side) -> dict:
+    """Per metric: p50/p90/p99 simulated and measured, relative errors, KS statistic; the rest.
+    Several simulated draws (``--sim-draws``) give each number as its median over the draws,
+    with each percentile's range over them (``sim_range``)."""
     import numpy as np
     from scipy.stats import ks_2samp
 
-    report: dict = {"metrics": {}}
+    def median(values: list):
+        """None when no draw has one; a count stays a whole number."""
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        middle = float(np.median(values))
+        return round(middle) if all(isinstance(v, int) for v in values) else middle
+
+    report: dict = {"metrics": {}, "sim_draws": len(sims)}
     for key, column, _ in METRICS:
-        a, b = _values(sim.rows, column), _values(real.rows, column)
-        entry: dict = {"sim": {}, "real": {}, "rel_error": {}, "count": {"sim": len(a),
-                                                                         "real": len(b)}}
+        b = _values(real.rows, column)
+        draws = [_values(sim.rows, column) for sim in sims]
+        entry: dict = {"sim": {}, "real": {}, "rel_error": {},
+                       "count": {"sim": len(draws[0]), "real": len(b)}}
+        ranges: dict = {}
         for q, pct in QUANTILES:
-            s = float(np.percentile(a, pct)) if len(a) else None
+            at = [float(np.percentile(a, pct)) for a in draws if len(a)]
+            s = median(at)
             r = float(np.percentile(b, pct)) if len(b) else None
             entry["sim"][q], entry["real"][q], entry["rel_error"][q] = s, r, _rel(s, r)
-        entry["ks"] = float(ks_2samp(a, b).statistic) if len(a) and len(b) else None
+            ranges[q] = [min(at), max(at)] if at else None
+        if len(sims) > 1:
+            entry["sim_range"] = ranges
+        entry["ks"] = median([float(ks_2samp(a, b).statistic) for a in draws
+                              if len(a) and len(b)])
         report["metrics"][key] = entry
-    s, r = sim.summary, real.summary
+    r = real.summary
 
-    def pair(a, b, *, points: bool = False) -> dict:
+    def pair(values: list, b, *, points: bool = False) -> dict:
+        a = median(values)
         out = {"sim": a, "real": b}
         if points:
             out["diff_points"] = None if a is None or b is None else 100 * (a - b)
@@ -366,19 +391,24 @@ def compare(sim: Side, real: Side) -> dict:
             out["rel_error"] = _rel(a, b)
         return out
 
-    report["requests"] = {"sim": s.requests, "real": r.requests}
-    report["finished"] = {"sim": s.finished, "real": r.finished}
-    report["rejected"] = {"sim": s.rejected, "real": r.rejected}
-    report["slo_attainment"] = pair(s.slo_attainment, r.slo_attainment, points=True)
-    report["goodput_rps"] = pair(s.goodput_rps, r.goodput_rps)
-    report["hit_rate"] = pair(s.hit_rate, r.hit_rate, points=True)
-    report["bytes_loaded"] = pair(sim.bytes_loaded, real.bytes_loaded)
-    report["predictor_calls"] = pair(sim.predictor_calls, real.predictor_calls)
-    report["elapsed_s"] = pair(sim.elapsed_s, real.elapsed_s)
-    if sim.admission is not None and real.admission is not None:
+    def each(read) -> list:
+        return [read(sim) for sim in sims]
+
+    first = sims[0].summary
+    report["requests"] = {"sim": first.requests, "real": r.requests}
+    report["finished"] = {"sim": first.finished, "real": r.finished}
+    report["rejected"] = {"sim": first.rejected, "real": r.rejected}
+    report["slo_attainment"] = pair(each(lambda s: s.summary.slo_attainment), r.slo_attainment,
+                                    points=True)
+    report["goodput_rps"] = pair(each(lambda s: s.summary.goodput_rps), r.goodput_rps)
+    report["hit_rate"] = pair(each(lambda s: s.summary.hit_rate), r.hit_rate, points=True)
+    report["bytes_loaded"] = pair(each(lambda s: s.bytes_loaded), real.bytes_loaded)
+    report["predictor_calls"] = pair(each(lambda s: s.predictor_calls), real.predictor_calls)
+    report["elapsed_s"] = pair(each(lambda s: s.elapsed_s), real.elapsed_s)
+    if real.admission is not None and all(s.admission is not None for s in sims):
         report["admission"] = {
-            "deferred": pair(sim.admission.deferred, real.admission.deferred),
-            "slowdown": pair(sim.admission.slowdown, real.admission.slowdown)}
+            "deferred": pair(each(lambda s: s.admission.deferred), real.admission.deferred),
+            "slowdown": pair(each(lambda s: s.admission.slowdown), real.admission.slowdown)}
     return report
 
 
@@ -475,6 +505,13 @@ def format_report(name: str, report: dict) -> str:
         f"{report['bytes_loaded']['real']}; predictor calls sim "
         f"{report['predictor_calls']['sim']} real {report['predictor_calls']['real']}",
     ]
+    if report.get("sim_draws", 1) > 1:
+        spans = ", ".join(
+            f"{key.upper()} {q} {_fmt(span[0])}-{_fmt(span[1])}"
+            for key in ("ttft", "e2e", "queueing") for q in ("p50", "p90")
+            if (span := report["metrics"][key]["sim_range"][q]) is not None)
+        lines.append(f"simulated: the median of {report['sim_draws']} draws of the step "
+                     f"scatter; over the draws (s): {spans}")
     admission = report.get("admission")
     if admission is not None and (admission["slowdown"]["sim"] is not None
                                   or admission["slowdown"]["real"] is not None):
@@ -550,6 +587,11 @@ async def _run(args: argparse.Namespace) -> int:
     if args.rate_scale <= 0:
         raise ConfigError(f"--rate-scale: must be > 0, got {args.rate_scale}")
     step_scatter = _step_scatter(args.step_scatter)
+    if args.sim_draws < 1:
+        raise ConfigError(f"--sim-draws: must be >= 1, got {args.sim_draws}")
+    if args.sim_draws > 1 and step_scatter == 0:
+        raise ConfigError("--sim-draws: draws differ only in the step scatter; give "
+                          "--step-scatter SIGMA or measured")
     load_before = os.getloadavg()
     print(f"emoe fidelity: load average before {_load(load_before)} (other work on this "
           f"machine slows the measured side)", flush=True)
@@ -632,23 +674,25 @@ async def _run(args: argparse.Namespace) -> int:
                                   f"against a profile (is it started with --profile "
                                   f"{profile_path}?)")
             scatter = real.step_scatter
-        sim = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                       out_dir / f"{stem}-sim.csv", routing_trace, simulated, fetch_cost,
-                       scatter)
-        reports[name] = compare(sim, real)
+        sims = [simulate(policy_file, checkpoint, profile_path, workload, args.seed,
+                         out_dir / (f"{stem}-sim-draw{draw}.csv" if draw else f"{stem}-sim.csv"),
+                         routing_trace, simulated, fetch_cost, scatter, draw)
+                for draw in range(args.sim_draws)]
+        sim = sims[0]
+        reports[name] = compare(sims, real)
         reports[name]["engine_speed"] = speed
         measured_met[name] = real.rows.set_index("id")["slo_met"]
         if args.engine_speed != "profile":
             as_profiled = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                    out_dir / f"{stem}-sim-profile.csv", routing_trace,
                                    step_scatter=scatter)
-            profiled[name] = compare(as_profiled, real)
+            profiled[name] = compare([as_profiled], real)
             reports[name]["as_profiled"] = profiled[name]
         if args.engine_speed == "timeline":
             as_served = simulate(policy_file, checkpoint, profile_path, workload, args.seed,
                                  out_dir / f"{stem}-sim-served.csv", routing_trace,
                                  real.engine_speed, fetch_cost, scatter)
-            one_speed[name] = compare(as_served, real)
+            one_speed[name] = compare([as_served], real)
             reports[name]["as_served"] = one_speed[name]
         if len(reports) == 1:
             print(f"simulated {sim.context}\nmeasured {real.context}")
@@ -691,6 +735,7 @@ async def _run(args: argparse.Namespace) -> int:
             "routing": str(routing_trace) if routing_trace else "synthetic",
             "load_average": {"before": list(load_before), "after": list(load_after)},
             "engine_speed": args.engine_speed, "step_scatter": step_scatter,
+            "sim_draws": args.sim_draws,
             "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
             "rank_agreement": agree, "rank_agreement_resolved": not resolved_opposite,
         }

@@ -48,9 +48,9 @@ class SimBackend:
                  steps: StepTimes | None = None, serving: ServingCosts | None = None,
                  offload: HandlerOverhead | None = None,
                  speed: SpeedTimeline = SpeedTimeline.constant(1.0),
-                 scatter: StepScatter = StepScatter(), seed: int = 0):
+                 scatter: StepScatter = StepScatter(), seed: int | tuple[int, int] = 0):
         """``scatter``: how each step's time is drawn around its model, seeded by ``seed``
-        (``SimConfig.step_scatter``; a served engine's profile only)."""
+        (``SimConfig.step_scatter``, with ``scatter_draw``; a served engine's profile only)."""
         self.model = model
         self.hardware = hardware
         self.cost = CostModel(hardware, model, steps, serving, offload, speed)

@@ -138,7 +138,9 @@ class SimConfig:
     ``SpeedTimeline``, the multiple of each window of the run; ``step_scatter``: each
     simulated step (with a served engine's profile) takes its modelled time x a lognormal
     draw of mean 1, of this sigma (0: exactly its model) or as a ``StepScatter`` (AR(1) from
-    step to step, prefill steps' sigma apart), seeded by ``seed``;
+    step to step, prefill steps' sigma apart), seeded by ``seed`` and ``scatter_draw`` (draw 0
+    is ``seed``'s own; other draws redraw the steps of the same workload, which ``seed`` alone
+    decides);
     ``fetch_cost_s``: what an expert copy costs the engine in all (default: the profile's
     copy latency + bytes / bandwidth).
     """
@@ -164,6 +166,7 @@ class SimConfig:
     proxy_sensitivity: Path | None = None
     engine_speed: float | SpeedTimeline = 1.0
     step_scatter: float | StepScatter = 0.0
+    scatter_draw: int = 0
     fetch_cost_s: float | None = None
 
     @property
@@ -371,7 +374,9 @@ def build(config: SimConfig) -> tuple[Scheduler, SimBackend]:
                          steps=profile.step_table if profile else None,
                          serving=profile.serving if profile else None,
                          speed=config.speed_timeline(),
-                         scatter=config.scatter(), seed=config.seed,
+                         scatter=config.scatter(),
+                         seed=(config.seed if not config.scatter_draw
+                               else (config.seed, config.scatter_draw)),
                          offload=(profile.offload if profile and policy.serves_with_expert_cache
                                   else None))
     return scheduler, backend

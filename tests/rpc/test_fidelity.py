@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from emoe.cli import main
@@ -125,12 +127,13 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     """``--engine-speed timeline``: the server's loop speed sampled during the replay, each
     window simulated at its own, with the simulations at the replay's one speed and as
     profiled beside it (here with every step drawn around its model as the server's cycles
-    scattered within the windows: ``--step-scatter measured``), under the emoe scheduler,
-    whose Eq. 3 is reported from both sides."""
+    scattered within the windows: ``--step-scatter measured``, every simulated number the
+    median of three draws of it), under the emoe scheduler, whose Eq. 3 is reported from both
+    sides."""
     report = tmp_path / "report.json"
     assert main(["fidelity", "--profile", str(profile), "--limit", "4", "--fit", "scale",
                  "--engine-speed", "timeline", "--step-scatter", "measured",
-                 "--scheduler", "emoe",
+                 "--scheduler", "emoe", "--sim-draws", "3",
                  "--out-dir", str(tmp_path / "out"), "--no-plots", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "its speed sampled every 0.5 s:" in printed
@@ -156,6 +159,16 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     assert policy["as_served"]["metrics"]["e2e"]["real"] == real
     assert policy["as_profiled"]["metrics"]["e2e"]["real"] == real
     assert policy["as_served"]["metrics"]["e2e"]["sim"] != policy["metrics"]["e2e"]["sim"]
+    assert policy["sim_draws"] == doc["sim_draws"] == 3
+    draws = [pd.read_csv(tmp_path / "out" / name) for name in
+             ("emoe-all-sim.csv", "emoe-all-sim-draw1.csv", "emoe-all-sim-draw2.csv")]
+    for key, column in (("ttft", "ttft_s"), ("e2e", "e2e_s")):
+        entry = policy["metrics"][key]
+        at = [float(np.percentile(d[column].dropna(), 90)) for d in draws]
+        assert entry["sim"]["p90"] == pytest.approx(float(np.median(at)))
+        assert entry["sim_range"]["p90"] == pytest.approx([min(at), max(at)])
+    assert "simulated: the median of 3 draws of the step scatter" in printed
+    assert "sim_range" not in policy["as_served"]["metrics"]["e2e"]  # one draw beside
     slowdown = policy["admission"]["slowdown"]  # what Eq. 3 believed of the engine's speed
     assert 0.1 < slowdown["sim"] < 10 and 0.1 < slowdown["real"] < 10
     assert "admission: Eq. 3 held back a waiting request" in printed
@@ -198,6 +211,9 @@ def test_a_server_that_does_not_come_up_is_reported(profile, tmp_path, capsys):
                  "--out-dir", str(tmp_path / "out")]) == 2  # before anything is measured
     assert "--step-scatter: a sigma in [0, 1) or 'measured', got '1.5'" in \
         capsys.readouterr().err
+    assert main(["fidelity", "--profile", str(profile), "--sim-draws", "3",
+                 "--out-dir", str(tmp_path / "out")]) == 2
+    assert "--sim-draws: draws differ only in the step scatter" in capsys.readouterr().err
 
 
 def test_a_pair_of_policies_is_resolved_when_its_requests_differ_beyond_a_sign_test():

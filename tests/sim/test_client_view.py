@@ -275,8 +275,8 @@ def test_a_speed_timeline_by_step_kind_from_sampled_counters():
 
 def test_steps_drawn_around_their_model(served):
     """``step_scatter``: each step's time a lognormal draw of mean 1 around its model, seeded
-    by the run's seed (the same seed, the same run); on average the model's time; a sigma out
-    of [0, 1) is refused."""
+    by the run's seed and ``scatter_draw`` (the same seed and draw, the same run); on average
+    the model's time; a sigma out of [0, 1) is refused."""
     slo = SLO(10.0, 10.0)
 
     def busy(config, max_iterations=1):
@@ -289,6 +289,10 @@ def test_steps_drawn_around_their_model(served):
     drawn = dataclasses.replace(served, step_scatter=0.2)
     assert busy(drawn) == busy(drawn) != steady
     assert busy(dataclasses.replace(drawn, seed=1)) != busy(drawn)
+    # another draw of the same seed: other steps, draw 0 the seed's own
+    redrawn = busy(dataclasses.replace(drawn, scatter_draw=1))
+    assert redrawn == busy(dataclasses.replace(drawn, scatter_draw=1)) != busy(drawn)
+    assert busy(dataclasses.replace(drawn, scatter_draw=0)) == busy(drawn)
     # 400 independent draws of sigma 0.2: their mean within 3% of 1 (three sigma)
     assert busy(drawn) == pytest.approx(steady, rel=0.03)
     assert busy(drawn, None) == pytest.approx(steady, rel=0.03)  # macro steps
