@@ -507,8 +507,9 @@ def format_report(name: str, report: dict) -> str:
     ]
     if report.get("sim_draws", 1) > 1:
         spans = ", ".join(
-            f"{key.upper()} {q} {_fmt(span[0])}-{_fmt(span[1])}"
-            for key in ("ttft", "e2e", "queueing") for q in ("p50", "p90")
+            f"{label} {q} {_fmt(span[0])}-{_fmt(span[1])}"
+            for key, label in (("ttft", "TTFT"), ("e2e", "E2E"), ("queueing", "queueing"))
+            for q in ("p50", "p90")
             if (span := report["metrics"][key]["sim_range"][q]) is not None)
         lines.append(f"simulated: the median of {report['sim_draws']} draws of the step "
                      f"scatter; over the draws (s): {spans}")
