@@ -395,8 +395,9 @@ class Scheduler:
             if not fits or not policy.admits(request, entry.expected_output, batch):
                 skipped.append((heap, item))
                 blocked = True
-                self._estimate_blocked |= fits
-                plan.deferred += 1 if fits else 0
+                if fits:  # held back by the policy's estimate, not by memory
+                    self._estimate_blocked = True
+                    plan.deferred += 1
                 if policy.skip_blocked:
                     continue
                 break

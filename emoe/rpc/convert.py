@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from emoe.core.metrics.admission import AdmissionCounters
 from emoe.core.plan import PrefillChunk, RequestStepOutput, StepPlan, StepResult
 from emoe.core.specs import ModelSpec
 from emoe.rpc.backend import BackendInfo, SamplingParams
@@ -123,3 +124,11 @@ def info_from_proto(m: wpb.WorkerInfo, address: str) -> BackendInfo:
                        resident=keys_from_proto(m.resident),
                        instance_id=m.instance_id, expert_slots=m.expert_slots,
                        tokenizer_config=m.tokenizer_config)
+
+
+def admission_to_proto(a: AdmissionCounters) -> spb.Admission:
+    return spb.Admission(deferred=a.deferred, estimated_s=a.estimated_s, slowdown_s=a.slowdown_s)
+
+
+def admission_from_proto(m: spb.Admission) -> AdmissionCounters:
+    return AdmissionCounters(m.deferred, m.estimated_s, m.slowdown_s)

@@ -231,13 +231,14 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     from emoe.core.metrics import MetricsCollector, SystemCounters
     from emoe.core.workload import ContextFit
     from emoe.rpc.client import EmoeClient
+    from emoe.rpc.convert import admission_from_proto
     from emoe.rpc.engine_speed import fetch_cost_s
     from emoe.rpc.replay import GrpcTarget, replay
 
     async with EmoeClient(target) as client:
         stats = await client.stats()
         before, speed_before = stats.experts, stats.engine_speed
-        admitted_before = _admission(stats.admission)
+        admitted_before = admission_from_proto(stats.admission)
         fitted = ContextFit(0, fit)
         sender = GrpcTarget(client, temperature=None if prompts is None else 0.0)
         began = time.monotonic()  # the replay's clock starts one server-info call later
@@ -251,7 +252,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
             sampler.cancel()
         stats = await client.stats()
         after, speed_after = stats.experts, stats.engine_speed
-        admission = _admission(stats.admission).since(admitted_before)
+        admission = admission_from_proto(stats.admission).since(admitted_before)
         samples.append(_speed_sample(time.monotonic() - began, speed_after))
         summary = metrics.summary(SystemCounters(elapsed_s=elapsed), name="measured")
     loads = after.loads - before.loads
@@ -274,11 +275,6 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
                 samples, admission)
 
-
-def _admission(message) -> AdmissionCounters:
-    from emoe.core.metrics import AdmissionCounters
-
-    return AdmissionCounters(message.deferred, message.estimated_s, message.slowdown_s)
 
 
 _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_profiled_s",

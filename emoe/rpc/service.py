@@ -32,6 +32,7 @@ from emoe.core.serving import context_error
 from emoe.core.tasks import TaskProfile
 from emoe.rpc.auth import ANONYMOUS, Identity, TokenTable, authorization
 from emoe.rpc.backend import BackendInfo, SamplingParams
+from emoe.rpc.convert import admission_to_proto
 from emoe.rpc.errors import (AlreadyExists, InvalidArgument, NotFound, RequestFailed,
                              ResourceExhausted, ServiceError, Unauthenticated, Unavailable, clip)
 from emoe.rpc.metrics import Outcome, ServiceMetrics
@@ -391,9 +392,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                                                 loads=e.loads, evictions=e.evictions,
                                                 resident=resident, resident_bytes=resident_bytes,
                                                 predictor_calls=e.predictor_calls))
-        a = self.metrics.admission
-        stats.admission.deferred, stats.admission.estimated_s, stats.admission.slowdown_s = (
-            a.deferred, a.estimated_s, a.slowdown_s)
+        stats.admission.CopyFrom(admission_to_proto(self.metrics.admission))
         for r in self.replicas:
             speed = getattr(r.backend, "speed", None)
             if speed is not None:

@@ -9,7 +9,7 @@ from emoe.core.metrics.summary import LatencyStats, Summary, SystemCounters, Tas
 from emoe.core.metrics.table import format_comparison, format_summary, format_table
 
 __all__ = [
-    "REQUEST_COLUMNS", "AdmissionCounters", "LatencyStats", "MetricsCollector", "QuantileSketch", "Summary",
-    "SystemCounters", "TaskStats", "format_comparison", "format_summary", "format_table",
+    "REQUEST_COLUMNS", "AdmissionCounters", "LatencyStats", "MetricsCollector", "QuantileSketch",
+    "Summary", "SystemCounters", "TaskStats", "format_comparison", "format_summary", "format_table",
     "open_sink", "request_row", "slo_met",
 ]
