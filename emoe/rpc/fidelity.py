@@ -198,6 +198,7 @@ class Side:
     step_scatter: StepScatter | None = None  # measured: how the cycles scattered within windows
     speed_samples: list | None = None  # measured: the counters those come from (``_SAMPLED``)
     admission: AdmissionCounters | None = None  # what admission did (Eq. 3's deferrals)
+    fetched: int = 0  # measured: experts fetched on a miss during the replay
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -268,12 +269,13 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
                "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
                           if decode_model > 0 else None)}
     timeline, scatter = _timeline(samples)
+    fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
-        compute, int(delta("fetched")), delta("fetch_compute_s"), delta("fetch_profiled_s"))
+        compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
-                samples, admission)
+                samples, admission, fetched)
 
 
 
@@ -829,6 +831,13 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
         print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
               f"(its steps' compute beyond the step model at its compute speed); the profile's: "
               f"{fetch_model_s * 1e6:.0f} us; simulated: {fetch_simulated * 1e6:.0f} us",
+              flush=True)
+    elif real.fetched > 0:
+        speed["fetch_cost_s"] = {"served": None, "profile": fetch_model_s,
+                                 "simulated": fetch_model_s}
+        print(f"{real.fetched} experts fetched on a miss, but every step fetched one: with no "
+              f"step without a fetch to give the engine's compute speed, a fetch's cost as "
+              f"served is unknown; simulated at the profile's {fetch_model_s * 1e6:.0f} us",
               flush=True)
     return speed, simulated, fetch_cost
 

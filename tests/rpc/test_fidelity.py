@@ -83,7 +83,10 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     lru = doc["policies"].pop("fcfs/lru")
     fetch = lru["engine_speed"]["fetch_cost_s"]  # what a fetch on a miss cost as served
     assert fetch["profile"] > 0 and fetch["simulated"] == fetch["profile"]
-    assert isinstance(fetch["served"], float)
+    if lru["engine_speed"]["compute"] is None:  # no step without a fetch: its cost is unknown
+        assert fetch["served"] is None and "but every step fetched one" in printed
+    else:
+        assert isinstance(fetch["served"], float)
     assert 0 < lru["hit_rate"]["sim"] < 1 and 0 < lru["hit_rate"]["real"] < 1
     assert lru["bytes_loaded"]["sim"] > 0 and lru["bytes_loaded"]["real"] > 0
     (name, policy), = doc["policies"].items()
@@ -231,3 +234,20 @@ def test_a_pair_of_policies_is_resolved_when_its_requests_differ_beyond_a_sign_t
     assert resolved_pairs({"a": base, "b": close, "c": closer, "d": swapped}) == ["a vs b"]
     # only the requests both replays ran count: without 95-99 the two are alike
     assert resolved_pairs({"a": base, "b": close.loc[:94]}) == []
+
+
+def test_fetches_on_every_step_leave_their_cost_unknown_and_simulated_as_profiled(capsys):
+    from emoe.rpc.fidelity import Side, _as_served
+
+    def served(fetch_cost_s, compute):
+        side = Side(None, None, None, None, 1.0, engine_speed=compute, compute_speed=compute,
+                    fetch_cost_s=fetch_cost_s, fetched=12)
+        return _as_served(side, "served", 0.002)
+
+    speed, _, cost = served(None, None)  # no step without a fetch: no compute speed
+    assert speed["fetch_cost_s"] == {"served": None, "profile": 0.002, "simulated": 0.002}
+    assert cost is None
+    assert "12 experts fetched on a miss, but every step" in capsys.readouterr().out
+    speed, _, cost = served(0.003, 1.2)
+    assert speed["fetch_cost_s"] == {"served": 0.003, "profile": 0.002, "simulated": 0.003}
+    assert cost == 0.003
