@@ -1,6 +1,7 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
+        [--token-cost fitted|none]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -10,10 +11,12 @@ independent draws, or ``measured``: the server's own scatter of that replay;
 ``measured:mean``, ``measured:median``: with the typical step placed by assumption) and each of
 ``--draws`` draws of the step scatter (the run's own workload and seed; before session 8 this
 script varied the seed, which redrew the workload's task mix too), and compares with the
-measured values the run recorded: per setting, how
-many cells of each goal metric are within the goal (``benchmarks/fidelity.py``: p50/p90 of
-TTFT and E2E within 10%, SLO attainment within 3 points) for one draw and for the median over
-the draws, and how many pairs of policies the goodput rankings order oppositely.
+measured values the run recorded: per setting, how many cells of each goal metric are within
+the goal (``benchmarks/fidelity.py``: p50/p90 of TTFT and E2E within 10%, SLO attainment within
+3 points) for one draw and for the median over the draws, and how many pairs of policies the
+goodput rankings order oppositely.
+``--token-cost none`` refits each timeline from the replay's samples without what a
+decode-only step's token costs beyond the profile (``decode_token_s``, as before session 9).
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -69,12 +72,19 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     from emoe.sim.runner import Workload
     from emoe.sim.speed import SpeedTimeline
 
-    key, doc, run_dir, name, setting, draw = job
+    key, doc, run_dir, name, setting, draw, token_cost = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
     timeline = speed["timeline"]
-    engine_speed = SpeedTimeline(tuple(timeline["starts"]), tuple(timeline["speeds"]),
-                                 tuple(timeline["prefill_speeds"]))
+    if token_cost == "none":
+        samples = dict(zip(speed["samples"]["columns"], zip(*speed["samples"]["rows"])))
+        engine_speed = SpeedTimeline.from_samples(
+            samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
+            samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"])
+    else:
+        engine_speed = SpeedTimeline(tuple(timeline["starts"]), tuple(timeline["speeds"]),
+                                     tuple(timeline["prefill_speeds"]),
+                                     timeline.get("decode_token_s", 0.0))
     fetch = speed.get("fetch_cost_s")
     workload = Workload(trace=Path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
@@ -179,6 +189,9 @@ def main() -> int:
                         help="comma-separated settings: a sigma, 'measured', "
                              "'measured:mean' or 'measured:median'")
     parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--token-cost", choices=("fitted", "none"), default="fitted",
+                        help="a decode-only step's token cost beyond the profile: as the run "
+                             "fitted it, or none (the timeline refitted without it)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -187,7 +200,8 @@ def main() -> int:
         raise SystemExit(f"{args.run}: no fidelity reports (built-in.json, azure-code.json)")
     settings = args.scatter.split(",")
     draws = list(range(args.draws))
-    jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw)
+    jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
+             args.token_cost)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -218,7 +232,8 @@ def main() -> int:
     print("the measured percentiles' own sampling error (median half-width of a 90% bootstrap "
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
-    (args.run / "resimulated.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = "resimulated.json" if args.token_cost == "fitted" else "resimulated-token-none.json"
+    (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

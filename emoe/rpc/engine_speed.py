@@ -26,6 +26,12 @@ cycles of one kind, their product (``cycle_log_*``, ``cycle_lag_*``; of prefill 
 from two samples of the sums, how the cycles scatter around their model within the window and
 how alike consecutive ones are, which the simulator draws its steps with
 (``emoe.sim.speed.StepScatter``).
+
+Decode-only cycles also sum the tokens they streamed n, n^2, and n times the cycle c and its
+model m (``decode_streamed*``, ``decode_cycle_streamed``, ``decode_model_streamed``): what a
+line of a window's cycles on their tokens needs, beside its model (``SpeedTimeline``'s
+``decode_token_s``). A window's one speed scales a cycle's whole model; as served, a bigger
+decode batch cost more than that.
 """
 
 from __future__ import annotations
@@ -63,9 +69,13 @@ class EngineSpeed:
     prefill_cycle_log_sq_sum: float = 0.0
     prefill_cycle_lag_pairs: int = 0
     prefill_cycle_lag_sum: float = 0.0
-    # the last step's start, its modelled cycle and whether it ran a prompt chunk, while the
-    # loop goes straight on from it
-    _open: tuple[float, float, bool] | None = field(default=None, repr=False)
+    decode_streamed: int = 0
+    decode_streamed_sq: int = 0
+    decode_cycle_streamed: float = 0.0
+    decode_model_streamed: float = 0.0
+    # the last step's start, its modelled cycle, whether it ran a prompt chunk and the tokens
+    # it streamed, while the loop goes straight on from it
+    _open: tuple[float, float, bool, int] | None = field(default=None, repr=False)
     # the last cycle counted, its kind and log ratio, while the loop went straight on after it
     _last: tuple[bool, float] | None = field(default=None, repr=False)
 
@@ -89,7 +99,7 @@ class EngineSpeed:
                 started: float) -> None:
         """A step that started at ``started`` (monotonic seconds) and ran ``result``."""
         if self._open is not None:
-            opened, modelled, prefill = self._open
+            opened, modelled, prefill, streamed = self._open
             self.cycles += 1
             self.cycle_s += started - opened
             self.cycle_profiled_s += modelled
@@ -97,6 +107,11 @@ class EngineSpeed:
                 self.prefill_cycles += 1
                 self.prefill_cycle_s += started - opened
                 self.prefill_cycle_profiled_s += modelled
+            else:
+                self.decode_streamed += streamed
+                self.decode_streamed_sq += streamed * streamed
+                self.decode_cycle_streamed += (started - opened) * streamed
+                self.decode_model_streamed += modelled * streamed
             self._scatter(prefill, started - opened, modelled)
             self._open = None
         if result.compute_s <= 0 or result.iterations != 1:
@@ -115,7 +130,8 @@ class EngineSpeed:
         self.profiled_s += profiled
         if self.serving is not None:
             streamed = sum(o.new_tokens for o in result.outputs)
-            self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill))
+            self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill),
+                          streamed)
 
     def _scatter(self, prefill: bool, cycle_s: float, modelled_s: float) -> None:
         if cycle_s <= 0 or modelled_s <= 0:

@@ -224,9 +224,11 @@ def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed:
 
 
 async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
-                  expert_bytes: int, prompts=None) -> Side:
+                  expert_bytes: int, prompts=None, token_s: float = 0.0) -> Side:
     """Replay against ``target``; ``prompts`` (task prompts) are sent greedily, else random
-    ids with the server's default sampling."""
+    ids with the server's default sampling. ``token_s``: the profile's serving cost of a
+    token streamed, the least a decode-only step's token may cost beyond it
+    (``SpeedTimeline.from_samples``)."""
     import pandas as pd
 
     from emoe.core.metrics import MetricsCollector, SystemCounters
@@ -268,7 +270,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     by_kind = {"prefill": ratio("prefill_cycle_s", "prefill_cycle_profiled_s"),
                "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
                           if decode_model > 0 else None)}
-    timeline, scatter = _timeline(samples)
+    timeline, scatter = _timeline(samples, token_s)
     fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
@@ -282,10 +284,11 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
 _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_profiled_s",
             "cycle_log_sum", "cycle_log_sq_sum", "cycles", "cycle_lag_pairs", "cycle_lag_sum",
             "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycles",
-            "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum")
+            "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum", "decode_streamed",
+            "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed")
 """GetStats ``engine_speed`` counters sampled during a replay: the cycles' time against their
-model, then the sums ``StepScatter.from_samples`` takes (of all cycles, then of those with a
-prompt chunk)."""
+model, the sums ``StepScatter.from_samples`` takes (of all cycles, then of those with a
+prompt chunk), then the decode-only cycles' sums on their tokens streamed."""
 
 
 def _speed_sample(t: float, speed) -> tuple[float, ...]:
@@ -301,7 +304,8 @@ async def _sample_speed(client, began: float, samples: list) -> None:
                                      (await client.stats()).engine_speed))
 
 
-def _timeline(samples: list) -> tuple[SpeedTimeline | None, StepScatter | None]:
+def _timeline(samples: list, token_s: float
+              ) -> tuple[SpeedTimeline | None, StepScatter | None]:
     """The loop's speed window by window, and how its cycles scattered within the windows."""
     from emoe.sim.speed import SpeedTimeline, StepScatter
 
@@ -309,9 +313,10 @@ def _timeline(samples: list) -> tuple[SpeedTimeline | None, StepScatter | None]:
     if modelled[-1] <= modelled[0]:
         return None, None  # a server without --profile: no cycles against a model
     return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                       prefill_modelled),
+                                       prefill_modelled, decode_lines=sums[10:],
+                                       token_floor_s=token_s),
             StepScatter.from_samples(*sums[:5], cycles, modelled,
-                                     prefill=(*sums[5:], prefill_cycles, prefill_modelled)))
+                                     prefill=(*sums[5:10], prefill_cycles, prefill_modelled)))
 
 
 def _step_scatter(value: str) -> float | str:
@@ -651,7 +656,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.target:
             print(f"{name}: measuring against {args.target} ...", flush=True)
             real = await measure(args.target, requests, args.fit, args.seed, rows,
-                                 expert_bytes, prompts)
+                                 expert_bytes, prompts, profile.serving.token_s)
         else:
             server_args = serve_args(checkpoint, engine.threads, engine.max_batch_size,
                                      engine.max_seq_len, policy=policy_file, profile=profile_path)
@@ -659,7 +664,7 @@ async def _run(args: argparse.Namespace) -> int:
                   flush=True)
             async with ServeProcess(server_args, timeout_s=args.start_timeout) as server:
                 real = await measure(server.target, requests, args.fit, args.seed, rows,
-                                     expert_bytes, prompts)
+                                     expert_bytes, prompts, profile.serving.token_s)
         if args.engine_speed != "profile" and (real.engine_speed is None
                                                 or real.speed_timeline is None):
             raise ConfigError(f"--engine-speed {args.engine_speed}: the server reported no "
@@ -808,7 +813,8 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     if timeline is not None:
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
                              "speeds": list(timeline.speeds),
-                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds)}
+                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds),
+                             "decode_token_s": timeline.decode_token_s}
         speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)

@@ -27,7 +27,8 @@ class CostModel:
 
     ``speed`` (with ``serving``): the machine ran that much slower than profiled, the
     engine's steps and every serving-path cost alike, all of them the one interpreter's work,
-    a step that runs a prompt chunk at the prefill speed; ``at(now)`` sets the costs of the
+    a step that runs a prompt chunk at the prefill speed, a decode-only step's every token
+    streamed ``speed.decode_token_s`` beyond the profile's; ``at(now)`` sets the costs of the
     window ``now`` falls in.
 
     ``offload`` (a profile's handler overhead, given when the policy serves through an expert
@@ -46,9 +47,13 @@ class CostModel:
         self.steps = steps
         self.offload = offload
         self.speed = speed
-        self._served = [_slower(serving, s) for s in speed.speeds] if serving else None
-        self._served_prefill = ([_slower(serving, s) for s in speed.prefill_speeds]
-                                if serving and speed.prefill_speeds else self._served)
+        self._served = self._served_prefill = None
+        if serving is not None:
+            decode = dataclasses.replace(serving,
+                                         token_s=serving.token_s + speed.decode_token_s)
+            self._served = [_slower(decode, s) for s in speed.speeds]
+            self._served_prefill = [_slower(serving, s)
+                                    for s in speed.prefill_speeds or speed.speeds]
         self._window = -1
         self.serving: ServingCosts | None = None  # decode-only steps and the client's way
         self._prefill_serving: ServingCosts | None = None  # steps that run a prompt chunk

@@ -15,6 +15,14 @@ and a prefill step is mostly engine, a decode step mostly loop. In one replay th
 cycles ran x0.85 their model while its engine's compute ran x1.07 its step model, and the
 simulated TTFT came 20-30% short at every prompt size.
 
+A window's speed scales a cycle's whole model, so it matches the window's mean cycle but not
+how a cycle grows with its decode batch: as served (code trace, fcfs/all, one replay) a
+decode-only cycle ran 5.41 ms + 1.23 ms per decode where the window-scaled model gave 5.74 +
+0.94, and Eq. 3 learned a slower machine as served than simulated. A timeline from sampled
+sums therefore also fits, over the whole run, what each token streamed in a decode-only step
+costs beyond its model (``decode_token_s``, at the profile's speed: the window's speed scales
+it too), from how the cycles grow with their tokens within each window.
+
 Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
 that widens every tail: ``StepScatter`` draws each simulated step around its model as the
 server measured its cycles to scatter within the windows of the replay.
@@ -38,11 +46,14 @@ was mostly idle keeps close to the run's overall speed."""
 class SpeedTimeline:
     """From ``starts[i]`` (seconds from the run's start; the first is 0) on, the engine and the
     serving path take ``speeds[i]`` x their profile's time; steps that run a prompt chunk
-    ``prefill_speeds[i]`` x (default: ``speeds``)."""
+    ``prefill_speeds[i]`` x (default: ``speeds``). A decode-only step's serving path also
+    takes ``decode_token_s`` per token it streams beyond the profile's (at the window's speed
+    too)."""
 
     starts: tuple[float, ...]
     speeds: tuple[float, ...]
     prefill_speeds: tuple[float, ...] | None = None
+    decode_token_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.speeds or len(self.starts) != len(self.speeds):
@@ -57,6 +68,9 @@ class SpeedTimeline:
         for speed in self.speeds + (self.prefill_speeds or ()):
             if not (speed > 0 and math.isfinite(speed)):
                 raise ConfigError(f"engine speed: must be a positive number, got {speed!r}")
+        if not math.isfinite(self.decode_token_s):
+            raise ConfigError(f"engine speed: a finite decode_token_s, got "
+                              f"{self.decode_token_s!r}")
 
     @classmethod
     def constant(cls, speed: float) -> SpeedTimeline:
@@ -67,6 +81,8 @@ class SpeedTimeline:
                      modelled_s: Sequence[float],
                      prefill_cycle_s: Sequence[float] | None = None,
                      prefill_modelled_s: Sequence[float] | None = None,
+                     decode_lines: Sequence[Sequence[float]] | None = None,
+                     token_floor_s: float = 0.0,
                      prior_s: float = PRIOR_S) -> SpeedTimeline:
         """From cumulative counters sampled during a run: at ``times[i]`` (seconds from its
         start) the loop's cycles had summed ``cycle_s[i]`` against ``modelled_s[i]`` of their
@@ -75,7 +91,14 @@ class SpeedTimeline:
         speeds). Each window between samples runs at its own ratio, shrunk towards the run's
         overall one by ``prior_s`` seconds of modelled time; a window that closed no cycle
         (an idle loop) keeps the speed before it. The first window starts at 0, the last one
-        lasts."""
+        lasts.
+
+        ``decode_lines`` (with the prefill counters): the decode-only cycles' sums of tokens
+        streamed n, n^2, n x cycle and n x model (a served loop's ``decode_streamed``,
+        ``decode_streamed_sq``, ``decode_cycle_streamed``, ``decode_model_streamed``): the
+        run's ``decode_token_s`` is then fitted (``_token_cost``), no lower than
+        ``-token_floor_s`` (the profile's own cost of a token streamed, which it may at most
+        cancel), and each decode-only window's speed is its cycles over its model with it."""
         columns = [times, cycle_s, modelled_s]
         kinds = prefill_cycle_s is not None and prefill_modelled_s is not None
         if kinds:
@@ -86,9 +109,16 @@ class SpeedTimeline:
         if modelled_s[-1] - modelled_s[0] <= 0:
             raise ConfigError("engine speed: the loop ran no modelled cycle between the "
                               "samples")
+        token_s = 0.0
         if kinds:
             rest = (_minus(cycle_s, prefill_cycle_s), _minus(modelled_s, prefill_modelled_s))
             prefill = (prefill_cycle_s, prefill_modelled_s)
+            if decode_lines is not None:
+                if len(decode_lines) != 4 or any(len(c) != len(times) for c in decode_lines):
+                    raise ConfigError("engine speed: the decode lines need four sums with a "
+                                      "value at every sample")
+                token_s = _token_cost(*rest, *decode_lines, floor_s=token_floor_s)
+                rest = (rest[0], [m + token_s * n for m, n in zip(rest[1], decode_lines[0])])
         else:
             rest, prefill = (cycle_s, modelled_s), None
         everything = _overall(cycle_s, modelled_s, 1.0)
@@ -103,7 +133,7 @@ class SpeedTimeline:
             if prefill is not None:
                 prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))
         return cls(tuple(starts), tuple(speeds),
-                   tuple(prefill_speeds) if prefill is not None else None)
+                   tuple(prefill_speeds) if prefill is not None else None, token_s)
 
     def window(self, t: float) -> int:
         """The window that time ``t`` falls in."""
@@ -124,7 +154,39 @@ class SpeedTimeline:
         if self.prefill_speeds is not None:
             text += (f" (decode-only steps and the serving path); steps with a prompt chunk "
                      f"{spread(self.prefill_speeds)}")
+        if self.decode_token_s:
+            text += (f"; a token streamed in a decode-only step {self.decode_token_s * 1e6:+.0f}"
+                     f" us beyond the profile's")
         return text
+
+
+def _token_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
+                streamed: Sequence[float], streamed_sq: Sequence[float],
+                cycle_streamed: Sequence[float], model_streamed: Sequence[float],
+                floor_s: float = 0.0, rounds: int = 50) -> float:
+    """Seconds per token streamed that a decode-only cycle costs beyond its model: r in
+    cycle = S_w (model + r n), one S_w per window and r over the run, from the windows' sums
+    (cumulative, sampled) of cycles, model, n, n^2, n x cycle and n x model. Alternately each
+    window's S_w is its cycles over its model with r (the timeline's own ratio, which keeps
+    the window's mean) and r the least-squares fit given them: how the cycles grow with their
+    tokens within the windows. No lower than ``-floor_s``; 0 where no window streamed."""
+    columns = (cycle_s, modelled_s, streamed, streamed_sq, cycle_streamed, model_streamed)
+    windows = [w for w in zip(*(tuple(b - a for a, b in zip(c, c[1:])) for c in columns))
+               if w[0] > 0 and w[1] > 0 and w[2] > 0]
+    r = 0.0
+    for _ in range(rounds):
+        num = den = 0.0
+        for c, m, n, nn, cn, mn in windows:
+            speed = c / (m + r * n)
+            num += speed * cn - speed * speed * mn
+            den += speed * speed * nn
+        if den <= 0:
+            return 0.0
+        updated = max(-floor_s, num / den)
+        if abs(updated - r) < 1e-9:
+            return updated
+        r = updated
+    return r
 
 
 def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:

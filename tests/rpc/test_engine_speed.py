@@ -122,3 +122,23 @@ def test_each_cycles_log_ratio_is_summed_with_its_square_and_consecutive_product
     # decode pairs: 1.2 -> 0.9 and 1.3 -> 0.8 (the prefill cycle and the idle loop break)
     assert speed.cycle_lag_pairs == 2 and speed.prefill_cycle_lag_pairs == 0
     assert speed.cycle_lag_sum == pytest.approx(logs[0] * logs[1] + logs[4] * logs[5])
+
+
+def test_decode_only_cycles_sum_their_tokens_for_a_line_on_them():
+    """A decode-only cycle adds n (the tokens its step streamed), n^2, n x cycle and n x its
+    model; a cycle that ran a prompt chunk adds none of them."""
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    t = 0.0
+    cycles = []
+    for step, n, ratio in ((plan(), 2, 1.3), (StepPlan(decode=["c", "d", "e"]), 3, 1.1),
+                           (StepPlan(decode=["c"]), 1, 0.9)):
+        tokens = [RequestStepOutput(r, new_tokens=1) for r in "cde"[:n]]
+        model = speed.serving.cycle_s(speed.profiled(step, 70), n)
+        speed.observe(step, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70, t)
+        cycles.append((bool(step.prefill), n, ratio * model, model))
+        t += ratio * model
+    speed.observe(StepPlan(decode=["c"]), StepResult(t, t, compute_s=1e-3), 70, t)
+    decode = [(n, c, m) for prefill, n, c, m in cycles if not prefill]
+    assert speed.decode_streamed == 4 and speed.decode_streamed_sq == 10
+    assert speed.decode_cycle_streamed == pytest.approx(sum(n * c for n, c, _ in decode))
+    assert speed.decode_model_streamed == pytest.approx(sum(n * m for n, _, m in decode))

@@ -156,6 +156,9 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     samples = speed["samples"]  # the counters the timeline and the scatter come from
     assert samples["columns"][:2] == ["t", "cycle_s"]
     assert all(len(row) == len(samples["columns"]) for row in samples["rows"])
+    # what a decode-only step's token cost beyond the profile, fitted from the samples' lines
+    assert dict(zip(samples["columns"], samples["rows"][-1]))["decode_streamed"] > 0
+    assert timeline["decode_token_s"] >= -load_profile(profile).serving.token_s
     for kind, speeds in (("decode", timeline["speeds"]), ("prefill", timeline["prefill_speeds"])):
         assert min(speeds) <= speed["by_kind"][kind] <= max(speeds)  # around the kind's own
     real = policy["metrics"]["e2e"]["real"]

@@ -380,3 +380,63 @@ def test_steps_drawn_as_an_ar1_series_keep_their_mean_and_correlation(served):
     draws = np.array([backend._scatter(1, False) for _ in range(20000)])
     assert np.median(draws) == pytest.approx(np.exp(0.05), abs=0.01)
     assert draws.mean() == pytest.approx(np.exp(0.05 + 0.02), abs=0.02)
+
+
+def _decode_lines(windows, token_s):
+    """Cumulative samples of windows of decode-only cycles, each window (speed, [(model at
+    n=0, n), ...]), whose every cycle took speed x (its model + token_s x n)."""
+    sums = [[0.0] for _ in range(7)]  # t, cycle, model, n, n^2, n x cycle, n x model
+    for i, (speed, cycles) in enumerate(windows):
+        add = [1.0, 0, 0, 0, 0, 0, 0]
+        for base, n in cycles:
+            model = base + 1e-4 * n  # the profile's own cost per decode
+            cycle = speed * (model + token_s * n)
+            for k, v in enumerate((cycle, model, n, n * n, n * cycle, n * model), start=1):
+                add[k] += v
+        for column, v in zip(sums, add):
+            column.append(column[-1] + v)
+    return sums
+
+
+def test_a_timeline_fits_what_a_decode_token_costs_beyond_the_profile():
+    """``decode_lines``: cycles that grow faster with their tokens than their model does give
+    the run's ``decode_token_s``, recovered across windows of other speeds and batches, and
+    each decode-only window's speed is then its cycles over its model with it; the fit never
+    goes below the profile's own token cost, and without the lines there is none."""
+    from emoe.sim.speed import SpeedTimeline
+
+    windows = [(1.2, [(5e-3, 1), (5.5e-3, 4), (5e-3, 9)]),
+               (1.6, [(6e-3, 2), (6e-3, 3), (5e-3, 8), (5.2e-3, 1)]),
+               (0.9, [(5e-3, 5), (5e-3, 6)])]
+    t, cycles, model, *lines = _decode_lines(windows, token_s=3e-4)
+    none = [0.0] * len(t)
+    timeline = SpeedTimeline.from_samples(t, cycles, model, none, none, decode_lines=lines,
+                                          prior_s=1e-9)
+    assert timeline.decode_token_s == pytest.approx(3e-4, rel=1e-3)
+    assert timeline.speeds == pytest.approx((1.2, 1.6, 0.9), rel=1e-3)
+    assert "us beyond the profile's" in timeline.describe()
+    t, cycles, model, *lines = _decode_lines(windows, token_s=-5e-4)  # below the profile's
+    floored = SpeedTimeline.from_samples(t, cycles, model, none, none, decode_lines=lines,
+                                         token_floor_s=1e-4)
+    assert floored.decode_token_s == pytest.approx(-1e-4)
+    plain = SpeedTimeline.from_samples(t, cycles, model, none, none)
+    assert plain.decode_token_s == 0.0
+    with pytest.raises(ConfigError, match="decode lines"):
+        SpeedTimeline.from_samples(t, cycles, model, none, none, decode_lines=lines[:3])
+
+
+def test_a_decode_token_cost_beyond_the_profile_is_served_by_decode_only_steps(served):
+    """A timeline's ``decode_token_s``: a decode-only step's serving path takes it per token
+    streamed, at the window's speed; a step that runs a prompt chunk does not."""
+    from emoe.sim.speed import SpeedTimeline
+
+    _, plain = build(dataclasses.replace(served, engine_speed=SpeedTimeline((0.0,), (1.5,),
+                                                                            (2.0,))))
+    _, costly = build(dataclasses.replace(served, engine_speed=SpeedTimeline(
+        (0.0,), (1.5,), (2.0,), decode_token_s=4e-5)))
+    assert costly.cost.serving_s(decode_tokens=3, iterations=2) == pytest.approx(
+        plain.cost.serving_s(decode_tokens=3, iterations=2) + 1.5 * 2 * 3 * 4e-5)
+    assert costly.cost.serving_s(decode_tokens=3, first_tokens=1, prefill=True) == \
+        pytest.approx(plain.cost.serving_s(decode_tokens=3, first_tokens=1, prefill=True))
+    decode = dict(prefill_tokens=0, decode_tokens=3, context_tokens=20, resident_experts=8)
+    assert costly.cost.step_s(**decode) == pytest.approx(plain.cost.step_s(**decode))
