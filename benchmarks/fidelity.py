@@ -191,7 +191,7 @@ def _load(values) -> str:
 def run(args: argparse.Namespace) -> int:
     from emoe.core.metrics import format_table
 
-    out = args.out
+    out = args.out.resolve()  # the reports name their files by paths that hold from anywhere
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = os.getloadavg()

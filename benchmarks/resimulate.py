@@ -1,7 +1,7 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
-        [--token-cost fitted|none]
+        [--token-cost none|fitted]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -15,8 +15,9 @@ measured values the run recorded: per setting, how many cells of each goal metri
 the goal (``benchmarks/fidelity.py``: p50/p90 of TTFT and E2E within 10%, SLO attainment within
 3 points) for one draw and for the median over the draws, and how many pairs of policies the
 goodput rankings order oppositely.
-``--token-cost none`` refits each timeline from the replay's samples without what a
-decode-only step's token costs beyond the profile (``decode_token_s``, as before session 9).
+``--token-cost fitted`` refits each timeline from the replay's samples with what a decode-only
+step's token cost beyond the profile (``SpeedTimeline.decode_token_s``), which ``emoe fidelity``
+reports and does not simulate (docs/fidelity.md, limit 16).
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -64,6 +65,11 @@ def _scatter_of(setting: str, policy: dict):
     return scatter
 
 
+def _path(name: str) -> Path:
+    """A path a report names: runs before session 9 named theirs from the repository root."""
+    return Path(name) if Path(name).is_absolute() else REPO / name
+
+
 def simulate_one(job: tuple) -> tuple[tuple, dict]:
     """One policy of one trace under one setting and draw: its goal metrics simulated."""
     import numpy as np
@@ -76,22 +82,29 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
     timeline = speed["timeline"]
-    if token_cost == "none":
+    if token_cost == "fitted":
+        from emoe.core.profile import load_profile
+
         samples = dict(zip(speed["samples"]["columns"], zip(*speed["samples"]["rows"])))
+        if "decode_streamed" not in samples:
+            raise SystemExit("--token-cost fitted: this run sampled no decode lines (before "
+                             "session 9)")
+        lines = [samples[k] for k in ("decode_streamed", "decode_streamed_sq",
+                                      "decode_cycle_streamed", "decode_model_streamed")]
         engine_speed = SpeedTimeline.from_samples(
             samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
-            samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"])
+            samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"],
+            decode_lines=lines, token_floor_s=load_profile(_path(doc["profile"])).serving.token_s)
     else:
         engine_speed = SpeedTimeline(tuple(timeline["starts"]), tuple(timeline["speeds"]),
-                                     tuple(timeline["prefill_speeds"]),
-                                     timeline.get("decode_token_s", 0.0))
+                                     tuple(timeline["prefill_speeds"]))
     fetch = speed.get("fetch_cost_s")
-    workload = Workload(trace=Path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
+    workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
-    routing = None if doc["routing"] == "synthetic" else Path(doc["routing"])
+    routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
     with tempfile.TemporaryDirectory() as tmp:
         side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
-                        Path(doc["checkpoint"]), Path(doc["profile"]), workload, doc["seed"],
+                        _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
                         Path(tmp) / "sim.csv", routing, engine_speed,
                         None if fetch is None else fetch["simulated"],
                         _scatter_of(setting, policy), draw)
@@ -189,9 +202,9 @@ def main() -> int:
                         help="comma-separated settings: a sigma, 'measured', "
                              "'measured:mean' or 'measured:median'")
     parser.add_argument("--draws", type=int, default=5)
-    parser.add_argument("--token-cost", choices=("fitted", "none"), default="fitted",
-                        help="a decode-only step's token cost beyond the profile: as the run "
-                             "fitted it, or none (the timeline refitted without it)")
+    parser.add_argument("--token-cost", choices=("none", "fitted"), default="none",
+                        help="a decode-only step's token cost beyond the profile: none (as "
+                             "the run simulated), or fitted from the run's samples")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -232,7 +245,7 @@ def main() -> int:
     print("the measured percentiles' own sampling error (median half-width of a 90% bootstrap "
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
-    name = "resimulated.json" if args.token_cost == "fitted" else "resimulated-token-none.json"
+    name = "resimulated.json" if args.token_cost == "none" else "resimulated-token-fitted.json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

@@ -199,6 +199,7 @@ class Side:
     speed_samples: list | None = None  # measured: the counters those come from (``_SAMPLED``)
     admission: AdmissionCounters | None = None  # what admission did (Eq. 3's deferrals)
     fetched: int = 0  # measured: experts fetched on a miss during the replay
+    decode_token_s: float | None = None  # measured: a decode token's cost beyond the profile
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -227,8 +228,7 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
                   expert_bytes: int, prompts=None, token_s: float = 0.0) -> Side:
     """Replay against ``target``; ``prompts`` (task prompts) are sent greedily, else random
     ids with the server's default sampling. ``token_s``: the profile's serving cost of a
-    token streamed, the least a decode-only step's token may cost beyond it
-    (``SpeedTimeline.from_samples``)."""
+    token streamed (``_timeline``)."""
     import pandas as pd
 
     from emoe.core.metrics import MetricsCollector, SystemCounters
@@ -270,14 +270,14 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     by_kind = {"prefill": ratio("prefill_cycle_s", "prefill_cycle_profiled_s"),
                "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
                           if decode_model > 0 else None)}
-    timeline, scatter = _timeline(samples, token_s)
+    timeline, scatter, decode_token_s = _timeline(samples, token_s)
     fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
-                samples, admission, fetched)
+                samples, admission, fetched, decode_token_s)
 
 
 
@@ -305,18 +305,24 @@ async def _sample_speed(client, began: float, samples: list) -> None:
 
 
 def _timeline(samples: list, token_s: float
-              ) -> tuple[SpeedTimeline | None, StepScatter | None]:
-    """The loop's speed window by window, and how its cycles scattered within the windows."""
+              ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None]:
+    """The loop's speed window by window, how its cycles scattered within the windows, and
+    what a token streamed in a decode-only step cost beyond the profile (no less than the
+    profile's ``token_s`` less), which is reported and not simulated (docs/fidelity.md,
+    limit 16)."""
     from emoe.sim.speed import SpeedTimeline, StepScatter
 
     times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
     if modelled[-1] <= modelled[0]:
-        return None, None  # a server without --profile: no cycles against a model
+        return None, None, None  # a server without --profile: no cycles against a model
+    fitted = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
+                                        prefill_modelled, decode_lines=sums[10:],
+                                        token_floor_s=token_s)
     return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                       prefill_modelled, decode_lines=sums[10:],
-                                       token_floor_s=token_s),
+                                       prefill_modelled),
             StepScatter.from_samples(*sums[:5], cycles, modelled,
-                                     prefill=(*sums[5:10], prefill_cycles, prefill_modelled)))
+                                     prefill=(*sums[5:10], prefill_cycles, prefill_modelled)),
+            fitted.decode_token_s)
 
 
 def _step_scatter(value: str) -> float | str:
@@ -813,13 +819,17 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     if timeline is not None:
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
                              "speeds": list(timeline.speeds),
-                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds),
-                             "decode_token_s": timeline.decode_token_s}
+                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds)}
         speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)
         if mode == "timeline":
             simulated = timeline
+    if real.decode_token_s is not None:
+        speed["decode_token_s"] = real.decode_token_s
+        print(f"a token streamed in a decode-only step cost {real.decode_token_s * 1e6:+.0f} us "
+              f"beyond the profile's, as the cycles grew with their tokens within the windows "
+              f"(not simulated)", flush=True)
     scatter = real.step_scatter
     if scatter is not None:
         speed["scatter"] = dataclasses.asdict(scatter)

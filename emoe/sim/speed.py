@@ -18,10 +18,12 @@ simulated TTFT came 20-30% short at every prompt size.
 A window's speed scales a cycle's whole model, so it matches the window's mean cycle but not
 how a cycle grows with its decode batch: as served (code trace, fcfs/all, one replay) a
 decode-only cycle ran 5.41 ms + 1.23 ms per decode where the window-scaled model gave 5.74 +
-0.94, and Eq. 3 learned a slower machine as served than simulated. A timeline from sampled
-sums therefore also fits, over the whole run, what each token streamed in a decode-only step
-costs beyond its model (``decode_token_s``, at the profile's speed: the window's speed scales
-it too), from how the cycles grow with their tokens within each window.
+0.94. A timeline from sampled sums can also fit, over the whole run, what each token
+streamed in a decode-only step costs beyond its model (``decode_token_s``, at the profile's
+speed: the window's speed scales it too), from how the cycles grow with their tokens within
+each window. ``emoe fidelity`` reports it and simulates without it: simulated with it, one
+benchmark run came no closer, and the fitted cost moved from -80 to +470 us between replays
+(docs/fidelity.md, limit 16).
 
 Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
 that widens every tail: ``StepScatter`` draws each simulated step around its model as the
