@@ -1,7 +1,7 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
-        [--token-cost none|fitted]
+        [--token-cost none|fitted] [--arrival-cost fitted|none]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -17,7 +17,9 @@ the goal (``benchmarks/fidelity.py``: p50/p90 of TTFT and E2E within 10%, SLO at
 goodput rankings order oppositely.
 ``--token-cost fitted`` refits each timeline from the replay's samples with what a decode-only
 step's token cost beyond the profile (``SpeedTimeline.decode_token_s``), which ``emoe fidelity``
-reports and does not simulate (docs/fidelity.md, limit 16).
+reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost none`` refits them
+without the loop's work per request accepted (``SpeedTimeline.arrival_s``, simulated since
+session 9).
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -70,34 +72,46 @@ def _path(name: str) -> Path:
     return Path(name) if Path(name).is_absolute() else REPO / name
 
 
+def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str):
+    """A policy's speed timeline refitted from the counters its replay sampled, with the token
+    and arrival costs as asked (a run that sampled no such sums refuses the one asked)."""
+    from emoe.core.profile import load_profile
+    from emoe.sim.speed import SpeedTimeline
+
+    samples = dict(zip(speed["samples"]["columns"], zip(*speed["samples"]["rows"])))
+
+    def sums(names: tuple[str, ...], option: str):
+        if names[0] not in samples:
+            raise SystemExit(f"{option} fitted: this run sampled no {names[0]} (before "
+                             f"session 9)")
+        return [samples[k] for k in names]
+
+    lines = arrivals = None
+    floor = 0.0
+    if token_cost == "fitted":
+        lines = sums(("decode_streamed", "decode_streamed_sq", "decode_cycle_streamed",
+                      "decode_model_streamed"), "--token-cost")
+        floor = load_profile(_path(doc["profile"])).serving.token_s
+    if arrival_cost == "fitted" and "arrivals" in samples:
+        arrivals = sums(("arrivals", "arrival_cycle_s", "arrival_cycle_profiled_s",
+                         "prefill_arrivals"), "--arrival-cost")
+    return SpeedTimeline.from_samples(
+        samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
+        samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
+        token_floor_s=floor, arrivals=arrivals)
+
+
 def simulate_one(job: tuple) -> tuple[tuple, dict]:
     """One policy of one trace under one setting and draw: its goal metrics simulated."""
     import numpy as np
 
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
-    from emoe.sim.speed import SpeedTimeline
 
-    key, doc, run_dir, name, setting, draw, token_cost = job
+    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
-    timeline = speed["timeline"]
-    if token_cost == "fitted":
-        from emoe.core.profile import load_profile
-
-        samples = dict(zip(speed["samples"]["columns"], zip(*speed["samples"]["rows"])))
-        if "decode_streamed" not in samples:
-            raise SystemExit("--token-cost fitted: this run sampled no decode lines (before "
-                             "session 9)")
-        lines = [samples[k] for k in ("decode_streamed", "decode_streamed_sq",
-                                      "decode_cycle_streamed", "decode_model_streamed")]
-        engine_speed = SpeedTimeline.from_samples(
-            samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
-            samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"],
-            decode_lines=lines, token_floor_s=load_profile(_path(doc["profile"])).serving.token_s)
-    else:
-        engine_speed = SpeedTimeline(tuple(timeline["starts"]), tuple(timeline["speeds"]),
-                                     tuple(timeline["prefill_speeds"]))
+    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost)
     fetch = speed.get("fetch_cost_s")
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
@@ -205,6 +219,9 @@ def main() -> int:
     parser.add_argument("--token-cost", choices=("none", "fitted"), default="none",
                         help="a decode-only step's token cost beyond the profile: none (as "
                              "the run simulated), or fitted from the run's samples")
+    parser.add_argument("--arrival-cost", choices=("fitted", "none"), default="fitted",
+                        help="the loop's work per request accepted: fitted from the run's "
+                             "samples (as it simulated, where it sampled them), or none")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -214,7 +231,7 @@ def main() -> int:
     settings = args.scatter.split(",")
     draws = list(range(args.draws))
     jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
-             args.token_cost)
+             args.token_cost, args.arrival_cost)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -245,7 +262,9 @@ def main() -> int:
     print("the measured percentiles' own sampling error (median half-width of a 90% bootstrap "
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
-    name = "resimulated.json" if args.token_cost == "none" else "resimulated-token-fitted.json"
+    name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
+        ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"))
+        if value != default) + ".json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

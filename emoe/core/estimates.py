@@ -173,16 +173,26 @@ class CostEstimate:
                 + decode_tokens * self._c_decode)
 
     def observe_step(self, prefill_tokens: int, decode_tokens: int, iterations: int,
-                     seconds: float) -> None:
+                     seconds: float, last_s: float = 0.0) -> None:
         """Fold in a measured step: ``seconds`` for ``iterations`` iterations, the first with
         ``prefill_tokens`` prompt tokens, each with ``decode_tokens`` decode tokens. A step of n
         iterations counts as n observations of its mean ratio, so a simulator's macro step
-        moves the scale as an engine's n single steps do."""
-        modelled = (self.modelled_step_s(prefill_tokens, decode_tokens)
-                    + (iterations - 1) * self.modelled_step_s(0, decode_tokens))
-        if modelled > 0 and seconds > 0:
-            ratio = seconds / modelled
-            self.scale = ratio + (1.0 - self._smoothing) ** iterations * (self.scale - ratio)
+        moves the scale as an engine's n single steps do; ``last_s`` of ``seconds`` (the
+        loop's work at its end: new requests accepted) belongs to its last iteration alone,
+        as it would to an engine's last single step."""
+        one = self.modelled_step_s(0, decode_tokens)
+        modelled = self.modelled_step_s(prefill_tokens, decode_tokens) + (iterations - 1) * one
+        if modelled <= 0 or seconds <= 0:
+            return
+        keep = 1.0 - self._smoothing
+        if iterations > 1 and 0 < last_s < seconds and one > 0:
+            ratio = (seconds - last_s) / modelled
+            self.scale = ratio + keep ** (iterations - 1) * (self.scale - ratio)
+            last = ratio + last_s / one
+            self.scale = last + keep * (self.scale - last)
+            return
+        ratio = seconds / modelled
+        self.scale = ratio + keep ** iterations * (self.scale - ratio)
 
     def load_s(self, experts: int) -> float:
         """dE for loading ``experts`` experts one after another over the host link."""

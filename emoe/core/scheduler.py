@@ -265,13 +265,16 @@ class Scheduler:
 
     # -- the step -----------------------------------------------------------------------------
 
-    def next_step(self, now: float, max_iterations: int | None = None) -> StepPlan:
+    def next_step(self, now: float, max_iterations: int | None = None,
+                  loop_s: float = 0.0) -> StepPlan:
         """The next step's plan. ``max_iterations`` caps ``plan.iterations`` (1 for an engine
-        that reports after every iteration; None for a simulator)."""
+        that reports after every iteration; None for a simulator). ``loop_s``: of the time
+        since the last step ended, the loop's work just before this plan (a simulator's
+        acceptance of new requests), which belongs to the last iteration of a macro step."""
         if self._inflight is not None:
             raise RuntimeError("next_step called before on_step_done for the plan in flight")
         if self._cycle is not None:
-            self._close_cycle(now)
+            self._close_cycle(now, loop_s)
         if self._decode_ids is None:
             self._decode_ids = list(self._decoding)
         plan = StepPlan(decode=self._decode_ids)
@@ -360,10 +363,11 @@ class Scheduler:
             self._close_cycle(at)  # the loop idles next: the step's end closes its cycle
         return finished
 
-    def _close_cycle(self, now: float) -> None:
+    def _close_cycle(self, now: float, loop_s: float = 0.0) -> None:
         planned_at, prefill_tokens, decode_tokens, iterations = self._cycle
         self._cycle = None
-        self.cost.observe_step(prefill_tokens, decode_tokens, iterations, now - planned_at)
+        self.cost.observe_step(prefill_tokens, decode_tokens, iterations, now - planned_at,
+                               loop_s)
 
     # -- internals ----------------------------------------------------------------------------
 

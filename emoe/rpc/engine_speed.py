@@ -32,6 +32,15 @@ model m (``decode_streamed*``, ``decode_cycle_streamed``, ``decode_model_streame
 line of a window's cycles on their tokens needs, beside its model (``SpeedTimeline``'s
 ``decode_token_s``). A window's one speed scales a cycle's whole model; as served, a bigger
 decode batch cost more than that.
+
+Cycles in which the loop accepted new requests (their Generate handlers and the hand-over to
+the scheduler run in the loop's interpreter, before the next step) are summed apart too, with
+the requests they accepted (``arrival_*``; ``prefill_arrivals``: of those, in cycles of steps
+that ran a prompt chunk): against the window's other cycles they give what accepting a request
+costs the loop (``SpeedTimeline.arrival_s``). That cost lands in the cycle just before the step
+that admits the request, the one Eq. 3 decides on: as served (code trace, emoe/all) the
+decode-only cycle before a prompt-chunk step ran x1.38 Eq. 3's model against x1.13 for the
+others.
 """
 
 from __future__ import annotations
@@ -73,11 +82,18 @@ class EngineSpeed:
     decode_streamed_sq: int = 0
     decode_cycle_streamed: float = 0.0
     decode_model_streamed: float = 0.0
+    arrivals: int = 0
+    arrival_cycles: int = 0
+    arrival_cycle_s: float = 0.0
+    arrival_cycle_profiled_s: float = 0.0
+    prefill_arrivals: int = 0
     # the last step's start, its modelled cycle, whether it ran a prompt chunk and the tokens
     # it streamed, while the loop goes straight on from it
     _open: tuple[float, float, bool, int] | None = field(default=None, repr=False)
     # the last cycle counted, its kind and log ratio, while the loop went straight on after it
     _last: tuple[bool, float] | None = field(default=None, repr=False)
+    # requests the loop accepted during the open cycle
+    _accepted: int = field(default=0, repr=False)
 
     def profiled(self, plan: StepPlan, context_tokens: int) -> float:
         """The profile's compute for ``plan`` as one step whose decodes attend
@@ -94,6 +110,12 @@ class EngineSpeed:
     def idle(self) -> None:
         """The loop found nothing to run (or a step failed): the open cycle ends uncounted."""
         self._open = self._last = None
+        self._accepted = 0
+
+    def accepted(self, requests: int) -> None:
+        """The loop handed ``requests`` new requests to the scheduler before its next step:
+        they arrived during the open cycle."""
+        self._accepted += requests
 
     def observe(self, plan: StepPlan, result: StepResult, context_tokens: int,
                 started: float) -> None:
@@ -103,6 +125,13 @@ class EngineSpeed:
             self.cycles += 1
             self.cycle_s += started - opened
             self.cycle_profiled_s += modelled
+            if self._accepted:
+                self.arrivals += self._accepted
+                self.arrival_cycles += 1
+                self.arrival_cycle_s += started - opened
+                self.arrival_cycle_profiled_s += modelled
+                if prefill:
+                    self.prefill_arrivals += self._accepted
             if prefill:
                 self.prefill_cycles += 1
                 self.prefill_cycle_s += started - opened
@@ -114,6 +143,7 @@ class EngineSpeed:
                 self.decode_model_streamed += modelled * streamed
             self._scatter(prefill, started - opened, modelled)
             self._open = None
+        self._accepted = 0
         if result.compute_s <= 0 or result.iterations != 1:
             self._last = None
             return

@@ -285,10 +285,12 @@ _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_pro
             "cycle_log_sum", "cycle_log_sq_sum", "cycles", "cycle_lag_pairs", "cycle_lag_sum",
             "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycles",
             "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum", "decode_streamed",
-            "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed")
+            "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed", "arrivals",
+            "arrival_cycle_s", "arrival_cycle_profiled_s", "prefill_arrivals")
 """GetStats ``engine_speed`` counters sampled during a replay: the cycles' time against their
 model, the sums ``StepScatter.from_samples`` takes (of all cycles, then of those with a
-prompt chunk), then the decode-only cycles' sums on their tokens streamed."""
+prompt chunk), the decode-only cycles' sums on their tokens streamed, then the requests the
+loop accepted and the cycles it accepted them in."""
 
 
 def _speed_sample(t: float, speed) -> tuple[float, ...]:
@@ -306,20 +308,21 @@ async def _sample_speed(client, began: float, samples: list) -> None:
 
 def _timeline(samples: list, token_s: float
               ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None]:
-    """The loop's speed window by window, how its cycles scattered within the windows, and
-    what a token streamed in a decode-only step cost beyond the profile (no less than the
-    profile's ``token_s`` less), which is reported and not simulated (docs/fidelity.md,
-    limit 16)."""
+    """The loop's speed window by window with its work per request accepted, how its cycles
+    scattered within the windows, and what a token streamed in a decode-only step cost beyond
+    the profile (no less than the profile's ``token_s`` less), which is reported and not
+    simulated (docs/fidelity.md, limit 16)."""
     from emoe.sim.speed import SpeedTimeline, StepScatter
 
     times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
     if modelled[-1] <= modelled[0]:
         return None, None, None  # a server without --profile: no cycles against a model
+    arrivals = sums[14:18]
     fitted = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                        prefill_modelled, decode_lines=sums[10:],
-                                        token_floor_s=token_s)
+                                        prefill_modelled, decode_lines=sums[10:14],
+                                        token_floor_s=token_s, arrivals=arrivals)
     return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                       prefill_modelled),
+                                       prefill_modelled, arrivals=arrivals),
             StepScatter.from_samples(*sums[:5], cycles, modelled,
                                      prefill=(*sums[5:10], prefill_cycles, prefill_modelled)),
             fitted.decode_token_s)
@@ -819,7 +822,8 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     if timeline is not None:
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
                              "speeds": list(timeline.speeds),
-                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds)}
+                             "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds),
+                             "arrival_s": timeline.arrival_s}
         speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)

@@ -284,7 +284,10 @@ class Replica:
     async def _step(self) -> None:
         scheduler = self._scheduler
         assert scheduler is not None
-        self._apply_inbox(scheduler)
+        accepted = self._apply_inbox(scheduler)
+        speed = getattr(self.backend, "speed", None)  # emoe.rpc.engine_speed
+        if speed is not None and accepted:
+            speed.accepted(accepted)
         now = time.monotonic()
         plan = scheduler.next_step(now, max_iterations=1)
         for request_id, reason in plan.rejected:
@@ -293,7 +296,6 @@ class Replica:
             if stream is not None:
                 self._end(stream, Outcome.FAILED, ResourceExhausted(f"rejected: {reason}"))
         if plan.empty:
-            speed = getattr(self.backend, "speed", None)  # emoe.rpc.engine_speed
             if speed is not None:
                 speed.idle()
             self._wake.clear()
@@ -328,7 +330,9 @@ class Replica:
         # A backend that never suspends (no model work) must still let handlers run.
         await asyncio.sleep(0)
 
-    def _apply_inbox(self, scheduler: Scheduler) -> None:
+    def _apply_inbox(self, scheduler: Scheduler) -> int:
+        """Hand aborts and new requests to the scheduler; returns how many requests it took."""
+        taken = 0
         while self._aborts:
             request_id = self._aborts.popleft()
             scheduler.abort(request_id)
@@ -344,6 +348,7 @@ class Replica:
                     id=s.key, arrival=s.accepted_at, task=s.task,
                     input_tokens=len(s.prompt), output_tokens=s.sampling.max_tokens, slo=s.slo,
                     priority=s.priority))
+                taken += 1
             except Exception as exc:  # noqa: BLE001 - a request the engine refuses fails alone
                 log.warning("request %s refused by engine %s: %s", s.key, self.name, exc)
                 self.backend.remove_request(s.key)
@@ -351,6 +356,7 @@ class Replica:
                           InvalidArgument("prompt", f"the engine refused the request: {exc}")
                           if isinstance(exc, EmoeError) else
                           RequestFailed(f"the engine could not take the request: {exc}"))
+        return taken
 
     def _deliver(self, result: StepResult) -> None:
         now = time.monotonic()

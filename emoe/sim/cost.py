@@ -72,6 +72,13 @@ class CostModel:
             self._prefill_scale = self._prefill_serving.engine_scale
         return self.speed.next_change(window) if self._served is not None else math.inf
 
+    def arrival_s(self, t: float) -> float:
+        """The serving loop's work at time ``t`` to accept a request that arrived while it was
+        busy (``speed.arrival_s`` at the window's speed)."""
+        if not self.speed.arrival_s:
+            return 0.0
+        return self.speed.arrival_s * self.speed.speeds[self.speed.window(t)]
+
     def serving_at(self, t: float) -> ServingCosts | None:
         """The serving path's costs at time ``t``."""
         return None if self._served is None else self._served[self.speed.window(t)]

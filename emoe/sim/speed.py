@@ -25,6 +25,12 @@ each window. ``emoe fidelity`` reports it and simulates without it: simulated wi
 benchmark run came no closer, and the fitted cost moved from -80 to +470 us between replays
 (docs/fidelity.md, limit 16).
 
+Accepting a request costs the served loop too (its Generate handler and the hand-over to the
+scheduler run in the loop's interpreter), and that work lands in the cycle just before the
+step that admits the request, the one Eq. 3 decides on: ``arrival_s``, fitted from the cycles
+in which the loop accepted requests against the others of their window, is simulated as loop
+time per request accepted while the loop was busy, and taken out of the windows' speeds.
+
 Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
 that widens every tail: ``StepScatter`` draws each simulated step around its model as the
 server measured its cycles to scatter within the windows of the replay.
@@ -50,12 +56,13 @@ class SpeedTimeline:
     serving path take ``speeds[i]`` x their profile's time; steps that run a prompt chunk
     ``prefill_speeds[i]`` x (default: ``speeds``). A decode-only step's serving path also
     takes ``decode_token_s`` per token it streams beyond the profile's (at the window's speed
-    too)."""
+    too), and the loop ``arrival_s`` (x ``speeds[i]``) per request it accepts while busy."""
 
     starts: tuple[float, ...]
     speeds: tuple[float, ...]
     prefill_speeds: tuple[float, ...] | None = None
     decode_token_s: float = 0.0
+    arrival_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.speeds or len(self.starts) != len(self.speeds):
@@ -73,6 +80,9 @@ class SpeedTimeline:
         if not math.isfinite(self.decode_token_s):
             raise ConfigError(f"engine speed: a finite decode_token_s, got "
                               f"{self.decode_token_s!r}")
+        if not (self.arrival_s >= 0 and math.isfinite(self.arrival_s)):
+            raise ConfigError(f"engine speed: arrival_s must be a non-negative number, got "
+                              f"{self.arrival_s!r}")
 
     @classmethod
     def constant(cls, speed: float) -> SpeedTimeline:
@@ -85,6 +95,7 @@ class SpeedTimeline:
                      prefill_modelled_s: Sequence[float] | None = None,
                      decode_lines: Sequence[Sequence[float]] | None = None,
                      token_floor_s: float = 0.0,
+                     arrivals: Sequence[Sequence[float]] | None = None,
                      prior_s: float = PRIOR_S) -> SpeedTimeline:
         """From cumulative counters sampled during a run: at ``times[i]`` (seconds from its
         start) the loop's cycles had summed ``cycle_s[i]`` against ``modelled_s[i]`` of their
@@ -100,7 +111,13 @@ class SpeedTimeline:
         ``decode_streamed_sq``, ``decode_cycle_streamed``, ``decode_model_streamed``): the
         run's ``decode_token_s`` is then fitted (``_token_cost``), no lower than
         ``-token_floor_s`` (the profile's own cost of a token streamed, which it may at most
-        cancel), and each decode-only window's speed is its cycles over its model with it."""
+        cancel), and each decode-only window's speed is its cycles over its model with it.
+
+        ``arrivals``: the requests the loop accepted in counted cycles, those cycles' time and
+        model, and the requests accepted in cycles of steps that ran a prompt chunk (a served
+        loop's ``arrivals``, ``arrival_cycle_s``, ``arrival_cycle_profiled_s``,
+        ``prefill_arrivals``): ``arrival_s`` is then fitted (``_arrival_cost``) and each
+        window's model of a kind counts it for the requests accepted in that kind's cycles."""
         columns = [times, cycle_s, modelled_s]
         kinds = prefill_cycle_s is not None and prefill_modelled_s is not None
         if kinds:
@@ -111,6 +128,17 @@ class SpeedTimeline:
         if modelled_s[-1] - modelled_s[0] <= 0:
             raise ConfigError("engine speed: the loop ran no modelled cycle between the "
                               "samples")
+        arrival_s = 0.0
+        if arrivals is not None:
+            if len(arrivals) != 4 or any(len(c) != len(times) for c in arrivals):
+                raise ConfigError("engine speed: the arrivals need four sums with a value at "
+                                  "every sample")
+            accepted, _, _, prefill_accepted = arrivals
+            arrival_s = _arrival_cost(cycle_s, modelled_s, *arrivals[:3])
+            modelled_s = [m + arrival_s * n for m, n in zip(modelled_s, accepted)]
+            if kinds:
+                prefill_modelled_s = [m + arrival_s * n
+                                      for m, n in zip(prefill_modelled_s, prefill_accepted)]
         token_s = 0.0
         if kinds:
             rest = (_minus(cycle_s, prefill_cycle_s), _minus(modelled_s, prefill_modelled_s))
@@ -135,7 +163,8 @@ class SpeedTimeline:
             if prefill is not None:
                 prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))
         return cls(tuple(starts), tuple(speeds),
-                   tuple(prefill_speeds) if prefill is not None else None, token_s)
+                   tuple(prefill_speeds) if prefill is not None else None, token_s,
+                   arrival_s)
 
     def window(self, t: float) -> int:
         """The window that time ``t`` falls in."""
@@ -159,6 +188,8 @@ class SpeedTimeline:
         if self.decode_token_s:
             text += (f"; a token streamed in a decode-only step {self.decode_token_s * 1e6:+.0f}"
                      f" us beyond the profile's")
+        if self.arrival_s:
+            text += f"; the loop's work per request accepted {self.arrival_s * 1e6:.0f} us"
         return text
 
 
@@ -189,6 +220,24 @@ def _token_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
             return updated
         r = updated
     return r
+
+
+def _arrival_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
+                  accepted: Sequence[float], arrival_cycle_s: Sequence[float],
+                  arrival_modelled_s: Sequence[float]) -> float:
+    """Seconds of the loop's work per request accepted, at the profile's speed: in each window,
+    the cycles in which the loop accepted requests beyond their model at the speed of the
+    window's other cycles, summed over the windows, over those requests at that speed (no
+    less than 0; 0 where no window had both kinds of cycle)."""
+    columns = (cycle_s, modelled_s, accepted, arrival_cycle_s, arrival_modelled_s)
+    excess = weight = 0.0
+    for c, m, n, ac, am in zip(*(tuple(b - a for a, b in zip(x, x[1:])) for x in columns)):
+        if n <= 0 or m - am <= 0 or c - ac <= 0:
+            continue
+        speed = (c - ac) / (m - am)
+        excess += ac - speed * am
+        weight += speed * n
+    return max(0.0, excess / weight) if weight > 0 else 0.0
 
 
 def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:

@@ -95,10 +95,12 @@ class World:
         pending = next(requests, None)
         accepted = None  # when the server accepts ``pending``, once the step it is sent in is known
         streams = 0  # requests the step in progress runs
+        busy = False  # the loop went straight on from a step: arrivals cost it their work
         while True:
             now = env.now
             # Hand over every request that has arrived by now: the scheduler can only act on
             # them here, between steps, so arrivals need no SimPy events of their own.
+            handed = 0
             while pending is not None:
                 if accepted is None:
                     accepted = self._accepted(pending, streams)
@@ -108,8 +110,13 @@ class World:
                     client.accept(pending, accepted)
                 backend.admit(pending)
                 scheduler.add_request(pending)
+                handed += 1
                 pending, accepted = next(requests, None), None
-            plan = scheduler.next_step(now, self._max_iterations)
+            arrival_s = handed * backend.cost.arrival_s(now) if busy else 0.0
+            if arrival_s > 0:  # the loop accepts them before it plans, as a served one does
+                yield env.timeout(arrival_s)
+                now = env.now
+            plan = scheduler.next_step(now, self._max_iterations, arrival_s)
             streams = len(plan.decode) + len(plan.prefill)
             if pending is not None and pending.arrival > now:  # sent while this step runs
                 accepted = self._accepted(pending, streams)
@@ -125,6 +132,7 @@ class World:
                             f"{scheduler.num_running} running")
                     return
                 yield env.timeout(accepted - now)  # idle until the next arrival
+                busy = False
                 continue
             result = backend.execute(plan, now, self.next_arrival)
             self.steps += 1
@@ -145,6 +153,7 @@ class World:
                 client.step_done(plan, backend.live, finished, env.now, result.serving_s)
             if finished:
                 self._end(finished)
+            busy = True
 
     def _accepted(self, request: Request, streams: int) -> float:
         """When the scheduler can see ``request``, sent while a step runs ``streams``."""

@@ -103,3 +103,21 @@ def test_eq2_spreads_input_tokens_by_prompt_routing_and_output_by_generated_rout
     scores = expected_expert_tokens(demand, prefill, {"qa": np.array([0.5])}, (1, 2), decode)
     # 30 input tokens on expert 0, 2 x 5 output tokens on expert 1, times s = 0.5
     np.testing.assert_allclose(scores, [[15.0, 5.0]])
+
+
+def test_the_loops_work_at_a_macro_steps_end_belongs_to_its_last_iteration():
+    """``last_s``: of a macro step's seconds, the loop's work at its end (new requests
+    accepted), which an engine stepping singly would have seen in its last step alone."""
+    cost = CostEstimate(*_specs(), smoothing=0.5)
+    one = cost.modelled_step_s(0, 4)
+    cost.observe_step(0, 4, 3, seconds=3 * 2 * one + 0.004, last_s=0.004)
+    singly = CostEstimate(*_specs(), smoothing=0.5)
+    for extra in (0.0, 0.0, 0.004):
+        singly.observe_step(0, 4, 1, seconds=2 * one + extra)
+    assert cost.scale == pytest.approx(singly.scale)
+    spread = CostEstimate(*_specs(), smoothing=0.5)  # the same seconds as the mean ratio
+    spread.observe_step(0, 4, 3, seconds=3 * 2 * one + 0.004)
+    assert spread.scale < cost.scale
+    alone = CostEstimate(*_specs(), smoothing=0.5)  # a single step: all of it is its own
+    alone.observe_step(0, 4, 1, seconds=2 * one + 0.004, last_s=0.004)
+    assert alone.scale == pytest.approx((1.0 + (2 * one + 0.004) / one) / 2)

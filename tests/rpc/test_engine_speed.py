@@ -142,3 +142,30 @@ def test_decode_only_cycles_sum_their_tokens_for_a_line_on_them():
     assert speed.decode_streamed == 4 and speed.decode_streamed_sq == 10
     assert speed.decode_cycle_streamed == pytest.approx(sum(n * c for n, c, _ in decode))
     assert speed.decode_model_streamed == pytest.approx(sum(n * m for n, _, m in decode))
+
+
+def test_cycles_in_which_the_loop_accepted_requests_are_summed_apart():
+    """Requests handed to the scheduler before a step arrived during the cycle that step's
+    start closes: that cycle is summed apart with them (of prefill cycles apart too); an idle
+    loop forgets what it accepted, as it forgets its open cycle."""
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    decode = StepPlan(decode=["c", "d"])
+    tokens = [RequestStepOutput("c", new_tokens=1), RequestStepOutput("d", new_tokens=1)]
+    decode_model = speed.serving.cycle_s(speed.profiled(decode, 70), 2)
+    prefill_model = speed.serving.cycle_s(speed.profiled(plan(), 70), 2)
+
+    def step(step_plan, t):
+        speed.observe(step_plan, StepResult(t, t, compute_s=1e-3, outputs=tokens), 70, t)
+
+    step(decode, 0.0)
+    speed.accepted(2)                       # during the decode cycle from 0.0
+    step(plan(), 1.5 * decode_model)        # closes it: an arrival cycle with 2 requests
+    step(decode, 1.5 * decode_model + prefill_model)  # the prefill cycle: none accepted
+    speed.idle()
+    speed.accepted(1)                       # while idle: no cycle to charge
+    step(plan(), 10.0)
+    speed.accepted(3)
+    step(decode, 10.0 + 1.2 * prefill_model)  # closes the prefill cycle with 3 requests
+    assert (speed.arrivals, speed.arrival_cycles, speed.prefill_arrivals) == (5, 2, 3)
+    assert speed.arrival_cycle_s == pytest.approx(1.5 * decode_model + 1.2 * prefill_model)
+    assert speed.arrival_cycle_profiled_s == pytest.approx(decode_model + prefill_model)

@@ -157,7 +157,12 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     assert samples["columns"][:2] == ["t", "cycle_s"]
     assert all(len(row) == len(samples["columns"]) for row in samples["rows"])
     # what a decode-only step's token cost beyond the profile, fitted from the samples' lines
-    assert dict(zip(samples["columns"], samples["rows"][-1]))["decode_streamed"] > 0
+    last = dict(zip(samples["columns"], samples["rows"][-1]))
+    assert last["decode_streamed"] > 0
+    # the requests the loop accepted while busy (those that found it idle are not counted),
+    # and what that cost it (simulated)
+    assert 0 <= last["arrivals"] <= 4 and last["prefill_arrivals"] <= last["arrivals"]
+    assert timeline["arrival_s"] >= 0.0
     assert speed["decode_token_s"] >= -load_profile(profile).serving.token_s
     assert "beyond the profile's, as the cycles grew with their tokens" in printed
     assert min(timeline["prefill_speeds"]) <= speed["by_kind"]["prefill"] \

@@ -440,3 +440,73 @@ def test_a_decode_token_cost_beyond_the_profile_is_served_by_decode_only_steps(s
         pytest.approx(plain.cost.serving_s(decode_tokens=3, first_tokens=1, prefill=True))
     decode = dict(prefill_tokens=0, decode_tokens=3, context_tokens=20, resident_experts=8)
     assert costly.cost.step_s(**decode) == pytest.approx(plain.cost.step_s(**decode))
+
+
+def test_a_timeline_fits_the_loops_work_per_request_accepted():
+    """``arrivals``: the cycles in which the loop accepted requests, beyond their model at the
+    speed of their window's other cycles, give ``arrival_s`` (at the profile's speed), and the
+    windows' speeds leave it out; never below 0."""
+    from emoe.sim.speed import SpeedTimeline
+
+    arrival = 1.5e-3
+    # per window: speed, (cycles without arrivals: model), (cycles with arrivals: model, count)
+    windows = [(1.2, [4e-3, 5e-3, 6e-3], [(5e-3, 1), (4e-3, 2)]),
+               (0.8, [5e-3, 5e-3], [(6e-3, 1)]),
+               (1.5, [4e-3], [(4e-3, 3), (5e-3, 1)])]
+    t, cycles, model, accepted, arrival_cycles, arrival_model = ([0.0] for _ in range(6))
+    for i, (speed, plain, busy) in enumerate(windows):
+        c = speed * (sum(plain) + sum(m + arrival * n for m, n in busy))
+        ac = speed * sum(m + arrival * n for m, n in busy)
+        for column, add in ((t, 1.0), (cycles, c), (model, sum(plain) + sum(m for m, _ in busy)),
+                            (accepted, sum(n for _, n in busy)), (arrival_cycles, ac),
+                            (arrival_model, sum(m for m, _ in busy))):
+            column.append(column[-1] + add)
+    none = [0.0] * len(t)
+    timeline = SpeedTimeline.from_samples(t, cycles, model, none, none, prior_s=1e-9,
+                                          arrivals=(accepted, arrival_cycles, arrival_model,
+                                                    none))
+    assert timeline.arrival_s == pytest.approx(arrival)
+    assert timeline.speeds == pytest.approx((1.2, 0.8, 1.5))
+    assert "per request accepted 1500 us" in timeline.describe()
+    cheaper = [c - 0.01 * i for i, c in enumerate(arrival_cycles)]  # faster than the others
+    floored = SpeedTimeline.from_samples(t, [c - 0.01 * i for i, c in enumerate(cycles)],
+                                         model, none, none,
+                                         arrivals=(accepted, cheaper, arrival_model, none))
+    assert floored.arrival_s == 0.0
+    with pytest.raises(ConfigError, match="arrivals need four sums"):
+        SpeedTimeline.from_samples(t, cycles, model, none, none, arrivals=(accepted,))
+    with pytest.raises(ConfigError, match="arrival_s"):
+        SpeedTimeline((0.0,), (1.0,), arrival_s=-1e-3)
+
+
+def test_requests_accepted_while_the_loop_is_busy_cost_it_their_work(served):
+    """A timeline's ``arrival_s``: a request handed over after a step delays the next plan by
+    it (x the window's speed), one that finds the loop idle does not; macro steps give what
+    single steps give, and Eq. 3's learned scale differs between them by no more than without
+    the work (the work falls in the last iteration; a macro step's iterations count at their
+    mean ratio, their attention growing within it)."""
+    from emoe.sim.speed import SpeedTimeline
+
+    slo = SLO(1.0, 1.0)
+
+    def requests():
+        return [Request("a", 0.0, "qa", 8, 40, slo), Request("b", 0.05, "qa", 8, 10, slo)]
+
+    def run(timeline, max_iterations=None):
+        scheduler, backend = build(dataclasses.replace(served, engine_speed=timeline))
+        ended: list[Request] = []
+        World(scheduler, backend, requests(), lambda r: None,
+              client=ClientView(backend.cost.serving_at, ended.append),
+              max_iterations=max_iterations).run()
+        return {r.id: (r.first_token_at, r.finished_at) for r in ended}, scheduler.cost.scale
+
+    plain, plain_scale = run(SpeedTimeline((0.0,), (1.5,)))
+    _, plain_single_scale = run(SpeedTimeline((0.0,), (1.5,)), 1)
+    busy, scale = run(SpeedTimeline((0.0,), (1.5,), arrival_s=2e-3))
+    single, single_scale = run(SpeedTimeline((0.0,), (1.5,), arrival_s=2e-3), 1)
+    assert busy["a"][0] == pytest.approx(plain["a"][0])  # "a" found the loop idle
+    assert busy["b"][0] - plain["b"][0] == pytest.approx(1.5 * 2e-3, rel=0.2)
+    for rid in busy:
+        assert busy[rid] == pytest.approx(single[rid])
+    assert scale > plain_scale
+    assert scale - single_scale == pytest.approx(plain_scale - plain_single_scale, abs=1e-9)
