@@ -204,7 +204,7 @@ def _token_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
     the window's mean) and r the least-squares fit given them: how the cycles grow with their
     tokens within the windows. No lower than ``-floor_s``; 0 where no window streamed."""
     columns = (cycle_s, modelled_s, streamed, streamed_sq, cycle_streamed, model_streamed)
-    windows = [w for w in zip(*(tuple(b - a for a, b in zip(c, c[1:])) for c in columns))
+    windows = [w for w in zip(*map(_per_window, columns))
                if w[0] > 0 and w[1] > 0 and w[2] > 0]
     r = 0.0
     for _ in range(rounds):
@@ -231,13 +231,18 @@ def _arrival_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
     less than 0; 0 where no window had both kinds of cycle)."""
     columns = (cycle_s, modelled_s, accepted, arrival_cycle_s, arrival_modelled_s)
     excess = weight = 0.0
-    for c, m, n, ac, am in zip(*(tuple(b - a for a, b in zip(x, x[1:])) for x in columns)):
+    for c, m, n, ac, am in zip(*map(_per_window, columns)):
         if n <= 0 or m - am <= 0 or c - ac <= 0:
             continue
         speed = (c - ac) / (m - am)
         excess += ac - speed * am
         weight += speed * n
     return max(0.0, excess / weight) if weight > 0 else 0.0
+
+
+def _per_window(sums: Sequence[float]) -> tuple[float, ...]:
+    """What a cumulative sum, sampled, added in each window between samples."""
+    return tuple(b - a for a, b in zip(sums, sums[1:]))
 
 
 def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
@@ -364,7 +369,7 @@ class _Moments:
         columns = (cycles, log_sum, log_sq_sum, lag_pairs, lag_sum, cycle_s, modelled_s)
         if len({len(c) for c in columns}) != 1 or len(cycles) < 2:
             raise ConfigError("step scatter: two or more samples of every sum needed")
-        return cls(*(tuple(b - a for a, b in zip(c, c[1:])) for c in columns))
+        return cls(*map(_per_window, columns))
 
     def minus(self, other: _Moments) -> _Moments:
         return _Moments(*(tuple(a - b for a, b in zip(x, y))

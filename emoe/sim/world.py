@@ -112,7 +112,7 @@ class World:
                 scheduler.add_request(pending)
                 handed += 1
                 pending, accepted = next(requests, None), None
-            arrival_s = handed * backend.cost.arrival_s(now) if busy else 0.0
+            arrival_s = handed * backend.cost.arrival_s(now) if busy and handed else 0.0
             if arrival_s > 0:  # the loop accepts them before it plans, as a served one does
                 yield env.timeout(arrival_s)
                 now = env.now
