@@ -100,6 +100,10 @@ def base_policy(path: Path, factor: float) -> Path:
     return path
 
 
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.0f}"
+
+
 def row(name: str, p: dict) -> list[str]:
     cells = [name]
     misses = 0
@@ -129,7 +133,8 @@ def row(name: str, p: dict) -> list[str]:
                  + "".join(f"; {kind} x{kinds[kind]:.2f}" for kind in ("prefill", "decode")
                            if kinds.get(kind) is not None)
                  + ("" if fetch is None else
-                    f"; fetch {fetch['served'] * 1e6:.0f}/{fetch['profile'] * 1e6:.0f} us"))
+                    f"; fetch {_us(fetch['served'])}/{_us(fetch.get('cycles'))}/"
+                    f"{_us(fetch['profile'])} us"))
     for beside in (p.get("as_served"), p.get("as_profiled")):
         cells.append("-" if beside is None else " ".join(
             f"{beside['metrics'][m]['rel_error'][q]:+.0%}" for m in ("ttft", "e2e")
@@ -142,7 +147,7 @@ HEADER = ["policy", "TTFT p50 sim/real", "TTFT p90 sim/real", "E2E p50 sim/real"
           f"goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} pts)", "hit % sim/real (pts)",
           "MB loaded sim/real", "predictor calls sim/real",
           "served speed vs profile (its compute); prefill and decode-only steps; fetch us "
-          "served/profile",
+          "by its compute/in its cycles/profile",
           "at the one served speed: TTFT p50 p90, E2E p50 p90, SLO pts",
           "as profiled (x1.00): TTFT p50 p90, E2E p50 p90, SLO pts"]
 

@@ -1,7 +1,7 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
-        [--token-cost none|fitted] [--arrival-cost fitted|none]
+        [--token-cost none|fitted] [--arrival-cost fitted|none] [--fetch-cost cycles|compute]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -19,7 +19,9 @@ goodput rankings order oppositely.
 step's token cost beyond the profile (``SpeedTimeline.decode_token_s``), which ``emoe fidelity``
 reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost none`` refits them
 without the loop's work per request accepted (``SpeedTimeline.arrival_s``, simulated since
-session 9).
+session 9); ``--fetch-cost compute`` refits them without the cycles of steps that fetched on a
+miss and simulates a fetch at its cost in the engine's compute (as before session 10; runs
+before it sampled no such cycles and are refitted so whatever is asked).
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -72,9 +74,11 @@ def _path(name: str) -> Path:
     return Path(name) if Path(name).is_absolute() else REPO / name
 
 
-def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str):
+def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
+                 fetch_cost: str):
     """A policy's speed timeline refitted from the counters its replay sampled, with the token
-    and arrival costs as asked (a run that sampled no such sums refuses the one asked)."""
+    and arrival costs as asked (a run that sampled no such sums refuses the token cost asked),
+    and with the cycles that fetched on a miss where asked and sampled."""
     from emoe.core.profile import load_profile
     from emoe.sim.speed import SpeedTimeline
 
@@ -95,10 +99,35 @@ def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str):
     if arrival_cost == "fitted" and "arrivals" in samples:
         arrivals = sums(("arrivals", "arrival_cycle_s", "arrival_cycle_profiled_s",
                          "prefill_arrivals"), "--arrival-cost")
+    fetches = None
+    if fetch_cost == "cycles" and "fetch_cycle_s" in samples:
+        fetches = [samples[k] for k in (
+            "fetch_cycle_s", "fetch_cycle_profiled_s", "fetch_cycle_fetched",
+            "fetch_cycle_arrivals", "prefill_fetch_cycle_s", "prefill_fetch_cycle_profiled_s",
+            "prefill_fetch_cycle_fetched", "prefill_fetch_cycle_arrivals")]
     return SpeedTimeline.from_samples(
         samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
         samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
-        token_floor_s=floor, arrivals=arrivals)
+        token_floor_s=floor, arrivals=arrivals, fetches=fetches,
+        fetch_fallback_s=_compute_fetch(speed))
+
+
+def _compute_fetch(speed: dict) -> float | None:
+    """What a fetch on a miss cost the engine's compute as served (none measured: None)."""
+    fetch = speed.get("fetch_cost_s")
+    return None if fetch is None or fetch["served"] is None else max(0.0, fetch["served"])
+
+
+def _simulated_fetch(speed: dict, timeline) -> float | None:
+    """What the simulation takes for a fetch on a miss: the timeline's fitted from its cycles,
+    else the compute's, else the profile's (no fetch: None)."""
+    fetch = speed.get("fetch_cost_s")
+    if fetch is None:
+        return None
+    if timeline.fetch_fitted:
+        return timeline.fetch_s
+    computed = _compute_fetch(speed)
+    return fetch["profile"] if computed is None else computed
 
 
 def simulate_one(job: tuple) -> tuple[tuple, dict]:
@@ -108,11 +137,10 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
 
-    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost = job
+    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
-    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost)
-    fetch = speed.get("fetch_cost_s")
+    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost)
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
     routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
@@ -120,7 +148,7 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
         side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
                         _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
                         Path(tmp) / "sim.csv", routing, engine_speed,
-                        None if fetch is None else fetch["simulated"],
+                        _simulated_fetch(speed, engine_speed),
                         _scatter_of(setting, policy), draw)
 
     def finite(column: str):
@@ -145,29 +173,31 @@ def measured_met(docs: dict, run: Path) -> dict:
 
 
 def evaluate(docs: dict, sims: dict, setting: str, draws: list[int], resolved: dict) -> dict:
-    """Goal cells within the goal, for draw ``draws[0]`` and for the median over ``draws``,
-    and the pairs the rankings order oppositely per trace (and of those, the pairs the
-    measurement resolves)."""
+    """Goal cells within the goal, of the policies without ``lru`` and of those with it apart,
+    for draw ``draws[0]`` and for the median over ``draws``, each policy's errors, and the
+    pairs the rankings order oppositely per trace (and of those, the pairs the measurement
+    resolves)."""
     out = {}
     for label, chosen in (("one draw", draws[:1]), (f"median of {len(draws)}", draws)):
-        within: dict[str, list[bool]] = {}
+        within: dict[str, dict[str, list[bool]]] = {"without_lru": {}, "lru": {}}
         errors: dict[str, list[float]] = {}
+        per_policy: dict[str, dict[str, float]] = {}
         opposite = {}
         for trace, doc in docs.items():
             reports = {}
             for name, policy in doc["policies"].items():
                 sim = {k: statistics.median(sims[(trace, name, setting, s)][k] for s in chosen)
                        for k in sims[(trace, name, setting, chosen[0])]}
+                group = within["lru" if "lru" in name else "without_lru"]
+                mine = per_policy[f"{trace} {name}"] = {}
                 for m, q in CELLS:
                     real = policy["metrics"][m]["real"][q]
-                    err = (sim[f"{m} {q}"] - real) / real
+                    err = mine[f"{m} {q}"] = (sim[f"{m} {q}"] - real) / real
                     errors.setdefault(f"{m} {q}", []).append(err)
-                    if "lru" not in name:
-                        within.setdefault(f"{m} {q}", []).append(abs(err) <= GOAL_REL)
-                points = 100 * (sim["slo"] - policy["slo_attainment"]["real"])
+                    group.setdefault(f"{m} {q}", []).append(abs(err) <= GOAL_REL)
+                points = mine["slo"] = 100 * (sim["slo"] - policy["slo_attainment"]["real"])
                 errors.setdefault("slo", []).append(points)
-                if "lru" not in name:
-                    within.setdefault("slo", []).append(abs(points) <= GOAL_POINTS)
+                group.setdefault("slo", []).append(abs(points) <= GOAL_POINTS)
                 reports[name] = {
                     "goodput_rps": {"sim": sim["goodput"], "real": policy["goodput_rps"]["real"]},
                     "elapsed_s": {"sim": sim["elapsed"], "real": policy["elapsed_s"]["real"]},
@@ -175,10 +205,11 @@ def evaluate(docs: dict, sims: dict, setting: str, draws: list[int], resolved: d
                                        "real": policy["slo_attainment"]["real"]}}
             opposite[trace] = [(p, p in resolved[trace])
                                for p in rank_pairs(reports)["opposite"]]
-        out[label] = {"within_without_lru": {k: [sum(v), len(v)] for k, v in within.items()},
+        out[label] = {**{f"within_{group}": {k: [sum(v), len(v)] for k, v in cells.items()}
+                         for group, cells in within.items()},
                       "median_abs_error": {k: statistics.median(abs(e) for e in v)
                                            for k, v in errors.items()},
-                      "opposite": opposite}
+                      "errors": per_policy, "opposite": opposite}
     return out
 
 
@@ -222,6 +253,10 @@ def main() -> int:
     parser.add_argument("--arrival-cost", choices=("fitted", "none"), default="fitted",
                         help="the loop's work per request accepted: fitted from the run's "
                              "samples (as it simulated, where it sampled them), or none")
+    parser.add_argument("--fetch-cost", choices=("cycles", "compute"), default="cycles",
+                        help="a fetch on a miss: fitted from the replay's cycles that fetched, "
+                             "which then count towards the speeds (as the run simulated, where "
+                             "it sampled them), or its cost in the engine's compute")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -231,7 +266,7 @@ def main() -> int:
     settings = args.scatter.split(",")
     draws = list(range(args.draws))
     jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
-             args.token_cost, args.arrival_cost)
+             args.token_cost, args.arrival_cost, args.fetch_cost)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -247,15 +282,20 @@ def main() -> int:
     rows = []
     for setting, by_label in results.items():
         for label, r in by_label.items():
-            rows.append([setting, label, *(
-                f"{r['within_without_lru'][k][0]}/{r['within_without_lru'][k][1]} "
-                f"({r['median_abs_error'][k]:.0%})" if k != "slo" else
-                f"{r['within_without_lru'][k][0]}/{r['within_without_lru'][k][1]} "
-                f"({r['median_abs_error'][k]:.1f} pts)" for k in metrics),
-                "; ".join(f"{t} {len(o)} ({sum(res for _, res in o)})"
-                          for t, o in r["opposite"].items())])
-    print(f"{args.run}: cells within the goal without lru (median |error| over all policies)")
-    print(format_table(["step scatter", "draws", "TTFT p50", "TTFT p90", "E2E p50",
+            for group in ("without_lru", "lru"):
+                cells = r[f"within_{group}"]
+                if not cells:
+                    continue
+                rows.append([setting, label, group.replace("_", " "), *(
+                    f"{cells[k][0]}/{cells[k][1]} ({r['median_abs_error'][k]:.0%})"
+                    if k != "slo" else
+                    f"{cells[k][0]}/{cells[k][1]} ({r['median_abs_error'][k]:.1f} pts)"
+                    for k in metrics),
+                    "; ".join(f"{t} {len(o)} ({sum(res for _, res in o)})"
+                              for t, o in r["opposite"].items())])
+    print(f"{args.run}: cells within the goal, of the policies without lru and with it apart "
+          f"(median |error| over all policies)")
+    print(format_table(["step scatter", "draws", "policies", "TTFT p50", "TTFT p90", "E2E p50",
                         "E2E p90", "SLO", "pairs opposite (resolved by the measurement)"],
                        rows))
     noise = sampling_error(docs, args.run)
@@ -263,7 +303,8 @@ def main() -> int:
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
     name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
-        ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"))
+        ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"),
+        ("fetch", args.fetch_cost, "cycles"))
         if value != default) + ".json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -41,6 +41,14 @@ costs the loop (``SpeedTimeline.arrival_s``). That cost lands in the cycle just 
 that admits the request, the one Eq. 3 decides on: as served (code trace, emoe/all) the
 decode-only cycle before a prompt-chunk step ran x1.38 Eq. 3's model against x1.13 for the
 others.
+
+The cycles of steps that fetched experts on a miss are kept out of all the sums above and
+summed apart (``fetch_cycle_*``; ``prefill_fetch_cycle_*``: of those, of steps that ran a
+prompt chunk), with the experts they fetched and the requests the loop accepted in them.
+Under ``lru`` most steps fetch (every prompt chunk, ~90% of decode-only steps on the reference
+model), so the cycles without a fetch leave its speed, and its prompt steps' speed in
+particular, unmeasured; beside the decode-only cycles without a fetch, these give what a
+fetch cost the loop and the speed of every cycle (``SpeedTimeline.fetch_s``).
 """
 
 from __future__ import annotations
@@ -87,9 +95,17 @@ class EngineSpeed:
     arrival_cycle_s: float = 0.0
     arrival_cycle_profiled_s: float = 0.0
     prefill_arrivals: int = 0
-    # the last step's start, its modelled cycle, whether it ran a prompt chunk and the tokens
-    # it streamed, while the loop goes straight on from it
-    _open: tuple[float, float, bool, int] | None = field(default=None, repr=False)
+    fetch_cycle_s: float = 0.0
+    fetch_cycle_profiled_s: float = 0.0
+    fetch_cycle_fetched: int = 0
+    fetch_cycle_arrivals: int = 0
+    prefill_fetch_cycle_s: float = 0.0
+    prefill_fetch_cycle_profiled_s: float = 0.0
+    prefill_fetch_cycle_fetched: int = 0
+    prefill_fetch_cycle_arrivals: int = 0
+    # the last step's start, its modelled cycle, whether it ran a prompt chunk, the tokens it
+    # streamed and the experts it fetched on a miss, while the loop goes straight on from it
+    _open: tuple[float, float, bool, int, int] | None = field(default=None, repr=False)
     # the last cycle counted, its kind and log ratio, while the loop went straight on after it
     _last: tuple[bool, float] | None = field(default=None, repr=False)
     # requests the loop accepted during the open cycle
@@ -121,47 +137,67 @@ class EngineSpeed:
                 started: float) -> None:
         """A step that started at ``started`` (monotonic seconds) and ran ``result``."""
         if self._open is not None:
-            opened, modelled, prefill, streamed = self._open
-            self.cycles += 1
-            self.cycle_s += started - opened
-            self.cycle_profiled_s += modelled
-            if self._accepted:
-                self.arrivals += self._accepted
-                self.arrival_cycles += 1
-                self.arrival_cycle_s += started - opened
-                self.arrival_cycle_profiled_s += modelled
-                if prefill:
-                    self.prefill_arrivals += self._accepted
-            if prefill:
-                self.prefill_cycles += 1
-                self.prefill_cycle_s += started - opened
-                self.prefill_cycle_profiled_s += modelled
+            opened, modelled, prefill, streamed, fetched = self._open
+            if fetched:
+                self._close_fetch(started - opened, modelled, prefill, fetched)
             else:
-                self.decode_streamed += streamed
-                self.decode_streamed_sq += streamed * streamed
-                self.decode_cycle_streamed += (started - opened) * streamed
-                self.decode_model_streamed += modelled * streamed
-            self._scatter(prefill, started - opened, modelled)
+                self._close(started - opened, modelled, prefill, streamed)
             self._open = None
         self._accepted = 0
         if result.compute_s <= 0 or result.iterations != 1:
             self._last = None
             return
         profiled = self.profiled(plan, context_tokens)
-        if result.fetched_on_miss:
+        fetched = len(result.fetched_on_miss)
+        if fetched:
             self.fetch_steps += 1
-            self.fetched += len(result.fetched_on_miss)
+            self.fetched += fetched
             self.fetch_compute_s += result.compute_s
             self.fetch_profiled_s += profiled
             self._last = None
-            return
-        self.counted += 1
-        self.compute_s += result.compute_s
-        self.profiled_s += profiled
+        else:
+            self.counted += 1
+            self.compute_s += result.compute_s
+            self.profiled_s += profiled
         if self.serving is not None:
             streamed = sum(o.new_tokens for o in result.outputs)
             self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill),
-                          streamed)
+                          streamed, fetched)
+
+    def _close(self, cycle_s: float, modelled: float, prefill: bool, streamed: int) -> None:
+        """Counts a cycle whose step fetched nothing."""
+        self.cycles += 1
+        self.cycle_s += cycle_s
+        self.cycle_profiled_s += modelled
+        if self._accepted:
+            self.arrivals += self._accepted
+            self.arrival_cycles += 1
+            self.arrival_cycle_s += cycle_s
+            self.arrival_cycle_profiled_s += modelled
+            if prefill:
+                self.prefill_arrivals += self._accepted
+        if prefill:
+            self.prefill_cycles += 1
+            self.prefill_cycle_s += cycle_s
+            self.prefill_cycle_profiled_s += modelled
+        else:
+            self.decode_streamed += streamed
+            self.decode_streamed_sq += streamed * streamed
+            self.decode_cycle_streamed += cycle_s * streamed
+            self.decode_model_streamed += modelled * streamed
+        self._scatter(prefill, cycle_s, modelled)
+
+    def _close_fetch(self, cycle_s: float, modelled: float, prefill: bool, fetched: int) -> None:
+        """Counts a cycle whose step fetched ``fetched`` experts on a miss (its model has none)."""
+        self.fetch_cycle_s += cycle_s
+        self.fetch_cycle_profiled_s += modelled
+        self.fetch_cycle_fetched += fetched
+        self.fetch_cycle_arrivals += self._accepted
+        if prefill:
+            self.prefill_fetch_cycle_s += cycle_s
+            self.prefill_fetch_cycle_profiled_s += modelled
+            self.prefill_fetch_cycle_fetched += fetched
+            self.prefill_fetch_cycle_arrivals += self._accepted
 
     def _scatter(self, prefill: bool, cycle_s: float, modelled_s: float) -> None:
         if cycle_s <= 0 or modelled_s <= 0:

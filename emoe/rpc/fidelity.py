@@ -270,10 +270,11 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     by_kind = {"prefill": ratio("prefill_cycle_s", "prefill_cycle_profiled_s"),
                "decode": ((delta("cycle_s") - delta("prefill_cycle_s")) / decode_model
                           if decode_model > 0 else None)}
-    timeline, scatter, decode_token_s = _timeline(samples, token_s)
     fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
+    timeline, scatter, decode_token_s = _timeline(
+        samples, token_s, None if fetch is None else max(0.0, fetch))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
@@ -286,11 +287,15 @@ _SAMPLED = ("cycle_s", "cycle_profiled_s", "prefill_cycle_s", "prefill_cycle_pro
             "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycles",
             "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum", "decode_streamed",
             "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed", "arrivals",
-            "arrival_cycle_s", "arrival_cycle_profiled_s", "prefill_arrivals")
+            "arrival_cycle_s", "arrival_cycle_profiled_s", "prefill_arrivals",
+            "fetch_cycle_s", "fetch_cycle_profiled_s", "fetch_cycle_fetched",
+            "fetch_cycle_arrivals", "prefill_fetch_cycle_s", "prefill_fetch_cycle_profiled_s",
+            "prefill_fetch_cycle_fetched", "prefill_fetch_cycle_arrivals")
 """GetStats ``engine_speed`` counters sampled during a replay: the cycles' time against their
 model, the sums ``StepScatter.from_samples`` takes (of all cycles, then of those with a
-prompt chunk), the decode-only cycles' sums on their tokens streamed, then the requests the
-loop accepted and the cycles it accepted them in."""
+prompt chunk), the decode-only cycles' sums on their tokens streamed, the requests the
+loop accepted and the cycles it accepted them in, then the cycles of steps that fetched on a
+miss (of those with a prompt chunk apart)."""
 
 
 def _speed_sample(t: float, speed) -> tuple[float, ...]:
@@ -306,23 +311,29 @@ async def _sample_speed(client, began: float, samples: list) -> None:
                                      (await client.stats()).engine_speed))
 
 
-def _timeline(samples: list, token_s: float
+def _timeline(samples: list, token_s: float, fetch_s: float | None
               ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None]:
-    """The loop's speed window by window with its work per request accepted, how its cycles
-    scattered within the windows, and what a token streamed in a decode-only step cost beyond
-    the profile (no less than the profile's ``token_s`` less), which is reported and not
-    simulated (docs/fidelity.md, limit 16)."""
+    """The loop's speed window by window with its work per request accepted and what a fetch
+    on a miss cost it (``fetch_s`` where its cycles cannot tell), how its cycles scattered
+    within the windows, and what a token streamed in a decode-only step cost beyond the profile
+    (no less than the profile's ``token_s`` less), which is reported and not simulated
+    (docs/fidelity.md, limit 16)."""
     from emoe.sim.speed import SpeedTimeline, StepScatter
 
     times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
-    if modelled[-1] <= modelled[0]:
+    arrivals, fetches = sums[14:18], sums[18:26]
+    fetch_modelled = fetches[1]
+    if modelled[-1] <= modelled[0] and (fetch_s is None or fetch_modelled[-1] <= fetch_modelled[0]):
         return None, None, None  # a server without --profile: no cycles against a model
-    arrivals = sums[14:18]
+    timeline = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
+                                          prefill_modelled, arrivals=arrivals, fetches=fetches,
+                                          fetch_fallback_s=fetch_s)
+    if modelled[-1] <= modelled[0]:
+        return timeline, None, None  # every step fetched: no scatter nor token cost measured
     fitted = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
                                         prefill_modelled, decode_lines=sums[10:14],
                                         token_floor_s=token_s, arrivals=arrivals)
-    return (SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                       prefill_modelled, arrivals=arrivals),
+    return (timeline,
             StepScatter.from_samples(*sums[:5], cycles, modelled,
                                      prefill=(*sums[5:10], prefill_cycles, prefill_modelled)),
             fitted.decode_token_s)
@@ -803,7 +814,7 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     model of a cycle, overall and window by window; its engine's compute against the step
     model; what a fetch on a miss cost), and what the simulation takes from it: nothing
     (``mode`` profile), the loop's one speed and the fetch cost (served), or its speed window
-    by window and the fetch cost (timeline)."""
+    by window and the fetch cost its cycles gave, where they could (timeline)."""
     speed: dict = {"served": real.engine_speed, "compute": real.compute_speed,
                    "simulated": 1.0}
     simulated: float | SpeedTimeline = 1.0
@@ -823,7 +834,7 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
         speed["timeline"] = {"sample_s": SPEED_SAMPLE_S, "starts": list(timeline.starts),
                              "speeds": list(timeline.speeds),
                              "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds),
-                             "arrival_s": timeline.arrival_s}
+                             "arrival_s": timeline.arrival_s, "fetch_s": timeline.fetch_s}
         speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)
@@ -842,18 +853,25 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     print("simulated: each window at its own speed" if mode == "timeline"
           else f"simulated at x{simulated:.2f}", flush=True)
     fetch_cost = None
+    cycles_fetch = (timeline.fetch_s if timeline is not None and timeline.fetch_fitted
+                    else None)
     if real.fetch_cost_s is not None:
-        if mode != "profile":
+        if mode == "timeline" and cycles_fetch is not None:
+            fetch_cost = cycles_fetch
+        elif mode != "profile":
             fetch_cost = max(0.0, real.fetch_cost_s)
         fetch_simulated = fetch_model_s if fetch_cost is None else fetch_cost
-        speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "profile": fetch_model_s,
-                                 "simulated": fetch_simulated}
+        speed["fetch_cost_s"] = {"served": real.fetch_cost_s, "cycles": cycles_fetch,
+                                 "profile": fetch_model_s, "simulated": fetch_simulated}
+        in_cycles = ("" if cycles_fetch is None else
+                     f", {cycles_fetch * 1e6:.0f} us in its loop's cycles (beyond their model "
+                     f"at the speed of the window's decode-only cycles without a fetch)")
         print(f"an expert fetched on a miss cost {real.fetch_cost_s * 1e6:.0f} us as served "
-              f"(its steps' compute beyond the step model at its compute speed); the profile's: "
-              f"{fetch_model_s * 1e6:.0f} us; simulated: {fetch_simulated * 1e6:.0f} us",
-              flush=True)
+              f"(its steps' compute beyond the step model at its compute speed){in_cycles}; "
+              f"the profile's: {fetch_model_s * 1e6:.0f} us; simulated: "
+              f"{fetch_simulated * 1e6:.0f} us", flush=True)
     elif real.fetched > 0:
-        speed["fetch_cost_s"] = {"served": None, "profile": fetch_model_s,
+        speed["fetch_cost_s"] = {"served": None, "cycles": None, "profile": fetch_model_s,
                                  "simulated": fetch_model_s}
         print(f"{real.fetched} experts fetched on a miss, but every step fetched one: with no "
               f"step without a fetch to give the engine's compute speed, a fetch's cost as "

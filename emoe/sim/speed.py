@@ -31,6 +31,13 @@ step that admits the request, the one Eq. 3 decides on: ``arrival_s``, fitted fr
 in which the loop accepted requests against the others of their window, is simulated as loop
 time per request accepted while the loop was busy, and taken out of the windows' speeds.
 
+Steps that fetch experts on a miss (``lru``) cost the fetches beyond their model, and under
+``lru`` they are most steps, every prompt step among them: ``fetch_s``, fitted from those
+cycles against the window's decode-only cycles without a fetch, is what a fetch cost the loop
+(simulated as the copy's cost, at no window's speed), and with it those cycles count towards
+their windows' speeds, of their kind. Without them an ``lru`` replay's prompt steps ran at the
+one overall speed of its decode-only steps, measured on the ~10% of them that fetched nothing.
+
 Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
 that widens every tail: ``StepScatter`` draws each simulated step around its model as the
 server measured its cycles to scatter within the windows of the replay.
@@ -56,13 +63,18 @@ class SpeedTimeline:
     serving path take ``speeds[i]`` x their profile's time; steps that run a prompt chunk
     ``prefill_speeds[i]`` x (default: ``speeds``). A decode-only step's serving path also
     takes ``decode_token_s`` per token it streams beyond the profile's (at the window's speed
-    too), and the loop ``arrival_s`` (x ``speeds[i]``) per request it accepts while busy."""
+    too), and the loop ``arrival_s`` (x ``speeds[i]``) per request it accepts while busy.
+    ``fetch_s``: what an expert fetched on a miss cost the loop, with which the cycles that
+    fetched counted towards the speeds (None: they did not); ``fetch_fitted``: whether it was
+    fitted from those cycles (else it was the cost given)."""
 
     starts: tuple[float, ...]
     speeds: tuple[float, ...]
     prefill_speeds: tuple[float, ...] | None = None
     decode_token_s: float = 0.0
     arrival_s: float = 0.0
+    fetch_s: float | None = None
+    fetch_fitted: bool = False
 
     def __post_init__(self) -> None:
         if not self.speeds or len(self.starts) != len(self.speeds):
@@ -83,6 +95,9 @@ class SpeedTimeline:
         if not (self.arrival_s >= 0 and math.isfinite(self.arrival_s)):
             raise ConfigError(f"engine speed: arrival_s must be a non-negative number, got "
                               f"{self.arrival_s!r}")
+        if self.fetch_s is not None and not (self.fetch_s >= 0 and math.isfinite(self.fetch_s)):
+            raise ConfigError(f"engine speed: fetch_s must be a non-negative number, got "
+                              f"{self.fetch_s!r}")
 
     @classmethod
     def constant(cls, speed: float) -> SpeedTimeline:
@@ -96,6 +111,8 @@ class SpeedTimeline:
                      decode_lines: Sequence[Sequence[float]] | None = None,
                      token_floor_s: float = 0.0,
                      arrivals: Sequence[Sequence[float]] | None = None,
+                     fetches: Sequence[Sequence[float]] | None = None,
+                     fetch_fallback_s: float | None = None,
                      prior_s: float = PRIOR_S) -> SpeedTimeline:
         """From cumulative counters sampled during a run: at ``times[i]`` (seconds from its
         start) the loop's cycles had summed ``cycle_s[i]`` against ``modelled_s[i]`` of their
@@ -117,7 +134,15 @@ class SpeedTimeline:
         model, and the requests accepted in cycles of steps that ran a prompt chunk (a served
         loop's ``arrivals``, ``arrival_cycle_s``, ``arrival_cycle_profiled_s``,
         ``prefill_arrivals``): ``arrival_s`` is then fitted (``_arrival_cost``) and each
-        window's model of a kind counts it for the requests accepted in that kind's cycles."""
+        window's model of a kind counts it for the requests accepted in that kind's cycles.
+
+        ``fetches``: the cycles of steps that fetched experts on a miss, kept out of the sums
+        above: their time, model, experts fetched and requests accepted, then the same four of
+        those that ran a prompt chunk (a served loop's ``fetch_cycle_*`` and
+        ``prefill_fetch_cycle_*``). ``fetch_s`` is fitted from the decode-only ones
+        (``_fetch_cost``; ``fetch_fallback_s`` where no window had both kinds of decode-only
+        cycle) and each cycle that fetched counts towards its kind's speed, less its
+        fetches."""
         columns = [times, cycle_s, modelled_s]
         kinds = prefill_cycle_s is not None and prefill_modelled_s is not None
         if kinds:
@@ -125,9 +150,6 @@ class SpeedTimeline:
         if len(times) < 2 or len({len(c) for c in columns}) != 1:
             raise ConfigError(f"engine speed: a timeline needs two or more samples of "
                               f"time, cycles and model alike, got {len(times)}")
-        if modelled_s[-1] - modelled_s[0] <= 0:
-            raise ConfigError("engine speed: the loop ran no modelled cycle between the "
-                              "samples")
         arrival_s = 0.0
         if arrivals is not None:
             if len(arrivals) != 4 or any(len(c) != len(times) for c in arrivals):
@@ -151,6 +173,33 @@ class SpeedTimeline:
                 rest = (rest[0], [m + token_s * n for m, n in zip(rest[1], decode_lines[0])])
         else:
             rest, prefill = (cycle_s, modelled_s), None
+        fetch_s, fetch_fitted = None, False
+        if fetches is not None:
+            if len(fetches) != 8 or any(len(c) != len(times) for c in fetches):
+                raise ConfigError("engine speed: the fetch cycles need eight sums with a value "
+                                  "at every sample")
+            cycles, model, fetched, accepted, *prefill_fetches = fetches
+            model = [m + arrival_s * n for m, n in zip(model, accepted)]
+            if kinds:
+                p_cycles, p_model, p_fetched, p_accepted = prefill_fetches
+                p_model = [m + arrival_s * n for m, n in zip(p_model, p_accepted)]
+                decode_fetches = (_minus(cycles, p_cycles), _minus(model, p_model),
+                                  _minus(fetched, p_fetched))
+            else:
+                decode_fetches = (cycles, model, fetched)
+            fetch_s = _fetch_cost(*rest, *decode_fetches)
+            fetch_fitted = fetch_s is not None
+            if fetch_s is None:
+                fetch_s = fetch_fallback_s
+            if fetch_s is not None:
+                rest = _with_fetches(rest, decode_fetches, fetch_s)
+                cycle_s, modelled_s = _with_fetches((cycle_s, modelled_s),
+                                                    (cycles, model, fetched), fetch_s)
+                if kinds:
+                    prefill = _with_fetches(prefill, (p_cycles, p_model, p_fetched), fetch_s)
+        if modelled_s[-1] - modelled_s[0] <= 0:
+            raise ConfigError("engine speed: the loop ran no modelled cycle between the "
+                              "samples")
         everything = _overall(cycle_s, modelled_s, 1.0)
         rest_overall = _overall(*rest, everything)
         prefill_overall = None if prefill is None else _overall(*prefill, everything)
@@ -164,7 +213,7 @@ class SpeedTimeline:
                 prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))
         return cls(tuple(starts), tuple(speeds),
                    tuple(prefill_speeds) if prefill is not None else None, token_s,
-                   arrival_s)
+                   arrival_s, fetch_s, fetch_fitted)
 
     def window(self, t: float) -> int:
         """The window that time ``t`` falls in."""
@@ -190,6 +239,9 @@ class SpeedTimeline:
                      f" us beyond the profile's")
         if self.arrival_s:
             text += f"; the loop's work per request accepted {self.arrival_s * 1e6:.0f} us"
+        if self.fetch_s is not None:
+            text += (f"; an expert fetched on a miss {self.fetch_s * 1e6:.0f} us "
+                     f"({'fitted from the cycles that fetched' if self.fetch_fitted else 'given'})")
         return text
 
 
@@ -238,6 +290,33 @@ def _arrival_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
         excess += ac - speed * am
         weight += speed * n
     return max(0.0, excess / weight) if weight > 0 else 0.0
+
+
+def _fetch_cost(cycle_s: Sequence[float], modelled_s: Sequence[float],
+                fetch_cycle_s: Sequence[float], fetch_modelled_s: Sequence[float],
+                fetched: Sequence[float]) -> float | None:
+    """Seconds per expert fetched on a miss that a cycle costs beyond its model: in each
+    window, the cycles that fetched beyond their model at the speed of the window's cycles of
+    the same kind that fetched nothing, summed over the windows, over the experts fetched (no
+    less than 0; None where no window had both kinds of cycle). Not scaled by the window's
+    speed: the simulator's copies are not."""
+    columns = (cycle_s, modelled_s, fetch_cycle_s, fetch_modelled_s, fetched)
+    excess = weight = 0.0
+    for c, m, fc, fm, n in zip(*map(_per_window, columns)):
+        if n <= 0 or m <= 0 or c <= 0:
+            continue
+        excess += fc - c / m * fm
+        weight += n
+    return max(0.0, excess / weight) if weight > 0 else None
+
+
+def _with_fetches(kind: tuple[Sequence[float], Sequence[float]],
+                  fetches: tuple[Sequence[float], ...], fetch_s: float
+                  ) -> tuple[list[float], list[float]]:
+    """A kind's cumulative cycles and model with its cycles that fetched, less their fetches."""
+    (cycles, model), (f_cycles, f_model, fetched) = kind, fetches
+    return ([c + fc - fetch_s * n for c, fc, n in zip(cycles, f_cycles, fetched)],
+            [m + fm for m, fm in zip(model, f_model)])
 
 
 def _per_window(sums: Sequence[float]) -> tuple[float, ...]:

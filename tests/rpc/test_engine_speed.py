@@ -169,3 +169,34 @@ def test_cycles_in_which_the_loop_accepted_requests_are_summed_apart():
     assert (speed.arrivals, speed.arrival_cycles, speed.prefill_arrivals) == (5, 2, 3)
     assert speed.arrival_cycle_s == pytest.approx(1.5 * decode_model + 1.2 * prefill_model)
     assert speed.arrival_cycle_profiled_s == pytest.approx(decode_model + prefill_model)
+
+
+def test_cycles_of_steps_that_fetched_on_a_miss_are_summed_apart_with_their_fetches():
+    """A fetch step's cycle (its model without the fetches) goes to ``fetch_cycle_*`` with the
+    experts it fetched and the requests accepted during it (of prompt steps apart too), and to
+    none of the sums of the cycles without a fetch."""
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    decode = StepPlan(decode=["c", "d"])
+    tokens = [RequestStepOutput("c", new_tokens=1), RequestStepOutput("d", new_tokens=1)]
+    decode_model = speed.serving.cycle_s(speed.profiled(decode, 70), 2)
+    prefill_model = speed.serving.cycle_s(speed.profiled(plan(), 70), 2)
+
+    def step(step_plan, t, fetched=()):
+        speed.observe(step_plan, StepResult(t, t, compute_s=1e-3, outputs=tokens,
+                                            fetched_on_miss=list(fetched)), 70, t)
+
+    step(decode, 0.0)
+    step(decode, 1.0 * decode_model, [(0, 1), (1, 2)])  # closes a plain decode cycle
+    speed.accepted(2)
+    step(plan(), 2.0 * decode_model + 1e-3, [(0, 3), (1, 3), (2, 3)])  # closes the fetch one
+    step(decode, 2.0 * decode_model + 1e-3 + prefill_model + 3e-3)  # closes the prompt one
+    assert (speed.cycles, speed.prefill_cycles) == (1, 0)
+    assert speed.cycle_s == pytest.approx(decode_model)
+    assert speed.arrivals == 0
+    assert speed.fetch_cycle_s == pytest.approx(decode_model + 1e-3 + prefill_model + 3e-3)
+    assert speed.fetch_cycle_profiled_s == pytest.approx(decode_model + prefill_model)
+    assert (speed.fetch_cycle_fetched, speed.fetch_cycle_arrivals) == (5, 2)
+    assert speed.prefill_fetch_cycle_s == pytest.approx(prefill_model + 3e-3)
+    assert speed.prefill_fetch_cycle_profiled_s == pytest.approx(prefill_model)
+    assert (speed.prefill_fetch_cycle_fetched, speed.prefill_fetch_cycle_arrivals) == (3, 0)
+    assert (speed.fetch_steps, speed.fetched, speed.counted) == (2, 5, 2)

@@ -258,9 +258,34 @@ def test_fetches_on_every_step_leave_their_cost_unknown_and_simulated_as_profile
         return _as_served(side, "served", 0.002)
 
     speed, _, cost = served(None, None)  # no step without a fetch: no compute speed
-    assert speed["fetch_cost_s"] == {"served": None, "profile": 0.002, "simulated": 0.002}
+    assert speed["fetch_cost_s"] == {"served": None, "cycles": None, "profile": 0.002,
+                                     "simulated": 0.002}
     assert cost is None
     assert "12 experts fetched on a miss, but every step" in capsys.readouterr().out
     speed, _, cost = served(0.003, 1.2)
-    assert speed["fetch_cost_s"] == {"served": 0.003, "profile": 0.002, "simulated": 0.003}
+    assert speed["fetch_cost_s"] == {"served": 0.003, "cycles": None, "profile": 0.002,
+                                     "simulated": 0.003}
     assert cost == 0.003
+
+
+def test_a_timeline_simulates_the_fetch_cost_its_cycles_gave():
+    """``--engine-speed timeline`` simulates a fetch at what the loop's cycles that fetched
+    cost beyond their model (``SpeedTimeline.fetch_s``, fitted), else at the compute's;
+    ``served`` keeps the compute's; both are reported."""
+    from emoe.rpc.fidelity import Side, _as_served
+    from emoe.sim.speed import SpeedTimeline
+
+    def as_served(mode, fitted):
+        timeline = SpeedTimeline((0.0,), (1.1,), fetch_s=4e-4, fetch_fitted=fitted)
+        side = Side(None, None, None, None, 1.0, engine_speed=1.1, compute_speed=1.2,
+                    fetch_cost_s=3e-4, speed_timeline=timeline, speed_samples=[], fetched=12)
+        return _as_served(side, mode, 0.002)
+
+    speed, simulated, cost = as_served("timeline", True)
+    assert isinstance(simulated, SpeedTimeline) and cost == 4e-4
+    assert speed["fetch_cost_s"] == {"served": 3e-4, "cycles": 4e-4, "profile": 0.002,
+                                     "simulated": 4e-4}
+    assert speed["timeline"]["fetch_s"] == 4e-4
+    assert as_served("served", True)[2] == 3e-4
+    speed, _, cost = as_served("timeline", False)  # the timeline was given the compute's
+    assert cost == 3e-4 and speed["fetch_cost_s"]["cycles"] is None

@@ -479,6 +479,60 @@ def test_a_timeline_fits_the_loops_work_per_request_accepted():
         SpeedTimeline((0.0,), (1.0,), arrival_s=-1e-3)
 
 
+def test_a_timeline_fits_what_a_fetch_cost_the_loop_and_counts_its_cycles():
+    """``fetches``: the decode-only cycles that fetched, beyond their model at the speed of
+    their window's decode-only cycles without a fetch, give ``fetch_s`` (not scaled by the
+    window), and with it every cycle that fetched counts towards its kind's speed: the prompt
+    steps' own speed, which no cycle without a fetch measured, is found."""
+    from emoe.sim.speed import SpeedTimeline
+
+    fetch = 6e-4
+    # per window: decode speed, prompt speed, plain decode model, decode fetch cycles
+    # (model, fetched), prompt fetch cycles (model, fetched)
+    windows = [(1.0, 1.1, 8e-3, [(5e-3, 4), (6e-3, 2)], [(30e-3, 12)]),
+               (0.8, 0.95, 4e-3, [(5e-3, 3)], [(20e-3, 12), (25e-3, 12)]),
+               (1.3, 1.4, 6e-3, [(4e-3, 5), (5e-3, 4)], [(28e-3, 11)])]
+    columns = {k: [0.0] for k in ("t", "c", "m", "fc", "fm", "fn", "pfc", "pfm", "pfn")}
+
+    def add(name, value):
+        columns[name].append(columns[name][-1] + value)
+
+    for decode, prompt, plain, fetching, prompts in windows:
+        add("t", 1.0)
+        add("c", decode * plain)
+        add("m", plain)
+        pc = sum(prompt * m + fetch * n for m, n in prompts)
+        add("fc", sum(decode * m + fetch * n for m, n in fetching) + pc)
+        add("fm", sum(m for m, _ in fetching) + sum(m for m, _ in prompts))
+        add("fn", sum(n for _, n in fetching) + sum(n for _, n in prompts))
+        add("pfc", pc)
+        add("pfm", sum(m for m, _ in prompts))
+        add("pfn", sum(n for _, n in prompts))
+    c = columns
+    none = [0.0] * len(c["t"])
+    fetches = (c["fc"], c["fm"], c["fn"], none, c["pfc"], c["pfm"], c["pfn"], none)
+    timeline = SpeedTimeline.from_samples(c["t"], c["c"], c["m"], none, none, prior_s=1e-9,
+                                          fetches=fetches)
+    assert timeline.fetch_s == pytest.approx(fetch) and timeline.fetch_fitted
+    assert timeline.speeds == pytest.approx((1.0, 0.8, 1.3))
+    assert timeline.prefill_speeds == pytest.approx((1.1, 0.95, 1.4))
+    assert "an expert fetched on a miss 600 us (fitted" in timeline.describe()
+    without = SpeedTimeline.from_samples(c["t"], c["c"], c["m"], none, none, prior_s=1e-9)
+    assert without.fetch_s is None  # prompt steps at the run's one speed of the others
+    assert len(set(without.prefill_speeds)) == 1
+    # every decode-only step fetched: the cost given counts the cycles, marked as given
+    given = SpeedTimeline.from_samples(c["t"], none, none, none, none, prior_s=1e-9,
+                                       fetches=fetches, fetch_fallback_s=fetch)
+    assert (given.fetch_s, given.fetch_fitted) == (fetch, False)
+    assert given.prefill_speeds == pytest.approx((1.1, 0.95, 1.4))
+    with pytest.raises(ConfigError, match="no modelled cycle"):
+        SpeedTimeline.from_samples(c["t"], none, none, none, none, fetches=fetches)
+    with pytest.raises(ConfigError, match="fetch cycles need eight sums"):
+        SpeedTimeline.from_samples(c["t"], c["c"], c["m"], none, none, fetches=fetches[:4])
+    with pytest.raises(ConfigError, match="fetch_s"):
+        SpeedTimeline((0.0,), (1.0,), fetch_s=-1e-4)
+
+
 def test_requests_accepted_while_the_loop_is_busy_cost_it_their_work(served):
     """A timeline's ``arrival_s``: a request handed over after a step delays the next plan by
     it (x the window's speed), one that finds the loop idle does not; macro steps give what

@@ -245,7 +245,7 @@ class Admission(_message.Message):
     def __init__(self, deferred: _Optional[int] = ..., estimated_s: _Optional[float] = ..., slowdown_s: _Optional[float] = ...) -> None: ...
 
 class EngineSpeed(_message.Message):
-    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s", "cycle_log_sum", "cycle_log_sq_sum", "cycle_lag_pairs", "cycle_lag_sum", "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum", "decode_streamed", "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed", "arrivals", "arrival_cycles", "arrival_cycle_s", "arrival_cycle_profiled_s", "prefill_arrivals")
+    __slots__ = ("steps", "compute_s", "profiled_s", "fetch_steps", "fetched", "fetch_compute_s", "fetch_profiled_s", "cycles", "cycle_s", "cycle_profiled_s", "prefill_cycles", "prefill_cycle_s", "prefill_cycle_profiled_s", "cycle_log_sum", "cycle_log_sq_sum", "cycle_lag_pairs", "cycle_lag_sum", "prefill_cycle_log_sum", "prefill_cycle_log_sq_sum", "prefill_cycle_lag_pairs", "prefill_cycle_lag_sum", "decode_streamed", "decode_streamed_sq", "decode_cycle_streamed", "decode_model_streamed", "arrivals", "arrival_cycles", "arrival_cycle_s", "arrival_cycle_profiled_s", "prefill_arrivals", "fetch_cycle_s", "fetch_cycle_profiled_s", "fetch_cycle_fetched", "fetch_cycle_arrivals", "prefill_fetch_cycle_s", "prefill_fetch_cycle_profiled_s", "prefill_fetch_cycle_fetched", "prefill_fetch_cycle_arrivals")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     PROFILED_S_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +276,14 @@ class EngineSpeed(_message.Message):
     ARRIVAL_CYCLE_S_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_CYCLE_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    FETCH_CYCLE_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    FETCH_CYCLE_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FETCH_CYCLE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FETCH_CYCLE_PROFILED_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FETCH_CYCLE_FETCHED_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FETCH_CYCLE_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
     steps: int
     compute_s: float
     profiled_s: float
@@ -306,7 +314,15 @@ class EngineSpeed(_message.Message):
     arrival_cycle_s: float
     arrival_cycle_profiled_s: float
     prefill_arrivals: int
-    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ..., prefill_cycles: _Optional[int] = ..., prefill_cycle_s: _Optional[float] = ..., prefill_cycle_profiled_s: _Optional[float] = ..., cycle_log_sum: _Optional[float] = ..., cycle_log_sq_sum: _Optional[float] = ..., cycle_lag_pairs: _Optional[int] = ..., cycle_lag_sum: _Optional[float] = ..., prefill_cycle_log_sum: _Optional[float] = ..., prefill_cycle_log_sq_sum: _Optional[float] = ..., prefill_cycle_lag_pairs: _Optional[int] = ..., prefill_cycle_lag_sum: _Optional[float] = ..., decode_streamed: _Optional[int] = ..., decode_streamed_sq: _Optional[int] = ..., decode_cycle_streamed: _Optional[float] = ..., decode_model_streamed: _Optional[float] = ..., arrivals: _Optional[int] = ..., arrival_cycles: _Optional[int] = ..., arrival_cycle_s: _Optional[float] = ..., arrival_cycle_profiled_s: _Optional[float] = ..., prefill_arrivals: _Optional[int] = ...) -> None: ...
+    fetch_cycle_s: float
+    fetch_cycle_profiled_s: float
+    fetch_cycle_fetched: int
+    fetch_cycle_arrivals: int
+    prefill_fetch_cycle_s: float
+    prefill_fetch_cycle_profiled_s: float
+    prefill_fetch_cycle_fetched: int
+    prefill_fetch_cycle_arrivals: int
+    def __init__(self, steps: _Optional[int] = ..., compute_s: _Optional[float] = ..., profiled_s: _Optional[float] = ..., fetch_steps: _Optional[int] = ..., fetched: _Optional[int] = ..., fetch_compute_s: _Optional[float] = ..., fetch_profiled_s: _Optional[float] = ..., cycles: _Optional[int] = ..., cycle_s: _Optional[float] = ..., cycle_profiled_s: _Optional[float] = ..., prefill_cycles: _Optional[int] = ..., prefill_cycle_s: _Optional[float] = ..., prefill_cycle_profiled_s: _Optional[float] = ..., cycle_log_sum: _Optional[float] = ..., cycle_log_sq_sum: _Optional[float] = ..., cycle_lag_pairs: _Optional[int] = ..., cycle_lag_sum: _Optional[float] = ..., prefill_cycle_log_sum: _Optional[float] = ..., prefill_cycle_log_sq_sum: _Optional[float] = ..., prefill_cycle_lag_pairs: _Optional[int] = ..., prefill_cycle_lag_sum: _Optional[float] = ..., decode_streamed: _Optional[int] = ..., decode_streamed_sq: _Optional[int] = ..., decode_cycle_streamed: _Optional[float] = ..., decode_model_streamed: _Optional[float] = ..., arrivals: _Optional[int] = ..., arrival_cycles: _Optional[int] = ..., arrival_cycle_s: _Optional[float] = ..., arrival_cycle_profiled_s: _Optional[float] = ..., prefill_arrivals: _Optional[int] = ..., fetch_cycle_s: _Optional[float] = ..., fetch_cycle_profiled_s: _Optional[float] = ..., fetch_cycle_fetched: _Optional[int] = ..., fetch_cycle_arrivals: _Optional[int] = ..., prefill_fetch_cycle_s: _Optional[float] = ..., prefill_fetch_cycle_profiled_s: _Optional[float] = ..., prefill_fetch_cycle_fetched: _Optional[int] = ..., prefill_fetch_cycle_arrivals: _Optional[int] = ...) -> None: ...
 
 class TaskStats(_message.Message):
     __slots__ = ("task", "submitted", "finished", "aborted", "failed", "slo_met", "slo_attainment", "output_tokens", "queue", "ttft", "tpot", "total")
