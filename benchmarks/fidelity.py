@@ -158,34 +158,50 @@ SIMULATIONS = (("main", "window by window"), ("as_served", "at the one served sp
 
 def goal_cells(reports: dict) -> tuple[list[str], list[list[str]], dict]:
     """Per simulation, how many cells of each goal metric are within the goal over both
-    traces: all policies, and those without ``lru`` in brackets."""
+    traces: all policies, and those without ``lru`` in brackets; and of the cells off the goal,
+    how many the measurement itself cannot tell from none (the simulated value within the
+    measured one's 90% bootstrap interval, ``real_ci90``; runs before session 10 have none)."""
     metrics = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
     header = ["simulated", *(f"{m.upper()} {q}" for m, q in metrics), "SLO"]
     rows, counts = [], {}
     for key, label in SIMULATIONS:
         within: dict[str, list[bool]] = {}
         without_lru: dict[str, list[bool]] = {}
+        unresolved: dict[str, int] = {}
+
+        def untold(cell: str, hit: bool, sim, interval) -> None:
+            if not hit and sim is not None and interval is not None \
+                    and interval[0] <= sim <= interval[1]:
+                unresolved[cell] = unresolved.get(cell, 0) + 1
+
         for doc in reports.values():
             for name, policy in doc["policies"].items():
                 side = policy if key == "main" else policy.get(key)
                 if side is None:
                     continue
                 for m, q in metrics:
-                    err = side["metrics"][m]["rel_error"][q]
+                    cell = side["metrics"][m]
+                    err = cell["rel_error"][q]
                     hit = err is not None and abs(err) <= GOAL_REL
                     within.setdefault(f"{m} {q}", []).append(hit)
+                    untold(f"{m} {q}", hit, cell["sim"][q], cell.get("real_ci90", {}).get(q))
                     if "lru" not in name:
                         without_lru.setdefault(f"{m} {q}", []).append(hit)
-                hit = abs(side["slo_attainment"]["diff_points"]) <= GOAL_POINTS
+                slo = side["slo_attainment"]
+                hit = abs(slo["diff_points"]) <= GOAL_POINTS
                 within.setdefault("slo", []).append(hit)
+                untold("slo", hit, slo["sim"], slo.get("real_ci90"))
                 if "lru" not in name:
                     without_lru.setdefault("slo", []).append(hit)
         if not within:
             continue
         counts[key] = {k: {"within": sum(v), "of": len(v), "without_lru": sum(without_lru[k]),
-                           "of_without_lru": len(without_lru[k])} for k, v in within.items()}
+                           "of_without_lru": len(without_lru[k]),
+                           "off_within_measured_ci90": unresolved.get(k, 0)}
+                       for k, v in within.items()}
         rows.append([label, *(f"{c['within']}/{c['of']} ({c['without_lru']}/"
-                              f"{c['of_without_lru']})" for c in counts[key].values())])
+                              f"{c['of_without_lru']}; {c['off_within_measured_ci90']})"
+                              for c in counts[key].values())])
     return header, rows, counts
 
 
@@ -258,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
         summary[name] = {"rows": rows, "agreement": agreement, "load_average": load}
     header, rows, counts = goal_cells(reports)
     print(f"\ncells within the goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} points), both traces: all "
-          "policies (without lru)")
+          "policies (without lru; of the cells off it, how many lie within the measured value's "
+          "own 90% bootstrap interval)")
     print(format_table(header, rows))
     (out / "summary.json").write_text(json.dumps({
         "header": HEADER, "traces": summary, "within_goal": counts, "load_average": {

@@ -370,10 +370,26 @@ def _rel(sim: float | None, real: float | None) -> float | None:
     return (sim - real) / real
 
 
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def _bootstrap(values, statistic, seed: int = 0):
+    """``statistic`` (of an array of resamples, one per row: the statistic per row) over
+    ``BOOTSTRAP_RESAMPLES`` resamples of ``values`` with replacement: its 5th and 95th
+    percentiles, the measured value's 90% interval."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    resampled = values[rng.integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))]
+    return np.percentile(statistic(resampled), [5, 95], axis=-1)
+
+
 def compare(sims: list[Side], real: Side) -> dict:
     """Per metric: p50/p90/p99 simulated and measured, relative errors, KS statistic; the rest.
     Several simulated draws (``--sim-draws``) give each number as its median over the draws,
-    with each percentile's range over them (``sim_range``)."""
+    with each percentile's range over them (``sim_range``). Each measured percentile and the
+    measured SLO attainment come with their 90% bootstrap interval over the measured requests
+    (``real_ci90``): how much of an error the measurement itself cannot tell from none."""
     import numpy as np
     from scipy.stats import ks_2samp
 
@@ -389,14 +405,18 @@ def compare(sims: list[Side], real: Side) -> dict:
     for key, column, _ in METRICS:
         b = _values(real.rows, column)
         draws = [_values(sim.rows, column) for sim in sims]
-        entry: dict = {"sim": {}, "real": {}, "rel_error": {},
+        entry: dict = {"sim": {}, "real": {}, "rel_error": {}, "real_ci90": {},
                        "count": {"sim": len(draws[0]), "real": len(b)}}
         ranges: dict = {}
-        for q, pct in QUANTILES:
+        intervals = (_bootstrap(b, lambda x: np.percentile(x, [p for _, p in QUANTILES],
+                                                           axis=-1)) if len(b) else None)
+        for i, (q, pct) in enumerate(QUANTILES):
             at = [float(np.percentile(a, pct)) for a in draws if len(a)]
             s = median(at)
             r = float(np.percentile(b, pct)) if len(b) else None
             entry["sim"][q], entry["real"][q], entry["rel_error"][q] = s, r, _rel(s, r)
+            entry["real_ci90"][q] = (None if intervals is None else
+                                     [float(intervals[0][i]), float(intervals[1][i])])
             ranges[q] = [min(at), max(at)] if at else None
         if len(sims) > 1:
             entry["sim_range"] = ranges
@@ -423,6 +443,11 @@ def compare(sims: list[Side], real: Side) -> dict:
     report["rejected"] = {"sim": first.rejected, "real": r.rejected}
     report["slo_attainment"] = pair(each(lambda s: s.summary.slo_attainment), r.slo_attainment,
                                     points=True)
+    met = real.rows["slo_met"].to_numpy(dtype=bool) if "slo_met" in real.rows else None
+    if met is not None and len(met) and r.slo_attainment is not None:
+        low, high = _bootstrap(met.astype(float), lambda x: x.mean(axis=-1))
+        shift = r.slo_attainment - float(met.mean())  # the summary's own denominator
+        report["slo_attainment"]["real_ci90"] = [float(low) + shift, float(high) + shift]
     report["goodput_rps"] = pair(each(lambda s: s.summary.goodput_rps), r.goodput_rps)
     report["hit_rate"] = pair(each(lambda s: s.summary.hit_rate), r.hit_rate, points=True)
     report["bytes_loaded"] = pair(each(lambda s: s.bytes_loaded), real.bytes_loaded)

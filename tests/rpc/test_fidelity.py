@@ -93,14 +93,18 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert name == "fcfs/all"
     for metric in ("ttft", "tpot", "e2e", "queueing"):
         entry = policy["metrics"][metric]
-        for side in ("sim", "real", "rel_error"):
+        for side in ("sim", "real", "rel_error", "real_ci90"):
             assert set(entry[side]) == {"p50", "p90", "p99"}, (metric, side)
+        for q, (low, high) in entry["real_ci90"].items():
+            assert low <= entry["real"][q] <= high, (metric, q)
         assert 0 <= entry["ks"] <= 1
         assert entry["sim"]["p50"] > 0 or metric == "queueing"
     assert policy["requests"] == {"sim": 6, "real": 6}
     assert policy["finished"]["real"] == 6
-    for key in ("slo_attainment", "hit_rate"):
-        assert set(policy[key]) == {"sim", "real", "diff_points"}
+    assert set(policy["hit_rate"]) == {"sim", "real", "diff_points"}
+    slo = policy["slo_attainment"]
+    assert set(slo) == {"sim", "real", "diff_points", "real_ci90"}
+    assert 0 <= slo["real_ci90"][0] <= slo["real"] <= slo["real_ci90"][1] <= 1
     for key in ("goodput_rps", "bytes_loaded", "predictor_calls"):
         assert set(policy[key]) >= {"sim", "real"}
     assert policy["bytes_loaded"]["sim"] == policy["bytes_loaded"]["real"] > 0  # all experts once
@@ -289,3 +293,23 @@ def test_a_timeline_simulates_the_fetch_cost_its_cycles_gave():
     assert as_served("served", True)[2] == 3e-4
     speed, _, cost = as_served("timeline", False)  # the timeline was given the compute's
     assert cost == 3e-4 and speed["fetch_cost_s"]["cycles"] is None
+
+
+def test_a_measured_percentile_comes_with_its_bootstrap_interval():
+    """The 90% interval of a statistic over resamples of the measured values: it holds the
+    value, narrows with more requests, and is the same from run to run (seeded)."""
+    import numpy as np
+
+    from emoe.rpc.fidelity import _bootstrap
+
+    rng = np.random.default_rng(1)
+    few, many = rng.lognormal(0, 0.5, 300), rng.lognormal(0, 0.5, 30000)
+
+    def p90(x):
+        return np.percentile(x, 90, axis=-1)
+
+    low, high = _bootstrap(few, p90)
+    assert low < np.percentile(few, 90) < high
+    narrow = _bootstrap(many, p90)
+    assert narrow[1] - narrow[0] < (high - low) / 2
+    assert list(_bootstrap(few, p90)) == [low, high]
