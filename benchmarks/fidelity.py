@@ -17,7 +17,7 @@ On the reference model with one engine thread:
    the batches that timing forms), the speed simulated: how much slower the server's loop ran
    during each replay than its profile's model of it (its engine's compute against the step
    model beside it), that of the steps that ran a prompt chunk and of the decode-only ones,
-   and what a fetch on a miss cost it (this machine's speed drifts by up to 60% within
+   and what a fetch on a miss cost it, in its compute and in its cycles (this machine's speed drifts by up to 60% within
    minutes and wanders by +-25% from one second to the next); the simulation runs each
    half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
    --engine-speed timeline``), each step drawn around its model (``--step-scatter``,
@@ -25,7 +25,9 @@ On the reference model with one engine thread:
    scatter (``--sim-draws``), and the errors of the simulations at the replay's one speed
    and at the profile's own speed are beside it; whether the goodput rankings agree, at all
    three; and the load average before and after that trace's runs; then, per simulation, how
-   many cells of each goal metric are within the goal over both traces.
+   many cells of each goal metric are within the goal over both traces, and how many of those
+   off it the measurement itself cannot tell from none (inside the measured value's 90%
+   bootstrap interval).
 
 A fresh profile is measured for every run (the load it ran under is in its provenance)
 unless ``--profile`` names one. Everything is written to ``--out`` (profile, per-request rows,
