@@ -87,6 +87,12 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
         assert fetch["served"] is None and "but every step fetched one" in printed
     else:
         assert isinstance(fetch["served"], float)
+    assert "cycles" in fetch  # fitted from the loop's cycles that fetched, where it could be
+    samples = lru["engine_speed"].get("samples")
+    if samples is not None:  # the cycles that fetched, summed apart by the real engine's loop
+        last = dict(zip(samples["columns"], samples["rows"][-1]))
+        assert last["fetch_cycle_fetched"] > 0 and last["prefill_fetch_cycle_fetched"] > 0
+        assert last["fetch_cycle_s"] >= last["prefill_fetch_cycle_s"] > 0
     assert 0 < lru["hit_rate"]["sim"] < 1 and 0 < lru["hit_rate"]["real"] < 1
     assert lru["bytes_loaded"]["sim"] > 0 and lru["bytes_loaded"]["real"] > 0
     (name, policy), = doc["policies"].items()
