@@ -192,11 +192,17 @@ class SpeedTimeline:
             if fetch_s is None:
                 fetch_s = fetch_fallback_s
             if fetch_s is not None:
-                rest = _with_fetches(rest, decode_fetches, fetch_s)
-                cycle_s, modelled_s = _with_fetches((cycle_s, modelled_s),
-                                                    (cycles, model, fetched), fetch_s)
+                folded = [_with_fetches(rest, decode_fetches, fetch_s),
+                          _with_fetches((cycle_s, modelled_s), (cycles, model, fetched), fetch_s)]
                 if kinds:
-                    prefill = _with_fetches(prefill, (p_cycles, p_model, p_fetched), fetch_s)
+                    folded.append(_with_fetches(prefill, (p_cycles, p_model, p_fetched),
+                                                fetch_s))
+                if all(c[-1] > c[0] or m[-1] <= m[0] for c, m in folded):
+                    rest, (cycle_s, modelled_s), *kept = folded
+                    if kinds:
+                        prefill = kept[0]
+                else:  # the fetches would take more than the cycles they ran in
+                    fetch_s, fetch_fitted = None, False
         if modelled_s[-1] - modelled_s[0] <= 0:
             raise ConfigError("engine speed: the loop ran no modelled cycle between the "
                               "samples")
@@ -335,9 +341,10 @@ def _overall(cycle_s: Sequence[float], modelled_s: Sequence[float], default: flo
 
 def _shrunk(cycle_s: Sequence[float], modelled_s: Sequence[float], i: int, overall: float,
             prior_s: float) -> float:
-    """Window ``i``'s ratio, shrunk towards ``overall`` by ``prior_s`` of modelled time."""
+    """Window ``i``'s ratio, shrunk towards ``overall`` by ``prior_s`` of modelled time (its
+    cycles no fewer than none: a run's fetch cost can exceed what one window's fetches took)."""
     cycles, model = cycle_s[i] - cycle_s[i - 1], modelled_s[i] - modelled_s[i - 1]
-    return (cycles + prior_s * overall) / (model + prior_s)
+    return (max(0.0, cycles) + prior_s * overall) / (model + prior_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -527,6 +527,14 @@ def test_a_timeline_fits_what_a_fetch_cost_the_loop_and_counts_its_cycles():
     assert given.prefill_speeds == pytest.approx((1.1, 0.95, 1.4))
     with pytest.raises(ConfigError, match="no modelled cycle"):
         SpeedTimeline.from_samples(c["t"], none, none, none, none, fetches=fetches)
+    # only prompt steps fetched: no fit; a cost given that exceeds their cycles is refused
+    prompts_only = (c["pfc"], c["pfm"], c["pfn"], none, c["pfc"], c["pfm"], c["pfn"], none)
+    refused = SpeedTimeline.from_samples(c["t"], c["c"], c["m"], none, none, prior_s=1e-9,
+                                         fetches=prompts_only, fetch_fallback_s=0.01)
+    assert refused.fetch_s is None and refused.speeds == pytest.approx((1.0, 0.8, 1.3))
+    # a window whose fetches at the run's cost took more than its cycles: a positive speed
+    from emoe.sim.speed import _shrunk
+    assert 0 < _shrunk([0.0, -0.01], [0.0, 0.005], 1, 1.2, 0.1) < 1.2
     with pytest.raises(ConfigError, match="fetch cycles need eight sums"):
         SpeedTimeline.from_samples(c["t"], c["c"], c["m"], none, none, fetches=fetches[:4])
     with pytest.raises(ConfigError, match="fetch_s"):
