@@ -17,8 +17,9 @@ On the reference model with one engine thread:
    the batches that timing forms), the speed simulated: how much slower the server's loop ran
    during each replay than its profile's model of it (its engine's compute against the step
    model beside it), that of the steps that ran a prompt chunk and of the decode-only ones,
-   and what a fetch on a miss cost it, in its compute and in its cycles (this machine's speed drifts by up to 60% within
-   minutes and wanders by +-25% from one second to the next); the simulation runs each
+   and what a fetch on a miss cost it, in its compute and in its cycles (this machine's
+   speed drifts by up to 60% within minutes and wanders by +-25% from one second to the
+   next); the simulation runs each
    half-second window at its own speeds, prefill and decode-only steps apart (``emoe fidelity
    --engine-speed timeline``), each step drawn around its model (``--step-scatter``,
    ``STEP_SCATTER``), every simulated number the median of ``SIM_DRAWS`` draws of that

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fidelity import GOAL_POINTS, GOAL_REL  # noqa: E402
-from emoe.rpc.fidelity import rank_pairs, resolved_pairs  # noqa: E402
+from emoe.rpc.fidelity import rank_pairs, resolved_pairs, simulated_fetch_s  # noqa: E402
 
 CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
 COLUMNS = {"ttft": "ttft_s", "e2e": "e2e_s"}
@@ -109,25 +109,12 @@ def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
         samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
         samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
         token_floor_s=floor, arrivals=arrivals, fetches=fetches,
-        fetch_fallback_s=_compute_fetch(speed))
+        fetch_fallback_s=simulated_fetch_s(None, _compute_fetch(speed)))
 
 
 def _compute_fetch(speed: dict) -> float | None:
     """What a fetch on a miss cost the engine's compute as served (none measured: None)."""
-    fetch = speed.get("fetch_cost_s")
-    return None if fetch is None or fetch["served"] is None else max(0.0, fetch["served"])
-
-
-def _simulated_fetch(speed: dict, timeline) -> float | None:
-    """What the simulation takes for a fetch on a miss: the timeline's fitted from its cycles,
-    else the compute's, else the profile's (no fetch: None)."""
-    fetch = speed.get("fetch_cost_s")
-    if fetch is None:
-        return None
-    if timeline.fetch_fitted:
-        return timeline.fetch_s
-    computed = _compute_fetch(speed)
-    return fetch["profile"] if computed is None else computed
+    return (speed.get("fetch_cost_s") or {}).get("served")
 
 
 def simulate_one(job: tuple) -> tuple[tuple, dict]:
@@ -148,7 +135,7 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
         side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
                         _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
                         Path(tmp) / "sim.csv", routing, engine_speed,
-                        _simulated_fetch(speed, engine_speed),
+                        simulated_fetch_s(engine_speed, _compute_fetch(speed)),
                         _scatter_of(setting, policy), draw)
 
     def finite(column: str):

@@ -273,8 +273,8 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
-    timeline, scatter, decode_token_s = _timeline(
-        samples, token_s, None if fetch is None else max(0.0, fetch))
+    timeline, scatter, decode_token_s = _timeline(samples, token_s,
+                                                  simulated_fetch_s(None, fetch))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
@@ -833,6 +833,15 @@ def _record_routing(checkpoint: Path, workload, policy, engine, seed: int,
     return path
 
 
+def simulated_fetch_s(timeline: SpeedTimeline | None, compute_s: float | None) -> float | None:
+    """What a simulation window by window takes for an expert fetched on a miss: the cost the
+    loop's cycles gave (``timeline.fetch_s``, where fitted), else the compute's (``compute_s``,
+    no less than 0; None: the profile's)."""
+    if timeline is not None and timeline.fetch_fitted:
+        return timeline.fetch_s
+    return None if compute_s is None else max(0.0, compute_s)
+
+
 def _as_served(real: Side, mode: str, fetch_model_s: float
                ) -> tuple[dict, float | SpeedTimeline, float | None]:
     """What the server measured during the replay (its loop's speed against the profile's
@@ -881,8 +890,8 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
     cycles_fetch = (timeline.fetch_s if timeline is not None and timeline.fetch_fitted
                     else None)
     if real.fetch_cost_s is not None:
-        if mode == "timeline" and cycles_fetch is not None:
-            fetch_cost = cycles_fetch
+        if mode == "timeline":
+            fetch_cost = simulated_fetch_s(timeline, real.fetch_cost_s)
         elif mode != "profile":
             fetch_cost = max(0.0, real.fetch_cost_s)
         fetch_simulated = fetch_model_s if fetch_cost is None else fetch_cost

@@ -157,20 +157,20 @@ class SpeedTimeline:
                                   "every sample")
             accepted, _, _, prefill_accepted = arrivals
             arrival_s = _arrival_cost(cycle_s, modelled_s, *arrivals[:3])
-            modelled_s = [m + arrival_s * n for m, n in zip(modelled_s, accepted)]
+            modelled_s = _plus(modelled_s, accepted, arrival_s)
             if kinds:
-                prefill_modelled_s = [m + arrival_s * n
-                                      for m, n in zip(prefill_modelled_s, prefill_accepted)]
+                prefill_modelled_s = _plus(prefill_modelled_s, prefill_accepted, arrival_s)
         token_s = 0.0
         if kinds:
-            rest = (_minus(cycle_s, prefill_cycle_s), _minus(modelled_s, prefill_modelled_s))
+            rest = (_plus(cycle_s, prefill_cycle_s, -1.0),
+                    _plus(modelled_s, prefill_modelled_s, -1.0))
             prefill = (prefill_cycle_s, prefill_modelled_s)
             if decode_lines is not None:
                 if len(decode_lines) != 4 or any(len(c) != len(times) for c in decode_lines):
                     raise ConfigError("engine speed: the decode lines need four sums with a "
                                       "value at every sample")
                 token_s = _token_cost(*rest, *decode_lines, floor_s=token_floor_s)
-                rest = (rest[0], [m + token_s * n for m, n in zip(rest[1], decode_lines[0])])
+                rest = (rest[0], _plus(rest[1], decode_lines[0], token_s))
         else:
             rest, prefill = (cycle_s, modelled_s), None
         fetch_s, fetch_fitted = None, False
@@ -179,12 +179,12 @@ class SpeedTimeline:
                 raise ConfigError("engine speed: the fetch cycles need eight sums with a value "
                                   "at every sample")
             cycles, model, fetched, accepted, *prefill_fetches = fetches
-            model = [m + arrival_s * n for m, n in zip(model, accepted)]
+            model = _plus(model, accepted, arrival_s)
             if kinds:
                 p_cycles, p_model, p_fetched, p_accepted = prefill_fetches
-                p_model = [m + arrival_s * n for m, n in zip(p_model, p_accepted)]
-                decode_fetches = (_minus(cycles, p_cycles), _minus(model, p_model),
-                                  _minus(fetched, p_fetched))
+                p_model = _plus(p_model, p_accepted, arrival_s)
+                decode_fetches = (_plus(cycles, p_cycles, -1.0), _plus(model, p_model, -1.0),
+                                  _plus(fetched, p_fetched, -1.0))
             else:
                 decode_fetches = (cycles, model, fetched)
             fetch_s = _fetch_cost(*rest, *decode_fetches)
@@ -321,8 +321,7 @@ def _with_fetches(kind: tuple[Sequence[float], Sequence[float]],
                   ) -> tuple[list[float], list[float]]:
     """A kind's cumulative cycles and model with its cycles that fetched, less their fetches."""
     (cycles, model), (f_cycles, f_model, fetched) = kind, fetches
-    return ([c + fc - fetch_s * n for c, fc, n in zip(cycles, f_cycles, fetched)],
-            [m + fm for m, fm in zip(model, f_model)])
+    return _plus(_plus(cycles, f_cycles), fetched, -fetch_s), _plus(model, f_model)
 
 
 def _per_window(sums: Sequence[float]) -> tuple[float, ...]:
@@ -330,8 +329,9 @@ def _per_window(sums: Sequence[float]) -> tuple[float, ...]:
     return tuple(b - a for a, b in zip(sums, sums[1:]))
 
 
-def _minus(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    return [x - y for x, y in zip(a, b)]
+def _plus(a: Sequence[float], b: Sequence[float], times: float = 1.0) -> list[float]:
+    """``a`` + ``times`` x ``b``, sample by sample."""
+    return [x + times * y for x, y in zip(a, b)]
 
 
 def _overall(cycle_s: Sequence[float], modelled_s: Sequence[float], default: float) -> float:
