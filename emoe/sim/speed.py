@@ -119,9 +119,11 @@ class SpeedTimeline:
         model, of which the cycles of steps that ran a prompt chunk ``prefill_cycle_s[i]``
         against ``prefill_modelled_s[i]`` (if given: the two kinds then run at their own
         speeds). Each window between samples runs at its own ratio, shrunk towards the run's
-        overall one by ``prior_s`` seconds of modelled time; a window that closed no cycle
-        (an idle loop) keeps the speed before it. The first window starts at 0, the last one
-        lasts.
+        overall one by ``prior_s`` seconds of modelled time. A cycle counts in the window it
+        closed in; a window that closed none (an idle loop) takes the speed of the next one,
+        whose first cycles began in it (the first prompt after a pause), and keeps the speed
+        before it where the loop stayed idle longer. The first window starts at 0, the last
+        one lasts.
 
         ``decode_lines`` (with the prefill counters): the decode-only cycles' sums of tokens
         streamed n, n^2, n x cycle and n x model (a served loop's ``decode_streamed``,
@@ -213,7 +215,9 @@ class SpeedTimeline:
         for i in range(1, len(times)):
             if modelled_s[i] - modelled_s[i - 1] <= 0:
                 continue
-            starts.append(0.0 if not starts else max(times[i - 1], starts[-1] + 1e-9))
+            after_idle = i >= 2 and modelled_s[i - 1] - modelled_s[i - 2] <= 0
+            start = times[i - 2] if after_idle else times[i - 1]
+            starts.append(0.0 if not starts else max(start, starts[-1] + 1e-9))
             speeds.append(_shrunk(*rest, i, rest_overall, prior_s))
             if prefill is not None:
                 prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))

@@ -203,13 +203,15 @@ def test_a_speed_timeline_runs_each_window_at_its_speed(served):
 
 def test_a_speed_timeline_from_sampled_counters():
     """Each window between samples at its own ratio of cycles to model, shrunk towards the
-    run's by ``prior_s`` seconds of model: an idle window keeps the run's speed."""
+    run's by ``prior_s`` seconds of model. A cycle counts in the window it closed in, so the
+    idle window just before a busy one, where that one's first cycle began, takes its speed;
+    an idle window before that keeps the speed before it."""
     from emoe.core.errors import ConfigError
     from emoe.sim.speed import SpeedTimeline
 
-    # busy, idle, busy, idle: the idle windows keep the speed before them
-    times = [0.0, 1.0, 2.0, 3.0, 4.0]
-    cycles, model = [0.0, 0.6, 0.6, 1.4, 1.4], [0.0, 0.5, 0.5, 1.0, 1.0]
+    # busy, idle, idle, busy, idle
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    cycles, model = [0.0, 0.6, 0.6, 0.6, 1.4, 1.4], [0.0, 0.5, 0.5, 0.5, 1.0, 1.0]
     timeline = SpeedTimeline.from_samples(times, cycles, model, prior_s=0.0001)
     assert timeline.starts == (0.0, 2.0)
     assert timeline.speeds == pytest.approx((1.2, 1.6), rel=1e-3)
@@ -221,7 +223,11 @@ def test_a_speed_timeline_from_sampled_counters():
                                       prior_s=0.0001)
     assert late.starts == (0.0,) and late.speeds == pytest.approx((1.2,), rel=1e-3)
     assert timeline.window(-1.0) == 0 and timeline.window(1.5) == 0
-    assert timeline.window(3.5) == 1
+    assert timeline.window(2.5) == 1 and timeline.window(4.5) == 1
+    # busy windows back to back each start at the sample before them
+    busy = SpeedTimeline.from_samples([0.0, 1.0, 2.0, 3.0], [0.0, 0.6, 1.4, 2.0],
+                                      [0.0, 0.5, 1.0, 1.5], prior_s=0.0001)
+    assert busy.starts == (0.0, 1.0, 2.0)
     assert timeline.next_change(0) == 2.0 and timeline.next_change(1) == float("inf")
     with pytest.raises(ConfigError, match="no modelled cycle"):
         SpeedTimeline.from_samples([0.0, 1.0], [0.0, 0.0], [0.0, 0.0])
