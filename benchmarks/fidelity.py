@@ -59,13 +59,18 @@ from emoe.rpc.fidelity import rank_pairs  # noqa: E402
 SLO_SCALE = 0.05
 """Default SLOs x 0.05: TTFT 75-200 ms, TPOT 7.5-10 ms, on a machine as fast as
 ``REFERENCE_PREFILL_S`` says (x the machine's factor: ``machine_factor``)."""
-REFERENCE_PREFILL_S = 0.016
-"""A 255-token prefill of the reference model on one thread, in the profiles of the dev VM
-where ``SLO_SCALE`` and the rates of ``WORKLOADS`` were chosen (14.2-18.4 ms, 2026-12-02
-sessions 4-6). On a machine whose fresh profile takes f times as long, the benchmark plays the
-traces at 1/f their rate and scales the SLOs by f, so that the load is the same share of
-the machine and the SLOs as tight (on a 2x slower machine the fixed rates overload the
-engine: SLO attainment 0-20%, docs/fidelity.md limit 10)."""
+REFERENCE_PREFILL_S = 0.020
+"""A 255-token prefill of the reference model on one thread as served (the profile's step
+table x its serving fit's ``engine_scale``) on the dev VM where ``SLO_SCALE`` and the rates of
+``WORKLOADS`` were chosen: 14.2-18.4 ms standalone x 1.14-1.40 served (2026-12-02 sessions
+4-6). On a machine whose fresh profile takes f times as long, the benchmark plays the traces
+at 1/f their rate and scales the SLOs by f, so that the load is the same share of the machine
+and the SLOs as tight (on a 2x slower machine the fixed rates overload the engine: SLO
+attainment 0-20%, docs/fidelity.md limit 10). Until session 11 the factor was the standalone
+prefill against 16 ms; in the thirteen profiles of runs 16-28 the standalone prefill moved
+22.8-36.2 ms and the served one 30.3-44.9 ms, and the two profiles whose standalone engine had
+caught a fast minute (22.8 and 23.0 ms, served 38.4 and 38.7 ms) set rates that overloaded the
+served engine (SLO attainment 0-39% at 10:11 on 2026-12-03)."""
 CODE_TRACE = REPO.parent / "shared/traces/azure-llm-2023/AzureLLMInferenceTrace_code.csv"
 WORKLOADS = (  # name, trace, rate scale
     ("built-in", REPO / "traces/mixed-tasks-poisson.csv", 6.0),
@@ -87,10 +92,12 @@ near saturation one draw's queues under the emoe scheduler move 2x from draw to 
 
 def machine_factor(profile: Path) -> float:
     """How much slower than the reference machine this one is: its profile's 255-token
-    prefill against ``REFERENCE_PREFILL_S`` (within 1/4-4)."""
+    prefill as served (x ``engine_scale``) against ``REFERENCE_PREFILL_S`` (within 1/4-4)."""
     from emoe.core.profile import load_profile
 
-    prefill = load_profile(profile).step_table.step_s(255, 0, 0.0)
+    loaded = load_profile(profile)
+    served = loaded.serving.engine_scale if loaded.serving is not None else 1.0
+    prefill = loaded.step_table.step_s(255, 0, 0.0) * served
     return min(4.0, max(0.25, prefill / REFERENCE_PREFILL_S))
 
 
@@ -223,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is None:
         assert main(["profile", "--threads", "1", "--out", str(profile)]) == 0
     factor = args.machine_factor or machine_factor(profile)
-    print(f"this machine: x{factor:.2f} the reference machine's 255-token prefill "
+    print(f"this machine: x{factor:.2f} the reference machine's 255-token prefill as served "
           f"({REFERENCE_PREFILL_S * 1e3:g} ms{'' if args.machine_factor else ', by its profile'}): "
           f"rates / {factor:.2f}, SLOs x {SLO_SCALE * factor:.3f}", flush=True)
     policy = base_policy(out / "base-policy.json", factor)
@@ -297,6 +304,6 @@ if __name__ == "__main__":
     parser.add_argument("--machine-factor", type=float, default=None,
                         help="how much slower this machine is than the reference one (rates "
                              "divided, SLOs multiplied by it; default: by the profile's "
-                             "255-token prefill against REFERENCE_PREFILL_S; 1: the rates and "
+                             "255-token prefill as served against REFERENCE_PREFILL_S; 1: the rates and "
                              "SLOs of sessions 4-6)")
     sys.exit(run(parser.parse_args()))
