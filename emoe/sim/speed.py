@@ -120,9 +120,9 @@ class SpeedTimeline:
         against ``prefill_modelled_s[i]`` (if given: the two kinds then run at their own
         speeds). Each window between samples runs at its own ratio, shrunk towards the run's
         overall one by ``prior_s`` seconds of modelled time. A cycle counts in the window it
-        closed in; a window that closed none (an idle loop) takes the speed of the next one,
-        whose first cycles began in it (the first prompt after a pause), and keeps the speed
-        before it where the loop stayed idle longer. The first window starts at 0, the last
+        closed in, so of the windows that closed none (an idle loop), the last one before a
+        busy window takes that window's speed (the first cycle after a pause began in it) and
+        the earlier ones keep the speed before them. The first window starts at 0, the last
         one lasts.
 
         ``decode_lines`` (with the prefill counters): the decode-only cycles' sums of tokens
