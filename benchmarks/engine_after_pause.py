@@ -37,28 +37,18 @@ def main() -> int:
 
     import torch
 
-    from emoe.core.plan import PrefillChunk, StepPlan
     from emoe.engine.checkpoint import load_model
     from emoe.engine.engine import Engine
-    from emoe.engine.sampling import SamplingParams
+    from emoe.engine.profile import _Steps, _time_prefill
     from emoe.rpc.local import REFERENCE_CHECKPOINT
 
     torch.set_num_threads(args.threads)
     engine = Engine(load_model(REFERENCE_CHECKPOINT, device="cpu"), max_batch_size=16,
                     max_seq_len=256)
-    sampling = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    generator = torch.Generator().manual_seed(0)
-    ids = iter(range(1 << 30))
+    steps = _Steps(engine, repeats=1)  # the profile's own timed prompt steps, fresh prompts
 
     def prefill(n: int) -> float:
-        rid = f"pause-{next(ids)}"
-        prompt = torch.randint(3, engine.config.vocab_size, (n,), generator=generator).tolist()
-        engine.add_request(rid, prompt, sampling)
-        started = time.perf_counter()
-        engine.execute(StepPlan(prefill=[PrefillChunk(rid, 0, n)]))
-        seconds = time.perf_counter() - started
-        engine.abort(rid)
-        return seconds
+        return _time_prefill(steps, n)
 
     times: dict[tuple[int, float], list[float]] = {}
     with torch.inference_mode():
