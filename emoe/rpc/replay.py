@@ -22,7 +22,10 @@ The client's own stalls are in these times: while its event loop is blocked, it 
 and receives nothing. Replay freezes the objects its process holds when it starts
 (``gc.freeze``), so that no full garbage collection scans them mid-replay (one took 130-415
 ms in a process with torch and pandas loaded, and every request in flight then received its
-tokens that much later), and it warns when it sent requests late.
+tokens that much later), and it warns when it sent requests late. Every prompt is made before
+the clock starts (kept as 4-byte ids): made as the replay ran, the next request's prompt (up to
+~1 ms of task text and tokenizer) held up the event loop while the request just sent was on its
+way, and every request reached the server ~0.8 ms later (docs/fidelity.md, limit 12).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import random
 import sys
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,8 +165,9 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
     model = await target.model()
     fit = fit if fit is not None else ContextFit(0)
     fit.context = model.max_context or 0
-    requests = fit(requests)
+    requests = list(fit(requests))
     run = _Replay(target, model, seed, prompts)
+    made = [array("I", run.prompt(request)) for request in requests]
     pending: set[asyncio.Task] = set()
     short = late = 0
     latest = 0.0
@@ -178,8 +183,8 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
     gc.freeze()
     try:
         run.start = time.monotonic()
-        for request in requests:
-            prompt = run.prompt(request)
+        for request, ids in zip(requests, made):
+            prompt = ids.tolist()
             delay = run.start + request.arrival - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -191,7 +196,7 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
             task = asyncio.create_task(target.send(request, prompt, run.start))
             pending.add(task)
             task.add_done_callback(done)
-            await asyncio.sleep(0)  # it goes out now, not after the next request's prompt is made
+            await asyncio.sleep(0)  # it goes out now, before the next request is taken up
         while pending:
             await asyncio.wait(set(pending))
     finally:

@@ -112,10 +112,10 @@ async def test_replay_with_task_prompts_sends_each_requests_task_text_greedily(t
         assert sent[request.id] == (prompts(request), 0.0)
 
 
-async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_path):
-    """Making a task prompt takes up to ~0.6 ms (text, then the tokenizer); a request sent
-    only after the next one's prompt was made reached the server that much late, and its
-    measured TTFT carried it."""
+async def test_every_prompt_is_made_before_the_first_request_goes_out(tmp_path):
+    """Making a task prompt takes up to ~1 ms (text, then the tokenizer); made while the
+    replay ran, it held up the event loop that was sending the request just due, which reached
+    the server ~0.8 ms late, and its measured TTFT carried it."""
     from emoe.core.metrics import MetricsCollector
     from emoe.core.request import SLO, Request
     from emoe.rpc.replay import replay
@@ -130,13 +130,13 @@ async def test_each_request_goes_out_before_the_next_ones_prompt_is_made(tmp_pat
     with MetricsCollector(tmp_path / "rows.csv") as metrics:
         await replay(requests, Answering(lambda r: events.append(f"send {r.id}")), metrics,
                      prompts=prompts)
-    assert events == ["prompt 0", "send 0", "prompt 1", "send 1", "prompt 2", "send 2"]
+    assert events == ["prompt 0", "prompt 1", "prompt 2", "send 0", "send 1", "send 2"]
 
 
 async def test_the_clients_own_stalls_are_kept_small_and_reported(tmp_path, caplog):
     """Replay freezes its process's objects while it runs (no full garbage collection scans
-    them mid-replay) and warns when it sent a request late: here a prompt that takes 30 ms
-    to make, as a stalled client would."""
+    them mid-replay) and warns when it sent a request late: here the first send blocks the
+    event loop for 30 ms, as a stalled client would."""
     import gc
 
     from emoe.core.metrics import MetricsCollector
@@ -145,15 +145,14 @@ async def test_the_clients_own_stalls_are_kept_small_and_reported(tmp_path, capl
 
     frozen: list[int] = []
 
-    def prompts(request: Request) -> list[int]:
-        if request.id == "1":
+    def sent(request: Request) -> None:
+        frozen.append(gc.get_freeze_count())
+        if request.id == "0":
             time.sleep(0.03)
-        return [5] * request.input_tokens
 
     requests = [Request(str(i), 0.001 * i, "qa", 4, 2, SLO(1.0, 1.0)) for i in range(3)]
     with MetricsCollector(tmp_path / "rows.csv") as metrics:
-        await replay(requests, Answering(lambda r: frozen.append(gc.get_freeze_count())),
-                     metrics, prompts=prompts)
+        await replay(requests, Answering(sent), metrics)
     assert len(frozen) == 3 and min(frozen) > 1000 and gc.get_freeze_count() == 0
     warned = [r.getMessage() for r in caplog.records if "after their time" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("2 requests were sent more than 10 ms")
