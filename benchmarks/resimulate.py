@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
         [--token-cost none|fitted] [--arrival-cost fitted|none] [--fetch-cost cycles|compute]
+        [--prefill-shape measured|none]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -21,7 +22,10 @@ reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost non
 without the loop's work per request accepted (``SpeedTimeline.arrival_s``, simulated since
 session 9); ``--fetch-cost compute`` refits them without the cycles of steps that fetched on a
 miss and simulates a fetch at its cost in the engine's compute (as before session 10; runs
-before it sampled no such cycles and are refitted so whatever is asked).
+before it sampled no such cycles and are refitted so whatever is asked); ``--prefill-shape
+none`` refits them without the prompt steps' factors by their tokens
+(``SpeedTimeline.prefill_shape``, simulated since session 12; runs before it sampled no such
+sums and are refitted so whatever is asked).
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -75,10 +79,11 @@ def _path(name: str) -> Path:
 
 
 def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
-                 fetch_cost: str):
+                 fetch_cost: str, prefill_shape: str):
     """A policy's speed timeline refitted from the counters its replay sampled, with the token
     and arrival costs as asked (a run that sampled no such sums refuses the token cost asked),
-    and with the cycles that fetched on a miss where asked and sampled."""
+    and with the cycles that fetched on a miss and the prompt steps' shape where asked and
+    sampled."""
     from emoe.core.profile import load_profile
     from emoe.sim.speed import SpeedTimeline
 
@@ -105,11 +110,16 @@ def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
             "fetch_cycle_s", "fetch_cycle_profiled_s", "fetch_cycle_fetched",
             "fetch_cycle_arrivals", "prefill_fetch_cycle_s", "prefill_fetch_cycle_profiled_s",
             "prefill_fetch_cycle_fetched", "prefill_fetch_cycle_arrivals")]
+    segments = None
+    if prefill_shape == "measured" and "prefill_shape" in speed:
+        segments = (speed["prefill_shape"]["tokens"], samples["prefill_segment_cycle_s"],
+                    samples["prefill_segment_cycle_profiled_s"])
     return SpeedTimeline.from_samples(
         samples["t"], samples["cycle_s"], samples["cycle_profiled_s"],
         samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
         token_floor_s=floor, arrivals=arrivals, fetches=fetches,
-        fetch_fallback_s=simulated_fetch_s(None, _compute_fetch(speed)))
+        fetch_fallback_s=simulated_fetch_s(None, _compute_fetch(speed)),
+        prefill_segments=segments)
 
 
 def _compute_fetch(speed: dict) -> float | None:
@@ -124,10 +134,10 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
 
-    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost = job
+    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost, shape = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
-    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost)
+    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost, shape)
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
     routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
@@ -244,6 +254,10 @@ def main() -> int:
                         help="a fetch on a miss: fitted from the replay's cycles that fetched, "
                              "which then count towards the speeds (as the run simulated, where "
                              "it sampled them), or its cost in the engine's compute")
+    parser.add_argument("--prefill-shape", choices=("measured", "none"), default="measured",
+                        help="prompt steps by their tokens against the profile's table: as "
+                             "the replay's cycles ran (as the run simulated, where it sampled "
+                             "them), or none")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
@@ -253,7 +267,7 @@ def main() -> int:
     settings = args.scatter.split(",")
     draws = list(range(args.draws))
     jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
-             args.token_cost, args.arrival_cost, args.fetch_cost)
+             args.token_cost, args.arrival_cost, args.fetch_cost, args.prefill_shape)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -291,7 +305,7 @@ def main() -> int:
     results["measured_sampling_error"] = noise
     name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
         ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"),
-        ("fetch", args.fetch_cost, "cycles"))
+        ("fetch", args.fetch_cost, "cycles"), ("shape", args.prefill_shape, "measured"))
         if value != default) + ".json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0

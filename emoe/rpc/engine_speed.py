@@ -33,6 +33,14 @@ line of a window's cycles on their tokens needs, beside its model (``SpeedTimeli
 ``decode_token_s``). A window's one speed scales a cycle's whole model; as served, a bigger
 decode batch cost more than that.
 
+The cycles of steps that ran a prompt chunk are also summed by the step's prompt tokens, in the
+segments of the profile's step table (``prefill_segment_*``; segment i holds steps of more than
+``tokens[i - 1]`` and up to ``tokens[i]`` prompt tokens, the last one those past the table):
+against the run's prefill cycles they say how far the table's shape is off as served
+(``emoe.sim.speed.PrefillShape``). A table measured in one minute of a machine whose speed
+wanders carries each point's own minute (in fifteen profiles of one VM its 256-token point ran
+0.94-1.41x its 192-token one).
+
 Cycles in which the loop accepted new requests (their Generate handlers and the hand-over to
 the scheduler run in the loop's interpreter, before the next step) are summed apart too, with
 the requests they accepted (``arrival_*``; ``prefill_arrivals``: of those, in cycles of steps
@@ -53,6 +61,7 @@ fetch cost the loop and the speed of every cycle (``SpeedTimeline.fetch_s``).
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -103,13 +112,22 @@ class EngineSpeed:
     prefill_fetch_cycle_profiled_s: float = 0.0
     prefill_fetch_cycle_fetched: int = 0
     prefill_fetch_cycle_arrivals: int = 0
-    # the last step's start, its modelled cycle, whether it ran a prompt chunk, the tokens it
-    # streamed and the experts it fetched on a miss, while the loop goes straight on from it
-    _open: tuple[float, float, bool, int, int] | None = field(default=None, repr=False)
+    prefill_segment_tokens: tuple[int, ...] = field(init=False)
+    prefill_segment_cycle_s: list[float] = field(init=False)
+    prefill_segment_cycle_profiled_s: list[float] = field(init=False)
+    # the last step's start, its modelled cycle, its prompt tokens, the tokens it streamed and
+    # the experts it fetched on a miss, while the loop goes straight on from it
+    _open: tuple[float, float, int, int, int] | None = field(default=None, repr=False)
     # the last cycle counted, its kind and log ratio, while the loop went straight on after it
     _last: tuple[bool, float] | None = field(default=None, repr=False)
     # requests the loop accepted during the open cycle
     _accepted: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prefill_segment_tokens = tuple(self.steps.tokens)
+        segments = len(self.prefill_segment_tokens) + 1
+        self.prefill_segment_cycle_s = [0.0] * segments
+        self.prefill_segment_cycle_profiled_s = [0.0] * segments
 
     def profiled(self, plan: StepPlan, context_tokens: int) -> float:
         """The profile's compute for ``plan`` as one step whose decodes attend
@@ -137,11 +155,11 @@ class EngineSpeed:
                 started: float) -> None:
         """A step that started at ``started`` (monotonic seconds) and ran ``result``."""
         if self._open is not None:
-            opened, modelled, prefill, streamed, fetched = self._open
+            opened, modelled, prompt, streamed, fetched = self._open
             if fetched:
-                self._close_fetch(started - opened, modelled, prefill, fetched)
+                self._close_fetch(started - opened, modelled, bool(prompt), fetched)
             else:
-                self._close(started - opened, modelled, prefill, streamed)
+                self._close(started - opened, modelled, prompt, streamed)
             self._open = None
         self._accepted = 0
         if result.compute_s <= 0 or result.iterations != 1:
@@ -161,11 +179,12 @@ class EngineSpeed:
             self.profiled_s += profiled
         if self.serving is not None:
             streamed = sum(o.new_tokens for o in result.outputs)
-            self._open = (started, self.serving.cycle_s(profiled, streamed), bool(plan.prefill),
-                          streamed, fetched)
+            self._open = (started, self.serving.cycle_s(profiled, streamed),
+                          sum(c.num_tokens for c in plan.prefill), streamed, fetched)
 
-    def _close(self, cycle_s: float, modelled: float, prefill: bool, streamed: int) -> None:
-        """Counts a cycle whose step fetched nothing."""
+    def _close(self, cycle_s: float, modelled: float, prompt: int, streamed: int) -> None:
+        """Counts a cycle whose step fetched nothing and ran ``prompt`` prompt tokens."""
+        prefill = prompt > 0
         self.cycles += 1
         self.cycle_s += cycle_s
         self.cycle_profiled_s += modelled
@@ -180,6 +199,9 @@ class EngineSpeed:
             self.prefill_cycles += 1
             self.prefill_cycle_s += cycle_s
             self.prefill_cycle_profiled_s += modelled
+            segment = bisect.bisect_left(self.prefill_segment_tokens, prompt)
+            self.prefill_segment_cycle_s[segment] += cycle_s
+            self.prefill_segment_cycle_profiled_s[segment] += modelled
         else:
             self.decode_streamed += streamed
             self.decode_streamed_sq += streamed * streamed

@@ -274,7 +274,8 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
     timeline, scatter, decode_token_s = _timeline(samples, token_s,
-                                                  simulated_fetch_s(None, fetch))
+                                                  simulated_fetch_s(None, fetch),
+                                                  tuple(speed_after.prefill_segment_tokens))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
@@ -298,9 +299,15 @@ loop accepted and the cycles it accepted them in, then the cycles of steps that 
 miss (of those with a prompt chunk apart)."""
 
 
-def _speed_sample(t: float, speed) -> tuple[float, ...]:
+_SEGMENTS = ("prefill_segment_cycle_s", "prefill_segment_cycle_profiled_s")
+"""GetStats ``engine_speed`` sums of the prompt steps' cycles by segment of the profile's table,
+sampled too (a list each, after ``_SAMPLED``)."""
+
+
+def _speed_sample(t: float, speed) -> tuple:
     """The loop's cycle counters (GetStats ``engine_speed``) at ``t``."""
-    return (t,) + tuple(getattr(speed, name) for name in _SAMPLED)
+    return ((t,) + tuple(getattr(speed, name) for name in _SAMPLED)
+            + tuple(list(getattr(speed, name)) for name in _SEGMENTS))
 
 
 async def _sample_speed(client, began: float, samples: list) -> None:
@@ -311,10 +318,12 @@ async def _sample_speed(client, began: float, samples: list) -> None:
                                      (await client.stats()).engine_speed))
 
 
-def _timeline(samples: list, token_s: float, fetch_s: float | None
+def _timeline(samples: list, token_s: float, fetch_s: float | None,
+              segment_tokens: tuple[int, ...] = ()
               ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None]:
-    """The loop's speed window by window with its work per request accepted and what a fetch
-    on a miss cost it (``fetch_s`` where its cycles cannot tell), how its cycles scattered
+    """The loop's speed window by window with its work per request accepted, what a fetch
+    on a miss cost it (``fetch_s`` where its cycles cannot tell) and how its prompt steps ran
+    by their tokens against the table's points ``segment_tokens``, how its cycles scattered
     within the windows, and what a token streamed in a decode-only step cost beyond the profile
     (no less than the profile's ``token_s`` less), which is reported and not simulated
     (docs/fidelity.md, limit 16)."""
@@ -322,17 +331,19 @@ def _timeline(samples: list, token_s: float, fetch_s: float | None
 
     times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
     arrivals, fetches = sums[14:18], sums[18:26]
+    segments = (segment_tokens, *sums[26:28]) if len(sums) >= 28 else None
     fetch_modelled = fetches[1]
     if modelled[-1] <= modelled[0] and (fetch_s is None or fetch_modelled[-1] <= fetch_modelled[0]):
         return None, None, None  # a server without --profile: no cycles against a model
     timeline = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
                                           prefill_modelled, arrivals=arrivals, fetches=fetches,
-                                          fetch_fallback_s=fetch_s)
+                                          fetch_fallback_s=fetch_s, prefill_segments=segments)
     if modelled[-1] <= modelled[0]:
         return timeline, None, None  # every step fetched: no scatter nor token cost measured
     fitted = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
                                         prefill_modelled, decode_lines=sums[10:14],
-                                        token_floor_s=token_s, arrivals=arrivals)
+                                        token_floor_s=token_s, arrivals=arrivals,
+                                        prefill_segments=segments)
     return (timeline,
             StepScatter.from_samples(*sums[:5], cycles, modelled,
                                      prefill=(*sums[5:10], prefill_cycles, prefill_modelled)),
@@ -869,7 +880,10 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
                              "speeds": list(timeline.speeds),
                              "prefill_speeds": list(timeline.prefill_speeds or timeline.speeds),
                              "arrival_s": timeline.arrival_s, "fetch_s": timeline.fetch_s}
-        speed["samples"] = {"columns": ["t", *_SAMPLED], "rows": real.speed_samples}
+        speed["samples"] = {"columns": ["t", *_SAMPLED, *_SEGMENTS], "rows": real.speed_samples}
+        shape = timeline.prefill_shape
+        if shape is not None:
+            speed["prefill_shape"] = {"tokens": list(shape.tokens), "factors": list(shape.factors)}
         print(f"its speed sampled every {SPEED_SAMPLE_S:g} s: {timeline.describe()}",
               flush=True)
         if mode == "timeline":

@@ -399,9 +399,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServiceServicer):
                 total = stats.engine_speed
                 total.steps += speed.counted
                 for field in total.DESCRIPTOR.fields:  # the rest: EngineSpeed's own names
-                    if field.name != "steps":
-                        setattr(total, field.name,
-                                getattr(total, field.name) + getattr(speed, field.name))
+                    name = field.name
+                    if name == "prefill_segment_tokens":
+                        if not total.prefill_segment_tokens:  # every engine has one profile
+                            total.prefill_segment_tokens.extend(speed.prefill_segment_tokens)
+                    elif name.startswith("prefill_segment_"):
+                        summed = getattr(total, name)
+                        mine = getattr(speed, name)
+                        if not summed:
+                            summed.extend(mine)
+                        elif len(summed) == len(mine):
+                            summed[:] = [a + b for a, b in zip(summed, mine)]
+                    elif name != "steps":
+                        setattr(total, name, getattr(total, name) + getattr(speed, name))
         for t in self.metrics.tasks(None if caller.admin else caller.name):
             stats.tasks.append(pb.TaskStats(
                 task=t.task, submitted=t.submitted, finished=t.finished, aborted=t.aborted,

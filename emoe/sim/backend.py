@@ -169,7 +169,7 @@ class SimBackend:
                     prefill_pairs=pairs)
                 wait = self._load_wait(start, first, ready)
             serving = scatter * cost.serving_s(decode_tokens=decode, first_tokens=first_tokens,
-                                               iterations=iterations, prefill=bool(plan.prefill))
+                                               iterations=iterations, prefill_tokens=prefill)
             result.iterations = iterations
             result.compute_s = compute + wait  # as the engine times its forward pass
             result.load_wait_s = wait
@@ -289,7 +289,7 @@ class SimBackend:
             result.bytes_loaded += nbytes * sum(fetches.values())
             serving = scatter * self.cost.serving_s(
                 decode_tokens=decode, first_tokens=first_tokens if iteration == 0 else 0,
-                prefill=iteration == 0 and prefill > 0)
+                prefill_tokens=prefill if iteration == 0 else 0)
             t += compute + wait + serving
             compute_total += compute
             wait_total += wait

@@ -27,7 +27,8 @@ class CostModel:
 
     ``speed`` (with ``serving``): the machine ran that much slower than profiled, the
     engine's steps and every serving-path cost alike, all of them the one interpreter's work,
-    a step that runs a prompt chunk at the prefill speed, a decode-only step's every token
+    a step that runs a prompt chunk at the prefill speed (x its prompt size's factor in
+    ``speed.prefill_shape``, its serving path too), a decode-only step's every token
     streamed ``speed.decode_token_s`` beyond the profile's; ``at(now)`` sets the costs of the
     window ``now`` falls in.
 
@@ -47,6 +48,7 @@ class CostModel:
         self.steps = steps
         self.offload = offload
         self.speed = speed
+        self._shape = speed.prefill_shape
         self._served = self._served_prefill = None
         if serving is not None:
             decode = dataclasses.replace(serving,
@@ -116,8 +118,10 @@ class CostModel:
             first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0,
                                       prefill_pairs, prefill_chunks)
             rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
-            return self._prefill_scale * (first + rest + attention + handler)
-        scale = self._prefill_scale if prefill_tokens else self._scale
+            scale = self._prefill_scale * self._shape_of(prefill_tokens)
+            return scale * (first + rest + attention + handler)
+        scale = self._prefill_scale * self._shape_of(prefill_tokens) if prefill_tokens \
+            else self._scale
         return scale * (iterations * self._decode_iteration_s(decode_tokens, resident_experts)
                         + attention + self.hardware.prefill_s_per_token * prefill_tokens
                         + handler)
@@ -130,14 +134,22 @@ class CostModel:
         return self.offload.seconds(prefill_tokens, decode_tokens, iterations)
 
     def serving_s(self, *, decode_tokens: int, first_tokens: int = 0, iterations: int = 1,
-                  prefill: bool = False) -> float:
+                  prefill_tokens: int = 0) -> float:
         """What the serving path adds to ``iterations`` iterations streaming ``decode_tokens``
-        tokens each, plus ``first_tokens`` first tokens in the first one; ``prefill``: the
-        first runs a prompt chunk (then there is only one)."""
+        tokens each, plus ``first_tokens`` first tokens in the first one; ``prefill_tokens``:
+        the first runs that many prompt tokens (then there is only one)."""
         if self.serving is None:
             return 0.0
-        s = self._prefill_serving if prefill else self.serving
+        if prefill_tokens:
+            s = self._prefill_serving
+            return (self._shape_of(prefill_tokens)
+                    * (s.step_s + s.token_s * (decode_tokens + first_tokens)))
+        s = self.serving
         return iterations * (s.step_s + s.token_s * decode_tokens) + s.token_s * first_tokens
+
+    def _shape_of(self, prefill_tokens: int) -> float:
+        """A prompt step's factor for its prompt size (``speed.prefill_shape``)."""
+        return 1.0 if self._shape is None else self._shape.factor(prefill_tokens)
 
     def iterations_within(self, budget_s: float, *, decode_tokens: int, context_tokens: int,
                           resident_experts: int) -> int:

@@ -38,6 +38,12 @@ cycles against the window's decode-only cycles without a fetch, is what a fetch 
 their windows' speeds, of their kind. Without them an ``lru`` replay's prompt steps ran at the
 one overall speed of its decode-only steps, measured on the ~10% of them that fetched nothing.
 
+A prompt step's model comes from the profile's step table, whose points each carry the minute
+they were measured in; as served, the steps of one range of prompt sizes can run a few percent
+to 15% off the table against the others (``PrefillShape``, measured per table segment by the
+server): a timeline may carry that shape, by which every prompt step's time is scaled (and
+the windows' prefill speeds are taken against the model so shaped).
+
 Within a window the cycles still scatter (log sigma 0.13-0.36 per replay on the dev VMs), and
 that widens every tail: ``StepScatter`` draws each simulated step around its model as the
 server measured its cycles to scatter within the windows of the replay.
@@ -58,6 +64,62 @@ was mostly idle keeps close to the run's overall speed."""
 
 
 @dataclass(frozen=True, slots=True)
+class PrefillShape:
+    """How much slower than the run's prompt steps overall the steps of each range of prompt
+    tokens ran against their model: ``factors[i]`` for steps of more than ``tokens[i - 1]``
+    and up to ``tokens[i]`` prompt tokens (the profile's step table's points), the last one
+    for steps past the table."""
+
+    tokens: tuple[int, ...]
+    factors: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.factors) != len(self.tokens) + 1:
+            raise ConfigError(f"prefill shape: {len(self.factors)} factors for "
+                              f"{len(self.tokens)} table points (one more needed)")
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ConfigError(f"prefill shape: table points must ascend, got {self.tokens}")
+        for factor in self.factors:
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ConfigError(f"prefill shape: factors must be positive, got {factor!r}")
+
+    def factor(self, prompt_tokens: int) -> float:
+        """The factor of a step of ``prompt_tokens`` prompt tokens."""
+        return self.factors[bisect.bisect_left(self.tokens, prompt_tokens)]
+
+    @classmethod
+    def from_sums(cls, tokens: Sequence[int], cycle_s: Sequence[float],
+                  modelled_s: Sequence[float], prior_s: float = PRIOR_S) -> PrefillShape | None:
+        """From the run's prompt steps' cycles and their model summed by segment (a served
+        loop's ``prefill_segment_*`` over the run): each segment's ratio against the run's
+        overall one, shrunk towards 1 by ``prior_s`` of modelled time (a segment with few
+        steps keeps close to the table). None: no prompt step was counted."""
+        if len(cycle_s) != len(tokens) + 1 or len(modelled_s) != len(cycle_s):
+            raise ConfigError(f"prefill shape: {len(cycle_s)} and {len(modelled_s)} sums for "
+                              f"{len(tokens)} table points")
+        overall = _overall((0.0, sum(cycle_s)), (0.0, sum(modelled_s)), 0.0)
+        if overall <= 0:
+            return None
+        return cls(tuple(int(t) for t in tokens),
+                   tuple((max(0.0, c) + prior_s * overall) / (m + prior_s) / overall
+                         for c, m in zip(cycle_s, modelled_s)))
+
+    def shaped(self, segment_modelled_s: Sequence[Sequence[float]]) -> list[float]:
+        """What the factors add to the model, sample by sample, given each segment's
+        cumulative model (one sequence per segment)."""
+        return [sum((f - 1.0) * m for f, m in zip(self.factors, sample))
+                for sample in zip(*segment_modelled_s)]
+
+    def describe(self) -> str:
+        """The factors off 1 by half a percent or more, by their range of prompt tokens."""
+        bounds = [f"<={self.tokens[0]}"] + [f"{a + 1}-{b}" for a, b in
+                                             zip(self.tokens, self.tokens[1:])]
+        bounds.append(f">{self.tokens[-1]}")
+        off = [f"{b} x{f:.2f}" for b, f in zip(bounds, self.factors) if abs(f - 1.0) >= 0.005]
+        return ", ".join(off) if off else "all within 0.5% of the table"
+
+
+@dataclass(frozen=True, slots=True)
 class SpeedTimeline:
     """From ``starts[i]`` (seconds from the run's start; the first is 0) on, the engine and the
     serving path take ``speeds[i]`` x their profile's time; steps that run a prompt chunk
@@ -66,7 +128,8 @@ class SpeedTimeline:
     too), and the loop ``arrival_s`` (x ``speeds[i]``) per request it accepts while busy.
     ``fetch_s``: what an expert fetched on a miss cost the loop, with which the cycles that
     fetched counted towards the speeds (None: they did not); ``fetch_fitted``: whether it was
-    fitted from those cycles (else it was the cost given)."""
+    fitted from those cycles (else it was the cost given). ``prefill_shape``: a prompt step
+    also takes its prompt size's factor (None: 1)."""
 
     starts: tuple[float, ...]
     speeds: tuple[float, ...]
@@ -75,6 +138,7 @@ class SpeedTimeline:
     arrival_s: float = 0.0
     fetch_s: float | None = None
     fetch_fitted: bool = False
+    prefill_shape: PrefillShape | None = None
 
     def __post_init__(self) -> None:
         if not self.speeds or len(self.starts) != len(self.speeds):
@@ -113,6 +177,8 @@ class SpeedTimeline:
                      arrivals: Sequence[Sequence[float]] | None = None,
                      fetches: Sequence[Sequence[float]] | None = None,
                      fetch_fallback_s: float | None = None,
+                     prefill_segments: tuple[Sequence[int], Sequence[Sequence[float]],
+                                             Sequence[Sequence[float]]] | None = None,
                      prior_s: float = PRIOR_S) -> SpeedTimeline:
         """From cumulative counters sampled during a run: at ``times[i]`` (seconds from its
         start) the loop's cycles had summed ``cycle_s[i]`` against ``modelled_s[i]`` of their
@@ -144,7 +210,14 @@ class SpeedTimeline:
         ``prefill_fetch_cycle_*``). ``fetch_s`` is fitted from the decode-only ones
         (``_fetch_cost``; ``fetch_fallback_s`` where no window had both kinds of decode-only
         cycle) and each cycle that fetched counts towards its kind's speed, less its
-        fetches."""
+        fetches.
+
+        ``prefill_segments`` (with the prefill counters): the table's points, then at every
+        sample the prompt steps' cycles and their model by segment (a served loop's
+        ``prefill_segment_tokens``, ``prefill_segment_cycle_s`` and
+        ``prefill_segment_cycle_profiled_s``): the run's ``prefill_shape`` is then fitted
+        (``PrefillShape.from_sums``) and the windows' prefill speeds are taken against the
+        model so shaped."""
         columns = [times, cycle_s, modelled_s]
         kinds = prefill_cycle_s is not None and prefill_modelled_s is not None
         if kinds:
@@ -152,6 +225,12 @@ class SpeedTimeline:
         if len(times) < 2 or len({len(c) for c in columns}) != 1:
             raise ConfigError(f"engine speed: a timeline needs two or more samples of "
                               f"time, cycles and model alike, got {len(times)}")
+        shape = None
+        if kinds and prefill_segments is not None:
+            shape, added = _shape(*prefill_segments, len(times), prior_s)
+            if shape is not None:
+                modelled_s = _plus(modelled_s, added)
+                prefill_modelled_s = _plus(prefill_modelled_s, added)
         arrival_s = 0.0
         if arrivals is not None:
             if len(arrivals) != 4 or any(len(c) != len(times) for c in arrivals):
@@ -223,7 +302,7 @@ class SpeedTimeline:
                 prefill_speeds.append(_shrunk(*prefill, i, prefill_overall, prior_s))
         return cls(tuple(starts), tuple(speeds),
                    tuple(prefill_speeds) if prefill is not None else None, token_s,
-                   arrival_s, fetch_s, fetch_fitted)
+                   arrival_s, fetch_s, fetch_fitted, shape)
 
     def window(self, t: float) -> int:
         """The window that time ``t`` falls in."""
@@ -252,6 +331,9 @@ class SpeedTimeline:
         if self.fetch_s is not None:
             text += (f"; an expert fetched on a miss {self.fetch_s * 1e6:.0f} us "
                      f"({'fitted from the cycles that fetched' if self.fetch_fitted else 'given'})")
+        if self.prefill_shape is not None:
+            text += (f"; prompt steps by their tokens against the others, as served: "
+                     f"{self.prefill_shape.describe()}")
         return text
 
 
@@ -331,6 +413,23 @@ def _with_fetches(kind: tuple[Sequence[float], Sequence[float]],
 def _per_window(sums: Sequence[float]) -> tuple[float, ...]:
     """What a cumulative sum, sampled, added in each window between samples."""
     return tuple(b - a for a, b in zip(sums, sums[1:]))
+
+
+def _shape(tokens: Sequence[int], cycle_s: Sequence[Sequence[float]],
+           modelled_s: Sequence[Sequence[float]], samples: int, prior_s: float
+           ) -> tuple[PrefillShape | None, list[float]]:
+    """The run's prefill shape from the segments' sums at every sample, and what it adds to
+    the model at every sample (None and nothing: a run that summed no segments)."""
+    segments = len(tokens) + 1
+    if not tokens or len(cycle_s) != samples or len(modelled_s) != samples \
+            or any(len(c) != segments for c in (*cycle_s, *modelled_s)):
+        return None, []
+    shape = PrefillShape.from_sums(tokens, [b - a for a, b in zip(cycle_s[0], cycle_s[-1])],
+                                   [b - a for a, b in zip(modelled_s[0], modelled_s[-1])],
+                                   prior_s)
+    if shape is None:
+        return None, []
+    return shape, shape.shaped(list(zip(*modelled_s)))
 
 
 def _plus(a: Sequence[float], b: Sequence[float], times: float = 1.0) -> list[float]:

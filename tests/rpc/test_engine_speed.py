@@ -91,6 +91,31 @@ def test_cycles_of_steps_that_ran_a_prompt_chunk_are_also_summed_apart():
         pytest.approx(0.9)
 
 
+def test_prompt_step_cycles_are_summed_by_their_tokens_in_the_tables_segments():
+    """Segment i holds the prompt steps of more than tokens[i - 1] and up to tokens[i] prompt
+    tokens of the profile's table (1, 64, 256), the last one those past it."""
+    speed = EngineSpeed(STEPS, serving=SERVING)
+    assert speed.prefill_segment_tokens == (1, 64, 256)
+    decode = StepPlan(decode=["c"])
+    out = [RequestStepOutput("c", new_tokens=1)]
+    t, modelled = 0.0, {}
+    for prompt, multiple in ((64, 1.2), (65, 1.5), (300, 2.0), (50, 1.0)):
+        step = StepPlan(prefill=[PrefillChunk("p", 0, prompt)], decode=["c"])
+        speed.observe(step, StepResult(t, t, compute_s=1e-3, outputs=out), 10, t)
+        modelled[prompt] = speed.serving.cycle_s(speed.profiled(step, 10), 1)
+        t += multiple * modelled[prompt]
+        speed.observe(decode, StepResult(t, t, compute_s=1e-3, outputs=out), 10, t)
+        t += 0.01
+        speed.idle()
+    cycles, models = speed.prefill_segment_cycle_s, speed.prefill_segment_cycle_profiled_s
+    assert models == pytest.approx([0.0, modelled[64] + modelled[50], modelled[65],
+                                    modelled[300]])
+    assert cycles == pytest.approx([0.0, 1.2 * modelled[64] + modelled[50],
+                                    1.5 * modelled[65], 2.0 * modelled[300]])
+    assert sum(cycles) == pytest.approx(speed.prefill_cycle_s)
+    assert sum(models) == pytest.approx(speed.prefill_cycle_profiled_s)
+
+
 def test_each_cycles_log_ratio_is_summed_with_its_square_and_consecutive_products():
     """The sums the simulator's step scatter is measured from: log(cycle / model), its square
     and, over consecutive cycles of one kind, their product; a cycle of the other kind or

@@ -172,6 +172,13 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
     # the requests the loop accepted while busy (those that found it idle are not counted),
     # and what that cost it (simulated)
     assert 0 <= last["arrivals"] <= 4 and last["prefill_arrivals"] <= last["arrivals"]
+    # the prompt steps by their tokens in the table's segments, and the shape they give
+    segments = last["prefill_segment_cycle_profiled_s"]
+    assert sum(segments) == pytest.approx(last["prefill_cycle_profiled_s"])
+    shape = speed["prefill_shape"]
+    assert len(shape["factors"]) == len(shape["tokens"]) + 1 == len(segments)
+    assert shape["tokens"] == list(load_profile(profile).step_table.tokens)
+    assert "prompt steps by their tokens against the others, as served:" in printed
     assert timeline["arrival_s"] >= 0.0
     assert speed["decode_token_s"] >= -load_profile(profile).serving.token_s
     assert "beyond the profile's, as the cycles grew with their tokens" in printed

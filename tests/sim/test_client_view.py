@@ -255,7 +255,7 @@ def test_steps_that_run_a_prompt_chunk_at_their_own_speed(served):
                   iterations=3)
     assert kinds.cost.step_s(**prefill) == pytest.approx(2.0 * profiled.cost.step_s(**prefill))
     assert kinds.cost.step_s(**decode) == pytest.approx(1.5 * profiled.cost.step_s(**decode))
-    assert kinds.cost.serving_s(decode_tokens=2, first_tokens=1, prefill=True) == \
+    assert kinds.cost.serving_s(decode_tokens=2, first_tokens=1, prefill_tokens=8) == \
         pytest.approx(2.0 * profiled.cost.serving_s(decode_tokens=2, first_tokens=1))
     assert kinds.cost.serving_s(decode_tokens=2) == pytest.approx(
         1.5 * profiled.cost.serving_s(decode_tokens=2))
@@ -277,6 +277,64 @@ def test_a_speed_timeline_by_step_kind_from_sampled_counters():
     # the window without prefill steps keeps the prefill steps' overall speed
     assert timeline.prefill_speeds == pytest.approx((0.5 / 0.4, 0.5 / 0.4), rel=1e-2)
     assert "steps with a prompt chunk" in timeline.describe()
+
+
+def test_prompt_steps_take_their_prompt_sizes_factor(served):
+    """A timeline's ``prefill_shape``: a prompt step, its engine time and what the loop adds
+    to it, x the factor of its prompt tokens' segment of the table; decode-only steps keep
+    their speed."""
+    from emoe.sim.speed import PrefillShape, SpeedTimeline
+
+    _, kinds = build(dataclasses.replace(served, engine_speed=SpeedTimeline((0.0,), (1.5,),
+                                                                            (2.0,))))
+    shape = PrefillShape((1, 64), (1.0, 0.8, 1.3))
+    _, shaped = build(dataclasses.replace(served, engine_speed=SpeedTimeline(
+        (0.0,), (1.5,), (2.0,), prefill_shape=shape)))
+    for tokens, factor in ((8, 0.8), (64, 0.8), (65, 1.3)):
+        prefill = dict(prefill_tokens=tokens, decode_tokens=2, context_tokens=20,
+                       resident_experts=8)
+        assert shaped.cost.step_s(**prefill) == pytest.approx(factor * kinds.cost.step_s(**prefill))
+        assert shaped.cost.serving_s(decode_tokens=2, first_tokens=1, prefill_tokens=tokens) == \
+            pytest.approx(factor * kinds.cost.serving_s(decode_tokens=2, first_tokens=1,
+                                                        prefill_tokens=tokens))
+    decode = dict(prefill_tokens=0, decode_tokens=2, context_tokens=20, resident_experts=8,
+                  iterations=3)
+    assert shaped.cost.step_s(**decode) == pytest.approx(kinds.cost.step_s(**decode))
+    assert shaped.cost.serving_s(decode_tokens=2) == pytest.approx(
+        kinds.cost.serving_s(decode_tokens=2))
+
+
+def test_a_prefill_shape_from_sampled_segment_sums():
+    """Each segment's prompt steps against the run's prompt steps overall (shrunk towards 1
+    by the prior); the windows' prefill speeds are then taken against the model so shaped."""
+    from emoe.sim.speed import PrefillShape, SpeedTimeline
+
+    times = [0.0, 1.0, 2.0]
+    cycles, model = [0.0, 1.0, 2.0], [0.0, 0.8, 1.6]
+    prefill_cycles, prefill_model = [0.0, 0.6, 1.2], [0.0, 0.4, 0.8]
+    # by segment (up to 1, 2-64, more): window 1 mostly short prompts, window 2 mostly long
+    segment_cycles = [[0.0, 0.0, 0.0], [0.0, 0.2, 0.4], [0.0, 0.4, 0.8]]
+    segment_model = [[0.0, 0.0, 0.0], [0.0, 0.3, 0.1], [0.0, 0.4, 0.4]]
+    plain = SpeedTimeline.from_samples(times, cycles, model, prefill_cycles, prefill_model,
+                                       prior_s=1e-6)
+    assert plain.prefill_shape is None
+    assert plain.prefill_speeds == pytest.approx((1.5, 1.5), rel=1e-4)
+    timeline = SpeedTimeline.from_samples(times, cycles, model, prefill_cycles, prefill_model,
+                                          prefill_segments=((1, 64), segment_cycles,
+                                                            segment_model), prior_s=1e-6)
+    assert timeline.prefill_shape.tokens == (1, 64)
+    assert timeline.prefill_shape.factors == pytest.approx((1.0, 2 / 3, 4 / 3), rel=1e-4)
+    assert timeline.prefill_speeds == pytest.approx((0.6 / (1 / 3), 0.6 / (1.4 / 3)), rel=1e-4)
+    assert timeline.speeds == pytest.approx(plain.speeds, rel=1e-4)
+    assert "2-64 x0.67, >64 x1.33" in timeline.describe()
+    # a segment of 10 ms of model that ran 2x moves its factor by 9%, not 2x
+    few = PrefillShape.from_sums((1, 64), [0.0, 0.02, 0.5], [0.0, 0.01, 0.5], prior_s=0.1)
+    overall = 0.52 / 0.51
+    assert few.factors[1] == pytest.approx((0.02 + 0.1 * overall) / 0.11 / overall)
+    assert few.factors[1] < 1.1
+    assert PrefillShape.from_sums((1, 64), [0.0] * 3, [0.0] * 3) is None
+    with pytest.raises(ConfigError, match="3 factors for 3 table points"):
+        PrefillShape((1, 64, 128), (1.0, 1.0, 1.0))
 
 
 def test_steps_drawn_around_their_model(served):
@@ -442,8 +500,8 @@ def test_a_decode_token_cost_beyond_the_profile_is_served_by_decode_only_steps(s
         (0.0,), (1.5,), (2.0,), decode_token_s=4e-5)))
     assert costly.cost.serving_s(decode_tokens=3, iterations=2) == pytest.approx(
         plain.cost.serving_s(decode_tokens=3, iterations=2) + 1.5 * 2 * 3 * 4e-5)
-    assert costly.cost.serving_s(decode_tokens=3, first_tokens=1, prefill=True) == \
-        pytest.approx(plain.cost.serving_s(decode_tokens=3, first_tokens=1, prefill=True))
+    assert costly.cost.serving_s(decode_tokens=3, first_tokens=1, prefill_tokens=8) == \
+        pytest.approx(plain.cost.serving_s(decode_tokens=3, first_tokens=1, prefill_tokens=8))
     decode = dict(prefill_tokens=0, decode_tokens=3, context_tokens=20, resident_experts=8)
     assert costly.cost.step_s(**decode) == pytest.approx(plain.cost.step_s(**decode))
 
