@@ -23,7 +23,7 @@ and receives nothing. Replay freezes the objects its process holds when it start
 (``gc.freeze``), so that no full garbage collection scans them mid-replay (one took 130-415
 ms in a process with torch and pandas loaded, and every request in flight then received its
 tokens that much later), and it warns when it sent requests late. Every prompt is made before
-the clock starts (kept as 4-byte ids): made as the replay ran, the next request's prompt (up to
+the clock starts (as 4-byte ids): made as the replay ran, the next request's prompt (up to
 ~1 ms of task text and tokenizer) held up the event loop while the request just sent was on its
 way, and every request reached the server ~0.8 ms later (docs/fidelity.md, limit 12).
 """
@@ -34,17 +34,16 @@ import asyncio
 import gc
 import itertools
 import logging
-import random
 import sys
 import time
 import uuid
-from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import grpc
+import numpy as np
 
 from emoe.core.metrics import MetricsCollector, SystemCounters, format_summary
 from emoe.core.request import Request, RequestStatus
@@ -136,16 +135,16 @@ class RandomPrompts:
 
     def __init__(self, vocab_size: int, seed: int):
         self.high = max(vocab_size - 1, FIRST_NON_SPECIAL_ID)
-        self.rng = random.Random(seed)
+        self.rng = np.random.default_rng(seed)
 
-    def __call__(self, request: Request) -> list[int]:
-        return [self.rng.randint(FIRST_NON_SPECIAL_ID, self.high)
-                for _ in range(request.input_tokens)]
+    def __call__(self, request: Request) -> np.ndarray:
+        return self.rng.integers(FIRST_NON_SPECIAL_ID, self.high + 1, request.input_tokens,
+                                 dtype=np.uint32)
 
 
 class _Replay:
     def __init__(self, target: ReplayTarget, model: TargetModel, seed: int,
-                 prompts: Callable[[Request], list[int]] | None):
+                 prompts: Callable[[Request], Sequence[int]] | None):
         self.target = target
         self.model = model
         self.prompt = prompts or RandomPrompts(model.vocab_size, seed)
@@ -155,7 +154,7 @@ class _Replay:
 async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
                  metrics: MetricsCollector, seed: int = 0,
                  fit: ContextFit | None = None,
-                 prompts: Callable[[Request], list[int]] | None = None) -> float:
+                 prompts: Callable[[Request], Sequence[int]] | None = None) -> float:
     """Replays ``requests`` (arrival order); adds each to ``metrics`` as it ends. Returns the
     wall-clock seconds from the first send to the last answer. ``fit`` (default: ``reject``)
     fits the requests to the served model's context, which it is given here, and counts what
@@ -167,7 +166,7 @@ async def replay(requests: Iterable[Request], target: ReplayTarget | EmoeClient,
     fit.context = model.max_context or 0
     requests = list(fit(requests))
     run = _Replay(target, model, seed, prompts)
-    made = [array("I", run.prompt(request)) for request in requests]
+    made = [np.asarray(run.prompt(request), dtype=np.uint32) for request in requests]
     pending: set[asyncio.Task] = set()
     short = late = 0
     latest = 0.0
@@ -227,7 +226,7 @@ def check_trace(trace: Path, *, rate_scale: float = 1.0, limit: int | None = Non
 async def replay_file(trace: Path, target: ReplayTarget | EmoeClient, *,
                       rate_scale: float = 1.0, limit: int | None = None, seed: int = 0,
                       out: Path | None = None, fit: str = "reject",
-                      prompts: Callable[[Request], list[int]] | None = None) -> int:
+                      prompts: Callable[[Request], Sequence[int]] | None = None) -> int:
     """``emoe replay``: prints the summary table; writes per-request rows to ``out``; closes
     the target."""
     from emoe.core.workload import read_trace
