@@ -114,14 +114,13 @@ class CostModel:
         attention = self._per_context_token_s() * attended
         handler = self.handler_s(prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
                                  iterations=iterations)
+        scale = self._prefill_scale * self._shape_of(prefill_tokens) if prefill_tokens \
+            else self._scale
         if self.steps is not None and prefill_tokens:
             first = self.steps.step_s(prefill_tokens + decode_tokens, decode_tokens, 0,
                                       prefill_pairs, prefill_chunks)
             rest = (iterations - 1) * self._decode_iteration_s(decode_tokens, resident_experts)
-            scale = self._prefill_scale * self._shape_of(prefill_tokens)
             return scale * (first + rest + attention + handler)
-        scale = self._prefill_scale * self._shape_of(prefill_tokens) if prefill_tokens \
-            else self._scale
         return scale * (iterations * self._decode_iteration_s(decode_tokens, resident_experts)
                         + attention + self.hardware.prefill_s_per_token * prefill_tokens
                         + handler)

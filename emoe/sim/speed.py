@@ -97,7 +97,8 @@ class PrefillShape:
         if len(cycle_s) != len(tokens) + 1 or len(modelled_s) != len(cycle_s):
             raise ConfigError(f"prefill shape: {len(cycle_s)} and {len(modelled_s)} sums for "
                               f"{len(tokens)} table points")
-        overall = _overall((0.0, sum(cycle_s)), (0.0, sum(modelled_s)), 0.0)
+        modelled = sum(modelled_s)
+        overall = sum(cycle_s) / modelled if modelled > 0 else 0.0
         if overall <= 0:
             return None
         return cls(tuple(int(t) for t in tokens),
@@ -105,10 +106,10 @@ class PrefillShape:
                          for c, m in zip(cycle_s, modelled_s)))
 
     def shaped(self, segment_modelled_s: Sequence[Sequence[float]]) -> list[float]:
-        """What the factors add to the model, sample by sample, given each segment's
-        cumulative model (one sequence per segment)."""
+        """What the factors add to the model, sample by sample, given the segments'
+        cumulative model at each sample (one sequence of segments per sample)."""
         return [sum((f - 1.0) * m for f, m in zip(self.factors, sample))
-                for sample in zip(*segment_modelled_s)]
+                for sample in segment_modelled_s]
 
     def describe(self) -> str:
         """The factors off 1 by half a percent or more, by their range of prompt tokens."""
@@ -429,7 +430,7 @@ def _shape(tokens: Sequence[int], cycle_s: Sequence[Sequence[float]],
                                    prior_s)
     if shape is None:
         return None, []
-    return shape, shape.shaped(list(zip(*modelled_s)))
+    return shape, shape.shaped(modelled_s)
 
 
 def _plus(a: Sequence[float], b: Sequence[float], times: float = 1.0) -> list[float]:
