@@ -400,7 +400,11 @@ def compare(sims: list[Side], real: Side) -> dict:
     Several simulated draws (``--sim-draws``) give each number as its median over the draws,
     with each percentile's range over them (``sim_range``). Each measured percentile and the
     measured SLO attainment come with their 90% bootstrap interval over the measured requests
-    (``real_ci90``): how much of an error the measurement itself cannot tell from none."""
+    (``real_ci90``): how much of an error the measurement itself cannot tell from none.
+    ``sim_cdf_at_real`` says where each measured percentile lies in the simulated distribution
+    (the share of simulated requests at or below it): where a percentile sits on a flat stretch
+    of the distribution (a few requests held back for seconds), a few requests more or less move
+    its value by tens of percent while this moves by as many points."""
     import numpy as np
     from scipy.stats import ks_2samp
 
@@ -417,7 +421,7 @@ def compare(sims: list[Side], real: Side) -> dict:
         b = _values(real.rows, column)
         draws = [_values(sim.rows, column) for sim in sims]
         entry: dict = {"sim": {}, "real": {}, "rel_error": {}, "real_ci90": {},
-                       "count": {"sim": len(draws[0]), "real": len(b)}}
+                       "sim_cdf_at_real": {}, "count": {"sim": len(draws[0]), "real": len(b)}}
         ranges: dict = {}
         intervals = (_bootstrap(b, lambda x: np.percentile(x, [p for _, p in QUANTILES],
                                                            axis=-1)) if len(b) else None)
@@ -429,6 +433,8 @@ def compare(sims: list[Side], real: Side) -> dict:
             entry["real_ci90"][q] = (None if intervals is None else
                                      [float(intervals[0][i]), float(intervals[1][i])])
             ranges[q] = [min(at), max(at)] if at else None
+            entry["sim_cdf_at_real"][q] = (None if r is None else median(
+                [float(np.mean(a <= r)) for a in draws if len(a)]))
         if len(sims) > 1:
             entry["sim_range"] = ranges
         entry["ks"] = median([float(ks_2samp(a, b).statistic) for a in draws
@@ -548,6 +554,8 @@ def format_report(name: str, report: dict) -> str:
             cells.append(f"{_fmt(m['sim'][q], scale)} / {_fmt(m['real'][q], scale)} "
                          f"({_pct(m['rel_error'][q])})")
         cells.append(_fmt(m["ks"], digits=2))
+        cells.append("/".join("-" if m["sim_cdf_at_real"][q] is None else
+                              f"{100 * m['sim_cdf_at_real'][q]:.0f}" for q, _ in QUANTILES))
         rows.append(cells)
     slo, hit = report["slo_attainment"], report["hit_rate"]
     lines = [
@@ -555,7 +563,7 @@ def format_report(name: str, report: dict) -> str:
         f"finished and {report['rejected']['real']} rejected measured "
         f"({report['finished']['sim']} and {report['rejected']['sim']} simulated)",
         format_table(["metric", "p50 sim / real (err)", "p90 sim / real (err)",
-                      "p99 sim / real (err)", "KS"], rows),
+                      "p99 sim / real (err)", "KS", "measured at sim %"], rows),
         f"SLO attainment sim {_fmt(slo['sim'], 100, 1)}% real {_fmt(slo['real'], 100, 1)}% "
         f"({_fmt(slo['diff_points'], 1, 1)} points); goodput sim "
         f"{_fmt(report['goodput_rps']['sim'])} real {_fmt(report['goodput_rps']['real'])} req/s",

@@ -99,7 +99,7 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert name == "fcfs/all"
     for metric in ("ttft", "tpot", "e2e", "queueing"):
         entry = policy["metrics"][metric]
-        for side in ("sim", "real", "rel_error", "real_ci90"):
+        for side in ("sim", "real", "rel_error", "real_ci90", "sim_cdf_at_real"):
             assert set(entry[side]) == {"p50", "p90", "p99"}, (metric, side)
         for q, (low, high) in entry["real_ci90"].items():
             assert low <= entry["real"][q] <= high, (metric, q)
@@ -119,6 +119,13 @@ def test_fidelity_end_to_end_writes_the_report_with_every_key(profile, tmp_path,
     assert (admission["slowdown"]["sim"], admission["slowdown"]["real"]) == (None, None)
     assert (tmp_path / "out" / "cdf-fcfs-all.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "fcfs-all-real.csv").exists()
+    simulated = pd.read_csv(tmp_path / "out" / "fcfs-all-sim.csv")
+    for metric, column in (("ttft", "ttft_s"), ("e2e", "e2e_s")):  # where the measured lies
+        entry = policy["metrics"][metric]
+        for q, real in entry["real"].items():
+            share = float((simulated[column] <= real).mean())
+            assert entry["sim_cdf_at_real"][q] == pytest.approx(share), (metric, q)
+    assert "measured at sim %" in printed
 
 
 def test_at_the_served_speed_the_simulation_as_profiled_is_reported_beside(profile, tmp_path):
