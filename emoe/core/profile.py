@@ -122,6 +122,13 @@ class StepTimes:
     ``per_decode_s`` is what each decoding request adds over the base's token (its attention
     over its KV and its sampled row), ``per_context_token_s`` what each token of context a
     decode attends to adds; both are least-squares fits of decode steps (no attended pairs).
+
+    A decode-only step (T = D) costs ``decode_base(D) + per_context_token_s * C`` where the
+    profile measured decode steps by their batch (``decode_batches``, ``decode_base_s``: each
+    batch's steps less their context, interpolated between batches, past the last one its
+    last segment's slope): a decode of one request runs on a faster path than the one-prompt
+    table's token, and the line through the others misses both. Profiles without them cost
+    decode-only steps by the formula above.
     """
 
     tokens: tuple[int, ...]
@@ -131,6 +138,8 @@ class StepTimes:
     per_pair_s: float = 0.0
     per_chunk_s: float = 0.0
     beyond_s_per_token: float | None = None
+    decode_batches: tuple[int, ...] = ()
+    decode_base_s: tuple[float, ...] = ()
 
     def table(self, tokens: float) -> float:
         xs, ys = self.tokens, self.seconds
@@ -157,11 +166,22 @@ class StepTimes:
         """A step of ``tokens`` tokens, ``decode`` of them decodes over ``context`` tokens of
         context, the rest prefill chunks (``chunks`` of them) attending ``pairs`` pairs;
         ``pairs`` by default: the prefill tokens as one prompt from its start."""
+        if decode and tokens == decode and self.decode_batches:
+            return self.decode_base(decode) + self.per_context_token_s * context
         if pairs is None:
             pairs = _one_prompt(tokens - decode)
         return (self.base(tokens) + self.per_pair_s * pairs
                 + self.per_chunk_s * max(0, chunks - 1) + self.per_decode_s * decode
                 + self.per_context_token_s * context)
+
+
+    def decode_base(self, batch: int) -> float:
+        """A decode-only step of ``batch`` requests without its context (``decode_batches``
+        measured)."""
+        xs, ys = self.decode_batches, self.decode_base_s
+        if len(xs) > 1 and batch >= xs[-1]:
+            return _extrapolate(xs, ys, batch)
+        return float(np.interp(batch, xs, ys))
 
 
 def _one_prompt(tokens: float) -> float:
@@ -364,6 +384,9 @@ class EngineProfile:
                                  "per_chunk_s": self.step_table.per_chunk_s}
             if self.step_table.beyond_s_per_token is not None:
                 doc["step_table"]["beyond_s_per_token"] = self.step_table.beyond_s_per_token
+            if self.step_table.decode_batches:
+                doc["step_table"]["decode_batches"] = list(self.step_table.decode_batches)
+                doc["step_table"]["decode_base_s"] = list(self.step_table.decode_base_s)
         if self.serving is not None:
             doc["serving"] = dataclasses.asdict(self.serving)
         if self.offload is not None:
@@ -389,6 +412,23 @@ def fit_step_time(samples: "list[StepSample] | tuple[StepSample, ...]") -> dict[
 
 def write_profile(profile: EngineProfile, path: "str | Path") -> None:
     Path(path).write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+
+
+def _decode_table(path: Path, table: dict, number) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``step_table.decode_batches`` and ``decode_base_s``, validated (both absent: none)."""
+    batches, seconds = table.get("decode_batches"), table.get("decode_base_s")
+    if batches is None and seconds is None:
+        return (), ()
+    if not (isinstance(batches, list) and isinstance(seconds, list) and batches
+            and len(batches) == len(seconds)):
+        raise ConfigError(f"{path}: field 'step_table': 'decode_batches' and 'decode_base_s' "
+                          "must be lists of the same length, at least one entry")
+    xs = [int(number(f"step_table.decode_batches[{i}]", b, True)) for i, b in enumerate(batches)]
+    if xs[0] < 1 or any(b <= a for a, b in zip(xs, xs[1:])):
+        raise ConfigError(f"{path}: field 'step_table.decode_batches' must increase from 1 or "
+                          f"more, got {xs}")
+    return tuple(xs), tuple(number(f"step_table.decode_base_s[{i}]", v)
+                            for i, v in enumerate(seconds))
 
 
 def load_profile(path: "str | Path") -> EngineProfile:
@@ -506,7 +546,8 @@ def load_profile(path: "str | Path") -> EngineProfile:
             number("step_table.per_pair_s", table.get("per_pair_s", 0.0)),
             number("step_table.per_chunk_s", table.get("per_chunk_s", 0.0)),
             None if table.get("beyond_s_per_token") is None else
-            number("step_table.beyond_s_per_token", table["beyond_s_per_token"])))
+            number("step_table.beyond_s_per_token", table["beyond_s_per_token"]),
+            *_decode_table(path, table, number)))
     def costs(name: str, kind: type, defaults: dict[str, float] | None = None):
         """Section ``name`` as a ``kind`` of non-negative numbers, one per field; without
         ``defaults`` every field is required."""

@@ -6,8 +6,8 @@ default unless ``--threads``) and the server's KV slots (``--max-batch-size``). 
 - **engine steps** with every expert resident (the median of ``repeats`` runs each, fresh
   random prompts each run): steps of one prompt of N tokens over a grid of N (the
   ``step_table``: the kernels' crossovers make a straight line miss by 30-50% here), decode
-  steps over batch sizes and contexts (fitted as a cost per decode request and per context
-  token), prefill steps of several prompts and of chunks continuing a prompt (fitted as a
+  steps over batch sizes and contexts (fitted as a cost per context token and, decode-only
+  steps, a base per batch size; mixed steps a cost per decode request), prefill steps of several prompts and of chunks continuing a prompt (fitted as a
   cost per attended query-key pair, per extra prompt and per token past the table), and mixed
   steps (prefill + decodes) to check the model; all raw steps go to ``samples``, whose linear
   fit (of all but the multi-prompt steps) gives the scheduler its cost coefficients;
@@ -35,6 +35,7 @@ load average and how each number was obtained.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -225,7 +226,12 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
         rows.append((batch, attended))
         residual.append(t["d", batch, context] - prompts.base(batch))
     per_decode, per_context = _nonnegative_fit(rows, residual)
-    model = StepTimes(tokens, seconds, per_decode, per_context, per_pair, per_chunk, beyond)
+    line = StepTimes(tokens, seconds, per_decode, per_context, per_pair, per_chunk, beyond)
+    batches = tuple(sorted({batch for batch, _ in decodes}))
+    decode_base = tuple(statistics.median(t["d", b, c] - per_context * b * (c + 2)
+                                          for b, c in decodes if b == batch)
+                        for batch in batches)
+    model = dataclasses.replace(line, decode_batches=batches, decode_base_s=decode_base)
     samples += multi_samples
     model_errors, table_errors = [], []
     for s in multi_samples:
@@ -245,6 +251,12 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
              else "no multi-prompt steps measured")
     check += (f", mixed prefill+decode steps within {statistics.median(errors):.0%} "
               f"(median of {len(errors)})" if errors else ", no mixed steps measured")
+    if decodes:
+        by_batch, by_line = ([abs(m.step_s(b, b, b * (c + 2)) / t["d", b, c] - 1)
+                              for b, c in decodes] for m in (model, line))
+        check += (f", decode steps by their batch within {statistics.median(by_batch):.0%} "
+                  f"(median of {len(by_batch)}, the steps fitted; the line through them "
+                  f"{statistics.median(by_line):.0%})")
     return model, samples, check
 
 
@@ -531,7 +543,8 @@ def profile_model(model: MoEModel, name: str, device: torch.device | str = "cpu"
                     f"all experts resident, {dtype}; step_table from one-prompt steps, "
                     f"per-pair, per-chunk and past-the-table per-token costs fitted to "
                     f"multi-prompt steps, "
-                    f"per-decode and per-context costs fitted to decode steps; {check}; "
+                    f"per-decode and per-context costs fitted to decode steps, decode-only "
+                    f"steps by their batch; {check}; "
                     f"pcie bandwidth: copies of {COPY_FRACTIONS} x one expert "
                     f"({spec.expert_bytes} B) on the engine's copy stream"
                     + ("" if device.type == "cuda" else " (CPU: host memcpy, no PCIe)")
@@ -625,6 +638,9 @@ def run(args: argparse.Namespace) -> int:
             f"{table.per_pair_s * 1e9:.1f} ns, per extra prompt {table.per_chunk_s * 1e6:.0f} us"
           + ("" if table.beyond_s_per_token is None else
              f", past the table {table.beyond_s_per_token * 1e6:.1f} us per token")
+          + "; decode-only steps by their batch, context aside: "
+          + ", ".join(f"{b} {s * 1e3:.2f} ms" for b, s in zip(table.decode_batches,
+                                                              table.decode_base_s))
           + f"; copy "
             f"{profile.pcie_bandwidth_bytes_per_s / 1e9:.2f} GB/s, latency "
             f"{profile.pcie_latency_s * 1e6:.1f} us")

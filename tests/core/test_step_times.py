@@ -110,3 +110,21 @@ def test_the_fit_recovers_the_pair_chunk_and_past_the_table_costs_of_multi_promp
     assert fit_prompt_costs(table, within)[2] is None  # nothing measured past the table
     assert fit_prompt_costs(table, within)[:2] == pytest.approx((PER_PAIR, PER_CHUNK), rel=1e-6)
     assert fit_prompt_costs(table, []) == (0.0, 0.0, None)
+
+
+def test_decode_only_steps_cost_their_batch_and_mixed_steps_the_line():
+    line = measured_table()
+    steps = StepTimes(line.tokens, line.seconds, line.per_decode_s, line.per_context_token_s,
+                      line.per_pair_s, line.per_chunk_s, line.beyond_s_per_token,
+                      decode_batches=(1, 2, 4, 8), decode_base_s=(0.002, 0.003, 0.0036, 0.0044))
+    context = 300
+    # measured batches exactly, interpolated between them, past the last one its slope
+    assert steps.step_s(2, 2, context) == pytest.approx(0.003 + 1e-7 * context)
+    assert steps.step_s(3, 3, context) == pytest.approx(0.0033 + 1e-7 * context)
+    assert steps.step_s(16, 16, 0) == pytest.approx(0.0044 + 0.0008 / 4 * 8)
+    # a step with a prompt chunk keeps the line, and a profile without the table costs
+    # decode-only steps by the line too
+    assert prompts_s(steps, [(0, 64)], decode=2, context=context) == pytest.approx(
+        prompts_s(line, [(0, 64)], decode=2, context=context))
+    assert line.step_s(2, 2, context) == pytest.approx(
+        line.base(2) + 2 * line.per_decode_s + 1e-7 * context)

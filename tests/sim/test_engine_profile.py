@@ -59,7 +59,8 @@ def test_a_step_table_without_pair_and_chunk_costs_loads_and_costs_steps_as_one_
 
 
 def test_pair_chunk_costs_and_multi_prompt_samples_round_trip(tmp_path):
-    steps = StepTimes((1, 64, 255), (0.002, 0.006, 0.02), 1e-4, 1e-7, 2e-7, 8e-4, 4e-5)
+    steps = StepTimes((1, 64, 255), (0.002, 0.006, 0.02), 1e-4, 1e-7, 2e-7, 8e-4, 4e-5,
+                      (1, 2, 8), (0.0015, 0.0024, 0.003))
     samples = (StepSample(128, 0, 0, 0.009), StepSample(0, 4, 100, 0.003),
                StepSample(750, 0, 0, 0.03, ((0, 250),) * 3), StepSample(63, 0, 0, 0.008,
                                                                      ((192, 63),)),
@@ -92,6 +93,13 @@ def test_pair_chunk_costs_and_multi_prompt_samples_round_trip(tmp_path):
     ({"format": "emoe-engine-profile", "version": 1, "step_table": {
         "tokens": [1], "seconds": [0.01], "per_decode_s": 0, "per_context_token_s": 0,
         "per_pair_s": -1}}, "field 'step_table.per_pair_s'"),
+    ({"format": "emoe-engine-profile", "version": 1, "step_table": {
+        "tokens": [1], "seconds": [0.01], "per_decode_s": 0, "per_context_token_s": 0,
+        "decode_batches": [1, 4]}}, "'decode_batches' and 'decode_base_s' must be lists"),
+    ({"format": "emoe-engine-profile", "version": 1, "step_table": {
+        "tokens": [1], "seconds": [0.01], "per_decode_s": 0, "per_context_token_s": 0,
+        "decode_batches": [4, 2], "decode_base_s": [0.01, 0.02]}},
+     r"'step_table.decode_batches' must increase from 1 or more, got \[4, 2\]"),
     ({"format": "emoe-engine-profile", "version": 1,
       "offload": {"step_s": 1e-4, "decode_s": -1e-6, "prefill_token_s": 0}},
      "field 'offload.decode_s': -1e-06 is not a non-negative number"),
