@@ -174,7 +174,6 @@ class StepTimes:
                 + self.per_chunk_s * max(0, chunks - 1) + self.per_decode_s * decode
                 + self.per_context_token_s * context)
 
-
     def decode_base(self, batch: int) -> float:
         """A decode-only step of ``batch`` requests without its context (``decode_batches``
         measured)."""

@@ -6,8 +6,9 @@ default unless ``--threads``) and the server's KV slots (``--max-batch-size``). 
 - **engine steps** with every expert resident (the median of ``repeats`` runs each, fresh
   random prompts each run): steps of one prompt of N tokens over a grid of N (the
   ``step_table``: the kernels' crossovers make a straight line miss by 30-50% here), decode
-  steps over batch sizes and contexts (fitted as a cost per context token and, decode-only
-  steps, a base per batch size; mixed steps a cost per decode request), prefill steps of several prompts and of chunks continuing a prompt (fitted as a
+  steps over batch sizes and contexts (fitted as a cost per context token and, for
+  decode-only steps, a base per batch size; for mixed steps a cost per decode request),
+  prefill steps of several prompts and of chunks continuing a prompt (fitted as a
   cost per attended query-key pair, per extra prompt and per token past the table), and mixed
   steps (prefill + decodes) to check the model; all raw steps go to ``samples``, whose linear
   fit (of all but the multi-prompt steps) gives the scheduler its cost coefficients;
