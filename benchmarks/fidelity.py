@@ -181,8 +181,7 @@ def goal_cells(reports: dict) -> tuple[list[str], list[list[str]], dict]:
         unresolved: dict[str, int] = {}
 
         def untold(cell: str, hit: bool, sim, interval) -> None:
-            if not hit and sim is not None and interval is not None \
-                    and interval[0] <= sim <= interval[1]:
+            if not hit and _inside(sim, interval):
                 unresolved[cell] = unresolved.get(cell, 0) + 1
 
         for doc in reports.values():
@@ -245,10 +244,12 @@ def misses(reports: dict) -> list[str]:
 
 
 def _told(sim: float | None, interval) -> str:
-    if interval is None or sim is None:
-        return ""
-    inside = interval[0] <= sim <= interval[1]
-    return ", inside the measured 90% interval" if inside else ""
+    return ", inside the measured 90% interval" if _inside(sim, interval) else ""
+
+
+def _inside(sim: float | None, interval) -> bool:
+    """Whether a simulated value lies in the measured one's 90% interval (``real_ci90``)."""
+    return sim is not None and interval is not None and interval[0] <= sim <= interval[1]
 
 
 def _load(values) -> str:

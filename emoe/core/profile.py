@@ -413,21 +413,20 @@ def write_profile(profile: EngineProfile, path: "str | Path") -> None:
     Path(path).write_text(json.dumps(profile.to_json(), indent=2) + "\n")
 
 
-def _decode_table(path: Path, table: dict, number) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """``step_table.decode_batches`` and ``decode_base_s``, validated (both absent: none)."""
-    batches, seconds = table.get("decode_batches"), table.get("decode_base_s")
-    if batches is None and seconds is None:
-        return (), ()
-    if not (isinstance(batches, list) and isinstance(seconds, list) and batches
-            and len(batches) == len(seconds)):
-        raise ConfigError(f"{path}: field 'step_table': 'decode_batches' and 'decode_base_s' "
-                          "must be lists of the same length, at least one entry")
-    xs = [int(number(f"step_table.decode_batches[{i}]", b, True)) for i, b in enumerate(batches)]
-    if xs[0] < 1 or any(b <= a for a, b in zip(xs, xs[1:])):
-        raise ConfigError(f"{path}: field 'step_table.decode_batches' must increase from 1 or "
-                          f"more, got {xs}")
-    return tuple(xs), tuple(number(f"step_table.decode_base_s[{i}]", v)
-                            for i, v in enumerate(seconds))
+def _table_points(path: Path, table: dict, xs_name: str, ys_name: str, number,
+                  least: int = 0) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """``step_table``'s lists ``xs_name`` (increasing whole numbers, from ``least``) and
+    ``ys_name`` (non-negative, as many), validated."""
+    xs_raw, ys_raw = table.get(xs_name), table.get(ys_name)
+    if not (isinstance(xs_raw, list) and isinstance(ys_raw, list) and xs_raw
+            and len(xs_raw) == len(ys_raw)):
+        raise ConfigError(f"{path}: field 'step_table': '{xs_name}' and '{ys_name}' must be "
+                          "lists of the same length, at least one entry")
+    xs = [int(number(f"step_table.{xs_name}[{i}]", x, True)) for i, x in enumerate(xs_raw)]
+    if xs[0] < least or any(b <= a for a, b in zip(xs, xs[1:])):
+        bound = f" from {least} or more" if least else ""
+        raise ConfigError(f"{path}: field 'step_table.{xs_name}' must increase{bound}, got {xs}")
+    return tuple(xs), tuple(number(f"step_table.{ys_name}[{i}]", y) for i, y in enumerate(ys_raw))
 
 
 def load_profile(path: "str | Path") -> EngineProfile:
@@ -530,23 +529,18 @@ def load_profile(path: "str | Path") -> EngineProfile:
         profile = dataclasses.replace(profile, engine=EngineSetup(**values))
     table = section("step_table")
     if table:
-        tokens, seconds = table.get("tokens"), table.get("seconds")
-        if not (isinstance(tokens, list) and isinstance(seconds, list) and tokens
-                and len(tokens) == len(seconds)):
-            raise ConfigError(f"{path}: field 'step_table': 'tokens' and 'seconds' must be lists "
-                              "of the same length, at least one entry")
-        xs = [int(number(f"step_table.tokens[{i}]", t, True)) for i, t in enumerate(tokens)]
-        if any(b <= a for a, b in zip(xs, xs[1:])):
-            raise ConfigError(f"{path}: field 'step_table.tokens' must increase, got {xs}")
+        decode = ((), ())  # profiles before session 13 have no decode table
+        if "decode_batches" in table or "decode_base_s" in table:
+            decode = _table_points(path, table, "decode_batches", "decode_base_s", number, 1)
         profile = dataclasses.replace(profile, step_table=StepTimes(
-            tuple(xs), tuple(number(f"step_table.seconds[{i}]", v) for i, v in enumerate(seconds)),
+            *_table_points(path, table, "tokens", "seconds", number),
             number("step_table.per_decode_s", table.get("per_decode_s")),
             number("step_table.per_context_token_s", table.get("per_context_token_s")),
             number("step_table.per_pair_s", table.get("per_pair_s", 0.0)),
             number("step_table.per_chunk_s", table.get("per_chunk_s", 0.0)),
             None if table.get("beyond_s_per_token") is None else
             number("step_table.beyond_s_per_token", table["beyond_s_per_token"]),
-            *_decode_table(path, table, number)))
+            *decode))
     def costs(name: str, kind: type, defaults: dict[str, float] | None = None):
         """Section ``name`` as a ``kind`` of non-negative numbers, one per field; without
         ``defaults`` every field is required."""
