@@ -52,6 +52,14 @@ def chunk_pairs(chunks: Iterable[PrefillChunk]) -> int:
     return sum(attended_pairs(c.start, c.num_tokens) for c in chunks)
 
 
+def decode_context(contexts: Sequence[int]) -> int:
+    """The context tokens a step's decodes attend as the engine computes them: one batched
+    attention whose every row is padded to the longest (``emoe.engine.kv_cache.StepBatch``),
+    so a batch of B decodes costs B x its longest context, not their sum; ``contexts``: each
+    decode's tokens, the one it adds included."""
+    return len(contexts) * max(contexts, default=0)
+
+
 @dataclass(frozen=True, slots=True)
 class StepSample:
     """One measured engine step. ``chunks``: its prefill chunks as (start, tokens), when they
@@ -121,7 +129,8 @@ class StepTimes:
     one falls, never below flat), so every step costs the table of its tokens.
     ``per_decode_s`` is what each decoding request adds over the base's token (its attention
     over its KV and its sampled row), ``per_context_token_s`` what each token of context a
-    decode attends to adds; both are least-squares fits of decode steps (no attended pairs).
+    decode attends to adds; both are least-squares fits of decode steps (no attended pairs)
+    of equal contexts, so C is the context as padded (``decode_context``).
 
     A decode-only step (T = D) costs ``decode_base(D) + per_context_token_s * C`` where the
     profile measured decode steps by their batch (``decode_batches``, ``decode_base_s``: each

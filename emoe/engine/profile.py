@@ -50,7 +50,7 @@ import numpy as np
 
 from emoe.core.plan import PrefillChunk, StepPlan
 from emoe.core.profile import (EngineProfile, EngineSetup, HandlerOverhead, StepSample,
-                               StepTimes, attended_pairs, fit_prompt_costs)
+                               StepTimes, attended_pairs, decode_context, fit_prompt_costs)
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -441,7 +441,7 @@ def measure_fetches(model: MoEModel, table: StepTimes, overhead: HandlerOverhead
                     t0 = time.perf_counter()
                     result = engine.execute(StepPlan(decode=rids))
                     seconds = time.perf_counter() - t0
-                    context = sum(engine.seqs[r].num_tokens for r in rids)
+                    context = decode_context([engine.seqs[r].num_tokens for r in rids])
                     extra.append(seconds - table.step_s(batch, batch, context))
                     fetched.append(len(result.fetched_on_miss))
                     handler.append(overhead.seconds(0, batch))

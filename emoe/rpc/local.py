@@ -30,6 +30,7 @@ from typing import Any
 
 from emoe.core.errors import ConfigError
 from emoe.core.plan import ExpertKey, StepPlan, StepResult
+from emoe.core.profile import decode_context
 from emoe.rpc.backend import BackendInfo, BackendUnavailable, SamplingParams
 from emoe.rpc.engine_speed import EngineSpeed
 from emoe.rpc.offload import OffloadConfig, engine_slots, miss_policy
@@ -216,7 +217,7 @@ class LocalEngineBackend:
         started = self._beat = time.monotonic()
         if self.speed is not None:  # what the decodes attend, before the step adds to it
             seqs = self._engine.seqs
-            context = sum(seqs[r].num_tokens for r in plan.decode if r in seqs)
+            context = decode_context([seqs[r].num_tokens for r in plan.decode if r in seqs])
         step = asyncio.wrap_future(self._thread.submit(self._engine.execute, plan))
         while not (await asyncio.wait((step,), timeout=WATCH_INTERVAL_S))[0]:
             now = time.monotonic()

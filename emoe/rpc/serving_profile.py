@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emoe.core.profile import EngineProfile, ServingCosts, StepTimes, chunk_pairs
+from emoe.core.profile import (EngineProfile, ServingCosts, StepTimes, chunk_pairs,
+                               decode_context)
 
 LONE_PROMPTS = (8, 32, 64, 128, 200)
 BATCHES = (1, 2, 4, 8, 12, 16)
@@ -131,7 +132,7 @@ class _Recorder:
             engine = backend._engine
             first = [c.request_id for c in plan.prefill
                      if c.start + c.num_tokens == len(engine.seqs[c.request_id].prompt)]
-            context = sum(engine.seqs[r].num_tokens for r in plan.decode)
+            context = decode_context([engine.seqs[r].num_tokens for r in plan.decode])
             tokens = sum(c.num_tokens for c in plan.prefill) + len(plan.decode)
             pairs = chunk_pairs(plan.prefill)
             start = time.monotonic()

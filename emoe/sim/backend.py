@@ -11,9 +11,10 @@ What a step costs, in order:
    layers before them and only the rest is a stall (``load_wait_s``);
 4. compute follows the cost model over prefill tokens, decode tokens and attended context
    (measured step times when a profile has them, there with the prefill chunks' count and
-   attended pairs, plus the expert handler's overhead when the policy serves through an
-   expert cache and the profile measured it), plus what the serving path adds per step and
-   per streamed token when the profile measured it;
+   attended pairs and the decodes' context padded to the longest as the engine computes it,
+   ``emoe.core.profile.decode_context``, plus the expert handler's overhead when the policy
+   serves through an expert cache and the profile measured it), plus what the serving path
+   adds per step and per streamed token when the profile measured it;
    a decode-only plan runs up to ``plan.iterations`` iterations at once, stopping after the
    iteration in which the next request arrives (the scheduler's bound already stops at the
    first iteration in which a request reaches its output length);
@@ -69,6 +70,13 @@ class SimBackend:
         self.live: dict[str, Request] = {}
         self._decode_ids: list[str] | None = None
         self._decode_slots = np.zeros(0, dtype=np.intp)
+        # the engine as profiled pads its decodes to the longest context (the presets' linear
+        # model attends their sum, the KV held): per decoding request its context less the
+        # iterations run, as every iteration adds one token to every decode
+        self._padded = steps is not None
+        self._iterations = 0
+        self._context_origin: dict[str, int] = {}
+        self._longest_origin = 0
         # layer l's compute ends (L - l) layer-times after it starts, when it waits for loads
         self._layers_left = np.arange(model.num_layers, 0, -1, dtype=np.float64)
 
@@ -85,6 +93,7 @@ class SimBackend:
         held = 0
         for request in requests:
             del self.live[request.id]
+            self._context_origin.pop(request.id, None)
             if request.generated_tokens > 1:
                 self._decode_routing[request.id] = self.routing.decode_counts(request)
             held += (request.input_tokens + request.generated_tokens - 1
@@ -132,16 +141,22 @@ class SimBackend:
         if plan.decode is not self._decode_ids:
             self._decode_ids = plan.decode
             self._decode_slots = _slots(slot_of, plan.decode)
+            if self._padded:
+                origin = self._context_origin
+                self._longest_origin = max((origin[r] for r in plan.decode), default=0)
         decode_slots = self._decode_slots
         decode = len(decode_slots)
-        context = memory.kv_tokens  # the KV held by running requests: what decodes attend to
+        if self._padded:  # every decode attends as many tokens as the longest
+            context = decode * (self._longest_origin + self._iterations)
+        else:  # the KV held by running requests
+            context = memory.kv_tokens
 
         first_tokens = len(completed)
         result = StepResult(started_at=now, finished_at=now, predictor_s=predictor_s)
         result.decode_routing, self._decode_routing = self._decode_routing, {}
         if self._lru is not None:
             self._fetch_on_miss_steps(plan, result, start, ready, next_arrival, prefill_slots,
-                                      prefill_tokens, pairs, decode_slots, first_tokens)
+                                      prefill_tokens, pairs, decode_slots, context, first_tokens)
         else:
             cost = self.cost
             iterations = 1 if plan.prefill else plan.iterations
@@ -177,6 +192,9 @@ class SimBackend:
             result.serving_s = serving / iterations
             result.finished_at = start + compute + wait + serving - result.serving_s
         memory.change(result.finished_at, kv_tokens=prefill + decode * result.iterations)
+        self._iterations += result.iterations
+        for request in completed:  # its first decode attends its prompt and first token
+            self._context_origin[request.id] = request.input_tokens + 1 - self._iterations
         result.bytes_loaded += len(plan.load) * model.expert_bytes
 
         for request in completed:
@@ -238,9 +256,10 @@ class SimBackend:
     def _fetch_on_miss_steps(self, plan: StepPlan, result: StepResult, start: float,
                              ready: np.ndarray | None, next_arrival: float,
                              prefill_slots: np.ndarray, prefill_tokens: np.ndarray,
-                             prefill_pairs: int, decode_slots: np.ndarray,
+                             prefill_pairs: int, decode_slots: np.ndarray, context: int,
                              first_tokens: int) -> None:
-        """Iteration by iteration: fetch touched experts that are missing, then compute.
+        """Iteration by iteration: fetch touched experts that are missing, then compute
+        (``context``: what the decodes attend in the first iteration).
 
         The result reports the step's net expert changes (an expert fetched and evicted again
         within the step appears in neither list), which is what the planner folds in.
@@ -281,7 +300,7 @@ class SimBackend:
             scatter = self._scatter(1, iteration == 0 and prefill > 0)
             compute = scatter * self.cost.step_s(
                 prefill_tokens=prefill if iteration == 0 else 0, decode_tokens=decode,
-                context_tokens=memory.kv_tokens + decode * iteration,
+                context_tokens=context + decode * iteration,
                 resident_experts=memory.experts, prefill_chunks=len(prefill_slots),
                 prefill_pairs=prefill_pairs if iteration == 0 else 0)
             wait = self._load_wait(t, compute, ready) + self._fetch_wait(t, compute, fetches)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+from emoe.core.profile import decode_context
 from emoe.engine import cpu_kernels
 from emoe.engine.config import MoEConfig
 from emoe.engine.kv_cache import SlotKVCache, StepBatch
@@ -132,3 +133,13 @@ def test_batched_decode_over_slot_layouts(slots, lengths):
         logits = model.forward_step(torch.stack([seq[-1] for seq in seqs]), batch.positions, batch)  # [3, V]
         for row, seq in enumerate(seqs):
             torch.testing.assert_close(logits[row], model(seq[None])[0, -1], atol=1e-5, rtol=0)
+
+
+def test_a_decode_batch_attends_its_longest_context_in_every_row():
+    """What the step models cost (``decode_context``) is what the batch computes."""
+    cache = SlotKVCache(CFG, 4, 32)
+    lengths = [5, 17, 9]  # tokens each decode attends, its own included
+    batch = StepBatch(cache, [(slot, n - 1) for slot, n in enumerate(lengths)], [], "cpu")
+    assert batch.num_decode * batch.context == decode_context(lengths) == 3 * 17
+    alone = StepBatch(cache, [(2, 8)], [], "cpu")
+    assert alone.num_decode * alone.context == decode_context([9]) == 9

@@ -56,6 +56,28 @@ def test_the_simulated_backend_charges_a_step_of_several_chunks_by_their_pairs(m
     assert (result.load_wait_s > 0) == (miss_mode is MissMode.FETCH)  # an empty cache fetches
 
 
+@pytest.mark.parametrize("miss_mode", [MissMode.NONE, MissMode.FETCH])
+def test_the_simulated_backend_pads_a_profiled_engines_decodes_to_the_longest(miss_mode):
+    """As the engine computes a decode batch: every decode attends the longest context."""
+    model = MODEL_PRESETS["mixtral-8x7b"]
+    backend = SimBackend(model=model, hardware=HW, memory_bytes=10**12,
+                         routing=SyntheticRouting(model, {}), miss_mode=miss_mode,
+                         slots_per_layer=np.full(model.num_layers, model.num_experts),
+                         steps=STEPS)
+    for request in (Request("long", 0.0, "qa", 200, 50, SLO(1.0, 0.1)),
+                    Request("short", 0.0, "qa", 20, 50, SLO(1.0, 0.1))):
+        backend.admit(request)
+    backend.execute(StepPlan(prefill=[PrefillChunk("long", 0, 200)]), now=0.0)
+    backend.execute(StepPlan(prefill=[PrefillChunk("short", 0, 20)], decode=["long"]), now=1.0)
+    result = backend.execute(StepPlan(decode=["long", "short"], iterations=3), now=2.0)
+    # the long prompt's first token, its decode in the step before, and this step's: 202
+    expected = sum(STEPS.step_s(2, 2, 2 * (202 + i)) for i in range(result.iterations))
+    assert result.iterations == 3
+    assert result.compute_s - result.load_wait_s == pytest.approx(expected)
+    summed = sum(STEPS.step_s(2, 2, 202 + 21 + 2 * i) for i in range(3))
+    assert expected > summed
+
+
 HANDLER = HandlerOverhead(step_s=2e-4, decode_s=5e-6, prefill_token_s=2e-6)
 COSTS = {"linear": lambda: CostModel(HW, MIXTRAL),
          "linear+handler": lambda: CostModel(HW, MIXTRAL, offload=HANDLER),
