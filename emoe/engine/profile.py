@@ -50,7 +50,8 @@ import numpy as np
 
 from emoe.core.plan import PrefillChunk, StepPlan
 from emoe.core.profile import (EngineProfile, EngineSetup, HandlerOverhead, StepSample,
-                               StepTimes, attended_pairs, decode_context, fit_prompt_costs)
+                               StepTimes, attended_pairs, fit_prompt_costs)
+from emoe.core.profile import decode_context as padded_context  # beside the grid of that name
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
     import torch
@@ -62,6 +63,13 @@ PREFILL_TOKENS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 DECODE_BATCH = (1, 2, 4, 8, 12, 16)
 DECODE_CONTEXT = (16, 64, 160)
 MIXED = ((64, 8, 64), (128, 4, 96), (32, 16, 32), (200, 2, 40))  # prefill, decodes, context
+# decode-only steps whose requests hold unequal contexts, as served: to check the model
+# of a batch padded to its longest context
+UNEQUAL_DECODES = ((16, 160), (16, 48, 96, 160), (24, 32, 40, 200),
+                   (16, 40, 64, 88, 112, 136, 160, 184), (16, 16, 16, 16, 16, 16, 16, 200))
+# what a timed decode of a prompt of c tokens attends at the median: c + its first token, + the
+# warm-up's and + the median run's of three (``_timed``)
+ATTENDED_BEYOND_PROMPT = 3
 # prefill-only steps of k prompts of n tokens, and of one chunk continuing a prompt: their
 # chunks as (start, tokens)
 MULTI_PROMPT = (*(((0, n),) * k for k, n in ((2, 32), (2, 128), (2, 250), (3, 64), (3, 250),
@@ -126,9 +134,11 @@ class _Steps:
         self.engine.add_request(rid, prompt, self._sampling)
         return rid
 
-    def prefilled(self, batch: int, context: int) -> list[str]:
-        rids = [self.add(context) for _ in range(batch)]
-        self.engine.execute(StepPlan(prefill=[PrefillChunk(r, 0, context) for r in rids]))
+    def prefilled(self, contexts: Sequence[int]) -> list[str]:
+        """Requests whose prompts of ``contexts`` tokens an untimed step ran."""
+        rids = [self.add(n) for n in contexts]
+        self.engine.execute(StepPlan(prefill=[PrefillChunk(r, 0, n)
+                                              for r, n in zip(rids, contexts)]))
         return rids
 
     def release(self, rids: Sequence[str]) -> None:
@@ -162,10 +172,10 @@ class _Steps:
             self.release([c.request_id for c in plan.prefill])
         return _timed(run, self.engine.device, self.repeats, setup)
 
-    def step(self, prefill: int, batch: int, context: int) -> float:
-        """A step of ``batch`` decodes at ``context`` tokens each (+ one ``prefill``-token
-        prompt when > 0)."""
-        rids = self.prefilled(batch, context)
+    def step(self, prefill: int, contexts: Sequence[int]) -> float:
+        """A step of decodes at ``contexts`` tokens each (+ one ``prefill``-token prompt when
+        > 0)."""
+        rids = self.prefilled(contexts)
 
         def run() -> None:
             new = [self.add(prefill)] if prefill else []
@@ -181,7 +191,8 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
                    decode_batch: Sequence[int] = DECODE_BATCH,
                    decode_context: Sequence[int] = DECODE_CONTEXT,
                    mixed: Sequence[tuple[int, int, int]] = MIXED,
-                   multi_prompt: Sequence[Sequence[tuple[int, int]]] = MULTI_PROMPT
+                   multi_prompt: Sequence[Sequence[tuple[int, int]]] = MULTI_PROMPT,
+                   unequal_decodes: Sequence[Sequence[int]] = UNEQUAL_DECODES
                    ) -> tuple[StepTimes, list[StepSample], str]:
     """The step model, the raw samples, and a line on how well the model predicts
     multi-prompt and mixed steps.
@@ -201,17 +212,21 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     mixes = [(p, b, c) for p, b, c in mixed if b <= slots - 1 and p < limit and c + 8 < limit]
     multis = [tuple(chunks) for chunks in multi_prompt
               if len(chunks) <= slots and all(start + n < limit for start, n in chunks)]
+    unequal = [tuple(contexts) for contexts in unequal_decodes
+               if len(contexts) <= slots and max(contexts) + 8 < limit]
     rounds: dict[tuple, list[float]] = {}
     for _ in range(repeats):
         for n in prefills:
             rounds.setdefault(("p", n), []).append(steps.prefill(n))
         for batch, context in decodes:
-            rounds.setdefault(("d", batch, context), []).append(steps.step(0, batch, context))
+            rounds.setdefault(("d", batch, context), []).append(steps.step(0, [context] * batch))
         for prefill, batch, context in mixes:
             rounds.setdefault(("m", prefill, batch, context), []).append(
-                steps.step(prefill, batch, context))
+                steps.step(prefill, [context] * batch))
         for chunks in multis:
             rounds.setdefault(("k", chunks), []).append(steps.prompts(chunks))
+        for contexts in unequal:
+            rounds.setdefault(("u", contexts), []).append(steps.step(0, contexts))
     t = {key: statistics.median(values) for key, values in rounds.items()}
     samples = [StepSample(n, 0, 0, t["p", n]) for n in prefills]
     tokens, seconds = tuple(prefills), tuple(t["p", n] for n in prefills)
@@ -222,14 +237,15 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     prompts = StepTimes(tokens, seconds, 0.0, 0.0, per_pair, per_chunk, beyond)
     rows, residual = [], []
     for batch, context in decodes:
-        attended = batch * (context + 2)  # the context grows by one per run of three
+        attended = batch * (context + ATTENDED_BEYOND_PROMPT)
         samples.append(StepSample(0, batch, attended, t["d", batch, context]))
         rows.append((batch, attended))
         residual.append(t["d", batch, context] - prompts.base(batch))
     per_decode, per_context = _nonnegative_fit(rows, residual)
     line = StepTimes(tokens, seconds, per_decode, per_context, per_pair, per_chunk, beyond)
     batches = tuple(sorted({batch for batch, _ in decodes}))
-    decode_base = tuple(statistics.median(t["d", b, c] - per_context * b * (c + 2)
+    seen = ATTENDED_BEYOND_PROMPT
+    decode_base = tuple(statistics.median(t["d", b, c] - per_context * b * (c + seen)
                                           for b, c in decodes if b == batch)
                         for batch in batches)
     model = dataclasses.replace(line, decode_batches=batches, decode_base_s=decode_base)
@@ -242,7 +258,7 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
         table_errors.append(abs(table.table(s.prefill_tokens) / s.seconds - 1))
     errors = []
     for prefill, batch, context in mixes:
-        attended = batch * (context + 2)
+        attended = batch * (context + ATTENDED_BEYOND_PROMPT)
         measured = t["m", prefill, batch, context]
         samples.append(StepSample(prefill, batch, attended, measured))
         errors.append(abs(model.step_s(prefill + batch, batch, attended) / measured - 1))
@@ -253,11 +269,20 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     check += (f", mixed prefill+decode steps within {statistics.median(errors):.0%} "
               f"(median of {len(errors)})" if errors else ", no mixed steps measured")
     if decodes:
-        by_batch, by_line = ([abs(m.step_s(b, b, b * (c + 2)) / t["d", b, c] - 1)
+        by_batch, by_line = ([abs(m.step_s(b, b, b * (c + ATTENDED_BEYOND_PROMPT)) / t["d", b, c] - 1)
                               for b, c in decodes] for m in (model, line))
         check += (f", decode steps by their batch within {statistics.median(by_batch):.0%} "
                   f"(median of {len(by_batch)}, the steps fitted; the line through them "
                   f"{statistics.median(by_line):.0%})")
+    if unequal:
+        seen = [[c + ATTENDED_BEYOND_PROMPT for c in cs] for cs in unequal]
+        padded, summed = ([abs(model.step_s(len(cs), len(cs), attended(s)) / t["u", cs] - 1)
+                           for cs, s in zip(unequal, seen)] for attended in (padded_context, sum))
+        samples += [StepSample(0, len(cs), padded_context(s), t["u", cs])
+                    for cs, s in zip(unequal, seen)]
+        check += (f", decode steps of unequal contexts within {statistics.median(padded):.0%} "
+                  f"as the engine pads them to the longest (median of {len(padded)}; by "
+                  f"their contexts' sum {statistics.median(summed):.0%})")
     return model, samples, check
 
 
@@ -318,7 +343,7 @@ def measure_handler(plain: Engine, handled: dict[int, Engine], repeats: int, run
     for _ in range(repeats):
         for shape in shapes:
             prompt, batch, context = shape
-            running = ({key: s.prefilled(batch, context) for key, s in steps.items()}
+            running = ({key: s.prefilled([context] * batch) for key, s in steps.items()}
                        if batch else {})
             for key in running:  # the first decode after a prefill: untimed
                 engines[key].execute(StepPlan(decode=running[key]))
@@ -436,12 +461,12 @@ def measure_fetches(model: MoEModel, table: StepTimes, overhead: HandlerOverhead
         engine.warm_up()
         for _ in range(repeats):
             for batch in (b for b in (1, 2, 4, 8, 16) if b <= engine.cache.num_slots):
-                rids = steps.prefilled(batch, 16)
+                rids = steps.prefilled([16] * batch)
                 for _ in range(3):
                     t0 = time.perf_counter()
                     result = engine.execute(StepPlan(decode=rids))
                     seconds = time.perf_counter() - t0
-                    context = decode_context([engine.seqs[r].num_tokens for r in rids])
+                    context = padded_context([engine.seqs[r].num_tokens for r in rids])
                     extra.append(seconds - table.step_s(batch, batch, context))
                     fetched.append(len(result.fetched_on_miss))
                     handler.append(overhead.seconds(0, batch))

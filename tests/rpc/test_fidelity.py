@@ -40,12 +40,14 @@ def test_profile_of_the_served_engine_has_every_section(profile, capsys):
     assert table.tokens[0] == 1 and table.tokens[-1] == 255 and all(s > 0 for s in table.seconds)
     assert table.decode_batches == (1, 2, 4, 8, 12, 16) and all(s > 0 for s in table.decode_base_s)
     decodes = [s for s in p.samples if s.decode_tokens and not s.prefill_tokens]
-    assert len(decodes) == 18  # every batch at three contexts: each batch's base is their median
+    assert len(decodes) == 18 + 5  # every batch at three contexts, then unequal contexts
+    decodes = decodes[:18]  # each batch's base is the median of its three
     for batch, base in zip(table.decode_batches, table.decode_base_s):
         at = sorted(s.seconds - table.per_context_token_s * s.context_tokens for s in decodes
                     if s.decode_tokens == batch)
         assert base == pytest.approx(at[1])
     assert "decode steps by their batch within" in p.provenance
+    assert "decode steps of unequal contexts within" in p.provenance
     assert p.serving is not None and p.serving.ingress_s > 0 and p.serving.egress_s >= 0
     assert p.predictor_s is not None and p.memory["expert_bytes"] == 3 * 128 * 256 * 4
     assert "load average" in p.provenance and "serving: one live serving session" in p.provenance
