@@ -195,7 +195,7 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
                    unequal_decodes: Sequence[Sequence[int]] = UNEQUAL_DECODES
                    ) -> tuple[StepTimes, list[StepSample], str]:
     """The step model, the raw samples, and a line on how well the model predicts
-    multi-prompt and mixed steps.
+    multi-prompt, mixed and unequal-context decode steps.
 
     Every grid point is measured once per round (the median of three runs) and ``repeats``
     rounds run one after another, each over the whole grid: on a shared machine a burst of
@@ -228,6 +228,7 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
         for contexts in unequal:
             rounds.setdefault(("u", contexts), []).append(steps.step(0, contexts))
     t = {key: statistics.median(values) for key, values in rounds.items()}
+    past_prompt = ATTENDED_BEYOND_PROMPT
     samples = [StepSample(n, 0, 0, t["p", n]) for n in prefills]
     tokens, seconds = tuple(prefills), tuple(t["p", n] for n in prefills)
     table = StepTimes(tokens, seconds, 0.0, 0.0)
@@ -237,15 +238,14 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     prompts = StepTimes(tokens, seconds, 0.0, 0.0, per_pair, per_chunk, beyond)
     rows, residual = [], []
     for batch, context in decodes:
-        attended = batch * (context + ATTENDED_BEYOND_PROMPT)
+        attended = batch * (context + past_prompt)
         samples.append(StepSample(0, batch, attended, t["d", batch, context]))
         rows.append((batch, attended))
         residual.append(t["d", batch, context] - prompts.base(batch))
     per_decode, per_context = _nonnegative_fit(rows, residual)
     line = StepTimes(tokens, seconds, per_decode, per_context, per_pair, per_chunk, beyond)
     batches = tuple(sorted({batch for batch, _ in decodes}))
-    seen = ATTENDED_BEYOND_PROMPT
-    decode_base = tuple(statistics.median(t["d", b, c] - per_context * b * (c + seen)
+    decode_base = tuple(statistics.median(t["d", b, c] - per_context * b * (c + past_prompt)
                                           for b, c in decodes if b == batch)
                         for batch in batches)
     model = dataclasses.replace(line, decode_batches=batches, decode_base_s=decode_base)
@@ -258,7 +258,7 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
         table_errors.append(abs(table.table(s.prefill_tokens) / s.seconds - 1))
     errors = []
     for prefill, batch, context in mixes:
-        attended = batch * (context + ATTENDED_BEYOND_PROMPT)
+        attended = batch * (context + past_prompt)
         measured = t["m", prefill, batch, context]
         samples.append(StepSample(prefill, batch, attended, measured))
         errors.append(abs(model.step_s(prefill + batch, batch, attended) / measured - 1))
@@ -269,13 +269,13 @@ def measure_engine(engine: Engine, repeats: int, prefill_tokens: Sequence[int] =
     check += (f", mixed prefill+decode steps within {statistics.median(errors):.0%} "
               f"(median of {len(errors)})" if errors else ", no mixed steps measured")
     if decodes:
-        by_batch, by_line = ([abs(m.step_s(b, b, b * (c + ATTENDED_BEYOND_PROMPT)) / t["d", b, c] - 1)
+        by_batch, by_line = ([abs(m.step_s(b, b, b * (c + past_prompt)) / t["d", b, c] - 1)
                               for b, c in decodes] for m in (model, line))
         check += (f", decode steps by their batch within {statistics.median(by_batch):.0%} "
                   f"(median of {len(by_batch)}, the steps fitted; the line through them "
                   f"{statistics.median(by_line):.0%})")
     if unequal:
-        seen = [[c + ATTENDED_BEYOND_PROMPT for c in cs] for cs in unequal]
+        seen = [[c + past_prompt for c in cs] for cs in unequal]
         padded, summed = ([abs(model.step_s(len(cs), len(cs), attended(s)) / t["u", cs] - 1)
                            for cs, s in zip(unequal, seen)] for attended in (padded_context, sum))
         samples += [StepSample(0, len(cs), padded_context(s), t["u", cs])
