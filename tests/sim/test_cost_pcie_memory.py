@@ -36,13 +36,17 @@ def test_measured_steps_cost_each_prefill_chunk_its_own_pairs():
     assert three < cost.step_s(**kw)  # by default: one prompt of 750 tokens
 
 
+def profiled_backend(miss_mode: MissMode) -> SimBackend:
+    """A simulated backend of Mixtral's shape with measured steps (``STEPS``)."""
+    return SimBackend(model=MIXTRAL, hardware=HW, memory_bytes=10**12,
+                      routing=SyntheticRouting(MIXTRAL, {}), miss_mode=miss_mode,
+                      slots_per_layer=np.full(MIXTRAL.num_layers, MIXTRAL.num_experts),
+                      steps=STEPS)
+
+
 @pytest.mark.parametrize("miss_mode", [MissMode.NONE, MissMode.FETCH])
 def test_the_simulated_backend_charges_a_step_of_several_chunks_by_their_pairs(miss_mode):
-    model = MODEL_PRESETS["mixtral-8x7b"]
-    backend = SimBackend(model=model, hardware=HW, memory_bytes=10**12,
-                         routing=SyntheticRouting(model, {}), miss_mode=miss_mode,
-                         slots_per_layer=np.full(model.num_layers, model.num_experts),
-                         steps=STEPS)
+    backend = profiled_backend(miss_mode)
     requests = [Request(f"r{i}", 0.0, "qa", n, 8, SLO(1.0, 0.1))
                 for i, n in enumerate((250, 250, 400))]
     for request in requests:
@@ -59,11 +63,7 @@ def test_the_simulated_backend_charges_a_step_of_several_chunks_by_their_pairs(m
 @pytest.mark.parametrize("miss_mode", [MissMode.NONE, MissMode.FETCH])
 def test_the_simulated_backend_pads_a_profiled_engines_decodes_to_the_longest(miss_mode):
     """As the engine computes a decode batch: every decode attends the longest context."""
-    model = MODEL_PRESETS["mixtral-8x7b"]
-    backend = SimBackend(model=model, hardware=HW, memory_bytes=10**12,
-                         routing=SyntheticRouting(model, {}), miss_mode=miss_mode,
-                         slots_per_layer=np.full(model.num_layers, model.num_experts),
-                         steps=STEPS)
+    backend = profiled_backend(miss_mode)
     for request in (Request("long", 0.0, "qa", 200, 50, SLO(1.0, 0.1)),
                     Request("short", 0.0, "qa", 20, 50, SLO(1.0, 0.1))):
         backend.admit(request)
