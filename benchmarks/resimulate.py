@@ -45,17 +45,41 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.fidelity import GOAL_POINTS, GOAL_REL  # noqa: E402
+from benchmarks.fidelity import GOAL_POINTS, GOAL_REL, draws_within_goal  # noqa: E402
 from emoe.rpc.fidelity import rank_pairs, resolved_pairs, simulated_fetch_s  # noqa: E402
 
 CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
 COLUMNS = {"ttft": "ttft_s", "e2e": "e2e_s"}
 
 
-def _scatter_of(setting: str, policy: dict):
-    """A sigma; ``measured``: the scatter the server measured in that replay; ``measured:mean``
-    and ``measured:median``: the same with the typical step where a draw of mean 1 puts it
-    (-sigma^2 / 2) or at its window's speed (0), instead of where it was measured."""
+def _samples(speed: dict, window: int) -> dict[str, tuple]:
+    """The counters a replay sampled, by column, keeping every ``window``-th sample (and the
+    last): the same cumulative sums read ``window`` times as seldom."""
+    rows = speed["samples"]["rows"]
+    kept = rows[::window] + ([rows[-1]] if (len(rows) - 1) % window else [])
+    return dict(zip(speed["samples"]["columns"], zip(*kept)))
+
+
+def _scatter_within(samples: dict[str, tuple]):
+    """The step scatter within the windows between these samples, as ``emoe fidelity`` fits
+    it from its own."""
+    from emoe.sim.speed import StepScatter
+
+    moments = ("log_sum", "log_sq_sum", "s", "lag_pairs", "lag_sum")
+    return StepScatter.from_samples(
+        *(samples[f"cycle{m}" if m == "s" else f"cycle_{m}"] for m in moments),
+        samples["cycle_s"], samples["cycle_profiled_s"],
+        prefill=(*(samples[f"prefill_cycle{m}" if m == "s" else f"prefill_cycle_{m}"]
+                   for m in moments),
+                 samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"]))
+
+
+def _scatter_of(setting: str, policy: dict, window: int = 1):
+    """A sigma; ``measured``: the scatter the server measured in that replay (within windows
+    of ``window`` samples: refitted from the samples where that is more than one);
+    ``measured:mean`` and ``measured:median``: the same with the typical step where a draw of
+    mean 1 puts it (-sigma^2 / 2) or at its window's speed (0), instead of where it was
+    measured."""
     import dataclasses
 
     from emoe.sim.speed import StepScatter
@@ -66,7 +90,8 @@ def _scatter_of(setting: str, policy: dict):
     measured = policy["engine_speed"].get("scatter")
     if measured is None:
         raise SystemExit("--scatter measured: this run recorded no scatter (before session 7)")
-    scatter = StepScatter(**measured)
+    scatter = (StepScatter(**measured) if window == 1 else
+               _scatter_within(_samples(policy["engine_speed"], window)))
     if centre:
         at = {"mean": None, "median": 0.0}[centre]
         scatter = dataclasses.replace(scatter, centre=at, prefill_centre=at)
@@ -79,15 +104,18 @@ def _path(name: str) -> Path:
 
 
 def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
-                 fetch_cost: str, prefill_shape: str):
+                 fetch_cost: str, prefill_shape: str, window: int = 1, prior_s: float | None = None):
     """A policy's speed timeline refitted from the counters its replay sampled, with the token
     and arrival costs as asked (a run that sampled no such sums refuses the token cost asked),
     and with the cycles that fetched on a miss and the prompt steps' shape where asked and
-    sampled."""
+    sampled; its windows ``window`` samples long, each shrunk towards the replay's speed by
+    ``prior_s`` (None: as ``emoe fidelity`` does)."""
     from emoe.core.profile import load_profile
     from emoe.sim.speed import SpeedTimeline
 
-    samples = dict(zip(speed["samples"]["columns"], zip(*speed["samples"]["rows"])))
+    from emoe.sim.speed import PRIOR_S
+
+    samples = _samples(speed, window)
 
     def sums(names: tuple[str, ...], option: str):
         if names[0] not in samples:
@@ -119,7 +147,7 @@ def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
         samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
         token_floor_s=floor, arrivals=arrivals, fetches=fetches,
         fetch_fallback_s=simulated_fetch_s(None, _compute_fetch(speed)),
-        prefill_segments=segments)
+        prefill_segments=segments, prior_s=PRIOR_S if prior_s is None else prior_s)
 
 
 def _compute_fetch(speed: dict) -> float | None:
@@ -134,10 +162,12 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
 
-    key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost, shape = job
+    (key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost, shape,
+     window, prior_s) = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
-    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost, shape)
+    engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost, shape,
+                                window, prior_s)
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
     routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
@@ -146,7 +176,7 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
                         _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
                         Path(tmp) / "sim.csv", routing, engine_speed,
                         simulated_fetch_s(engine_speed, _compute_fetch(speed)),
-                        _scatter_of(setting, policy), draw)
+                        _scatter_of(setting, policy, window), draw)
 
     def finite(column: str):
         values = side.rows[column].to_numpy(dtype=float)
@@ -210,6 +240,21 @@ def evaluate(docs: dict, sims: dict, setting: str, draws: list[int], resolved: d
     return out
 
 
+def draw_against_draws(docs: dict, sims: dict, setting: str, draws: list[int]) -> dict:
+    """Per goal metric, the cells ``draws_within_goal`` expects, of the policies without
+    ``lru`` and with it apart: what a simulator that modelled the replay exactly would meet,
+    as far as the step scatter alone moves the cells."""
+    met: dict[str, dict[str, float]] = {"without_lru": {}, "lru": {}}
+    for trace, doc in docs.items():
+        for name in doc["policies"]:
+            group = met["lru" if "lru" in name else "without_lru"]
+            for metric in [f"{m} {q}" for m, q in CELLS] + ["slo"]:
+                values = [sims[(trace, name, setting, d)][metric] for d in draws]
+                group[metric] = (group.get(metric, 0.0)
+                                 + draws_within_goal(values, points=metric == "slo"))
+    return met
+
+
 def sampling_error(docs: dict, run: Path, resamples: int = 1000) -> dict:
     """How much each measured percentile rests on the few requests around it: the median, over
     the policies without ``lru``, of the half-width of its 90% bootstrap interval relative to
@@ -258,8 +303,18 @@ def main() -> int:
                         help="prompt steps by their tokens against the profile's table: as "
                              "the replay's cycles ran (as the run simulated, where it sampled "
                              "them), or none")
+    parser.add_argument("--window", type=int, default=1,
+                        help="samples per speed window: 1 as the run sampled them, k to read "
+                             "the same counters k times as seldom")
+    parser.add_argument("--prior", type=float, default=None,
+                        help="seconds of modelled cycles each window's speed is shrunk towards "
+                             "the replay's by (default: emoe.sim.speed.PRIOR_S)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.window < 1:
+        raise SystemExit(f"--window: a whole number of samples, 1 or more, got {args.window}")
+    if args.prior is not None and not args.prior >= 0:
+        raise SystemExit(f"--prior: seconds, 0 or more, got {args.prior}")
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
             if "policies" in (doc := json.loads(path.read_text()))}
     if not docs:
@@ -267,7 +322,8 @@ def main() -> int:
     settings = args.scatter.split(",")
     draws = list(range(args.draws))
     jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
-             args.token_cost, args.arrival_cost, args.fetch_cost, args.prefill_shape)
+             args.token_cost, args.arrival_cost, args.fetch_cost, args.prefill_shape,
+             args.window, args.prior)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
@@ -299,13 +355,24 @@ def main() -> int:
     print(format_table(["step scatter", "draws", "policies", "TTFT p50", "TTFT p90", "E2E p50",
                         "E2E p90", "SLO", "pairs opposite (resolved by the measurement)"],
                        rows))
+    for setting in settings:
+        if len(draws) < 3 or setting == "0":
+            continue
+        ceiling = results[setting]["draw_against_draws"] = draw_against_draws(
+            docs, sims, setting, draws)
+        print(f"{setting}: one draw against the median of the other {len(draws) - 1}, cells "
+              f"within the goal (what the step scatter alone leaves of it): " + "; ".join(
+                  f"{group.replace('_', ' ')} " + ", ".join(
+                      f"{k.upper()} {v:.1f}" for k, v in cells.items())
+                  for group, cells in ceiling.items()))
     noise = sampling_error(docs, args.run)
     print("the measured percentiles' own sampling error (median half-width of a 90% bootstrap "
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
     name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
         ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"),
-        ("fetch", args.fetch_cost, "cycles"), ("shape", args.prefill_shape, "measured"))
+        ("fetch", args.fetch_cost, "cycles"), ("shape", args.prefill_shape, "measured"),
+        ("window", args.window, 1), ("prior", args.prior, None))
         if value != default) + ".json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0

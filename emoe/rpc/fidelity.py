@@ -398,7 +398,8 @@ def _bootstrap(values, statistic, seed: int = 0):
 def compare(sims: list[Side], real: Side) -> dict:
     """Per metric: p50/p90/p99 simulated and measured, relative errors, KS statistic; the rest.
     Several simulated draws (``--sim-draws``) give each number as its median over the draws,
-    with each percentile's range over them (``sim_range``). Each measured percentile and the
+    with each percentile's range over them (``sim_range``) and its value in each draw
+    (``sim_draws``, SLO attainment's too). Each measured percentile and the
     measured SLO attainment come with their 90% bootstrap interval over the measured requests
     (``real_ci90``): how much of an error the measurement itself cannot tell from none.
     ``sim_cdf_at_real`` says where each measured percentile lies in the simulated distribution
@@ -423,6 +424,7 @@ def compare(sims: list[Side], real: Side) -> dict:
         entry: dict = {"sim": {}, "real": {}, "rel_error": {}, "real_ci90": {},
                        "sim_cdf_at_real": {}, "count": {"sim": len(draws[0]), "real": len(b)}}
         ranges: dict = {}
+        per_draw: dict = {}
         intervals = (_bootstrap(b, lambda x: np.percentile(x, [p for _, p in QUANTILES],
                                                            axis=-1)) if len(b) else None)
         for i, (q, pct) in enumerate(QUANTILES):
@@ -433,10 +435,12 @@ def compare(sims: list[Side], real: Side) -> dict:
             entry["real_ci90"][q] = (None if intervals is None else
                                      [float(intervals[0][i]), float(intervals[1][i])])
             ranges[q] = [min(at), max(at)] if at else None
+            per_draw[q] = at
             entry["sim_cdf_at_real"][q] = (None if r is None else median(
                 [float(np.mean(a <= r)) for a in draws if len(a)]))
         if len(sims) > 1:
             entry["sim_range"] = ranges
+            entry["sim_draws"] = per_draw
         entry["ks"] = median([float(ks_2samp(a, b).statistic) for a in draws
                               if len(a) and len(b)])
         report["metrics"][key] = entry
@@ -460,6 +464,8 @@ def compare(sims: list[Side], real: Side) -> dict:
     report["rejected"] = {"sim": first.rejected, "real": r.rejected}
     report["slo_attainment"] = pair(each(lambda s: s.summary.slo_attainment), r.slo_attainment,
                                     points=True)
+    if len(sims) > 1:
+        report["slo_attainment"]["sim_draws"] = each(lambda s: s.summary.slo_attainment)
     met = real.rows["slo_met"].to_numpy(dtype=bool) if "slo_met" in real.rows else None
     if met is not None and len(met) and r.slo_attainment is not None:
         low, high = _bootstrap(met.astype(float), lambda x: x.mean(axis=-1))

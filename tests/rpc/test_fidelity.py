@@ -220,6 +220,9 @@ def test_a_speed_timeline_simulates_each_window_at_its_own_speed(profile, tmp_pa
         at = [float(np.percentile(d[column].dropna(), 90)) for d in draws]
         assert entry["sim"]["p90"] == pytest.approx(float(np.median(at)))
         assert entry["sim_range"]["p90"] == pytest.approx([min(at), max(at)])
+        assert entry["sim_draws"]["p90"] == pytest.approx(at)
+    slo = policy["slo_attainment"]
+    assert len(slo["sim_draws"]) == 3 and slo["sim"] == pytest.approx(np.median(slo["sim_draws"]))
     assert "simulated: the median of 3 draws of the step scatter" in printed
     assert "sim_range" not in policy["as_served"]["metrics"]["e2e"]  # one draw beside
     slowdown = policy["admission"]["slowdown"]  # what Eq. 3 believed of the engine's speed
