@@ -1,5 +1,6 @@
 """The benchmarks' own arithmetic: what their summaries count (the benchmarks run apart)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -37,3 +38,35 @@ def test_one_draw_has_no_ceiling():
     reports = {"a": {"policies": {"fcfs/all": {"metrics": {"ttft": {}, "e2e": {}},
                                                "slo_attainment": {}}}}}
     assert scatter_ceiling(reports) is None
+
+
+def _run(folder: Path, rate: float, ttft: list[float], met: list[bool]) -> Path:
+    """A benchmark run of one trace and policy, three draws: its report and rows."""
+    import pandas as pd
+
+    (folder / "t").mkdir(parents=True)
+    doc = {"trace": "x.csv", "limit": len(ttft), "rate_scale": rate, "seed": 0, "fit": "scale",
+           "profile": "p.json", "sim_draws": 3, "policies": {"fcfs/all": {
+               "slo_attainment": {"sim": 0.5, "real": 0.5, "sim_draws": [0.4, 0.5, 0.6]},
+               "goodput_rps": {"sim": 1.0, "real": 2.0}, "elapsed_s": {"sim": 10.0, "real": 10.0}}}}
+    (folder / "t.json").write_text(json.dumps(doc))
+    rows = pd.DataFrame({"ttft_s": ttft, "e2e_s": [2 * v for v in ttft], "slo_met": met})
+    for name in ("fcfs-all-real", "fcfs-all-sim", "fcfs-all-sim-draw1", "fcfs-all-sim-draw2"):
+        rows.to_csv(folder / "t" / f"{name}.csv", index=False)
+    return folder
+
+
+def test_replays_pool_their_requests_and_refuse_another_workload(tmp_path):
+    from benchmarks.pool_replays import _reports, pool
+
+    a = _run(tmp_path / "a", 2.0, [0.1] * 9 + [1.0], [True] * 10)
+    b = _run(tmp_path / "b", 2.0, [0.2] * 10, [True] * 10)
+    docs = _reports([a, b])
+    cells = pool([a, b], "t", docs["t"])["fcfs/all"]["cells"]
+    # the p90 of the 20 pooled requests, neither run's own (1.0 and 0.2)
+    assert cells["ttft p90"]["real"] == pytest.approx(0.2)
+    assert cells["ttft p50"]["sim"] == pytest.approx(0.2)
+    assert cells["slo"]["draws"] == pytest.approx([0.4, 0.5, 0.6])
+    c = _run(tmp_path / "c", 3.0, [0.1] * 10, [True] * 10)
+    with pytest.raises(SystemExit, match="rate_scale"):
+        _reports([a, c])

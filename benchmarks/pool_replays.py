@@ -1,0 +1,207 @@
+"""Issue 14's goal over several replays of one workload: the requests of K benchmark runs pooled.
+
+    .venv/bin/python benchmarks/fidelity.py --out out/fidelityA
+    .venv/bin/python benchmarks/fidelity.py --profile out/fidelityA/profile.json --out out/fidelityB
+    .venv/bin/python benchmarks/fidelity.py --profile out/fidelityA/profile.json --out out/fidelityC
+    .venv/bin/python benchmarks/pool_replays.py out/fidelityA out/fidelityB out/fidelityC
+
+One replay of 300 requests pins a p90 only to its own spread: near saturation the same
+workload simulated again with the steps drawn anew moves a TTFT p90 by tens of percent, and
+the measured side moves as much from one replay to the next (docs/fidelity.md, limits 13 and
+15). Runs that share a profile play the same workload (rates, SLOs, requests, policies); this
+script pools their requests per trace and policy, the measured rows of the K replays and, for
+each draw of the step scatter, that draw's rows of the K simulations (each simulated at its
+own replay's speeds), and judges the goal on the pooled requests: p50/p90 of TTFT and E2E from
+the pooled rows (the simulated ones the median over the pooled draws), SLO attainment and
+goodput over the K replays, the goodput rankings, and one pooled draw against the others (the
+step scatter's own ceiling). It refuses runs whose workloads differ.
+
+No replay runs: it reads the runs' reports (``<trace>.json``) and rows (``<trace>/*.csv``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.fidelity import GOAL_POINTS, GOAL_REL, draws_within_goal  # noqa: E402
+from emoe.rpc.fidelity import rank_pairs, resolved_pairs  # noqa: E402
+
+CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
+SAME_WORKLOAD = ("trace", "limit", "rate_scale", "seed", "fit", "profile", "sim_draws")
+
+
+def _reports(runs: list[Path]) -> dict[str, list[dict]]:
+    """Per trace, each run's report; refuses traces whose runs played different workloads."""
+    by_trace: dict[str, list[dict]] = {}
+    for run in runs:
+        found = {path.stem: doc for path in sorted(run.glob("*.json"))
+                 if "policies" in (doc := json.loads(path.read_text()))}
+        if not found:
+            raise SystemExit(f"{run}: no fidelity reports (built-in.json, azure-code.json)")
+        for trace, doc in found.items():
+            by_trace.setdefault(trace, []).append(doc)
+    for trace, docs in by_trace.items():
+        if len(docs) != len(runs):
+            raise SystemExit(f"{trace}: in {len(docs)} of the {len(runs)} runs only")
+        for key in SAME_WORKLOAD:
+            values = {json.dumps(doc.get(key)) for doc in docs}
+            if len(values) > 1:
+                raise SystemExit(f"{trace}: the runs differ in {key} ({', '.join(values)}); "
+                                 f"pool runs that share a profile (--profile)")
+        names = {tuple(doc["policies"]) for doc in docs}
+        if len(names) > 1:
+            raise SystemExit(f"{trace}: the runs ran different policies")
+    return by_trace
+
+
+def _rows(run: Path, trace: str, policy: str, draw: int | None):
+    """The measured rows of a run's replay (``draw`` None) or its simulated draw's."""
+    import pandas as pd
+
+    stem = policy.replace("/", "-")
+    name = (f"{stem}-real.csv" if draw is None else
+            f"{stem}-sim.csv" if draw == 0 else f"{stem}-sim-draw{draw}.csv")
+    return pd.read_csv(run / trace / name)
+
+
+def _percentiles(frames: list) -> dict[str, float]:
+    import numpy as np
+    import pandas as pd
+
+    rows = pd.concat(frames)
+    out = {}
+    for m, q in CELLS:
+        values = rows[f"{m}_s"].to_numpy(dtype=float)
+        out[f"{m} {q}"] = float(np.percentile(values[np.isfinite(values)], int(q[1:])))
+    return out
+
+
+def pool(runs: list[Path], trace: str, docs: list[dict]) -> dict[str, dict]:
+    """Per policy of one trace, the pooled cells: per goal metric the simulated value (median
+    over the pooled draws), the measured one and each pooled draw's; goodput over the runs."""
+    draws = docs[0]["sim_draws"]
+    pooled = {}
+    for name in docs[0]["policies"]:
+        per_draw = [_percentiles([_rows(run, trace, name, d) for run in runs])
+                    for d in range(draws)]
+        real = _percentiles([_rows(run, trace, name, None) for run in runs])
+        policies = [doc["policies"][name] for doc in docs]
+        slo = [p["slo_attainment"] for p in policies]
+        if any("sim_draws" not in s for s in slo):
+            raise SystemExit(f"{trace} {name}: a run without each draw's SLO attainment "
+                             f"(before session 15)")
+        slo_draws = [statistics.fmean(s["sim_draws"][d] for s in slo) for d in range(draws)]
+        cells = {key: {"sim": statistics.median(d[key] for d in per_draw), "real": real[key],
+                       "draws": [d[key] for d in per_draw]} for key in real}
+        cells["slo"] = {"sim": statistics.median(slo_draws),
+                        "real": statistics.fmean(s["real"] for s in slo),
+                        "draws": slo_draws}
+
+        elapsed = {side: sum(p["elapsed_s"][side] for p in policies) for side in ("sim", "real")}
+        pooled[name] = {
+            "cells": cells, "elapsed_s": elapsed,
+            "slo_attainment": {"sim": cells["slo"]["sim"], "real": cells["slo"]["real"]},
+            "goodput_rps": {side: sum(p["goodput_rps"][side] * p["elapsed_s"][side]
+                                      for p in policies) / elapsed[side]
+                            for side in ("sim", "real")}}
+    return pooled
+
+
+def resolved(runs: list[Path], trace: str, names) -> list[str]:
+    """The pairs of policies the pooled measurement resolves (``resolved_pairs`` over the
+    requests of every replay)."""
+    import pandas as pd
+
+    met = {}
+    for name in names:
+        frames = []
+        for k, run in enumerate(runs):
+            rows = _rows(run, trace, name, None)
+            frames.append(rows.set_index(rows["id"].map(lambda i, k=k: f"{k}:{i}"))["slo_met"])
+        met[name] = pd.concat(frames)
+    return resolved_pairs(met)
+
+
+def _ranked(pooled: dict, side: str) -> list[str]:
+    return sorted(pooled, key=lambda name: (-pooled[name]["goodput_rps"][side], name))
+
+
+def main() -> int:
+    from emoe.core.metrics import format_table
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, nargs="+",
+                        help="benchmarks/fidelity.py --out folders that share a profile")
+    args = parser.parse_args()
+    if len(args.runs) < 2:
+        raise SystemExit("pool two or more runs")
+    by_trace = _reports(args.runs)
+    metrics = [f"{m} {q}" for m, q in CELLS] + ["slo"]
+    within = {k: [0, 0, 0, 0] for k in metrics}  # all, of, without lru, of
+    ceiling = {k: [0.0, 0.0] for k in metrics}
+    results = {}
+    for trace, docs in by_trace.items():
+        pooled = pool(args.runs, trace, docs)
+        rows = []
+        for name, p in pooled.items():
+            row = [name]
+            for key in metrics:
+                cell = p["cells"][key]
+                if key == "slo":
+                    err = 100 * (cell["sim"] - cell["real"])
+                    hit = abs(err) <= GOAL_POINTS
+                    row.append(f"{100 * cell['sim']:.1f}/{100 * cell['real']:.1f} ({err:+.1f})")
+                else:
+                    err = (cell["sim"] - cell["real"]) / cell["real"]
+                    hit = abs(err) <= GOAL_REL
+                    row.append(f"{cell['sim']:.3f}/{cell['real']:.3f} ({err:+.0%})")
+                cell["within_goal"] = hit
+                share = draws_within_goal(cell["draws"], points=key == "slo")
+                counts = within[key]
+                counts[0] += hit
+                counts[1] += 1
+                ceiling[key][0] += share
+                if "lru" not in name:
+                    counts[2] += hit
+                    counts[3] += 1
+                    ceiling[key][1] += share
+            row.append(f"{p['goodput_rps']['sim']:.2f}/{p['goodput_rps']['real']:.2f}")
+            rows.append(row)
+        opposite = rank_pairs(pooled)["opposite"]
+        told = resolved(args.runs, trace, pooled)
+        print(f"\n{trace}: {len(args.runs)} replays of each policy pooled "
+              f"({docs[0]['limit']} requests each, rate x{docs[0]['rate_scale']:g})")
+        print(format_table(["policy", "TTFT p50 sim/real", "TTFT p90 sim/real",
+                            "E2E p50 sim/real", "E2E p90 sim/real", "SLO % sim/real (pts)",
+                            "goodput sim/real"], rows))
+        print(f"ranking by pooled goodput: simulated {' > '.join(_ranked(pooled, 'sim'))}; "
+              f"measured {' > '.join(_ranked(pooled, 'real'))}: "
+              f"{'agree' if not opposite else 'DISAGREE'}"
+              + (f" ({len(opposite)} pairs opposite: {', '.join(opposite)}; "
+                 f"{sum(p in told for p in opposite)} of them resolved by the measurement, "
+                 f"which resolves {len(told)} of the pairs)" if opposite else ""))
+        results[trace] = {"policies": pooled, "opposite": opposite, "resolved": told}
+    print(f"\ncells within the goal ({GOAL_REL:.0%}, {GOAL_POINTS:g} points) on the pooled "
+          "requests, both traces: all policies (without lru)")
+    print(format_table(["pooled", "TTFT p50", "TTFT p90", "E2E p50", "E2E p90", "SLO"], [
+        ["simulated against measured",
+         *(f"{c[0]}/{c[1]} ({c[2]}/{c[3]})" for c in within.values())],
+        ["one draw against the others",
+         *(f"{c[0]:.1f} ({c[1]:.1f})" for c in ceiling.values())]]))
+    out = args.runs[0] / f"pooled-{len(args.runs)}.json"
+    out.write_text(json.dumps({"runs": [str(r) for r in args.runs], "traces": results,
+                               "within_goal": within, "draw_against_draws": ceiling},
+                              indent=2) + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
