@@ -1,7 +1,7 @@
 """Re-simulate a finished fidelity run under other simulator settings, against its measured side.
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
-        [--token-cost none|fitted] [--arrival-cost fitted|none] [--fetch-cost cycles|compute]
+        [--token-cost none|fitted] [--arrival-cost none|fitted] [--fetch-cost cycles|compute]
         [--prefill-shape measured|none]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
@@ -18,9 +18,10 @@ the goal (``benchmarks/fidelity.py``: p50/p90 of TTFT and E2E within 10%, SLO at
 goodput rankings order oppositely.
 ``--token-cost fitted`` refits each timeline from the replay's samples with what a decode-only
 step's token cost beyond the profile (``SpeedTimeline.decode_token_s``), which ``emoe fidelity``
-reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost none`` refits them
-without the loop's work per request accepted (``SpeedTimeline.arrival_s``, simulated since
-session 9); ``--fetch-cost compute`` refits them without the cycles of steps that fetched on a
+reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost fitted`` refits
+them with the loop's work per request accepted simulated as loop time
+(``SpeedTimeline.arrival_s``, as sessions 9-14 did; since session 15 ``emoe fidelity`` reports
+it and leaves it in the windows' speeds); ``--fetch-cost compute`` refits them without the cycles of steps that fetched on a
 miss and simulates a fetch at its cost in the engine's compute (as before session 10; runs
 before it sampled no such cycles and are refitted so whatever is asked); ``--prefill-shape
 none`` refits them without the prompt steps' factors by their tokens
@@ -292,9 +293,11 @@ def main() -> int:
     parser.add_argument("--token-cost", choices=("none", "fitted"), default="none",
                         help="a decode-only step's token cost beyond the profile: none (as "
                              "the run simulated), or fitted from the run's samples")
-    parser.add_argument("--arrival-cost", choices=("fitted", "none"), default="fitted",
-                        help="the loop's work per request accepted: fitted from the run's "
-                             "samples (as it simulated, where it sampled them), or none")
+    parser.add_argument("--arrival-cost", choices=("fitted", "none"), default="none",
+                        help="the loop's work per request accepted: none, left in the "
+                             "windows' speeds (as emoe fidelity simulates it since session "
+                             "15), or fitted from the run's samples and simulated as loop "
+                             "time (as sessions 9-14 did, where they sampled them)")
     parser.add_argument("--fetch-cost", choices=("cycles", "compute"), default="cycles",
                         help="a fetch on a miss: fitted from the replay's cycles that fetched, "
                              "which then count towards the speeds (as the run simulated, where "
@@ -370,7 +373,7 @@ def main() -> int:
           "interval, without lru): " + ", ".join(f"{k.upper()} {v:.0%}" for k, v in noise.items()))
     results["measured_sampling_error"] = noise
     name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
-        ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "fitted"),
+        ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "none"),
         ("fetch", args.fetch_cost, "cycles"), ("shape", args.prefill_shape, "measured"),
         ("window", args.window, 1), ("prior", args.prior, None))
         if value != default) + ".json"

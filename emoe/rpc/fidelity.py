@@ -200,6 +200,7 @@ class Side:
     admission: AdmissionCounters | None = None  # what admission did (Eq. 3's deferrals)
     fetched: int = 0  # measured: experts fetched on a miss during the replay
     decode_token_s: float | None = None  # measured: a decode token's cost beyond the profile
+    arrival_s: float | None = None  # measured: the loop's work per request accepted
 
 
 def simulate(policy_file: Path, checkpoint: Path, profile: Path, workload, seed: int,
@@ -273,13 +274,13 @@ async def measure(target: str, requests, fit: str, seed: int, rows_path: Path,
     fetched = int(delta("fetched"))
     fetch = None if compute is None else fetch_cost_s(
         compute, fetched, delta("fetch_compute_s"), delta("fetch_profiled_s"))
-    timeline, scatter, decode_token_s = _timeline(samples, token_s,
-                                                  simulated_fetch_s(None, fetch),
-                                                  tuple(speed_after.prefill_segment_tokens))
+    timeline, scatter, decode_token_s, arrival_s = _timeline(
+        samples, token_s, simulated_fetch_s(None, fetch),
+        tuple(speed_after.prefill_segment_tokens))
     return Side(summary, pd.read_csv(rows_path), loads * expert_bytes,
                 after.predictor_calls - before.predictor_calls, elapsed, fitted.describe(),
                 ratio("cycle_s", "cycle_profiled_s"), compute, fetch, timeline, by_kind, scatter,
-                samples, admission, fetched, decode_token_s)
+                samples, admission, fetched, decode_token_s, arrival_s)
 
 
 
@@ -320,13 +321,13 @@ async def _sample_speed(client, began: float, samples: list) -> None:
 
 def _timeline(samples: list, token_s: float, fetch_s: float | None,
               segment_tokens: tuple[int, ...] = ()
-              ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None]:
-    """The loop's speed window by window with its work per request accepted, what a fetch
-    on a miss cost it (``fetch_s`` where its cycles cannot tell) and how its prompt steps ran
-    by their tokens against the table's points ``segment_tokens``, how its cycles scattered
-    within the windows, and what a token streamed in a decode-only step cost beyond the profile
-    (no less than the profile's ``token_s`` less), which is reported and not simulated
-    (docs/fidelity.md, limit 16)."""
+              ) -> tuple[SpeedTimeline | None, StepScatter | None, float | None, float | None]:
+    """The loop's speed window by window with what a fetch on a miss cost it (``fetch_s``
+    where its cycles cannot tell) and how its prompt steps ran by their tokens against the
+    table's points ``segment_tokens``, how its cycles scattered within the windows, what a
+    token streamed in a decode-only step cost beyond the profile (no less than the profile's
+    ``token_s`` less) and the loop's work per request accepted, the last two reported and not
+    simulated (docs/fidelity.md, limit 16 and "The loop's work per request accepted")."""
     from emoe.sim.speed import SpeedTimeline, StepScatter
 
     times, cycles, modelled, prefill_cycles, prefill_modelled, *sums = zip(*samples)
@@ -334,12 +335,12 @@ def _timeline(samples: list, token_s: float, fetch_s: float | None,
     segments = (segment_tokens, *sums[26:28]) if len(sums) >= 28 else None
     fetch_modelled = fetches[1]
     if modelled[-1] <= modelled[0] and (fetch_s is None or fetch_modelled[-1] <= fetch_modelled[0]):
-        return None, None, None  # a server without --profile: no cycles against a model
+        return None, None, None, None  # a server without --profile: no cycles against a model
     timeline = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
-                                          prefill_modelled, arrivals=arrivals, fetches=fetches,
+                                          prefill_modelled, fetches=fetches,
                                           fetch_fallback_s=fetch_s, prefill_segments=segments)
     if modelled[-1] <= modelled[0]:
-        return timeline, None, None  # every step fetched: no scatter nor token cost measured
+        return timeline, None, None, None  # every step fetched: no scatter nor costs measured
     fitted = SpeedTimeline.from_samples(times, cycles, modelled, prefill_cycles,
                                         prefill_modelled, decode_lines=sums[10:14],
                                         token_floor_s=token_s, arrivals=arrivals,
@@ -347,7 +348,7 @@ def _timeline(samples: list, token_s: float, fetch_s: float | None,
     return (timeline,
             StepScatter.from_samples(*sums[:5], cycles, modelled,
                                      prefill=(*sums[5:10], prefill_cycles, prefill_modelled)),
-            fitted.decode_token_s)
+            fitted.decode_token_s, fitted.arrival_s)
 
 
 def _step_scatter(value: str) -> float | str:
@@ -907,6 +908,11 @@ def _as_served(real: Side, mode: str, fetch_model_s: float
         print(f"a token streamed in a decode-only step cost {real.decode_token_s * 1e6:+.0f} us "
               f"beyond the profile's, as the cycles grew with their tokens within the windows "
               f"(not simulated)", flush=True)
+    if real.arrival_s is not None:
+        speed["arrival_s"] = real.arrival_s
+        print(f"the loop's work per request accepted {real.arrival_s * 1e6:.0f} us, as the "
+              f"cycles in which it accepted requests ran beyond the window's others (not "
+              f"simulated)", flush=True)
     scatter = real.step_scatter
     if scatter is not None:
         speed["scatter"] = dataclasses.asdict(scatter)

@@ -28,8 +28,10 @@ benchmark run came no closer, and the fitted cost moved from -80 to +470 us betw
 Accepting a request costs the served loop too (its Generate handler and the hand-over to the
 scheduler run in the loop's interpreter), and that work lands in the cycle just before the
 step that admits the request, the one Eq. 3 decides on: ``arrival_s``, fitted from the cycles
-in which the loop accepted requests against the others of their window, is simulated as loop
-time per request accepted while the loop was busy, and taken out of the windows' speeds.
+in which the loop accepted requests against the others of their window, can be simulated as
+loop time per request accepted while the loop was busy, and taken out of the windows' speeds.
+``emoe fidelity`` simulated it so in sessions 9-14; it now reports it and leaves it in the
+windows' speeds, which came closer to the replays (docs/fidelity.md, "Runs of session 15").
 
 Steps that fetch experts on a miss (``lru``) cost the fetches beyond their model, and under
 ``lru`` they are most steps, every prompt step among them: ``fetch_s``, fitted from those
