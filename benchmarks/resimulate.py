@@ -21,10 +21,11 @@ step's token cost beyond the profile (``SpeedTimeline.decode_token_s``), which `
 reports and does not simulate (docs/fidelity.md, limit 16); ``--arrival-cost fitted`` refits
 them with the loop's work per request accepted simulated as loop time
 (``SpeedTimeline.arrival_s``, as sessions 9-14 did; since session 15 ``emoe fidelity`` reports
-it and leaves it in the windows' speeds); ``--fetch-cost compute`` refits them without the cycles of steps that fetched on a
-miss and simulates a fetch at its cost in the engine's compute (as before session 10; runs
-before it sampled no such cycles and are refitted so whatever is asked); ``--prefill-shape
-none`` refits them without the prompt steps' factors by their tokens
+it and leaves it in the windows' speeds); ``--fetch-cost compute`` refits them without the
+cycles of steps that fetched on a miss and simulates a fetch at its cost in the engine's
+compute (as before session 10; runs before it sampled no such cycles and are refitted so
+whatever is asked); ``--prefill-shape none`` refits them without the prompt steps' factors by
+their tokens
 (``SpeedTimeline.prefill_shape``, simulated since session 12; runs before it sampled no such
 sums and are refitted so whatever is asked).
 
@@ -48,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.fidelity import GOAL_POINTS, GOAL_REL, draws_within_goal  # noqa: E402
 from emoe.rpc.fidelity import rank_pairs, resolved_pairs, simulated_fetch_s  # noqa: E402
+from emoe.sim.speed import PRIOR_S  # noqa: E402
 
 CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
 COLUMNS = {"ttft": "ttft_s", "e2e": "e2e_s"}
@@ -66,13 +68,11 @@ def _scatter_within(samples: dict[str, tuple]):
     it from its own."""
     from emoe.sim.speed import StepScatter
 
-    moments = ("log_sum", "log_sq_sum", "s", "lag_pairs", "lag_sum")
-    return StepScatter.from_samples(
-        *(samples[f"cycle{m}" if m == "s" else f"cycle_{m}"] for m in moments),
-        samples["cycle_s"], samples["cycle_profiled_s"],
-        prefill=(*(samples[f"prefill_cycle{m}" if m == "s" else f"prefill_cycle_{m}"]
-                   for m in moments),
-                 samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"]))
+    def sums(kind: str) -> list[tuple]:
+        return [samples[f"{kind}{moment}"] for moment in (
+            "_log_sum", "_log_sq_sum", "s", "_lag_pairs", "_lag_sum", "_s", "_profiled_s")]
+
+    return StepScatter.from_samples(*sums("cycle"), prefill=sums("prefill_cycle"))
 
 
 def _scatter_of(setting: str, policy: dict, window: int = 1):
@@ -105,16 +105,15 @@ def _path(name: str) -> Path:
 
 
 def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
-                 fetch_cost: str, prefill_shape: str, window: int = 1, prior_s: float | None = None):
+                 fetch_cost: str, prefill_shape: str, window: int = 1,
+                 prior_s: float = PRIOR_S):
     """A policy's speed timeline refitted from the counters its replay sampled, with the token
     and arrival costs as asked (a run that sampled no such sums refuses the token cost asked),
     and with the cycles that fetched on a miss and the prompt steps' shape where asked and
     sampled; its windows ``window`` samples long, each shrunk towards the replay's speed by
-    ``prior_s`` (None: as ``emoe fidelity`` does)."""
+    ``prior_s``."""
     from emoe.core.profile import load_profile
     from emoe.sim.speed import SpeedTimeline
-
-    from emoe.sim.speed import PRIOR_S
 
     samples = _samples(speed, window)
 
@@ -148,7 +147,7 @@ def _timeline_of(speed: dict, doc: dict, token_cost: str, arrival_cost: str,
         samples["prefill_cycle_s"], samples["prefill_cycle_profiled_s"], decode_lines=lines,
         token_floor_s=floor, arrivals=arrivals, fetches=fetches,
         fetch_fallback_s=simulated_fetch_s(None, _compute_fetch(speed)),
-        prefill_segments=segments, prior_s=PRIOR_S if prior_s is None else prior_s)
+        prefill_segments=segments, prior_s=prior_s)
 
 
 def _compute_fetch(speed: dict) -> float | None:
@@ -309,14 +308,14 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=1,
                         help="samples per speed window: 1 as the run sampled them, k to read "
                              "the same counters k times as seldom")
-    parser.add_argument("--prior", type=float, default=None,
+    parser.add_argument("--prior", type=float, default=PRIOR_S,
                         help="seconds of modelled cycles each window's speed is shrunk towards "
-                             "the replay's by (default: emoe.sim.speed.PRIOR_S)")
+                             f"the replay's by (default {PRIOR_S:g}: as emoe fidelity does)")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if args.window < 1:
         raise SystemExit(f"--window: a whole number of samples, 1 or more, got {args.window}")
-    if args.prior is not None and not args.prior >= 0:
+    if not args.prior >= 0:
         raise SystemExit(f"--prior: seconds, 0 or more, got {args.prior}")
     docs = {path.stem: doc for path in sorted(args.run.glob("*.json"))
             if "policies" in (doc := json.loads(path.read_text()))}
@@ -375,7 +374,7 @@ def main() -> int:
     name = "resimulated" + "".join(f"-{kind}-{value}" for kind, value, default in (
         ("token", args.token_cost, "none"), ("arrival", args.arrival_cost, "none"),
         ("fetch", args.fetch_cost, "cycles"), ("shape", args.prefill_shape, "measured"),
-        ("window", args.window, 1), ("prior", args.prior, None))
+        ("window", args.window, 1), ("prior", args.prior, PRIOR_S))
         if value != default) + ".json"
     (args.run / name).write_text(json.dumps(results, indent=2) + "\n")
     return 0
