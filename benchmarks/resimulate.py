@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/resimulate.py out/fidelity [--scatter 0,0.1,measured] [--draws 5]
         [--token-cost none|fitted] [--arrival-cost none|fitted] [--fetch-cost cycles|compute]
-        [--prefill-shape measured|none]
+        [--prefill-shape measured|none] [--rows DIR]
 
 A run of ``benchmarks/fidelity.py`` keeps everything its simulations took from the replays: the
 per-request rows measured, each policy's speed timeline, fetch cost and step scatter as the
@@ -28,6 +28,10 @@ whatever is asked); ``--prefill-shape none`` refits them without the prompt step
 their tokens
 (``SpeedTimeline.prefill_shape``, simulated since session 12; runs before it sampled no such
 sums and are refitted so whatever is asked).
+
+``--rows DIR`` (one ``--scatter`` setting) also writes the run as re-simulated into DIR: its
+reports with every simulated side compared anew, its measured rows and the simulated ones, a
+run that ``pool_replays.py`` pools with runs of the simulator as it is now.
 
 No replay runs: the measured side is the run's own, so settings can be compared on the same
 measurements. A setting chosen this way is tuned on those runs; judge it on a run it was not
@@ -155,15 +159,16 @@ def _compute_fetch(speed: dict) -> float | None:
     return (speed.get("fetch_cost_s") or {}).get("served")
 
 
-def simulate_one(job: tuple) -> tuple[tuple, dict]:
-    """One policy of one trace under one setting and draw: its goal metrics simulated."""
+def simulate_one(job: tuple) -> tuple[tuple, dict, object]:
+    """One policy of one trace under one setting and draw: its goal metrics simulated, and
+    its simulated side where ``rows_dir`` asks for its rows (else None)."""
     import numpy as np
 
     from emoe.rpc.fidelity import simulate
     from emoe.sim.runner import Workload
 
     (key, doc, run_dir, name, setting, draw, token_cost, arrival_cost, fetch_cost, shape,
-     window, prior_s) = job
+     window, prior_s, rows_dir) = job
     policy = doc["policies"][name]
     speed = policy["engine_speed"]
     engine_speed = _timeline_of(speed, doc, token_cost, arrival_cost, fetch_cost, shape,
@@ -171,10 +176,14 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
     routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
+    stem = name.replace("/", "-")
     with tempfile.TemporaryDirectory() as tmp:
-        side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
+        rows_path = (Path(tmp) / "sim.csv" if rows_dir is None else
+                     rows_dir / run_dir.name / (f"{stem}-sim-draw{draw}.csv" if draw else
+                                                f"{stem}-sim.csv"))
+        side = simulate(run_dir / f"policy-{stem}.json",
                         _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
-                        Path(tmp) / "sim.csv", routing, engine_speed,
+                        rows_path, routing, engine_speed,
                         simulated_fetch_s(engine_speed, _compute_fetch(speed)),
                         _scatter_of(setting, policy, window), draw)
 
@@ -187,7 +196,69 @@ def simulate_one(job: tuple) -> tuple[tuple, dict]:
     values["slo"] = side.summary.slo_attainment
     values["goodput"] = side.summary.goodput_rps
     values["elapsed"] = side.elapsed_s
-    return key, values
+    return key, values, None if rows_dir is None else side
+
+
+def _measured_side(policy: dict, rows):
+    """A policy's measured side as its report recorded it, for ``compare``."""
+    from types import SimpleNamespace
+
+    from emoe.core.metrics.admission import AdmissionCounters
+    from emoe.rpc.fidelity import Side
+
+    def real(key: str):
+        return policy[key]["real"]
+
+    summary = SimpleNamespace(requests=real("requests"), finished=real("finished"),
+                              rejected=real("rejected"), slo_attainment=real("slo_attainment"),
+                              goodput_rps=real("goodput_rps"), hit_rate=real("hit_rate"))
+    admission = None
+    if "admission" in policy:
+        slowdown = policy["admission"]["slowdown"]["real"]
+        admission = AdmissionCounters(policy["admission"]["deferred"]["real"],
+                                      0.0 if slowdown is None else 1.0, slowdown or 0.0)
+    return Side(summary, rows, real("bytes_loaded"), real("predictor_calls"),
+                real("elapsed_s"), admission=admission)
+
+
+def write_run(docs: dict, run: Path, sides: dict, setting: str, rows_dir: Path,
+              settings_used: dict) -> None:
+    """``rows_dir`` as a run of the simulator as re-run: each trace's report with every
+    policy's simulated side compared anew with its measured one (``compare``; the speeds, the
+    simulations as profiled and at the one served speed kept as the run recorded them) and the
+    rankings redone; the measured rows and policy files copied beside the simulated rows, so
+    that ``pool_replays.py`` reads it as a run. The report's paths (profile, routing) stay the
+    run's own."""
+    import shutil
+
+    import pandas as pd
+
+    from emoe.rpc.fidelity import compare, rank_pairs, ranking, resolved_pairs
+
+    for trace, doc in docs.items():
+        for path in (run / trace).glob("policy-*.json"):
+            shutil.copy(path, rows_dir / trace / path.name)
+        doc = json.loads(json.dumps(doc))
+        draws = sorted(d for (t, _, s, d) in sides if t == trace and s == setting)
+        measured_met = {}
+        for name, policy in doc["policies"].items():
+            stem = name.replace("/", "-")
+            shutil.copy(run / trace / f"{stem}-real.csv", rows_dir / trace / f"{stem}-real.csv")
+            rows = pd.read_csv(run / trace / f"{stem}-real.csv")
+            measured_met[name] = rows.set_index("id")["slo_met"]
+            sims = [sides[(trace, name, setting, d)] for d in sorted(set(draws))]
+            policy.update(compare(sims, _measured_side(policy, rows)))
+        reports = doc["policies"]
+        pairs = rank_pairs(reports)
+        pairs["resolved"] = resolved_pairs(measured_met)
+        doc["ranking"] = {"sim": ranking(reports, "sim"), "real": ranking(reports, "real"),
+                          "pairs": pairs}
+        doc["rank_agreement"] = not pairs["opposite"]
+        doc["rank_agreement_resolved"] = not any(p in pairs["resolved"]
+                                                 for p in pairs["opposite"])
+        doc["sim_draws"] = len(set(draws))
+        doc["resimulated"] = {"run": str(run), "step_scatter": setting, **settings_used}
+        (rows_dir / f"{trace}.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def measured_met(docs: dict, run: Path) -> dict:
@@ -312,6 +383,10 @@ def main() -> int:
                         help="seconds of modelled cycles each window's speed is shrunk towards "
                              f"the replay's by (default {PRIOR_S:g}: as emoe fidelity does)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rows", type=Path, metavar="DIR",
+                        help="with one --scatter setting: also write the run as re-simulated "
+                             "into DIR (reports, measured and simulated rows), a run that "
+                             "pool_replays.py pools with runs of the simulator as it is")
     args = parser.parse_args()
     if args.window < 1:
         raise SystemExit(f"--window: a whole number of samples, 1 or more, got {args.window}")
@@ -322,14 +397,30 @@ def main() -> int:
     if not docs:
         raise SystemExit(f"{args.run}: no fidelity reports (built-in.json, azure-code.json)")
     settings = args.scatter.split(",")
+    if args.rows is not None:
+        if len(settings) != 1:
+            raise SystemExit(f"--rows: one --scatter setting, got {args.scatter!r}")
+        if args.rows.resolve() == args.run.resolve():
+            raise SystemExit("--rows: a folder other than the run's own")
+        for trace in docs:
+            (args.rows / trace).mkdir(parents=True, exist_ok=True)
     draws = list(range(args.draws))
     jobs = [((trace, name, setting, draw), doc, args.run / trace, name, setting, draw,
              args.token_cost, args.arrival_cost, args.fetch_cost, args.prefill_shape,
-             args.window, args.prior)
+             args.window, args.prior, args.rows)
             for trace, doc in docs.items() for name in doc["policies"]
             for setting in settings for draw in (draws if setting != "0" else draws[:1])]
     with ProcessPoolExecutor(args.workers) as pool:
-        sims = dict(pool.map(simulate_one, jobs))
+        done = list(pool.map(simulate_one, jobs))
+    sims = {key: values for key, values, _ in done}
+    if args.rows is not None:
+        write_run(docs, args.run, {key: side for key, _, side in done}, settings[0],
+                  args.rows, {"token_cost": args.token_cost,
+                              "arrival_cost": args.arrival_cost,
+                              "fetch_cost": args.fetch_cost,
+                              "prefill_shape": args.prefill_shape, "window": args.window,
+                              "prior_s": args.prior})
+        print(f"the run as re-simulated: {args.rows}")
     for (trace, name, setting, draw), values in list(sims.items()):  # deterministic: one run
         if setting == "0":
             for s in draws[1:]:

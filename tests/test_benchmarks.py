@@ -50,7 +50,8 @@ def _run(folder: Path, rate: float, ttft: list[float], met: list[bool]) -> Path:
                "slo_attainment": {"sim": 0.5, "real": 0.5, "sim_draws": [0.4, 0.5, 0.6]},
                "goodput_rps": {"sim": 1.0, "real": 2.0}, "elapsed_s": {"sim": 10.0, "real": 10.0}}}}
     (folder / "t.json").write_text(json.dumps(doc))
-    rows = pd.DataFrame({"ttft_s": ttft, "e2e_s": [2 * v for v in ttft], "slo_met": met})
+    rows = pd.DataFrame({"id": range(len(ttft)), "ttft_s": ttft, "tpot_s": ttft,
+                         "e2e_s": [2 * v for v in ttft], "queueing_s": ttft, "slo_met": met})
     for name in ("fcfs-all-real", "fcfs-all-sim", "fcfs-all-sim-draw1", "fcfs-all-sim-draw2"):
         rows.to_csv(folder / "t" / f"{name}.csv", index=False)
     return folder
@@ -70,3 +71,54 @@ def test_replays_pool_their_requests_and_refuse_another_workload(tmp_path):
     c = _run(tmp_path / "c", 3.0, [0.1] * 10, [True] * 10)
     with pytest.raises(SystemExit, match="rate_scale"):
         _reports([a, c])
+
+
+def _side(ttft: list[float], slo: float, goodput: float):
+    """A simulated side of ``compare``, its rows and summary."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from emoe.rpc.fidelity import Side
+
+    rows = pd.DataFrame({"id": range(len(ttft)), "ttft_s": ttft, "tpot_s": ttft,
+                         "e2e_s": [2 * v for v in ttft], "queueing_s": ttft,
+                         "slo_met": [True] * len(ttft)})
+    summary = SimpleNamespace(requests=len(ttft), finished=len(ttft), rejected=0,
+                              slo_attainment=slo, goodput_rps=goodput, hit_rate=1.0)
+    return Side(summary, rows, 0, 0, 10.0)
+
+
+def test_a_resimulated_run_is_written_as_a_run_that_pools(tmp_path):
+    from benchmarks.pool_replays import _reports, pool
+    from benchmarks.resimulate import write_run
+
+    run = _run(tmp_path / "run", 2.0, [0.1] * 10, [True] * 10)
+    policy = json.loads((run / "t.json").read_text())["policies"]["fcfs/all"]
+    for key, value in (("requests", 10), ("finished", 10), ("rejected", 0),
+                       ("hit_rate", 1.0), ("bytes_loaded", 0), ("predictor_calls", 0)):
+        policy[key] = {"sim": value, "real": value}
+    doc = {**json.loads((run / "t.json").read_text()), "policies": {"fcfs/all": policy}}
+    (run / "t.json").write_text(json.dumps(doc))
+    (run / "t" / "policy-fcfs-all.json").write_text("{}")
+    sides = {("t", "fcfs/all", "measured", d): _side([0.3] * 10, 0.7 + d / 10, 1.5)
+             for d in range(3)}
+    out = tmp_path / "out"
+    (out / "t").mkdir(parents=True)
+    for d in range(3):  # resimulate.py's workers write the simulated rows themselves
+        name = f"fcfs-all-sim-draw{d}.csv" if d else "fcfs-all-sim.csv"
+        sides[("t", "fcfs/all", "measured", d)].rows.to_csv(out / "t" / name, index=False)
+    write_run({"t": doc}, run, sides, "measured", out, {"arrival_cost": "none"})
+
+    report = json.loads((out / "t.json").read_text())
+    entry = report["policies"]["fcfs/all"]
+    assert entry["metrics"]["ttft"]["sim"]["p90"] == pytest.approx(0.3)
+    assert entry["metrics"]["ttft"]["real"]["p90"] == pytest.approx(0.1)  # the measured rows
+    assert entry["slo_attainment"]["sim_draws"] == pytest.approx([0.7, 0.8, 0.9])
+    assert entry["slo_attainment"]["real"] == 0.5
+    assert report["resimulated"] == {"run": str(run), "step_scatter": "measured",
+                                     "arrival_cost": "none"}
+    assert (out / "t" / "policy-fcfs-all.json").exists()
+    cells = pool([run, out], "t", _reports([run, out])["t"])["fcfs/all"]["cells"]
+    assert cells["ttft p90"]["real"] == pytest.approx(0.1)
+    assert cells["slo"]["draws"] == pytest.approx([0.55, 0.65, 0.75])
