@@ -239,14 +239,14 @@ def write_run(docs: dict, run: Path, sides: dict, setting: str, rows_dir: Path,
         for path in (run / trace).glob("policy-*.json"):
             shutil.copy(path, rows_dir / trace / path.name)
         doc = json.loads(json.dumps(doc))
-        draws = sorted(d for (t, _, s, d) in sides if t == trace and s == setting)
+        draws = sorted({d for (t, _, s, d) in sides if t == trace and s == setting})
         measured_met = {}
         for name, policy in doc["policies"].items():
             stem = name.replace("/", "-")
             shutil.copy(run / trace / f"{stem}-real.csv", rows_dir / trace / f"{stem}-real.csv")
             rows = pd.read_csv(run / trace / f"{stem}-real.csv")
             measured_met[name] = rows.set_index("id")["slo_met"]
-            sims = [sides[(trace, name, setting, d)] for d in sorted(set(draws))]
+            sims = [sides[(trace, name, setting, d)] for d in draws]
             policy.update(compare(sims, _measured_side(policy, rows)))
         reports = doc["policies"]
         pairs = rank_pairs(reports)
@@ -256,7 +256,7 @@ def write_run(docs: dict, run: Path, sides: dict, setting: str, rows_dir: Path,
         doc["rank_agreement"] = not pairs["opposite"]
         doc["rank_agreement_resolved"] = not any(p in pairs["resolved"]
                                                  for p in pairs["opposite"])
-        doc["sim_draws"] = len(set(draws))
+        doc["sim_draws"] = len(draws)
         doc["resimulated"] = {"run": str(run), "step_scatter": setting, **settings_used}
         (rows_dir / f"{trace}.json").write_text(json.dumps(doc, indent=2) + "\n")
 
