@@ -10,7 +10,6 @@ prints the requests, the wall time and the peak RSS (ru_maxrss of the child).
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import time
