@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fidelity import GOAL_POINTS, GOAL_REL, draws_within_goal  # noqa: E402
-from emoe.rpc.fidelity import rank_pairs, resolved_pairs  # noqa: E402
+from emoe.rpc.fidelity import rank_pairs, resolved_pairs, rows_file  # noqa: E402
 
 CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
 SAME_WORKLOAD = ("trace", "limit", "rate_scale", "seed", "fit", "profile", "sim_draws")
@@ -65,10 +65,7 @@ def _rows(run: Path, trace: str, policy: str, draw: int | None):
     """The measured rows of a run's replay (``draw`` None) or its simulated draw's."""
     import pandas as pd
 
-    stem = policy.replace("/", "-")
-    name = (f"{stem}-real.csv" if draw is None else
-            f"{stem}-sim.csv" if draw == 0 else f"{stem}-sim-draw{draw}.csv")
-    return pd.read_csv(run / trace / name)
+    return pd.read_csv(run / trace / rows_file(policy, draw))
 
 
 def _percentiles(frames: list) -> dict[str, float]:

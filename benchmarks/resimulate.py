@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fidelity import GOAL_POINTS, GOAL_REL, draws_within_goal  # noqa: E402
-from emoe.rpc.fidelity import rank_pairs, resolved_pairs, simulated_fetch_s  # noqa: E402
+from emoe.rpc.fidelity import rank_pairs, resolved_pairs, rows_file, simulated_fetch_s  # noqa: E402
 from emoe.sim.speed import PRIOR_S  # noqa: E402
 
 CELLS = [(m, q) for m in ("ttft", "e2e") for q in ("p50", "p90")]
@@ -176,12 +176,10 @@ def simulate_one(job: tuple) -> tuple[tuple, dict, object]:
     workload = Workload(trace=_path(doc["trace"]), rate_scale=doc["rate_scale"], fit=doc["fit"],
                         limit=doc["limit"])
     routing = None if doc["routing"] == "synthetic" else _path(doc["routing"])
-    stem = name.replace("/", "-")
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = (Path(tmp) / "sim.csv" if rows_dir is None else
-                     rows_dir / run_dir.name / (f"{stem}-sim-draw{draw}.csv" if draw else
-                                                f"{stem}-sim.csv"))
-        side = simulate(run_dir / f"policy-{stem}.json",
+                     rows_dir / run_dir.name / rows_file(name, draw))
+        side = simulate(run_dir / f"policy-{name.replace('/', '-')}.json",
                         _path(doc["checkpoint"]), _path(doc["profile"]), workload, doc["seed"],
                         rows_path, routing, engine_speed,
                         simulated_fetch_s(engine_speed, _compute_fetch(speed)),
@@ -233,7 +231,7 @@ def write_run(docs: dict, run: Path, sides: dict, setting: str, rows_dir: Path,
 
     import pandas as pd
 
-    from emoe.rpc.fidelity import compare, rank_pairs, ranking, resolved_pairs
+    from emoe.rpc.fidelity import compare, rankings
 
     for trace, doc in docs.items():
         for path in (run / trace).glob("policy-*.json"):
@@ -242,20 +240,12 @@ def write_run(docs: dict, run: Path, sides: dict, setting: str, rows_dir: Path,
         draws = sorted({d for (t, _, s, d) in sides if t == trace and s == setting})
         measured_met = {}
         for name, policy in doc["policies"].items():
-            stem = name.replace("/", "-")
-            shutil.copy(run / trace / f"{stem}-real.csv", rows_dir / trace / f"{stem}-real.csv")
-            rows = pd.read_csv(run / trace / f"{stem}-real.csv")
+            measured = shutil.copy(run / trace / rows_file(name), rows_dir / trace)
+            rows = pd.read_csv(measured)
             measured_met[name] = rows.set_index("id")["slo_met"]
             sims = [sides[(trace, name, setting, d)] for d in draws]
             policy.update(compare(sims, _measured_side(policy, rows)))
-        reports = doc["policies"]
-        pairs = rank_pairs(reports)
-        pairs["resolved"] = resolved_pairs(measured_met)
-        doc["ranking"] = {"sim": ranking(reports, "sim"), "real": ranking(reports, "real"),
-                          "pairs": pairs}
-        doc["rank_agreement"] = not pairs["opposite"]
-        doc["rank_agreement_resolved"] = not any(p in pairs["resolved"]
-                                                 for p in pairs["opposite"])
+        doc.update(rankings(doc["policies"], measured_met))
         doc["sim_draws"] = len(draws)
         doc["resimulated"] = {"run": str(run), "step_scatter": setting, **settings_used}
         (rows_dir / f"{trace}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -266,7 +256,7 @@ def measured_met(docs: dict, run: Path) -> dict:
     import pandas as pd
 
     return {trace: resolved_pairs({
-        name: pd.read_csv(run / trace / f"{name.replace('/', '-')}-real.csv")
+        name: pd.read_csv(run / trace / rows_file(name))
         .set_index("id")["slo_met"] for name in doc["policies"]}) for trace, doc in docs.items()}
 
 
@@ -339,7 +329,7 @@ def sampling_error(docs: dict, run: Path, resamples: int = 1000) -> dict:
         for name in doc["policies"]:
             if "lru" in name:
                 continue
-            rows = pd.read_csv(run / trace / f"{name.replace('/', '-')}-real.csv")
+            rows = pd.read_csv(run / trace / rows_file(name))
             for m, q in CELLS:
                 values = rows[COLUMNS[m]].to_numpy(dtype=float)
                 values = values[np.isfinite(values)]

@@ -535,6 +535,27 @@ def resolved_pairs(met: dict) -> list[str]:
     return out
 
 
+def rankings(reports: dict[str, dict], measured_met: dict) -> dict:
+    """A report's ranking keys: each side's ranking by goodput, every pair ordered alike, tied
+    or opposite and the pairs the measurement resolves (``resolved_pairs`` of ``measured_met``),
+    and whether the rankings agree, on every pair and on those the measurement resolves."""
+    pairs = rank_pairs(reports)
+    pairs["resolved"] = resolved_pairs(measured_met)
+    return {"ranking": {"sim": ranking(reports, "sim"), "real": ranking(reports, "real"),
+                        "pairs": pairs},
+            "rank_agreement": not pairs["opposite"],
+            "rank_agreement_resolved": not any(p in pairs["resolved"] for p in pairs["opposite"])}
+
+
+def rows_file(policy: str, draw: int | None = None) -> str:
+    """The name of a policy's per-request rows in its trace's folder: the measured ones
+    (``draw`` None) or those of its simulated draw ``draw``."""
+    stem = policy.replace("/", "-")
+    if draw is None:
+        return f"{stem}-real.csv"
+    return f"{stem}-sim-draw{draw}.csv" if draw else f"{stem}-sim.csv"
+
+
 def _count_pairs(n: int) -> int:
     return n * (n - 1) // 2
 
@@ -722,7 +743,7 @@ async def _run(args: argparse.Namespace) -> int:
                               rate_scale=args.rate_scale)
         if args.limit is not None:
             requests = itertools.islice(requests, args.limit)
-        rows = out_dir / f"{stem}-real.csv"
+        rows = out_dir / rows_file(name)
         expert_bytes = profile.memory.get("expert_bytes", model.expert_bytes)
         if args.target:
             print(f"{name}: measuring against {args.target} ...", flush=True)
@@ -750,7 +771,7 @@ async def _run(args: argparse.Namespace) -> int:
                                   f"{profile_path}?)")
             scatter = real.step_scatter
         sims = [simulate(policy_file, checkpoint, profile_path, workload, args.seed,
-                         out_dir / (f"{stem}-sim-draw{draw}.csv" if draw else f"{stem}-sim.csv"),
+                         out_dir / rows_file(name, draw),
                          routing_trace, simulated, fetch_cost, scatter, draw)
                 for draw in range(args.sim_draws)]
         sim = sims[0]
@@ -776,10 +797,9 @@ async def _run(args: argparse.Namespace) -> int:
         if not args.no_plots:
             plots.append(str(write_cdfs(name, sim, real, out_dir)))
 
-    by_sim, by_real = ranking(reports, "sim"), ranking(reports, "real")
-    pairs = rank_pairs(reports)
-    pairs["resolved"] = resolved_pairs(measured_met)
-    agree = not pairs["opposite"]
+    ranked = rankings(reports, measured_met)
+    by_sim, by_real, pairs = (ranked["ranking"][k] for k in ("sim", "real", "pairs"))
+    agree = ranked["rank_agreement"]
     resolved_opposite = [p for p in pairs["opposite"] if p in pairs["resolved"]]
     load_after = os.getloadavg()
     if len(reports) > 1:
@@ -811,8 +831,7 @@ async def _run(args: argparse.Namespace) -> int:
             "load_average": {"before": list(load_before), "after": list(load_after)},
             "engine_speed": args.engine_speed, "step_scatter": step_scatter,
             "sim_draws": args.sim_draws,
-            "policies": reports, "ranking": {"sim": by_sim, "real": by_real, "pairs": pairs},
-            "rank_agreement": agree, "rank_agreement_resolved": not resolved_opposite,
+            "policies": reports, **ranked,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         print(f"report: {args.json}")
