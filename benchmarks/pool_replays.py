@@ -16,6 +16,12 @@ the pooled rows (the simulated ones the median over the pooled draws), SLO attai
 goodput over the K replays, the goodput rankings, and one pooled draw against the others (the
 step scatter's own ceiling). It refuses runs whose workloads differ.
 
+The requests of one replay are not independent draws (a burst that one replay serves slowly
+delays dozens of them at once), so each cell's error also gets an interval over the replays:
+``--resamples`` sets of K replays drawn with replacement, each with its own simulation, pooled
+as above; the 5th and 95th percentiles of the error. A cell whose interval reaches the goal
+could meet it on other replays; one whose interval excludes 0 is a bias the replays agree on.
+
 No replay runs: it reads the runs' reports (``<trace>.json``) and rows (``<trace>/*.csv``).
 """
 
@@ -68,38 +74,88 @@ def _rows(run: Path, trace: str, policy: str, draw: int | None):
     return pd.read_csv(run / trace / rows_file(policy, draw))
 
 
-def _percentiles(frames: list) -> dict[str, float]:
+def _columns(frame) -> dict:
+    """A replay's (or a draw's) finite values of each goal metric."""
     import numpy as np
-    import pandas as pd
 
-    rows = pd.concat(frames)
     out = {}
-    for m, q in CELLS:
-        values = rows[f"{m}_s"].to_numpy(dtype=float)
-        out[f"{m} {q}"] = float(np.percentile(values[np.isfinite(values)], int(q[1:])))
+    for m in {m for m, _ in CELLS}:
+        values = frame[f"{m}_s"].to_numpy(dtype=float)
+        out[m] = values[np.isfinite(values)]
     return out
 
 
-def pool(runs: list[Path], trace: str, docs: list[dict]) -> dict[str, dict]:
+def _percentiles(runs: list[dict], pick) -> dict[str, float]:
+    """The goal percentiles of the requests of ``runs`` (indices into the per-run values
+    ``pick`` gives) pooled."""
+    import numpy as np
+
+    return {f"{m} {q}": float(np.percentile(np.concatenate([pick[i][m] for i in runs]),
+                                            int(q[1:])))
+            for m, q in CELLS}
+
+
+def _cells(runs: list[int], real: list[dict], sim: list[list[dict]],
+           slo: list[dict]) -> dict[str, dict]:
+    """The pooled cells of the replays ``runs`` (indices, repeats allowed): per goal metric
+    the simulated value (median over the pooled draws), the measured one and each pooled
+    draw's."""
+    per_draw = [_percentiles(runs, [draws[d] for draws in sim]) for d in range(len(sim[0]))]
+    measured = _percentiles(runs, real)
+    cells = {key: {"sim": statistics.median(d[key] for d in per_draw), "real": measured[key],
+                   "draws": [d[key] for d in per_draw]} for key in measured}
+    slo_draws = [statistics.fmean(slo[i]["sim_draws"][d] for i in runs)
+                 for d in range(len(sim[0]))]
+    cells["slo"] = {"sim": statistics.median(slo_draws),
+                    "real": statistics.fmean(slo[i]["real"] for i in runs), "draws": slo_draws}
+    return cells
+
+
+def _error(key: str, cell: dict) -> float:
+    """A cell's simulated error: relative for a percentile, in points for the SLO (a
+    fraction, x100)."""
+    if key == "slo":
+        return 100 * (cell["sim"] - cell["real"])
+    return cell["sim"] / cell["real"] - 1
+
+
+def run_intervals(real: list[dict], sim: list[list[dict]], slo: list[dict],
+                  resamples: int, seed: int = 0) -> dict[str, list[float]]:
+    """Per cell, the 5th and 95th percentile of its simulated error over ``resamples`` sets of
+    the replays drawn with replacement (each replay with its own simulation): how far the
+    error moves with which replays were run. Relative for the percentiles, in points for the
+    SLO (a fraction x100)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    errors: dict[str, list[float]] = {}
+    for _ in range(resamples):
+        runs = rng.integers(0, len(real), len(real)).tolist()
+        for key, cell in _cells(runs, real, sim, slo).items():
+            errors.setdefault(key, []).append(_error(key, cell))
+    return {key: [float(v) for v in np.percentile(values, [5, 95])]
+            for key, values in errors.items()}
+
+
+def pool(runs: list[Path], trace: str, docs: list[dict], resamples: int = 0) -> dict[str, dict]:
     """Per policy of one trace, the pooled cells: per goal metric the simulated value (median
-    over the pooled draws), the measured one and each pooled draw's; goodput over the runs."""
+    over the pooled draws), the measured one and each pooled draw's, and with ``resamples``
+    the error's interval over the replays resampled (``run_intervals``); goodput over the
+    runs."""
     draws = docs[0]["sim_draws"]
     pooled = {}
     for name in docs[0]["policies"]:
-        per_draw = [_percentiles([_rows(run, trace, name, d) for run in runs])
-                    for d in range(draws)]
-        real = _percentiles([_rows(run, trace, name, None) for run in runs])
+        real = [_columns(_rows(run, trace, name, None)) for run in runs]
+        sim = [[_columns(_rows(run, trace, name, d)) for d in range(draws)] for run in runs]
         policies = [doc["policies"][name] for doc in docs]
         slo = [p["slo_attainment"] for p in policies]
         if any("sim_draws" not in s for s in slo):
             raise SystemExit(f"{trace} {name}: a run without each draw's SLO attainment "
                              f"(before session 15)")
-        slo_draws = [statistics.fmean(s["sim_draws"][d] for s in slo) for d in range(draws)]
-        cells = {key: {"sim": statistics.median(d[key] for d in per_draw), "real": real[key],
-                       "draws": [d[key] for d in per_draw]} for key in real}
-        cells["slo"] = {"sim": statistics.median(slo_draws),
-                        "real": statistics.fmean(s["real"] for s in slo),
-                        "draws": slo_draws}
+        cells = _cells(list(range(len(runs))), real, sim, slo)
+        if resamples:
+            for key, interval in run_intervals(real, sim, slo, resamples).items():
+                cells[key]["run_interval"] = interval
 
         elapsed = {side: sum(p["elapsed_s"][side] for p in policies) for side in ("sim", "real")}
         pooled[name] = {
@@ -136,30 +192,45 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, nargs="+",
                         help="benchmarks/fidelity.py --out folders that share a profile")
+    parser.add_argument("--resamples", type=int, default=1000,
+                        help="sets of replays drawn with replacement for each cell's interval "
+                             "(0: none)")
     args = parser.parse_args()
+    if args.resamples < 0:
+        raise SystemExit(f"--resamples: 0 or more, got {args.resamples}")
     if len(args.runs) < 2:
         raise SystemExit("pool two or more runs")
     by_trace = _reports(args.runs)
     metrics = [f"{m} {q}" for m, q in CELLS] + ["slo"]
     within = {k: [0, 0, 0, 0] for k in metrics}  # all, of, without lru, of
     ceiling = {k: [0.0, 0.0] for k in metrics}
+    spread = {k: [0, 0, 0, 0] for k in metrics}  # reaching the goal, away from 0 (without lru)
     results = {}
     for trace, docs in by_trace.items():
-        pooled = pool(args.runs, trace, docs)
-        rows = []
+        pooled = pool(args.runs, trace, docs, args.resamples)
+        rows, intervals = [], []
         for name, p in pooled.items():
             row = [name]
+            interval_row = [name]
             for key in metrics:
                 cell = p["cells"][key]
+                err, goal = _error(key, cell), GOAL_POINTS if key == "slo" else GOAL_REL
+                hit = abs(err) <= goal
                 if key == "slo":
-                    err = 100 * (cell["sim"] - cell["real"])
-                    hit = abs(err) <= GOAL_POINTS
                     row.append(f"{100 * cell['sim']:.1f}/{100 * cell['real']:.1f} ({err:+.1f})")
                 else:
-                    err = (cell["sim"] - cell["real"]) / cell["real"]
-                    hit = abs(err) <= GOAL_REL
                     row.append(f"{cell['sim']:.3f}/{cell['real']:.3f} ({err:+.0%})")
                 cell["within_goal"] = hit
+                if "run_interval" in cell:
+                    lo, hi = cell["run_interval"]
+                    reach, away = lo <= goal and hi >= -goal, lo > 0 or hi < 0
+                    spread[key][0] += reach
+                    spread[key][1] += away
+                    if "lru" not in name:
+                        spread[key][2] += reach
+                        spread[key][3] += away
+                    interval_row.append(f"{err:+.1f} [{lo:+.1f}, {hi:+.1f}]" if key == "slo"
+                                        else f"{err:+.0%} [{lo:+.0%}, {hi:+.0%}]")
                 share = draws_within_goal(cell["draws"], points=key == "slo")
                 counts = within[key]
                 counts[0] += hit
@@ -171,6 +242,7 @@ def main() -> int:
                     ceiling[key][1] += share
             row.append(f"{p['goodput_rps']['sim']:.2f}/{p['goodput_rps']['real']:.2f}")
             rows.append(row)
+            intervals.append(interval_row)
         opposite = rank_pairs(pooled)["opposite"]
         told = resolved(args.runs, trace, pooled)
         print(f"\n{trace}: {len(args.runs)} replays of each policy pooled "
@@ -178,6 +250,12 @@ def main() -> int:
         print(format_table(["policy", "TTFT p50 sim/real", "TTFT p90 sim/real",
                             "E2E p50 sim/real", "E2E p90 sim/real", "SLO % sim/real (pts)",
                             "goodput sim/real"], rows))
+        if args.resamples:
+            print(f"the error and its 90% interval over {args.resamples} sets of "
+                  f"{len(args.runs)} replays drawn with replacement (each with its own "
+                  f"simulation)")
+            print(format_table(["policy", "TTFT p50", "TTFT p90", "E2E p50", "E2E p90",
+                                "SLO (pts)"], intervals))
         print(f"ranking by pooled goodput: simulated {' > '.join(_ranked(pooled, 'sim'))}; "
               f"measured {' > '.join(_ranked(pooled, 'real'))}: "
               f"{'agree' if not opposite else 'DISAGREE'}"
@@ -191,10 +269,21 @@ def main() -> int:
         ["simulated against measured",
          *(f"{c[0]}/{c[1]} ({c[2]}/{c[3]})" for c in within.values())],
         ["one draw against the others",
-         *(f"{c[0]:.1f} ({c[1]:.1f})" for c in ceiling.values())]]))
+         *(f"{c[0]:.1f} ({c[1]:.1f})" for c in ceiling.values())],
+        *([["interval reaching the goal", *(f"{c[0]} ({c[2]})" for c in spread.values())],
+           ["interval away from 0 (a bias)", *(f"{c[1]} ({c[3]})" for c in spread.values())]]
+          if args.resamples else [])]))
     out = args.runs[0] / f"pooled-{len(args.runs)}.json"
     out.write_text(json.dumps({"runs": [str(r) for r in args.runs], "traces": results,
-                               "within_goal": within, "draw_against_draws": ceiling},
+                               "within_goal": within, "draw_against_draws": ceiling,
+                               "resamples": args.resamples,
+                               **({"interval_reaches_goal": {
+                                       k: {"within": c[0], "without_lru": c[2]}
+                                       for k, c in spread.items()},
+                                   "interval_away_from_zero": {
+                                       k: {"within": c[1], "without_lru": c[3]}
+                                       for k, c in spread.items()}}
+                                  if args.resamples else {})},
                               indent=2) + "\n")
     print(f"written: {out}")
     return 0

@@ -122,3 +122,22 @@ def test_a_resimulated_run_is_written_as_a_run_that_pools(tmp_path):
     cells = pool([run, out], "t", _reports([run, out])["t"])["fcfs/all"]["cells"]
     assert cells["ttft p90"]["real"] == pytest.approx(0.1)
     assert cells["slo"]["draws"] == pytest.approx([0.55, 0.65, 0.75])
+
+
+def test_a_cells_interval_resamples_whole_replays(tmp_path):
+    from benchmarks.pool_replays import _reports, pool
+
+    # simulated 0.1 s throughout; measured 0.1 s in one replay, 0.2 s in the other
+    a = _run(tmp_path / "a", 2.0, [0.1] * 10, [True] * 10)
+    b = _run(tmp_path / "b", 2.0, [0.1] * 10, [True] * 10)
+    real = b / "t" / "fcfs-all-real.csv"
+    real.write_text(real.read_text().replace("0.1,", "0.2,"))
+    cells = pool([a, b], "t", _reports([a, b])["t"], resamples=200)["fcfs/all"]["cells"]
+    lo, hi = cells["ttft p50"]["run_interval"]
+    # a resample of replay a twice is exact, of b twice -50%: the interval spans both
+    assert lo == pytest.approx(-0.5)
+    assert hi == pytest.approx(0.0)
+    assert cells["ttft p50"]["sim"] == pytest.approx(0.1)
+    # every replay with the same SLO attainment on both sides: no spread in points
+    assert cells["slo"]["run_interval"] == pytest.approx([0.0, 0.0])
+    assert "run_interval" not in pool([a, b], "t", _reports([a, b])["t"])["fcfs/all"]["cells"]["slo"]
