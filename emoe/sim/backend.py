@@ -160,16 +160,23 @@ class SimBackend:
         else:
             cost = self.cost
             iterations = 1 if plan.prefill else plan.iterations
+            scatter = None
             if iterations > 1 and next_arrival < math.inf:
-                iterations = min(iterations, cost.iterations_within(
-                    next_arrival - start, decode_tokens=decode, context_tokens=context,
-                    resident_experts=memory.experts))
+                shape = dict(decode_tokens=decode, context_tokens=context,
+                             resident_experts=memory.experts)
+                if self._scatter_model is None:
+                    iterations = min(iterations, cost.iterations_within(next_arrival - start,
+                                                                         **shape))
+                else:  # its iterations as drawn decide which one the arrival falls in
+                    iterations, scatter = self._scattered_within(
+                        iterations, next_arrival - start, *cost.decode_iteration_line(**shape))
             if plan.prefill:
                 self.routing.count(prefill_slots, prefill_tokens, False, self.resident,
                                    self._version)
             if decode:
                 self.routing.count(decode_slots, iterations, True, self.resident, self._version)
-            scatter = self._scatter(iterations, bool(plan.prefill))
+            if scatter is None:
+                scatter = self._scatter(iterations, bool(plan.prefill))
             compute = scatter * cost.step_s(prefill_tokens=prefill, decode_tokens=decode,
                                             context_tokens=context,
                                             resident_experts=memory.experts,
@@ -215,6 +222,26 @@ class SimBackend:
             total += math.exp(centre + sigma * state)
         self._scatter_state = state
         return total / iterations
+
+    def _scattered_within(self, limit: int, budget_s: float, a: float, b: float
+                          ) -> tuple[int, float]:
+        """A decode-only macro step of at most ``limit`` iterations, iteration i modelled at
+        a + b i, that must stop after the iteration in which ``budget_s`` runs out, drawn
+        iteration by iteration: (its iterations, its draw: the drawn time over the modelled).
+        The budget is spent at the drawn pace, as single steps would spend it; judged at the
+        modelled pace, a macro step drawn slow would run past the event by its draw."""
+        scatter = self._scatter_model
+        sigma, centre, rho = scatter.sigma_of(False), scatter.centre_of(False), scatter.lag1
+        innovation = math.sqrt(1.0 - rho * rho)
+        state, drawn, modelled, n = self._scatter_state, 0.0, 0.0, 0
+        while n < limit and (n == 0 or drawn < budget_s):
+            state = rho * state + innovation * float(self._draws.standard_normal())
+            cost = a + b * n
+            drawn += math.exp(centre + sigma * state) * cost
+            modelled += cost
+            n += 1
+        self._scatter_state = state
+        return n, drawn / modelled if modelled > 0 else 1.0
 
     def _load(self, keys: list[ExpertKey], now: float, issue_at: float) -> np.ndarray | None:
         """Issue expert copies; the per-layer time the last one lands (-inf: none)."""

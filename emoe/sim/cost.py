@@ -150,6 +150,17 @@ class CostModel:
         """A prompt step's factor for its prompt size (``speed.prefill_shape``)."""
         return 1.0 if self._shape is None else self._shape.factor(prefill_tokens)
 
+    def decode_iteration_line(self, *, decode_tokens: int, context_tokens: int,
+                              resident_experts: int) -> tuple[float, float]:
+        """(a, b): iteration i (from 0) of a decode-only macro step starting at
+        ``context_tokens`` costs a + b i, the loop's serving work included, so its first n
+        iterations cost a n + b n (n - 1) / 2 (``step_s`` + ``serving_s``)."""
+        c = self._scale * self._per_context_token_s()
+        a = (self._scale * (self._decode_iteration_s(decode_tokens, resident_experts)
+                            + self.handler_s(prefill_tokens=0, decode_tokens=decode_tokens))
+             + c * context_tokens + self.serving_s(decode_tokens=decode_tokens))
+        return a, c * decode_tokens
+
     def iterations_within(self, budget_s: float, *, decode_tokens: int, context_tokens: int,
                           resident_experts: int) -> int:
         """The iteration during which ``budget_s`` of decode time runs out (1-based).
@@ -159,11 +170,9 @@ class CostModel:
         """
         if budget_s <= 0:
             return 1
-        c = self._scale * self._per_context_token_s()
-        a = (self._scale * (self._decode_iteration_s(decode_tokens, resident_experts)
-                            + self.handler_s(prefill_tokens=0, decode_tokens=decode_tokens))
-             + c * context_tokens + self.serving_s(decode_tokens=decode_tokens))
-        b = c * decode_tokens  # step_s(n) = a n + b n (n - 1) / 2
+        a, b = self.decode_iteration_line(decode_tokens=decode_tokens,
+                                          context_tokens=context_tokens,
+                                          resident_experts=resident_experts)
         if b <= 0:
             return max(1, math.ceil(budget_s / a))
         half = a - b / 2

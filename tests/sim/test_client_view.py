@@ -446,6 +446,28 @@ def test_steps_drawn_as_an_ar1_series_keep_their_mean_and_correlation(served):
     assert draws.mean() == pytest.approx(np.exp(0.05 + 0.02), abs=0.02)
 
 
+
+def test_a_macro_step_ends_in_the_iteration_its_draws_reach_the_next_arrival(served):
+    """A decode-only macro step drawn iteration by iteration ends in the iteration in which
+    its drawn time reaches the next arrival, as single steps would (judged at the modelled
+    pace, a macro step drawn slow ran past the arrival by its draw); its draw is that time
+    over its model."""
+    from emoe.sim.speed import StepScatter
+
+    config = dataclasses.replace(served, step_scatter=StepScatter(0.4, lag1=0.9))
+    a, b, budget = 0.004, 0.0001, 0.05  # iteration i modelled at a + b i
+    lengths = set()
+    for seed in range(20):
+        _, backend = build(dataclasses.replace(config, seed=seed))
+        _, twin = build(dataclasses.replace(config, seed=seed))  # the same draws, one by one
+        n, draw = backend._scattered_within(1000, budget, a, b)
+        drawn = [twin._scatter(1, False) * (a + b * i) for i in range(n)]
+        assert sum(drawn) >= budget > sum(drawn[:-1])
+        assert draw == pytest.approx(sum(drawn) / sum(a + b * i for i in range(n)))
+        lengths.add(n)
+    assert len(lengths) > 3  # slow and fast draws end in different iterations
+    assert backend._scattered_within(3, 10.0, a, b)[0] == 3  # no more than the plan's
+
 def _decode_lines(windows, token_s):
     """Cumulative samples of windows of decode-only cycles, each window (speed, [(model at
     n=0, n), ...]), whose every cycle took speed x (its model + token_s x n)."""
